@@ -1,0 +1,24 @@
+"""Redis 7.0's ACL language: rules, users files, glob, and the per-command decision."""
+
+from .check import Denied, check
+from .glob import compile_glob, stringmatch
+from .user import ACLError, Selector, User, default_user, hash_password, new_user
+from .users_file import UsersFileError, load_users, parse_users, render_users, save_users
+
+__all__ = [
+    "ACLError",
+    "Denied",
+    "Selector",
+    "User",
+    "UsersFileError",
+    "check",
+    "compile_glob",
+    "default_user",
+    "hash_password",
+    "load_users",
+    "new_user",
+    "parse_users",
+    "render_users",
+    "save_users",
+    "stringmatch",
+]

@@ -1,0 +1,401 @@
+"""Users and selectors in Redis 7.0's ACL language (acl.c ``ACLSetUser``/``ACLSetSelector``).
+
+Rules apply left to right to a user; each changes one piece of state, exactly as ``ACL SETUSER``
+does, with the same error texts. A selector's command permissions are kept as a set of command
+names (``get``, ``config|set``) over the command table — Redis's per-selector bitmap — plus the
+deprecated first-argument allowances (``+select|0``). :func:`describe_user` renders the canonical
+form Redis's ``ACL LIST`` prints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from ..commands import READ, WRITE, Command, CommandTable
+from .glob import compile_glob
+
+ALL_PERMS = READ | WRITE
+
+
+class ACLError(ValueError):
+    """An invalid rule; ``str()`` is the text Redis puts after "Error in ACL SETUSER modifier"."""
+
+
+E_ENOENT = "Unknown command or category name in ACL"
+E_EINVAL = "Syntax error"
+E_EEXIST = (
+    "Adding a pattern after the * pattern (or the 'allkeys' flag) is not valid and does not have any "
+    "effect. Try 'resetkeys' to start with an empty list of patterns"
+)
+E_EISDIR = (
+    "Adding a pattern after the * pattern (or the 'allchannels' flag) is not valid and does not have "
+    "any effect. Try 'resetchannels' to start with an empty list of channels"
+)
+E_ENODEV = "The password you are trying to remove from the user does not exist"
+E_EBADMSG = "The password hash must be exactly 64 characters and contain only lowercase hexadecimal characters"
+E_ECHILD = "Allowing first-arg of a subcommand is not supported"
+_HASH_RE = re.compile(r"[0-9a-f]{64}")
+_SPACE = re.compile(rb"[ \t\r\n\v\f]")
+
+
+def hash_password(password: bytes) -> str:
+    return hashlib.sha256(password).hexdigest()
+
+
+@dataclass(eq=False)
+class KeyPattern:
+    pattern: bytes
+    perms: int
+    match: Callable[[bytes], bool] = field(repr=False)
+
+
+@dataclass(eq=False)
+class Selector:
+    table: CommandTable = field(repr=False)
+    root: bool = False
+    allkeys: bool = False
+    allchannels: bool = False
+    allcommands: bool = False  # skip the command check (set by +@all; any '-' rule clears it)
+    future: bool = False  # Redis's reserved bit: +@all was the base, so describe starts "+@all"
+    allowed: set[str] = field(default_factory=set)
+    firstargs: dict[str, list[str]] = field(default_factory=dict)
+    keys: list[KeyPattern] = field(default_factory=list)
+    channels: list[bytes] = field(default_factory=list)
+
+    def copy(self) -> Selector:
+        return Selector(
+            self.table, self.root, self.allkeys, self.allchannels, self.allcommands, self.future,
+            set(self.allowed), {k: list(v) for k, v in self.firstargs.items()}, list(self.keys),
+            list(self.channels),
+        )  # fmt: skip
+
+    # -- command bits -------------------------------------------------------------------------
+    def _set_bit(self, name: str, allow: bool) -> None:
+        if allow:
+            self.allowed.add(name)
+        else:
+            self.allowed.discard(name)
+            self.allcommands = False
+
+    def change_perm(self, cmd: Command, allow: bool) -> None:
+        """ACLChangeSelectorPerm: a container carries all its subcommands with it."""
+        self._set_bit(cmd.name, allow)
+        self.firstargs.pop(cmd.name, None)
+        for sub in cmd.subcommands.values():
+            self._set_bit(sub.name, allow)
+
+    def set_category(self, category: str, allow: bool) -> None:
+        for cmd in self.table.commands.values():
+            if category in cmd.categories:
+                self.change_perm(cmd, allow)
+            for sub in cmd.subcommands.values():
+                if category in sub.categories:
+                    self.change_perm(sub, allow)
+
+    def set_all(self, allow: bool) -> None:
+        if allow:
+            self.allowed = {c.name for c in self.table.all_commands()}
+            self.allcommands = self.future = True
+        else:
+            self.allowed = set()
+            self.allcommands = self.future = False
+        self.firstargs = {}
+
+    def count_category(self, category: str) -> tuple[int, int]:
+        on = off = 0
+        for cmd in self.table.all_commands():
+            if category in cmd.categories:
+                if cmd.name in self.allowed:
+                    on += 1
+                else:
+                    off += 1
+        return on, off
+
+    # -- one rule -------------------------------------------------------------------------------
+    def apply(self, op: str) -> None:
+        """ACLSetSelector: apply one selector rule or raise ACLError."""
+        low = op.lower()
+        if low in ("allkeys", "~*"):
+            self.allkeys = True
+            self.keys = []
+        elif low == "resetkeys":
+            self.allkeys = False
+            self.keys = []
+        elif low in ("allchannels", "&*"):
+            self.allchannels = True
+            self.channels = []
+        elif low == "resetchannels":
+            self.allchannels = False
+            self.channels = []
+        elif low in ("allcommands", "+@all"):
+            self.set_all(True)
+        elif low in ("nocommands", "-@all"):
+            self.set_all(False)
+        elif op[:1] in ("~", "%"):
+            self._add_key_pattern(op)
+        elif op[:1] == "&":
+            if self.allchannels:
+                raise ACLError(E_EISDIR)
+            pat = op[1:].encode()
+            if _SPACE.search(pat):
+                raise ACLError(E_EINVAL)
+            if pat not in self.channels:
+                self.channels.append(pat)
+        elif op[:2] in ("+@", "-@"):
+            if low[2:] not in self.table.categories:
+                raise ACLError(E_ENOENT)
+            self.set_category(low[2:], op[0] == "+")
+        elif op[:1] in ("+", "-"):
+            self._command_rule(op)
+        else:
+            raise ACLError(E_EINVAL)
+
+    def _add_key_pattern(self, op: str) -> None:
+        if self.allkeys:
+            raise ACLError(E_EEXIST)
+        raw = op.encode()
+        perms = 0
+        offset = 1
+        if raw[:1] == b"%":
+            while offset < len(raw):
+                c = raw[offset : offset + 1].upper()
+                if c == b"R" and not perms & READ:
+                    perms |= READ
+                elif c == b"W" and not perms & WRITE:
+                    perms |= WRITE
+                elif c == b"~":
+                    offset += 1
+                    break
+                else:
+                    raise ACLError(E_EINVAL)
+                offset += 1
+        else:
+            perms = ALL_PERMS
+        if not perms or offset == len(raw):
+            raise ACLError(E_EINVAL)
+        pat = raw[offset:]
+        if _SPACE.search(pat):
+            raise ACLError(E_EINVAL)
+        for kp in self.keys:
+            if kp.pattern == pat:
+                kp.perms |= perms
+                return
+        self.keys.append(KeyPattern(pat, perms, compile_glob(pat)))
+
+    def _command_rule(self, op: str) -> None:
+        allow = op[0] == "+"
+        body = op[1:]
+        if not allow or "|" not in body:
+            cmd = self.table.get(body) if body.count("|") <= 1 else None
+            if cmd is None:
+                raise ACLError(E_ENOENT)
+            self.change_perm(cmd, allow)
+            return
+        base, _, sub = body.rpartition("|")
+        parent = self.table.get(base) if base.count("|") <= 1 else None
+        if parent is None:
+            raise ACLError(E_ENOENT)
+        if parent.parent is not None:
+            raise ACLError(E_ECHILD)
+        if not sub:
+            raise ACLError(E_EINVAL)
+        if parent.subcommands:
+            cmd = self.table.get(body)
+            if cmd is None:
+                raise ACLError(E_ENOENT)
+            self.change_perm(cmd, True)
+            return
+        # Deprecated "+select|0": allow one first argument of an otherwise blocked command.
+        allowed = self.firstargs.setdefault(parent.name, [])
+        if sub.lower() not in (a.lower() for a in allowed):
+            allowed.append(sub)
+
+    # -- describe ---------------------------------------------------------------------------------
+    def describe(self) -> str:
+        parts: list[str] = []
+        if self.allkeys:
+            parts.append("~*")
+        else:
+            for kp in self.keys:
+                prefix = {ALL_PERMS: "~", READ: "%R~", WRITE: "%W~"}[kp.perms]
+                parts.append(prefix + kp.pattern.decode("utf-8", "surrogateescape"))
+        if self.allchannels:
+            parts.append("&*")
+        else:
+            parts.append("resetchannels")
+            parts.extend("&" + c.decode("utf-8", "surrogateescape") for c in self.channels)
+        parts.append(self.describe_commands())
+        return " ".join(parts)
+
+    def describe_commands(self) -> str:
+        """ACLDescribeSelectorCommandRules (7.0): +@all/-@all, greedy categories, then commands."""
+        fake = Selector(self.table)
+        additive = not self.future
+        fake.set_all(not additive)
+        rules = ["-@all" if additive else "+@all"]
+        temp = Selector(self.table, allowed=set(self.allowed))
+        applied: set[str] = set()
+        while True:
+            best, mindiff, maxsame = None, 2**31, 0
+            for cat in self.table.categories:
+                if cat in applied:
+                    continue
+                on, off = temp.count_category(cat)
+                diff, same = (off, on) if additive else (on, off)
+                if same > diff and (diff < mindiff or (diff == mindiff and same > maxsame)):
+                    best, mindiff, maxsame = cat, diff, same
+            if best is None:
+                break
+            fake.set_category(best, additive)
+            temp.set_category(best, not additive)
+            rules.append(("+@" if additive else "-@") + best)
+            applied.add(best)
+        for cmd in self.table.commands.values():
+            self._describe_single(cmd, fake, rules)
+        return " ".join(rules)
+
+    def _describe_single(self, cmd: Command, fake: Selector, rules: list[str]) -> None:
+        userbit = cmd.name in self.allowed
+        if userbit != (cmd.name in fake.allowed):
+            rules.append(("+" if userbit else "-") + cmd.name)
+            fake.change_perm(cmd, userbit)
+        for sub in cmd.subcommands.values():
+            self._describe_single(sub, fake, rules)
+        if not userbit:
+            rules.extend(f"+{cmd.name}|{arg}" for arg in self.firstargs.get(cmd.name, ()))
+
+
+@dataclass(eq=False)
+class User:
+    name: str
+    table: CommandTable = field(repr=False)
+    enabled: bool = False
+    nopass: bool = False
+    sanitize_payload: bool = False
+    skip_sanitize_payload: bool = False
+    passwords: list[str] = field(default_factory=list)  # sha256 hex
+    selectors: list[Selector] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.selectors:
+            self.selectors.append(Selector(self.table, root=True))
+
+    @property
+    def root(self) -> Selector:
+        return self.selectors[0]
+
+    def apply(self, op: str) -> None:
+        """ACLSetUser: apply one rule (a selector in parentheses, or a user/root-selector rule)."""
+        low = op.lower()
+        if op.startswith("(") and op.endswith(")"):
+            sel = Selector(self.table)
+            for part in op[1:-1].split():
+                sel.apply(part)
+            self.selectors.append(sel)
+        elif low == "on":
+            self.enabled = True
+        elif low == "off":
+            self.enabled = False
+        elif low == "skip-sanitize-payload":
+            self.skip_sanitize_payload, self.sanitize_payload = True, False
+        elif low == "sanitize-payload":
+            self.skip_sanitize_payload, self.sanitize_payload = False, True
+        elif low == "nopass":
+            self.nopass = True
+            self.passwords = []
+        elif low == "resetpass":
+            self.nopass = False
+            self.passwords = []
+        elif op[:1] in (">", "#"):
+            if op[0] == ">":
+                h = hash_password(op[1:].encode())
+            else:
+                h = op[1:]
+                if not _HASH_RE.fullmatch(h):
+                    raise ACLError(E_EBADMSG)
+            if h not in self.passwords:
+                self.passwords.append(h)
+            self.nopass = False
+        elif op[:1] in ("<", "!"):
+            if op[0] == "<":
+                h = hash_password(op[1:].encode())
+            else:
+                h = op[1:]
+                if not _HASH_RE.fullmatch(h):
+                    raise ACLError(E_EBADMSG)
+            if h not in self.passwords:
+                raise ACLError(E_ENODEV)
+            self.passwords.remove(h)
+        elif low == "reset":
+            for r in ("resetpass", "resetkeys", "resetchannels", "off", "sanitize-payload",
+                      "clearselectors", "-@all"):  # fmt: skip
+                self.apply(r)
+        elif low == "clearselectors":
+            del self.selectors[1:]
+        else:
+            self.root.apply(op)
+
+    def check_password(self, password: bytes) -> bool:
+        """ACLCheckUserCredentials: enabled, then nopass or a matching hash (constant time)."""
+        if not self.enabled:
+            return False
+        if self.nopass:
+            return True
+        h = hash_password(password)
+        ok = False
+        for stored in self.passwords:
+            ok |= hmac.compare_digest(stored, h)
+        return ok
+
+    def describe(self) -> str:
+        parts = ["on" if self.enabled else "off"]
+        if self.nopass:
+            parts.append("nopass")
+        if self.skip_sanitize_payload:
+            parts.append("skip-sanitize-payload")
+        if self.sanitize_payload:
+            parts.append("sanitize-payload")
+        parts.extend("#" + h for h in self.passwords)
+        parts.append(self.root.describe())
+        parts.extend("(" + s.describe() + ")" for s in self.selectors[1:])
+        return " ".join(parts)
+
+
+def merge_selector_args(args: Iterable[str]) -> list[str]:
+    """ACLMergeSelectorArguments: re-join ``(`` ... ``)`` spread over several arguments."""
+    out: list[str] = []
+    current: list[str] | None = None
+    for arg in args:
+        if current is None:
+            if arg.startswith("(") and not arg.endswith(")"):
+                current = [arg]
+            else:
+                out.append(arg)
+        else:
+            current.append(arg)
+            if arg.endswith(")"):
+                out.append(" ".join(current))
+                current = None
+    if current is not None:
+        raise ACLError("Unmatched parenthesis in acl selector starting at '%s'." % current[0])
+    return out
+
+
+def new_user(name: str, table: CommandTable, rules: Iterable[str] = ()) -> User:
+    """A user as ``ACL SETUSER name rules...`` would create it from nothing."""
+    user = User(name, table)
+    for op in merge_selector_args(rules):
+        try:
+            user.apply(op)
+        except ACLError as e:
+            raise ACLError(f"Error in ACL SETUSER modifier '{op}': {e}") from None
+    return user
+
+
+def default_user(table: CommandTable) -> User:
+    """Redis's built-in ``default``: ``on nopass ~* &* +@all``."""
+    return new_user("default", table, ["on", "nopass", "~*", "&*", "+@all"])

@@ -1,0 +1,89 @@
+"""Users files in Redis's ACL file format (acl.c ``ACLLoadFromFile`` / ``ACLSaveToFile``).
+
+Every file Redis accepts loads here: one ``user <name> <rule> ...`` per line, split on single spaces,
+selector tokens re-joined, blank lines skipped, any error rejects the whole file. As an extension
+(for a file people edit by hand) whole-line ``#`` comments are allowed; Redis itself would reject
+them. Errors carry ``file:line`` like Redis's.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from ..commands import CommandTable
+from .user import ACLError, User, default_user, merge_selector_args
+
+_SPACES = frozenset(" \t\r\n\v\f")
+
+
+class UsersFileError(ValueError):
+    pass
+
+
+def parse_users(text: str, table: CommandTable, filename: str = "users.acl") -> dict[str, User]:
+    users: dict[str, User] = {}
+    errors: list[str] = []
+    for lineno, line in enumerate(text.split("\n"), 1):
+        line = line.strip(" \t\r\n")
+        if not line or line.startswith("#"):
+            continue
+        argv = line.split(" ")
+        if argv[0] != "user" or len(argv) < 2:
+            errors.append(f"{filename}:{lineno} should start with user keyword.")
+            continue
+        name = argv[1]
+        if not name or any(c in _SPACES for c in name):
+            errors.append(f"{filename}:{lineno}: username '{name}' contains invalid characters.")
+            continue
+        if name in users:
+            errors.append(f"WARNING: Duplicate user '{name}' found on line {lineno}.")
+            continue
+        user = User(name, table)
+        users[name] = user
+        try:
+            rules = merge_selector_args(argv[2:])
+        except ACLError as e:
+            errors.append(f"{filename}:{lineno}: {e}")
+            continue
+        for rule in rules:
+            rule = rule.strip("\t\r\n")
+            if not rule:
+                continue
+            try:
+                user.apply(rule)
+            except ACLError as e:
+                errors.append(f"{filename}:{lineno}: {e}. (rule '{rule}')")
+    if errors:
+        raise UsersFileError(" ".join(errors))
+    if "default" not in users:
+        users["default"] = default_user(table)
+    return users
+
+
+def load_users(path: str | os.PathLike[str], table: CommandTable) -> dict[str, User]:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise UsersFileError(f"cannot read users file {p}: {e.strerror}") from None
+    return parse_users(text, table, str(p))
+
+
+def render_users(users: dict[str, User]) -> str:
+    """The file ``ACL SAVE`` would write: ``user <name> <ACL LIST rules>`` per line."""
+    return "".join(f"user {u.name} {u.describe()}\n" for u in users.values())
+
+
+def save_users(path: str | os.PathLike[str], users: dict[str, User]) -> None:
+    """Atomic write, 0600: the file holds password hashes."""
+    p = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=p.name + ".")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(render_users(users))
+        os.replace(tmp, p)
+    except BaseException:
+        os.unlink(tmp)
+        raise

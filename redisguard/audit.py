@@ -1,0 +1,61 @@
+"""Logging: structlog, JSON by default, readable console output on a TTY.
+
+Audit events (one per verdict that matters) carry ``event``, ``user``, ``command``, ``reason``,
+``listener``, ``peer``, ``tls_identity``; never passwords, never argument values.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+import structlog
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def configure_logging(fmt: str = "auto", level: str = "info") -> None:
+    if fmt == "auto":
+        fmt = "console" if sys.stderr.isatty() else "json"
+    renderer: structlog.typing.Processor = (
+        structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        if fmt == "console"
+        else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(name: str = "redisguard") -> structlog.typing.FilteringBoundLogger:
+    return structlog.get_logger(name)
+
+
+class RateLimiter:
+    """Token bucket for noisy events (denied commands): a flood must not fill a disk."""
+
+    def __init__(self, per_second: float = 100.0, burst: int = 200) -> None:
+        self.rate = per_second
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.last = time.monotonic()
+        self.suppressed = 0
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        self.suppressed += 1
+        return False

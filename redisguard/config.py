@@ -1,0 +1,352 @@
+"""Configuration: one TOML file → frozen dataclasses, validated once, passed down.
+
+Every error names the key and the fix (``ConfigError: listener[0].address: ...``). Relative paths
+are resolved against the config file's directory, so a config and its users file and certificates
+can move together.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    pass
+
+
+LISTENER_TYPES = ("tls", "tcp", "unix")
+CLIENT_AUTH = ("none", "optional", "required")
+CERT_IDENTITIES = ("cn", "san_dns", "san_uri")
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    cert_file: Path
+    key_file: Path
+    ca_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    name: str
+    type: str
+    host: str = ""
+    port: int = 0
+    path: Path | None = None  # unix socket
+    socket_mode: int = 0o660
+    tls: TLSFiles | None = None
+    client_auth: str = "none"
+    # How a verified client certificate names a user: "cn", "san_dns" or "san_uri"; "" = no mapping.
+    cert_user: str = ""
+    allow_insecure_remote: bool = False
+    allowed_sources: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    max_connections: int = 10000
+
+    @property
+    def where(self) -> str:
+        return str(self.path) if self.type == "unix" else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    host: str = "127.0.0.1"
+    port: int = 6379
+    path: Path | None = None
+    username: str = ""
+    password: str = field(default="", repr=False)
+    tls: bool = False
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_server_name: str = ""
+    connect_timeout: float = 2.0
+    fetch_command_table: bool = True
+
+    @property
+    def where(self) -> str:
+        return f"unix:{self.path}" if self.path else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ACLConfig:
+    users_file: Path
+    disabled_commands: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    handshake_timeout: float = 10.0
+    auth_timeout: float = 10.0  # a connection must authenticate (or send a command) within this
+    idle_timeout: float = 0.0  # 0 = never, like Redis's "timeout 0"
+    max_request_bytes: int = 512 * 1024 * 1024 + 64 * 1024
+    client_output_buffer_bytes: int = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 9187
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    format: str = "auto"  # auto | json | console
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    listeners: tuple[ListenerConfig, ...]
+    upstream: UpstreamConfig
+    acl: ACLConfig
+    limits: LimitsConfig = LimitsConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    log: LogConfig = LogConfig()
+    source: Path | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+class _Section:
+    """Typed access to one TOML table that remembers its key path and rejects unknown keys."""
+
+    def __init__(self, data: Any, where: str, base: Path) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: expected a table")
+        self.data = data
+        self.where = where
+        self.base = base
+        self.used: set[str] = set()
+
+    def _key(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def get(self, key: str, typ: type | tuple[type, ...], default: Any = None) -> Any:
+        self.used.add(key)
+        if key not in self.data:
+            return default
+        v = self.data[key]
+        if typ is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
+            name = typ.__name__ if isinstance(typ, type) else " or ".join(t.__name__ for t in typ)
+            raise ConfigError(f"{self._key(key)}: expected {name}, got {type(v).__name__} {v!r}")
+        return v
+
+    def path(self, key: str, default: Path | None = None) -> Path | None:
+        v = self.get(key, str)
+        if v is None:
+            return default
+        p = Path(v).expanduser()
+        return p if p.is_absolute() else (self.base / p)
+
+    def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
+        v = self.get(key, str, default)
+        if v not in choices:
+            raise ConfigError(f"{self._key(key)}: must be one of {', '.join(choices)}; got {v!r}")
+        return v
+
+    def section(self, key: str) -> _Section:
+        return _Section(self.get(key, dict, {}), self._key(key), self.base)
+
+    def done(self) -> None:
+        extra = sorted(set(self.data) - self.used)
+        if extra:
+            raise ConfigError(f"{self._key(extra[0])}: unknown option (check the spelling)")
+
+    def fail(self, key: str, msg: str) -> ConfigError:
+        return ConfigError(f"{self._key(key)}: {msg}")
+
+
+def _host_port(sec: _Section, key: str, default_port: int | None = None) -> tuple[str, int]:
+    addr = sec.get(key, str)
+    if addr is None:
+        raise sec.fail(key, 'required (host:port, e.g. "127.0.0.1:6380")')
+    host, sep, port_s = addr.rpartition(":")
+    if not sep:
+        if default_port is None:
+            raise sec.fail(key, f"expected host:port, got {addr!r}")
+        host, port_s = addr, str(default_port)
+    host = host.strip("[]")
+    try:
+        port = int(port_s)
+    except ValueError:
+        raise sec.fail(key, f"port must be a number, got {port_s!r}") from None
+    if not 0 <= port <= 65535:
+        raise sec.fail(key, f"port out of range: {port}")
+    return host or "0.0.0.0", port
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _secret(sec: _Section, name: str) -> str:
+    """A secret from ``<name>_file`` or ``<name>_env``; never inline in the config."""
+    if name in sec.data:
+        sec.used.add(name)
+        raise sec.fail(name, f"do not put secrets in the config; use {name}_file or {name}_env")
+    path = sec.path(f"{name}_file")
+    env = sec.get(f"{name}_env", str)
+    if path and env:
+        raise sec.fail(f"{name}_file", f"set either {name}_file or {name}_env, not both")
+    if path:
+        try:
+            return path.read_text().strip("\r\n")
+        except OSError as e:
+            raise sec.fail(f"{name}_file", f"cannot read {path}: {e.strerror}") from None
+    if env:
+        if env not in os.environ:
+            raise sec.fail(f"{name}_env", f"environment variable {env} is not set")
+        return os.environ[env]
+    return ""
+
+
+def _listener(sec: _Section, index: int) -> ListenerConfig:
+    typ = sec.choice("type", LISTENER_TYPES, "tls")
+    name = sec.get("name", str, f"{typ}{index}")
+    host, port, path = "", 0, None
+    if typ == "unix":
+        path = sec.path("path")
+        if path is None:
+            raise sec.fail("path", "required for a unix listener")
+    else:
+        host, port = _host_port(sec, "address")
+    mode_s = sec.get("socket_mode", str, "660")
+    try:
+        socket_mode = int(mode_s, 8)
+    except ValueError:
+        raise sec.fail("socket_mode", f'octal permissions like "660", got {mode_s!r}') from None
+    tls = None
+    client_auth = sec.choice("client_auth", CLIENT_AUTH, "none")
+    cert_user = sec.get("cert_user", str, "")
+    if cert_user and cert_user not in CERT_IDENTITIES:
+        raise sec.fail("cert_user", f"must be one of {', '.join(CERT_IDENTITIES)}; got {cert_user!r}")
+    if typ == "tls":
+        cert, key = sec.path("cert_file"), sec.path("key_file")
+        if cert is None or key is None:
+            raise sec.fail("cert_file", "a tls listener needs cert_file and key_file")
+        ca = sec.path("ca_file")
+        if client_auth != "none" and ca is None:
+            raise sec.fail("ca_file", f"client_auth = {client_auth!r} needs ca_file (the client CA)")
+        tls = TLSFiles(cert, key, ca)
+    else:
+        for k in ("cert_file", "key_file", "ca_file"):
+            sec.get(k, str)
+        if client_auth != "none" or cert_user:
+            raise sec.fail("client_auth", "client certificates need a tls listener")
+    insecure = sec.get("allow_insecure_remote", bool, False)
+    if typ == "tcp" and not _is_loopback(host) and not insecure:
+        raise sec.fail(
+            "address",
+            f"a plaintext listener on {host} would expose Redis traffic unencrypted; bind it to "
+            "127.0.0.1 or a unix socket, or set allow_insecure_remote = true",
+        )
+    sources = []
+    for s in sec.get("allowed_sources", list, []):
+        try:
+            sources.append(ipaddress.ip_network(s, strict=False))
+        except (ValueError, TypeError):
+            raise sec.fail("allowed_sources", f"not a CIDR network: {s!r}") from None
+    max_conn = sec.get("max_connections", int, 10000)
+    if max_conn < 1:
+        raise sec.fail("max_connections", "must be at least 1")
+    sec.done()
+    return ListenerConfig(
+        name=name, type=typ, host=host, port=port, path=path, socket_mode=socket_mode, tls=tls,
+        client_auth=client_auth, cert_user=cert_user, allow_insecure_remote=insecure,
+        allowed_sources=tuple(sources), max_connections=max_conn,
+    )  # fmt: skip
+
+
+def parse_config(data: dict[str, Any], base: Path, source: Path | None = None) -> Config:
+    root = _Section(data, "", base)
+    raw_listeners = root.get("listener", list, [])
+    if not raw_listeners:
+        raise ConfigError("listener: at least one [[listener]] is required")
+    listeners = tuple(_listener(_Section(d, f"listener[{i}]", base), i) for i, d in enumerate(raw_listeners))
+    names = [lst.name for lst in listeners]
+    for n in names:
+        if names.count(n) > 1:
+            raise ConfigError(f"listener: name {n!r} is used twice; names label metrics and must differ")
+
+    up = root.section("upstream")
+    path = up.path("path")
+    if path is not None and "address" in up.data:
+        raise up.fail("address", "set either address or path, not both")
+    host, port = ("", 0) if path else _host_port(up, "address", 6379) if "address" in up.data else ("127.0.0.1", 6379)
+    timeout = up.get("connect_timeout", float, 2.0)
+    if timeout <= 0:
+        raise up.fail("connect_timeout", "must be > 0 seconds")
+    upstream = UpstreamConfig(
+        host=host, port=port, path=path, username=up.get("username", str, ""),
+        password=_secret(up, "password"), tls=up.get("tls", bool, False),
+        tls_ca_file=up.path("tls_ca_file"), tls_cert_file=up.path("tls_cert_file"),
+        tls_key_file=up.path("tls_key_file"), tls_server_name=up.get("tls_server_name", str, ""),
+        connect_timeout=timeout, fetch_command_table=up.get("fetch_command_table", bool, True),
+    )  # fmt: skip
+    up.done()
+
+    acl = root.section("acl")
+    users_file = acl.path("users_file")
+    if users_file is None:
+        raise acl.fail("users_file", "required: the users file in Redis ACL syntax")
+    disabled = acl.get("disabled_commands", list, [])
+    for c in disabled:
+        if not isinstance(c, str) or not c or " " in c:
+            raise acl.fail("disabled_commands", f"command names only, got {c!r}")
+    acl_cfg = ACLConfig(users_file, tuple(c.lower() for c in disabled))
+    acl.done()
+
+    lim = root.section("limits")
+    limits = LimitsConfig(
+        handshake_timeout=lim.get("handshake_timeout", float, 10.0),
+        auth_timeout=lim.get("auth_timeout", float, 10.0),
+        idle_timeout=lim.get("idle_timeout", float, 0.0),
+        max_request_bytes=lim.get("max_request_bytes", int, LimitsConfig.max_request_bytes),
+        client_output_buffer_bytes=lim.get("client_output_buffer_bytes", int, LimitsConfig.client_output_buffer_bytes),
+    )
+    for k in ("handshake_timeout", "auth_timeout", "idle_timeout", "max_request_bytes"):
+        if getattr(limits, k) < 0:
+            raise lim.fail(k, "must not be negative")
+    lim.done()
+
+    met = root.section("metrics")
+    mhost, mport = _host_port(met, "address") if "address" in met.data else ("127.0.0.1", 9187)
+    metrics = MetricsConfig(enabled=met.get("enabled", bool, True), host=mhost, port=mport)
+    met.done()
+
+    lg = root.section("log")
+    log = LogConfig(
+        format=lg.choice("format", ("auto", "json", "console"), "auto"),
+        level=lg.choice("level", ("debug", "info", "warning", "error"), "info"),
+    )
+    lg.done()
+    root.done()
+    return Config(listeners, upstream, acl_cfg, limits, metrics, log, source)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read config {p}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: invalid TOML: {e}") from None
+    try:
+        return parse_config(data, p.resolve().parent, p)
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None

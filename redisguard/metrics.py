@@ -1,0 +1,88 @@
+"""Prometheus metrics and the health endpoints, on their own small asyncio HTTP listener.
+
+Labels are bounded: users come from the users file, commands from the command table (else
+``unknown``), listeners from config; never client addresses, keys or values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import platform
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from . import __version__
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.commands = Counter("redisguard_commands", "Commands decided, by verdict.",
+                                ["user", "command", "result"], registry=r)  # fmt: skip
+        self.denied = Counter("redisguard_denied_commands", "Commands refused, by reason.",
+                              ["user", "command", "reason"], registry=r)  # fmt: skip
+        self.auth_failures = Counter("redisguard_auth_failures", "Failed authentications.",
+                                     ["listener", "reason"], registry=r)  # fmt: skip
+        self.auth_successes = Counter("redisguard_auth_successes", "Successful authentications.",
+                                      ["listener", "method"], registry=r)  # fmt: skip
+        self.connections_active = Gauge("redisguard_connections_active", "Open client connections.",
+                                        ["listener"], registry=r)  # fmt: skip
+        self.connections = Counter("redisguard_connections", "Accepted client connections.",
+                                   ["listener"], registry=r)  # fmt: skip
+        self.connections_rejected = Counter("redisguard_connections_rejected", "Refused connections.",
+                                            ["listener", "reason"], registry=r)  # fmt: skip
+        self.tls_handshake_failures = Counter("redisguard_tls_handshake_failures", "Failed TLS handshakes.",
+                                              ["listener", "reason"], registry=r)  # fmt: skip
+        self.upstream_up = Gauge("redisguard_upstream_up", "1 if the last upstream connection succeeded.",
+                                 registry=r)  # fmt: skip
+        self.upstream_connect_failures = Counter("redisguard_upstream_connect_failures",
+                                                 "Failed connections to the upstream Redis.", registry=r)  # fmt: skip
+        self.upstream_connect_seconds = Histogram("redisguard_upstream_connect_seconds",
+                                                  "Time to open an upstream connection.", registry=r)  # fmt: skip
+        self.cert_expiry = Gauge("redisguard_certificate_expiry_timestamp_seconds",
+                                 "When a loaded certificate expires.", ["cert"], registry=r)  # fmt: skip
+        self.build_info = Gauge("redisguard_build_info", "Build information.",
+                                ["version", "python", "redis_version"], registry=r)  # fmt: skip
+        self.audit_suppressed = Counter("redisguard_audit_events_suppressed",
+                                        "Audit events dropped by the rate limit.", registry=r)  # fmt: skip
+
+    def set_build_info(self, redis_version: str) -> None:
+        self.build_info.labels(__version__, platform.python_version(), redis_version).set(1)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+async def serve_http(
+    metrics: Metrics, host: str, port: int, ready: Callable[[], tuple[bool, str]]
+) -> asyncio.AbstractServer:
+    """/metrics, /healthz (alive), /readyz (listeners up, certs loaded, upstream answers)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 5)
+            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
+                pass
+            parts = line.split()
+            path = parts[1].split(b"?")[0] if len(parts) >= 2 else b""
+            if path == b"/metrics":
+                status, ctype, body = b"200 OK", CONTENT_TYPE_LATEST.encode(), metrics.render()
+            elif path == b"/healthz":
+                status, ctype, body = b"200 OK", b"text/plain", b"ok\n"
+            elif path == b"/readyz":
+                ok, why = ready()
+                status = b"200 OK" if ok else b"503 Service Unavailable"
+                ctype, body = b"text/plain", (why + "\n").encode()
+            else:
+                status, ctype, body = b"404 Not Found", b"text/plain", b"not found\n"
+            writer.write(b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+                         % (status, ctype, len(body)) + body)  # fmt: skip
+            await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(handle, host, port)

@@ -1,0 +1,546 @@
+"""asyncio transports: listeners, one upstream connection per client, backpressure, shutdown.
+
+Thin by design: every protocol decision is in :mod:`redisguard.session`; this module moves bytes,
+enforces connection-level guards (source networks, connection limits, timeouts) and reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import os
+import signal
+import socket
+import ssl
+import time
+from typing import Any
+
+import hiredis
+
+from . import certs
+from .acl import User, load_users
+from .audit import RateLimiter, get_logger
+from .commands import CommandTable
+from .config import Config, ListenerConfig
+from .metrics import Metrics, serve_http
+from .resp import encode_command
+from .session import Policy, Session
+from .tls import peer_identity, server_context, upstream_context
+
+log = get_logger("redisguard")
+audit = get_logger("redisguard.audit")
+
+# Stop reading from one side when the other side's write buffer passes this (per connection).
+HIGH_WATER = 1024 * 1024
+
+
+class Observer:
+    """Turns session events into metrics and audit-log lines."""
+
+    def __init__(self, metrics: Metrics, users: dict[str, User]) -> None:
+        self.metrics = metrics
+        self.users = users
+        self.limiter = RateLimiter()
+        self._allowed: dict[tuple[str, str], Any] = {}
+
+    def _user(self, name: str) -> str:
+        return name if name in self.users else "unknown"
+
+    def command(self, session: Session, cmd: str, allowed: bool, reason: str) -> None:
+        user = session.user.name
+        if allowed:
+            key = (user, cmd)
+            child = self._allowed.get(key)
+            if child is None:
+                child = self._allowed[key] = self.metrics.commands.labels(user, cmd, "allowed")
+            child.inc()
+            return
+        self.metrics.commands.labels(user, cmd, "denied").inc()
+        self.metrics.denied.labels(user, cmd, reason).inc()
+        if self.limiter.allow():
+            audit.warning("command_denied", user=user, command=cmd, reason=reason,
+                          listener=session.listener, peer=session.peer, tls_identity=session.tls_identity)  # fmt: skip
+        else:
+            self.metrics.audit_suppressed.inc()
+
+    def auth(self, session: Session, ok: bool, username: str, reason: str, method: str) -> None:
+        if ok:
+            self.metrics.auth_successes.labels(session.listener, method).inc()
+            audit.info("auth_success", user=username, method=method, listener=session.listener,
+                       peer=session.peer, tls_identity=session.tls_identity)  # fmt: skip
+        else:
+            self.metrics.auth_failures.labels(session.listener, reason).inc()
+            if self.limiter.allow():
+                audit.warning("auth_failure", user=self._user(username), reason=reason,
+                              listener=session.listener, peer=session.peer,
+                              tls_identity=session.tls_identity)  # fmt: skip
+            else:
+                self.metrics.audit_suppressed.inc()
+
+
+class UpstreamProtocol(asyncio.Protocol):
+    def __init__(self, client: ClientProtocol) -> None:
+        self.client = client
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(high=HIGH_WATER)  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        self.client.session.upstream_data(data)
+        self.client.flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client.upstream_lost()
+
+    def pause_writing(self) -> None:
+        self.client.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.client.resume_reading()
+
+
+def _handshake_reason(exc: BaseException) -> str:
+    """A bounded label for why a TLS handshake failed."""
+    if isinstance(exc, asyncio.TimeoutError | TimeoutError):
+        return "timeout"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return "bad_client_cert"
+    reason = str(getattr(exc, "reason", "") or "").upper()
+    if "CERTIFICATE" in reason or "PEER_DID_NOT_RETURN" in reason:
+        return "no_client_cert" if "PEER_DID_NOT_RETURN" in reason or "REQUIRED" in reason else "bad_client_cert"
+    if isinstance(exc, ssl.SSLError):
+        return "protocol"
+    if isinstance(exc, ConnectionError | OSError):
+        return "reset"
+    return "other"
+
+
+class TLSAcceptor(asyncio.Protocol):
+    """Accepts TCP, then runs the TLS handshake itself so failures can be counted and logged."""
+
+    def __init__(self, proxy: Proxy, listener: ListenerConfig, ctx: ssl.SSLContext) -> None:
+        self.proxy = proxy
+        self.listener = listener
+        self.ctx = ctx
+        self.task: asyncio.Task[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.pause_reading()  # type: ignore[attr-defined]  # start_tls must see the ClientHello
+        self.task = asyncio.ensure_future(self._handshake(transport))  # type: ignore[arg-type]
+
+    async def _handshake(self, transport: asyncio.Transport) -> None:
+        loop = asyncio.get_running_loop()
+        client = ClientProtocol(self.proxy, self.listener)
+        lst = self.listener
+        peername = transport.get_extra_info("peername")
+        reason = client._refusal(peername)  # refuse before spending a handshake on it
+        if reason:
+            client.reject(transport, peername, reason)
+            return
+        try:
+            tls = await loop.start_tls(transport, client, self.ctx, server_side=True,
+                                       ssl_handshake_timeout=self.proxy.config.limits.handshake_timeout)  # fmt: skip
+        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as e:
+            why = _handshake_reason(e)
+            self.proxy.metrics.tls_handshake_failures.labels(lst.name, why).inc()
+            self.proxy.metrics.connections_rejected.labels(lst.name, "handshake").inc()
+            if why in ("no_client_cert", "bad_client_cert"):
+                self.proxy.metrics.auth_failures.labels(lst.name, why).inc()
+            peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else "?"
+            audit.info("tls_handshake_failed", listener=lst.name, peer=peer, reason=why,
+                       detail=str(getattr(e, "reason", "") or type(e).__name__))  # fmt: skip
+            transport.abort()
+            return
+        if tls is None:
+            transport.abort()
+            return
+        client.connection_made(tls)
+
+    def data_received(self, data: bytes) -> None:  # pragma: no cover - reading is paused
+        pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+
+
+class ClientProtocol(asyncio.Protocol):
+    def __init__(self, proxy: Proxy, listener: ListenerConfig) -> None:
+        self.proxy = proxy
+        self.listener = listener
+        self.transport: asyncio.Transport | None = None
+        self.upstream: UpstreamProtocol | None = None
+        self.session: Session = None  # type: ignore[assignment]
+        self.pending_upstream: list[bytes] = []
+        self.closed = False
+        self.counted = False
+        self.timer: asyncio.TimerHandle | None = None
+        self.connect_task: asyncio.Task[None] | None = None
+        self.reading_paused = False
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.proxy.clients.add(self)
+        lst = self.listener
+        m = self.proxy.metrics
+        peername = transport.get_extra_info("peername")
+        peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else "unix"
+        reason = self._refusal(peername)
+        if reason:
+            self.reject(transport, peername, reason)
+            return
+        self.counted = True
+        self.proxy.active[lst.name] += 1
+        m.connections.labels(lst.name).inc()
+        m.connections_active.labels(lst.name).inc()
+        transport.set_write_buffer_limits(high=HIGH_WATER)  # type: ignore[attr-defined]
+        identity, cert_user = self._certificate_user(transport, peer)
+        if self.closed:
+            return
+        self.session = Session(self.proxy.policy, lst.name, peer, cert_user, identity)
+        self.session.start()
+        log.debug("connection_accepted", listener=lst.name, peer=peer, tls_identity=identity)
+        timeout = self.proxy.config.limits.auth_timeout
+        if timeout:
+            self.timer = asyncio.get_running_loop().call_later(timeout, self._auth_timeout)
+        self.connect_task = asyncio.ensure_future(self._connect_upstream())
+
+    def reject(self, transport: asyncio.BaseTransport, peername: Any, reason: str) -> None:
+        lst = self.listener
+        peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else "unix"
+        self.proxy.metrics.connections_rejected.labels(lst.name, reason).inc()
+        audit.warning("connection_rejected", listener=lst.name, peer=peer, reason=reason)
+        self.closed = True
+        self.proxy.clients.discard(self)
+        transport.abort()
+
+    def _refusal(self, peername: Any) -> str:
+        lst = self.listener
+        if lst.allowed_sources and isinstance(peername, tuple):
+            try:
+                addr = ipaddress.ip_address(peername[0].split("%")[0])
+            except ValueError:
+                return "source_not_allowed"
+            if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+                addr = addr.ipv4_mapped
+            if not any(addr in net for net in lst.allowed_sources):
+                return "source_not_allowed"
+        if self.proxy.active[lst.name] >= lst.max_connections:
+            return "limit"
+        return ""
+
+    def _certificate_user(self, transport: asyncio.BaseTransport, peer: str) -> tuple[str, User | None]:
+        lst = self.listener
+        if lst.type != "tls":
+            return "", None
+        sslobj = transport.get_extra_info("ssl_object")
+        cert = sslobj.getpeercert() if sslobj is not None else None
+        identity = peer_identity(cert, lst.cert_user or "cn") if cert else ""
+        if not lst.cert_user or not identity:
+            return identity, None
+        user = self.proxy.policy.users.get(identity)
+        m = self.proxy.metrics
+        if user is None or not user.enabled:
+            m.auth_failures.labels(lst.name, "bad_client_cert").inc()
+            audit.warning("auth_failure", user="unknown" if user is None else user.name,
+                          reason="bad_client_cert", method="client_cert", listener=lst.name, peer=peer,
+                          tls_identity=identity)  # fmt: skip
+            return identity, None
+        m.auth_successes.labels(lst.name, "client_cert").inc()
+        audit.info("auth_success", user=user.name, method="client_cert", listener=lst.name, peer=peer,
+                   tls_identity=identity)  # fmt: skip
+        return identity, user
+
+    async def _connect_upstream(self) -> None:
+        up = self.proxy.config.upstream
+        loop = asyncio.get_running_loop()
+        m = self.proxy.metrics
+        start = time.perf_counter()
+        try:
+            if up.path:
+                coro = loop.create_unix_connection(lambda: UpstreamProtocol(self), str(up.path))
+            else:
+                coro = loop.create_connection(
+                    lambda: UpstreamProtocol(self), up.host, up.port, ssl=self.proxy.upstream_ssl,
+                    server_hostname=(up.tls_server_name or up.host) if self.proxy.upstream_ssl else None,
+                )  # fmt: skip
+            _, proto = await asyncio.wait_for(coro, up.connect_timeout)
+        except (TimeoutError, OSError, ssl.SSLError) as e:
+            m.upstream_connect_failures.inc()
+            m.upstream_up.set(0)
+            self.proxy.note_upstream_error(e)
+            if not self.closed:
+                self.session.upstream_failed(f"redisguard: upstream Redis at {up.where} is unavailable")
+                self.flush()
+            return
+        m.upstream_connect_seconds.observe(time.perf_counter() - start)
+        m.upstream_up.set(1)
+        if self.closed:
+            proto.transport.close()  # type: ignore[union-attr]
+            return
+        with contextlib.suppress(OSError):
+            sock = proto.transport.get_extra_info("socket")  # type: ignore[union-attr]
+            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.upstream = proto  # type: ignore[assignment]
+        self.flush()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self.session.client_data(data)
+        if self.timer is not None and self.session.authenticated:
+            self.timer.cancel()
+            self.timer = None
+        self.flush()
+
+    def flush(self) -> None:
+        s = self.session
+        if s.to_upstream:
+            if self.upstream is not None and self.upstream.transport is not None:
+                if self.pending_upstream:
+                    s.to_upstream[:0] = self.pending_upstream
+                    self.pending_upstream = []
+                self.upstream.transport.write(b"".join(s.to_upstream))
+            else:
+                self.pending_upstream.extend(s.to_upstream)
+            s.to_upstream.clear()
+        elif self.pending_upstream and self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.write(b"".join(self.pending_upstream))
+            self.pending_upstream = []
+        if s.to_client and self.transport is not None and not self.closed:
+            self.transport.write(b"".join(s.to_client))
+            s.to_client.clear()
+        if s.closing:
+            self.close()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()  # flushes what is buffered first
+        self._close_upstream()
+
+    def _close_upstream(self) -> None:
+        if self.connect_task is not None and not self.connect_task.done():
+            self.connect_task.cancel()
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.close()
+        self.upstream = None
+
+    def _auth_timeout(self) -> None:
+        self.timer = None
+        if not self.closed:
+            audit.info("connection_timeout", listener=self.listener.name, peer=self.session.peer,
+                       reason="no authenticated command in time")  # fmt: skip
+            self.transport.abort()  # type: ignore[union-attr]
+
+    def upstream_lost(self) -> None:
+        self.upstream = None
+        if not self.closed:
+            self.session.upstream_failed("redisguard: connection to upstream Redis lost")
+            self.flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+        self._close_upstream()
+        if self.counted:
+            self.proxy.active[self.listener.name] -= 1
+            self.proxy.metrics.connections_active.labels(self.listener.name).dec()
+        self.proxy.clients.discard(self)
+
+    # -- backpressure -----------------------------------------------------------------------------
+    def pause_writing(self) -> None:  # the client reads slowly: stop reading replies for it
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.resume_reading()
+
+    def pause_reading(self) -> None:  # the upstream is not keeping up: stop reading requests
+        if self.transport is not None and not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and self.reading_paused:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+
+async def fetch_command_table(config: Config) -> CommandTable:
+    """COMMAND INFO, ACL CAT and the version from the upstream itself."""
+    up = config.upstream
+    ctx = upstream_context(up)
+    if up.path:
+        reader, writer = await asyncio.open_unix_connection(str(up.path))
+    else:
+        reader, writer = await asyncio.open_connection(
+            up.host, up.port, ssl=ctx, server_hostname=(up.tls_server_name or up.host) if ctx else None
+        )
+    try:
+        req = []
+        if up.username or up.password:
+            req.append(encode_command([b"AUTH", *([up.username.encode()] if up.username else []),
+                                       up.password.encode()]))  # fmt: skip
+        req += [encode_command([b"COMMAND", b"INFO"]), encode_command([b"ACL", b"CAT"]),
+                encode_command([b"INFO", b"server"])]  # fmt: skip
+        writer.write(b"".join(req))
+        rd = hiredis.Reader()
+        replies: list[Any] = []
+        while len(replies) < len(req):
+            data = await asyncio.wait_for(reader.read(1 << 20), up.connect_timeout * 5)
+            if not data:
+                raise ConnectionError("upstream closed the connection")
+            rd.feed(data)
+            while (r := rd.gets()) is not False:
+                replies.append(r)
+        for r in replies:
+            if isinstance(r, hiredis.ReplyError):
+                raise ConnectionError(str(r))
+        info, cats, server = replies[-3:]
+        version = "unknown"
+        for line in server.decode().splitlines():
+            if line.startswith("redis_version:"):
+                version = line.split(":", 1)[1]
+        return CommandTable(info, [c.decode() for c in cats], version)
+    finally:
+        writer.close()
+
+
+class Proxy:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.servers: list[asyncio.AbstractServer] = []
+        self.clients: set[ClientProtocol] = set()
+        self.active = {lst.name: 0 for lst in config.listeners}
+        self.upstream_ssl = upstream_context(config.upstream)
+        self.policy: Policy = None  # type: ignore[assignment]
+        self.table: CommandTable = None  # type: ignore[assignment]
+        self.last_upstream_error = ""
+        self.stopping = asyncio.Event()
+
+    def note_upstream_error(self, e: BaseException) -> None:
+        msg = f"{type(e).__name__}: {e}"
+        if msg != self.last_upstream_error:
+            log.warning("upstream_unavailable", upstream=self.config.upstream.where, error=msg)
+        self.last_upstream_error = msg
+
+    async def load_policy(self) -> None:
+        cfg = self.config
+        table = None
+        if cfg.upstream.fetch_command_table:
+            try:
+                table = await fetch_command_table(cfg)
+            except (TimeoutError, OSError, ConnectionError, ssl.SSLError) as e:
+                log.warning("command_table_fallback", reason=str(e) or type(e).__name__,
+                            detail="using the shipped Redis 7.0 snapshot")  # fmt: skip
+        self.table = table or CommandTable.snapshot()
+        users = load_users(cfg.acl.users_file, self.table)
+        self.policy = Policy(
+            self.table, users, frozenset(cfg.acl.disabled_commands), cfg.upstream.username,
+            cfg.upstream.password, cfg.limits.max_request_bytes, Observer(self.metrics, users),
+        )  # fmt: skip
+        self.metrics.set_build_info(self.table.redis_version)
+
+    async def start(self) -> None:
+        await self.load_policy()
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(self._exception_handler)
+        for lst in self.config.listeners:
+            factory = self._factory(lst)
+            if lst.type == "unix":
+                assert lst.path is not None
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(lst.path)
+                srv = await loop.create_unix_server(factory, str(lst.path))
+                os.chmod(lst.path, lst.socket_mode)
+            else:
+                ctx = server_context(lst) if lst.type == "tls" else None
+                if ctx is not None:
+                    factory = self._tls_factory(lst, ctx)
+                if lst.tls is not None:
+                    self.metrics.cert_expiry.labels(f"{lst.name}:server").set(certs.not_after(lst.tls.cert_file))
+                    if lst.tls.ca_file:
+                        self.metrics.cert_expiry.labels(f"{lst.name}:ca").set(certs.not_after(lst.tls.ca_file))
+                srv = await loop.create_server(factory, lst.host, lst.port, reuse_address=True, backlog=1024)
+            self.servers.append(srv)
+        if self.config.metrics.enabled:
+            m = self.config.metrics
+            self.servers.append(await serve_http(self.metrics, m.host, m.port, self.ready))
+        log.info(
+            "redisguard_started",
+            listeners=[f"{lst.name}={lst.type}://{self.bound(i)}" for i, lst in enumerate(self.config.listeners)],
+            upstream=self.config.upstream.where,
+            redis_version=self.table.redis_version,
+            users=sorted(self.policy.users),
+            metrics=f"http://{self.config.metrics.host}:{self.metrics_port()}/metrics"
+            if self.config.metrics.enabled else "off",
+        )  # fmt: skip
+
+    def bound(self, index: int) -> str:
+        lst = self.config.listeners[index]
+        if lst.type == "unix":
+            return str(lst.path)
+        sock = self.servers[index].sockets[0]
+        host, port = sock.getsockname()[:2]
+        return f"{host}:{port}"
+
+    def metrics_port(self) -> int:
+        if not self.config.metrics.enabled:
+            return 0
+        return int(self.servers[len(self.config.listeners)].sockets[0].getsockname()[1])
+
+    def _factory(self, lst: ListenerConfig) -> Any:
+        return lambda: ClientProtocol(self, lst)
+
+    def _tls_factory(self, lst: ListenerConfig, ctx: ssl.SSLContext) -> Any:
+        return lambda: TLSAcceptor(self, lst, ctx)
+
+    def ready(self) -> tuple[bool, str]:
+        if not self.servers:
+            return False, "listeners not started"
+        if self.metrics.upstream_up._value.get() == 0 and self.last_upstream_error:  # noqa: SLF001
+            return False, f"upstream unavailable: {self.last_upstream_error}"
+        return True, "ready"
+
+    def _exception_handler(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, ssl.SSLError | ConnectionError):
+            # A TLS connection torn down mid-stream: the client is gone, the proxy is fine.
+            log.debug("connection_error", message=context.get("message", ""), error=repr(exc))
+            return
+        log.error("internal_error", message=context.get("message", ""), error=repr(exc))
+
+    async def stop(self, grace: float = 5.0) -> None:
+        for srv in self.servers:
+            srv.close()
+        deadline = time.monotonic() + grace
+        while self.clients and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for c in list(self.clients):
+            c.close()
+        for lst in self.config.listeners:
+            if lst.type == "unix" and lst.path:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(lst.path)
+
+
+async def run(config: Config) -> None:
+    proxy = Proxy(config)
+    await proxy.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("redisguard_stopping", clients=len(proxy.clients))
+    await proxy.stop()

@@ -1,0 +1,65 @@
+"""TLS contexts from config, and the identity a client certificate carries."""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+from .config import ListenerConfig, UpstreamConfig
+
+
+class TLSConfigError(ValueError):
+    pass
+
+
+def server_context(listener: ListenerConfig) -> ssl.SSLContext:
+    """The context for a ``tls`` listener: TLS 1.2+, client certificates as configured."""
+    assert listener.tls is not None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    where = f"listener {listener.name!r}"
+    try:
+        ctx.load_cert_chain(listener.tls.cert_file, listener.tls.key_file)
+    except FileNotFoundError as e:
+        raise TLSConfigError(f"{where}: certificate or key not found: {e.filename}") from None
+    except ssl.SSLError as e:
+        raise TLSConfigError(
+            f"{where}: cannot load {listener.tls.cert_file} / {listener.tls.key_file}: {e.reason or e}"
+            " (do the certificate and key match? are they PEM?)"
+        ) from None
+    if listener.client_auth != "none":
+        try:
+            ctx.load_verify_locations(cafile=listener.tls.ca_file)
+        except (FileNotFoundError, ssl.SSLError) as e:
+            raise TLSConfigError(f"{where}: cannot load client CA {listener.tls.ca_file}: {e}") from None
+        ctx.verify_mode = ssl.CERT_REQUIRED if listener.client_auth == "required" else ssl.CERT_OPTIONAL
+    return ctx
+
+
+def upstream_context(up: UpstreamConfig) -> ssl.SSLContext | None:
+    """For upstream-TLS mode: verify the remote Redis against tls_ca_file (or the system CAs)."""
+    if not up.tls:
+        return None
+    ctx = ssl.create_default_context(cafile=str(up.tls_ca_file) if up.tls_ca_file else None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if up.tls_cert_file and up.tls_key_file:
+        ctx.load_cert_chain(up.tls_cert_file, up.tls_key_file)
+    return ctx
+
+
+def peer_identity(cert: dict[str, Any] | None, kind: str) -> str:
+    """The name a verified client certificate gives for ``kind`` (cn, san_dns, san_uri), or ""."""
+    if not cert:
+        return ""
+    if kind == "cn":
+        for rdn in cert.get("subject", ()):
+            for key, value in rdn:
+                if key == "commonName":
+                    return str(value)
+        return ""
+    want = {"san_dns": "DNS", "san_uri": "URI"}[kind]
+    for key, value in cert.get("subjectAltName", ()):
+        if key == want:
+            return str(value)
+    return ""

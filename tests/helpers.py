@@ -1,0 +1,172 @@
+"""Real processes for tests: redis-server and redisguard on free loopback ports."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from redisguard.demo import free_port, wait_port
+
+UPSTREAM_USER = "svc"
+UPSTREAM_PASSWORD = "svc-test-password"
+
+
+def redis_server_binary() -> str:
+    path = shutil.which("redis-server")
+    if path is None:
+        raise RuntimeError(
+            "redis-server is not installed: the tests need a real Redis 7 (apt-get install redis-server, "
+            "or run `bash .ci/run`, which installs it)"
+        )
+    return path
+
+
+@dataclass
+class RedisProc:
+    port: int
+    proc: subprocess.Popen[bytes]
+    args: list[str]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port, self.proc)
+
+
+def _split(extra: list[str]) -> list[str]:
+    # redis-server takes a config directive's arguments as separate argv entries.
+    return [part for arg in extra for part in arg.split(" ")]
+
+
+def start_redis(port: int | None = None, extra: list[str] | None = None) -> RedisProc:
+    """A scratch redis-server: loopback only, no persistence, a service user for the proxy."""
+    port = port or free_port()
+    args = [
+        redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+        "--user", *f"{UPSTREAM_USER} on >{UPSTREAM_PASSWORD} ~* &* +@all".split(), *_split(extra or []),
+    ]  # fmt: skip
+    r = RedisProc(port, None, args)  # type: ignore[arg-type]
+    r.start()
+    return r
+
+
+@dataclass
+class ProxyProc:
+    proc: subprocess.Popen[bytes]
+    tls_port: int
+    plain_port: int
+    metrics_port: int
+    config: Path
+    log: Path
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def proxy_config(
+    d: Path, certs: Path, users: Path, redis_port: int, tls_port: int, plain_port: int, metrics_port: int,
+    extra: str = "", disabled: str = '["FLUSHALL", "CONFIG"]', upstream_extra: str = "",
+) -> Path:  # fmt: skip
+    (d / "upstream.pw").write_text(UPSTREAM_PASSWORD + "\n")
+    cfg = d / "redisguard.toml"
+    cfg.write_text(f"""
+[[listener]]
+name = "tls"
+type = "tls"
+address = "127.0.0.1:{tls_port}"
+cert_file = "{certs}/server.pem"
+key_file = "{certs}/server.key"
+ca_file = "{certs}/ca.pem"
+client_auth = "optional"
+cert_user = "cn"
+
+[[listener]]
+name = "local"
+type = "tcp"
+address = "127.0.0.1:{plain_port}"
+
+[upstream]
+address = "127.0.0.1:{redis_port}"
+username = "{UPSTREAM_USER}"
+password_file = "upstream.pw"
+{upstream_extra}
+
+[acl]
+users_file = "{users}"
+disabled_commands = {disabled}
+
+[limits]
+auth_timeout = 3.0
+handshake_timeout = 3.0
+
+[metrics]
+address = "127.0.0.1:{metrics_port}"
+
+[log]
+format = "json"
+level = "debug"
+{extra}
+""")
+    return cfg
+
+
+def start_proxy(d: Path, certs: Path, users: Path, redis_port: int, **kw: str) -> ProxyProc:
+    tls_port, plain_port, metrics_port = free_port(), free_port(), free_port()
+    cfg = proxy_config(d, certs, users, redis_port, tls_port, plain_port, metrics_port, **kw)
+    log = d / f"redisguard-{tls_port}.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "redisguard", "serve", "-c", str(cfg)],
+        stdout=subprocess.DEVNULL, stderr=open(log, "wb"), env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    try:
+        wait_port(tls_port, proc)
+        wait_port(plain_port, proc)
+    except RuntimeError as e:
+        raise RuntimeError(f"{e}\n--- redisguard log ---\n{log.read_text()}") from None
+    return ProxyProc(proc, tls_port, plain_port, metrics_port, cfg, log)
+
+
+def raw_exchange(port: int, data: bytes, expect_close: bool = False, timeout: float = 3.0) -> bytes:
+    """Send bytes, read until the peer closes or goes quiet."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        out = b""
+        deadline = time.monotonic() + timeout
+        s.settimeout(0.3 if not expect_close else timeout)
+        while time.monotonic() < deadline:
+            try:
+                chunk = s.recv(1 << 16)
+            except TimeoutError:
+                if not expect_close:
+                    break
+                continue
+            if not chunk:
+                break
+            out += chunk
+        return out
+
+
+USERS_ACL = """\
+# test users (fixture credentials, not secrets)
+user default off
+user alice on >alice-pw ~cache:* ~session:* &events:* +@all -@dangerous -flushall -flushdb
+user bob on >bob-pw %R~report:* +get +mget +ping +hello
+user admin on >admin-pw ~* &* +@all
+user nopassuser on nopass ~* +@read
+user disabled off >dis-pw ~* +@all
+"""
