@@ -193,6 +193,14 @@ def parse_request(buf: bytes, pos: int, authenticated: bool = True) -> tuple[lis
     return argv, p
 
 
+def _encoded_len(argv: list[bytes]) -> int:
+    n = 3 + len(str(len(argv)))
+    for a in argv:
+        la = len(a)
+        n += 5 + len(str(la)) + la
+    return n
+
+
 class RequestParser:
     """Incremental request parser: hiredis for multibulk, Python for inline requests and errors.
 
@@ -229,28 +237,36 @@ class RequestParser:
         self._pending.append(data)
         self._pending_len += len(data)
         out: list[list[bytes]] = []
+        used = 0  # bytes of the pending stream that the returned requests account for
         try:
             while (req := self._reader.gets()) is not False:
-                if not isinstance(req, list) or not all(type(a) is bytes for a in req):
+                if type(req) is not list or not all(type(a) is bytes for a in req):
                     # Valid RESP but not a request (e.g. "*1\r\n:5\r\n"): let Python name the error.
                     return out + self._fall_back(len(out)), False
                 out.append(req)
+                used += _encoded_len(req)
         except hiredis.ProtocolError:
             return out + self._fall_back(len(out)), False
-        if not self._reader.has_data():
+        # hiredis does not say whether it holds half a request, so account for the bytes: requests
+        # are canonical RESP, whose length is known from argv alone.
+        if used == self._pending_len:
             self._pending.clear()
             self._pending_len = 0
             self._validated_at = 0
             return out, clean
-        if out:  # keep only the raw bytes of the unfinished request
-            rest = self._skip(b"".join(self._pending), len(out))
+        if used > self._pending_len:  # a non-canonical encoding: Redis's own rules decide
+            return self._fall_back(0), False
+        if used:  # keep only the raw bytes of the unfinished request
+            rest = b"".join(self._pending)[used:]
             self._pending = [rest]
             self._pending_len = len(rest)
         if self._pending_len > self.max_request_bytes:
             raise ProtocolError("request exceeds max_request_bytes")
         if self._pending_len <= self.VALIDATE_AFTER or self._pending_len > 2 * self._validated_at:
             self._validated_at = self._pending_len
-            parse_request(b"".join(self._pending), 0, True)  # raises on a bad header
+            argv, end = parse_request(b"".join(self._pending), 0, True)  # raises on a bad header
+            if argv is not None:  # complete by Redis's rules but not by hiredis's: non-canonical
+                return out + self._fall_back(0), False
         return out, False
 
     @staticmethod

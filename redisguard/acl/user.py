@@ -175,7 +175,7 @@ class Selector:
                 offset += 1
         else:
             perms = ALL_PERMS
-        if not perms or offset == len(raw):
+        if not perms:
             raise ACLError(E_EINVAL)
         pat = raw[offset:]
         if _SPACE.search(pat):

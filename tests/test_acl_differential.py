@@ -1,0 +1,188 @@
+"""Differential tests: the same users loaded into a real Redis 7 and into redisguard must give the
+same rule-parsing errors, the same ACL LIST form and the same verdicts (ACL DRYRUN is the oracle)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from redisguard.acl import ACLError, check, new_user, stringmatch
+from redisguard.commands import CommandTable
+
+from .helpers import RedisProc, start_redis
+
+SEED_USERS = 420  # x CASES_PER_USER commands each: >= 20,000 (user, command) verdicts per run
+CASES_PER_USER = 90
+KEYS = ["a", "ab", "b", "a:1", "b:2", "x", "abc", "a*", "[a]", "k\\"]
+PATTERNS = ["a*", "b*", "a?", "[ab]*", "*1", "x", "a[^b]*", "*:*", "a\\*", "[a-c]?", "k\\\\", "?"]
+CHANNELS = ["c1", "c2", "news.*", "n*", "x"]
+
+
+@pytest.fixture(scope="module")
+def oracle() -> Iterator[RedisProc]:
+    r = start_redis()
+    yield r
+    r.stop()
+
+
+def _conn(r: RedisProc) -> redis.Redis:
+    return redis.Redis(port=r.port, username="svc", password="svc-test-password", decode_responses=False)
+
+
+def random_rules(rng: random.Random, table: CommandTable, allow_invalid: bool) -> list[str]:
+    cmds = [c.name for c in table.commands.values()]
+    subs = [s.name for c in table.commands.values() for s in c.subcommands.values()]
+    rules: list[str] = ["on"]
+
+    def selector_rule() -> str:
+        k = rng.random()
+        if k < 0.22:
+            return rng.choice(["~", "%R~", "%W~", "%RW~"]) + rng.choice(PATTERNS)
+        if k < 0.30:
+            return "&" + rng.choice(CHANNELS)
+        if k < 0.50:
+            return rng.choice("+-") + "@" + rng.choice(table.categories)
+        if k < 0.72:
+            return rng.choice("+-") + rng.choice(cmds)
+        if k < 0.80:
+            return rng.choice("+-") + rng.choice(subs)
+        if k < 0.83:
+            return "+" + rng.choice(["select|0", "select|1", "get|a", "debug|object"])
+        return rng.choice(["allkeys", "resetkeys", "allchannels", "resetchannels", "+@all", "-@all", "~*", "&*"])
+
+    for _ in range(rng.randint(1, 9)):
+        if rng.random() < 0.12:
+            rules.append("(" + " ".join(selector_rule() for _ in range(rng.randint(1, 4))) + ")")
+        else:
+            rules.append(selector_rule())
+    if allow_invalid and rng.random() < 0.3:
+        rules.insert(rng.randrange(len(rules) + 1), rng.choice([
+            "+@nosuch", "+nosuch", "-select|1", "%X~a", "%R~", "~", "#abc", "<nope", "!" + "0" * 64, "bogus",
+            "+config|nosuch", "+config|get|x", "+get|", "~a b",
+        ]))  # fmt: skip
+    return rules
+
+
+def random_argv(rng: random.Random, table: CommandTable, name: str) -> list[bytes]:
+    cmd = table.get(name)
+    assert cmd is not None
+    argv = [b.encode() for b in name.split("|")]
+    want = abs(cmd.arity) if cmd.arity > 0 else abs(cmd.arity) + rng.randint(0, 4)
+    while len(argv) < want:
+        r = rng.random()
+        if r < 0.55:
+            argv.append(rng.choice(KEYS).encode())
+        elif r < 0.75:
+            argv.append(str(rng.randint(0, 3)).encode())
+        elif r < 0.85:
+            argv.append(rng.choice(CHANNELS).encode())
+        else:
+            argv.append(rng.choice([b"STORE", b"GET", b"BY", b"STREAMS", b"KEYS", b"LIMIT", b"WITHSCORES"]))
+    return argv
+
+
+def dryrun_text(table: CommandTable, user, argv: list[bytes]) -> bytes:  # type: ignore[no-untyped-def]
+    """What ACL DRYRUN says, computed by redisguard."""
+    cmd = table.lookup(argv)
+    assert cmd is not None
+    denied = check(user, cmd, argv)
+    if denied is None:
+        return b"OK"
+    if denied.reason == "command":
+        return b"This user has no permissions to run the '%s' command" % cmd.name.encode()
+    what = b"key" if denied.reason == "key" else b"channel"
+    return b"This user has no permissions to access the '%s' %s" % (argv[denied.index], what)
+
+
+def split_describe(line: str, table: CommandTable) -> tuple[list[str], set[tuple[int, str]]]:
+    """ACL LIST form → (everything up to the category rules, single-command rules as a set).
+
+    Redis emits single-command rules in its command dict's hash order, which changes with each
+    process's random seed; everything else must match token for token."""
+    head: list[str] = []
+    singles: set[tuple[int, str]] = set()
+    selector = 0
+    for tok in line.replace("(", "( ").replace(")", " )").split():
+        selector += tok == "("
+        if tok[:1] in "+-" and "@" not in tok:
+            singles.add((selector, tok))
+        else:
+            head.append(tok)
+    return head, singles
+
+
+def test_rules_describe_and_verdicts_match_redis(oracle: RedisProc, table: CommandTable) -> None:
+    rng = random.Random(20261125)
+    r = _conn(oracle)
+    all_names = [c.name for c in table.all_commands() if not c.subcommands]
+    coverage = list(all_names)
+    rng.shuffle(coverage)
+    verdicts = mismatches = parse_checked = 0
+    problems: list[str] = []
+    for i in range(SEED_USERS):
+        rules = random_rules(rng, table, allow_invalid=True)
+        name = f"u{i}"
+        try:
+            r.execute_command("ACL", "SETUSER", name, *rules)
+            redis_err = None
+        except redis.ResponseError as e:
+            redis_err = str(e)
+        try:
+            ours = new_user(name, table, rules)
+            our_err = None
+        except ACLError as e:
+            our_err = str(e)
+        parse_checked += 1
+        if (redis_err is None) != (our_err is None) or (redis_err and redis_err != our_err):
+            problems.append(f"rules {rules}: redis={redis_err!r} ours={our_err!r}")
+            continue
+        if redis_err is not None:
+            r.execute_command("ACL", "DELUSER", name)
+            continue
+        line = (
+            r.execute_command("ACL", "GETUSER", name)
+            and [x.decode() for x in r.execute_command("ACL", "LIST") if x.decode().startswith(f"user {name} ")][0]
+        )
+        want_head, want_singles = split_describe(line[len(f"user {name} ") :], table)
+        got_head, got_singles = split_describe(ours.describe(), table)
+        if (want_head, want_singles) != (got_head, got_singles):
+            problems.append(f"describe {rules}:\n  redis {line}\n  ours  user {name} {ours.describe()}")
+        pipe = r.pipeline(transaction=False)
+        cases = []
+        for _ in range(CASES_PER_USER):
+            cmd_name = coverage.pop() if coverage else rng.choice(all_names)
+            argv = random_argv(rng, table, cmd_name)
+            cases.append(argv)
+            pipe.execute_command("ACL", "DRYRUN", name, *argv)
+        for argv, want in zip(cases, pipe.execute(raise_on_error=False), strict=True):
+            if isinstance(want, redis.ResponseError):
+                continue  # arity etc.: answered before the ACL check, covered elsewhere
+            verdicts += 1
+            got = dryrun_text(table, ours, argv)
+            if got != want:
+                mismatches += 1
+                problems.append(f"verdict {rules} {argv}: redis={want!r} ours={got!r}")
+        r.execute_command("ACL", "DELUSER", name)
+    print(f"differential: {parse_checked} rule lists, {verdicts} verdicts, {mismatches} verdict mismatches")
+    assert not coverage, "every command in the table was exercised"
+    assert verdicts >= 20000
+    assert not problems, "\n".join(problems[:30]) + f"\n({len(problems)} problems)"
+
+
+@pytest.mark.parametrize(
+    ("pattern", "string"),
+    [
+        (p, s)
+        for p in PATTERNS + ["*", "a**b", "[", "[a", "a[b-", "\\", "[\\]]", "[z-a]", "*a*b*"]
+        for s in KEYS + ["", "zz", "]"]
+    ],
+)
+def test_glob_matches_redis_semantics(oracle: RedisProc, pattern: str, string: str) -> None:
+    """stringmatchlen through ACL: a user with only ~pattern may GET a key iff the glob matches."""
+    r = _conn(oracle)
+    r.execute_command("ACL", "SETUSER", "g", "reset", "on", "nopass", "+get", "%R~" + pattern)
+    want = r.execute_command("ACL", "DRYRUN", "g", "GET", string) == b"OK"
+    assert stringmatch(pattern.encode(), string.encode()) == want
