@@ -70,7 +70,9 @@ class Command:
         return "no_auth" in self.flags
 
 
-def _pairs(items: Sequence[Any]) -> dict[str, Any]:
+def _pairs(items: Sequence[Any] | dict[Any, Any]) -> dict[str, Any]:
+    if isinstance(items, dict):  # a RESP3 map
+        return {_s(k): v for k, v in items.items()}
     return {_s(items[i]): items[i + 1] for i in range(0, len(items) - 1, 2)}
 
 

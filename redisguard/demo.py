@@ -84,6 +84,10 @@ def scrape(port: int) -> dict[str, float]:
 
 def main(args: argparse.Namespace) -> int:
     import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    quiet = {"lib_name": None, "lib_version": None, "retry": Retry(NoBackoff(), 0)}  # no CLIENT SETINFO, no retries
 
     redis_server = shutil.which("redis-server")
     if redis_server is None:
@@ -124,7 +128,13 @@ def main(args: argparse.Namespace) -> int:
         ca = str(certs / "ca.pem")
         print("\n* redis-py over TLS as alice (rediss://, password auth)")
         c = redis.Redis(
-            host="127.0.0.1", port=tls_port, ssl=True, ssl_ca_certs=ca, username="alice", password=ALICE_PASSWORD
+            host="127.0.0.1",
+            port=tls_port,
+            ssl=True,
+            ssl_ca_certs=ca,
+            username="alice",
+            password=ALICE_PASSWORD,
+            **quiet,
         )
         show("SET cache:greeting hello", lambda: c.set("cache:greeting", "hello"))
         show("GET cache:greeting", lambda: c.get("cache:greeting"))
@@ -132,12 +142,14 @@ def main(args: argparse.Namespace) -> int:
         show("FLUSHALL           (disabled)", lambda: c.flushall())
         show("CLIENT KILL ...    (@dangerous)", lambda: c.execute_command("CLIENT", "KILL", "ID", "1"))
         print("\n* a wrong password")
-        bad = redis.Redis(host="127.0.0.1", port=tls_port, ssl=True, ssl_ca_certs=ca, username="alice", password="x")
+        bad = redis.Redis(
+            host="127.0.0.1", port=tls_port, ssl=True, ssl_ca_certs=ca, username="alice", password="x", **quiet
+        )
         show("AUTH alice <wrong>", lambda: bad.ping())
         print("\n* a client certificate (CN=alice) logs in without a password")
         cc = redis.Redis(
             host="127.0.0.1", port=tls_port, ssl=True, ssl_ca_certs=ca,
-            ssl_certfile=str(certs / "client.pem"), ssl_keyfile=str(certs / "client.key"),
+            ssl_certfile=str(certs / "client.pem"), ssl_keyfile=str(certs / "client.key"), **quiet,
         )  # fmt: skip
         show("GET cache:greeting", lambda: cc.get("cache:greeting"))
         print("\n* a pipeline keeps its order: SET / FLUSHALL / GET")

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from .acl import User, check
+from .acl.check import sort_restriction
 from .commands import Command, CommandTable, unknown_command_error
 from .resp import ProtocolError, ReplyScanner, RequestParser, encode_command
 
@@ -401,6 +402,13 @@ class Session:
         self._forward(argv)
         self.in_multi = self.multi_dirty = False
 
+    def _cmd_sort(self, cmd: Command, argv: list[bytes]) -> None:
+        err = sort_restriction(self.user, cmd, argv)
+        if err:
+            self._reject(cmd, err, "key")
+        else:
+            self._forward(argv)
+
     def _cmd_acl(self, cmd: Command, argv: list[bytes]) -> None:
         if cmd.name == "acl|whoami":
             name = self.user.name.encode()
@@ -510,6 +518,8 @@ _HANDLERS = {
     "multi": Session._cmd_multi,
     "exec": Session._cmd_exec,
     "discard": Session._cmd_discard,
+    "sort": Session._cmd_sort,
+    "sort_ro": Session._cmd_sort,
     **{name: Session._cmd_acl for name in ["acl|" + s for s in
        ("whoami", "setuser", "deluser", "load", "save", "list", "users", "getuser", "dryrun", "log")]},
     **{name: Session._cmd_subscribe for name in _SUBSCRIBE},

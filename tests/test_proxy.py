@@ -319,3 +319,22 @@ def test_multi_exec_bytes_match_redis(proxy: ProxyProc) -> None:
         assert b"-EXECABORT Transaction discarded because of previous errors." in got
     finally:
         r.stop()
+
+
+def test_unix_socket_listener(tmp_path: Path, certs: Path, users_file: Path, redis_server) -> None:  # type: ignore[no-untyped-def]
+    sock = tmp_path / "rg.sock"
+    extra = f'[[listener]]\nname = "sock"\ntype = "unix"\npath = "{sock}"\nsocket_mode = "600"\n'
+    p = start_proxy(tmp_path, certs, users_file, redis_server.port, extra=extra)
+    try:
+        deadline = time.monotonic() + 5
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert oct(sock.stat().st_mode & 0o777) == "0o600"
+        c = redis.Redis(unix_socket_path=str(sock), username="alice", password="alice-pw")
+        assert c.set("cache:unix", "1") is True
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            c.get("nope")
+        c.close()
+    finally:
+        p.stop()
+    assert not sock.exists()  # removed on shutdown

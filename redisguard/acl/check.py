@@ -92,3 +92,43 @@ def check(user: User, cmd: Command, argv: Sequence[bytes]) -> Denied | None:
         if code > relevant or (code == relevant and idx > last_idx):
             relevant, last_idx = code, idx
     return Denied(REASONS[relevant], noperm_error(relevant, cmd), last_idx)
+
+
+def _unrestricted_read(sel: Selector) -> bool:
+    """ACLSelectorHasUnrestrictedKeyAccess(selector, CMD_KEY_ACCESS)."""
+    from ..commands import READ
+
+    return sel.allkeys or any(kp.pattern == b"*" and kp.perms & READ for kp in sel.keys)
+
+
+def sort_restriction(user: User, cmd: Command, argv: Sequence[bytes]) -> bytes | None:
+    """SORT's own run-time check (sort.c): BY with a pattern and GET need read access to every key.
+
+    Redis runs it inside the command, as the connection's user — upstream that is the proxy's service
+    user, so redisguard must make the check itself. Returns Redis's error, or None."""
+    full = None
+    j, argc = 2, len(argv)
+    while j < argc:
+        left = argc - j - 1
+        arg = argv[j].lower()
+        if arg in (b"asc", b"desc", b"alpha"):
+            pass
+        elif arg == b"limit" and left >= 2:
+            j += 2
+        elif arg == b"store" and left >= 1 and cmd.name == "sort":
+            j += 1
+        elif arg in (b"by", b"get") and left >= 1:
+            if arg == b"get" or b"*" in argv[j + 1]:
+                if full is None:
+                    cache: list[list[tuple[int, int]]] = []
+                    full = any(
+                        _selector_check(s, cmd, argv, cache)[0] == OK and _unrestricted_read(s) for s in user.selectors
+                    )
+                if not full:
+                    opt = b"BY" if arg == b"by" else b"GET"
+                    return b"-ERR %s option of SORT denied due to insufficient ACL permissions.\r\n" % opt
+            j += 1
+        else:
+            return None  # a syntax error: Redis itself answers it
+        j += 1
+    return None
