@@ -98,6 +98,8 @@ class MetricsConfig:
 class LogConfig:
     format: str = "auto"  # auto | json | console
     level: str = "info"
+    audit_keys: bool = False  # include key names in command_denied events (values never)
+    audit_denied_per_second: float = 100.0  # rate limit for command_denied / auth_failure events
 
 
 @dataclass(frozen=True)
@@ -332,7 +334,11 @@ def parse_config(data: dict[str, Any], base: Path, source: Path | None = None) -
     log = LogConfig(
         format=lg.choice("format", ("auto", "json", "console"), "auto"),
         level=lg.choice("level", ("debug", "info", "warning", "error"), "info"),
+        audit_keys=lg.get("audit_keys", bool, False),
+        audit_denied_per_second=lg.get("audit_denied_per_second", float, 100.0),
     )
+    if log.audit_denied_per_second <= 0:
+        raise lg.fail("audit_denied_per_second", "must be > 0")
     lg.done()
     root.done()
     return Config(listeners, upstream, acl_cfg, limits, metrics, log, source)

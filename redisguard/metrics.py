@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import platform
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from . import __version__
@@ -18,6 +18,7 @@ from . import __version__
 
 class Metrics:
     def __init__(self) -> None:
+        disable_created_metrics()  # *_created series double the scrape and say nothing useful here
         r = self.registry = CollectorRegistry()
         self.commands = Counter("redisguard_commands", "Commands decided, by verdict.",
                                 ["user", "command", "result"], registry=r)  # fmt: skip
@@ -45,6 +46,17 @@ class Metrics:
                                  "When a loaded certificate expires.", ["cert"], registry=r)  # fmt: skip
         self.build_info = Gauge("redisguard_build_info", "Build information.",
                                 ["version", "python", "redis_version"], registry=r)  # fmt: skip
+        self.request_errors = Counter("redisguard_request_errors", "Requests answered with an error before any ACL "
+                                      "verdict (unknown command, wrong arity, protocol error, unsupported).",
+                                      ["reason"], registry=r)  # fmt: skip
+        self.upstream_reply_seconds = Histogram(
+            "redisguard_upstream_reply_seconds",
+            "Time from forwarding a request to relaying its reply (sampled 1/64).",
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=r,
+        )
+        self.config_reloads = Counter("redisguard_config_reload", "Reloads of users and certificates (SIGHUP).",
+                                      ["result"], registry=r)  # fmt: skip
         self.audit_suppressed = Counter("redisguard_audit_events_suppressed",
                                         "Audit events dropped by the rate limit.", registry=r)  # fmt: skip
 
@@ -56,7 +68,7 @@ class Metrics:
 
 
 async def serve_http(
-    metrics: Metrics, host: str, port: int, ready: Callable[[], tuple[bool, str]]
+    metrics: Metrics, host: str, port: int, ready: Callable[[], Awaitable[tuple[bool, str]]]
 ) -> asyncio.AbstractServer:
     """/metrics, /healthz (alive), /readyz (listeners up, certs loaded, upstream answers)."""
 
@@ -72,7 +84,7 @@ async def serve_http(
             elif path == b"/healthz":
                 status, ctype, body = b"200 OK", b"text/plain", b"ok\n"
             elif path == b"/readyz":
-                ok, why = ready()
+                ok, why = await ready()
                 status = b"200 OK" if ok else b"503 Service Unavailable"
                 ctype, body = b"text/plain", (why + "\n").encode()
             else:

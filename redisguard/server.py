@@ -19,14 +19,14 @@ from typing import Any
 import hiredis
 
 from . import certs
-from .acl import User, load_users
+from .acl import ACLError, User, UsersFileError, load_users
 from .audit import RateLimiter, get_logger
 from .commands import CommandTable
 from .config import Config, ListenerConfig
 from .metrics import Metrics, serve_http
 from .resp import encode_command
 from .session import Policy, Session
-from .tls import peer_identity, server_context, upstream_context
+from .tls import TLSConfigError, peer_identity, server_context, upstream_context
 
 log = get_logger("redisguard")
 audit = get_logger("redisguard.audit")
@@ -38,17 +38,38 @@ HIGH_WATER = 1024 * 1024
 class Observer:
     """Turns session events into metrics and audit-log lines."""
 
-    def __init__(self, metrics: Metrics, users: dict[str, User]) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        users: dict[str, User],
+        count: bool = True,
+        audit_keys: bool = False,
+        rate: float = 100.0,
+    ) -> None:
         self.metrics = metrics
         self.users = users
-        self.limiter = RateLimiter()
+        self.count = count  # false: no per-request metrics (to measure what they cost)
+        self.audit_keys = audit_keys
+        self.limiter = RateLimiter(per_second=rate, burst=int(rate * 2) + 1)
         self._allowed: dict[tuple[str, str], Any] = {}
+
+    def reply_latency(self, seconds: float) -> None:
+        if self.count:
+            self.metrics.upstream_reply_seconds.observe(seconds)
 
     def _user(self, name: str) -> str:
         return name if name in self.users else "unknown"
 
     def command(self, session: Session, cmd: str, allowed: bool, reason: str) -> None:
         user = session.user.name
+        if reason in _REQUEST_ERRORS:
+            if self.count:
+                self.metrics.request_errors.labels(reason).inc()
+            return
+        if not self.count:
+            if not allowed and self.limiter.allow():
+                self._audit_denied(session, user, cmd, reason)
+            return
         if allowed:
             key = (user, cmd)
             child = self._allowed.get(key)
@@ -59,10 +80,14 @@ class Observer:
         self.metrics.commands.labels(user, cmd, "denied").inc()
         self.metrics.denied.labels(user, cmd, reason).inc()
         if self.limiter.allow():
-            audit.warning("command_denied", user=user, command=cmd, reason=reason,
-                          listener=session.listener, peer=session.peer, tls_identity=session.tls_identity)  # fmt: skip
+            self._audit_denied(session, user, cmd, reason)
         else:
             self.metrics.audit_suppressed.inc()
+
+    def _audit_denied(self, session: Session, user: str, cmd: str, reason: str) -> None:
+        extra = {"keys": session.last_keys()} if self.audit_keys else {}
+        audit.warning("command_denied", user=user, command=cmd, reason=reason, listener=session.listener,
+                      peer=session.peer, tls_identity=session.tls_identity, **extra)  # fmt: skip
 
     def auth(self, session: Session, ok: bool, username: str, reason: str, method: str) -> None:
         if ok:
@@ -77,6 +102,9 @@ class Observer:
                               tls_identity=session.tls_identity)  # fmt: skip
             else:
                 self.metrics.audit_suppressed.inc()
+
+
+_REQUEST_ERRORS = frozenset({"unknown_command", "arity", "unsupported", "protocol"})
 
 
 class UpstreamProtocol(asyncio.Protocol):
@@ -118,53 +146,73 @@ def _handshake_reason(exc: BaseException) -> str:
     return "other"
 
 
-class TLSAcceptor(asyncio.Protocol):
-    """Accepts TCP, then runs the TLS handshake itself so failures can be counted and logged."""
+class TLSServer:
+    """A TLS listener that accepts sockets itself, so every failed handshake is seen with its peer.
 
-    def __init__(self, proxy: Proxy, listener: ListenerConfig, ctx: ssl.SSLContext) -> None:
+    ``loop.connect_accepted_socket(..., ssl=...)`` returns only after the handshake and raises when it
+    fails, which is what metrics and the audit log need (uvloop's own TLS servers drop handshake
+    errors silently, and ``start_tls`` from ``connection_made`` races with uvloop's first read)."""
+
+    def __init__(self, proxy: Proxy, listener: ListenerConfig) -> None:
         self.proxy = proxy
         self.listener = listener
-        self.ctx = ctx
-        self.task: asyncio.Task[None] | None = None
+        sock = socket.create_server((listener.host, listener.port), family=_family(listener.host), backlog=1024,
+                                    reuse_port=False)  # fmt: skip
+        sock.setblocking(False)
+        self.sockets = [sock]
+        self.pending: set[asyncio.Task[None]] = set()
+        self.task = asyncio.ensure_future(self._accept_loop())
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.pause_reading()  # type: ignore[attr-defined]  # start_tls must see the ClientHello
-        self.task = asyncio.ensure_future(self._handshake(transport))  # type: ignore[arg-type]
-
-    async def _handshake(self, transport: asyncio.Transport) -> None:
+    async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
-        client = ClientProtocol(self.proxy, self.listener)
+        sock = self.sockets[0]
+        while True:
+            try:
+                conn, addr = await loop.sock_accept(sock)
+            except OSError as e:  # EMFILE and friends: back off instead of spinning
+                log.warning("accept_failed", listener=self.listener.name, error=str(e))
+                await asyncio.sleep(0.1)
+                continue
+            task = asyncio.ensure_future(self._handshake(conn, addr))
+            self.pending.add(task)
+            task.add_done_callback(self.pending.discard)
+
+    async def _handshake(self, conn: socket.socket, addr: Any) -> None:
+        loop = asyncio.get_running_loop()
         lst = self.listener
-        peername = transport.get_extra_info("peername")
-        reason = client._refusal(peername)  # refuse before spending a handshake on it
+        m = self.proxy.metrics
+        client = ClientProtocol(self.proxy, lst)
+        peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else "?"
+        reason = client._refusal(addr)  # refuse before spending a handshake on it
         if reason:
-            client.reject(transport, peername, reason)
+            m.connections_rejected.labels(lst.name, reason).inc()
+            audit.warning("connection_rejected", listener=lst.name, peer=peer, reason=reason)
+            conn.close()
             return
         try:
-            tls = await loop.start_tls(transport, client, self.ctx, server_side=True,
-                                       ssl_handshake_timeout=self.proxy.config.limits.handshake_timeout)  # fmt: skip
+            await loop.connect_accepted_socket(
+                lambda: client, conn, ssl=self.proxy.tls_contexts[lst.name],
+                ssl_handshake_timeout=self.proxy.config.limits.handshake_timeout,
+            )  # fmt: skip
         except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as e:
             why = _handshake_reason(e)
-            self.proxy.metrics.tls_handshake_failures.labels(lst.name, why).inc()
-            self.proxy.metrics.connections_rejected.labels(lst.name, "handshake").inc()
+            m.tls_handshake_failures.labels(lst.name, why).inc()
+            m.connections_rejected.labels(lst.name, "handshake").inc()
             if why in ("no_client_cert", "bad_client_cert"):
-                self.proxy.metrics.auth_failures.labels(lst.name, why).inc()
-            peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else "?"
+                m.auth_failures.labels(lst.name, why).inc()
             audit.info("tls_handshake_failed", listener=lst.name, peer=peer, reason=why,
                        detail=str(getattr(e, "reason", "") or type(e).__name__))  # fmt: skip
-            transport.abort()
-            return
-        if tls is None:
-            transport.abort()
-            return
-        client.connection_made(tls)
+            conn.close()
 
-    def data_received(self, data: bytes) -> None:  # pragma: no cover - reading is paused
-        pass
+    def close(self) -> None:
+        self.task.cancel()
+        for t in list(self.pending):
+            t.cancel()
+        self.sockets[0].close()
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.task is not None and not self.task.done():
-            self.task.cancel()
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
 class ClientProtocol(asyncio.Protocol):
@@ -183,6 +231,8 @@ class ClientProtocol(asyncio.Protocol):
 
     # -- lifecycle --------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.closed:
+            return
         self.transport = transport  # type: ignore[assignment]
         self.proxy.clients.add(self)
         lst = self.listener
@@ -203,7 +253,8 @@ class ClientProtocol(asyncio.Protocol):
             return
         self.session = Session(self.proxy.policy, lst.name, peer, cert_user, identity)
         self.session.start()
-        log.debug("connection_accepted", listener=lst.name, peer=peer, tls_identity=identity)
+        audit.info("connection_accepted", listener=lst.name, peer=peer, tls_identity=identity,
+                   user=cert_user.name if cert_user else "")  # fmt: skip
         timeout = self.proxy.config.limits.auth_timeout
         if timeout:
             self.timer = asyncio.get_running_loop().call_later(timeout, self._auth_timeout)
@@ -375,28 +426,25 @@ class ClientProtocol(asyncio.Protocol):
             self.transport.resume_reading()
 
 
-async def fetch_command_table(config: Config) -> CommandTable:
-    """COMMAND INFO, ACL CAT and the version from the upstream itself."""
+async def upstream_request(config: Config, commands: list[list[bytes]], timeout: float) -> list[Any]:
+    """Open a connection to the upstream as the service user, run ``commands``, return the replies."""
     up = config.upstream
     ctx = upstream_context(up)
     if up.path:
-        reader, writer = await asyncio.open_unix_connection(str(up.path))
+        opening = asyncio.open_unix_connection(str(up.path))
     else:
-        reader, writer = await asyncio.open_connection(
+        opening = asyncio.open_connection(
             up.host, up.port, ssl=ctx, server_hostname=(up.tls_server_name or up.host) if ctx else None
         )
+    reader, writer = await asyncio.wait_for(opening, up.connect_timeout)
     try:
-        req = []
-        if up.username or up.password:
-            req.append(encode_command([b"AUTH", *([up.username.encode()] if up.username else []),
-                                       up.password.encode()]))  # fmt: skip
-        req += [encode_command([b"COMMAND", b"INFO"]), encode_command([b"ACL", b"CAT"]),
-                encode_command([b"INFO", b"server"])]  # fmt: skip
-        writer.write(b"".join(req))
+        auth = Policy.auth_command(up.username, up.password)
+        writer.write(auth + b"".join(encode_command(c) for c in commands))
+        want = len(commands) + (1 if auth else 0)
         rd = hiredis.Reader()
         replies: list[Any] = []
-        while len(replies) < len(req):
-            data = await asyncio.wait_for(reader.read(1 << 20), up.connect_timeout * 5)
+        while len(replies) < want:
+            data = await asyncio.wait_for(reader.read(1 << 20), timeout)
             if not data:
                 raise ConnectionError("upstream closed the connection")
             rd.feed(data)
@@ -405,28 +453,35 @@ async def fetch_command_table(config: Config) -> CommandTable:
         for r in replies:
             if isinstance(r, hiredis.ReplyError):
                 raise ConnectionError(str(r))
-        info, cats, server = replies[-3:]
-        version = "unknown"
-        for line in server.decode().splitlines():
-            if line.startswith("redis_version:"):
-                version = line.split(":", 1)[1]
-        return CommandTable(info, [c.decode() for c in cats], version)
+        return replies[-len(commands) :]
     finally:
         writer.close()
+
+
+async def fetch_command_table(config: Config) -> CommandTable:
+    """COMMAND INFO, ACL CAT and the version from the upstream itself."""
+    info, cats, server = await upstream_request(
+        config, [[b"COMMAND", b"INFO"], [b"ACL", b"CAT"], [b"INFO", b"server"]], config.upstream.connect_timeout * 5
+    )
+    version = "unknown"
+    for line in server.decode().splitlines():
+        if line.startswith("redis_version:"):
+            version = line.split(":", 1)[1]
+    return CommandTable(info, [c.decode() for c in cats], version)
 
 
 class Proxy:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.metrics = Metrics()
-        self.servers: list[asyncio.AbstractServer] = []
+        self.servers: list[asyncio.AbstractServer | TLSServer] = []
         self.clients: set[ClientProtocol] = set()
         self.active = {lst.name: 0 for lst in config.listeners}
         self.upstream_ssl = upstream_context(config.upstream)
         self.policy: Policy = None  # type: ignore[assignment]
         self.table: CommandTable = None  # type: ignore[assignment]
         self.last_upstream_error = ""
-        self.stopping = asyncio.Event()
+        self.tls_contexts: dict[str, ssl.SSLContext] = {}
 
     def note_upstream_error(self, e: BaseException) -> None:
         msg = f"{type(e).__name__}: {e}"
@@ -445,9 +500,12 @@ class Proxy:
                             detail="using the shipped Redis 7.0 snapshot")  # fmt: skip
         self.table = table or CommandTable.snapshot()
         users = load_users(cfg.acl.users_file, self.table)
+        observer = Observer(
+            self.metrics, users, cfg.metrics.enabled, cfg.log.audit_keys, cfg.log.audit_denied_per_second
+        )
         self.policy = Policy(
             self.table, users, frozenset(cfg.acl.disabled_commands), cfg.upstream.username,
-            cfg.upstream.password, cfg.limits.max_request_bytes, Observer(self.metrics, users),
+            cfg.upstream.password, cfg.limits.max_request_bytes, observer,
         )  # fmt: skip
         self.metrics.set_build_info(self.table.redis_version)
 
@@ -463,14 +521,10 @@ class Proxy:
                     os.unlink(lst.path)
                 srv = await loop.create_unix_server(factory, str(lst.path))
                 os.chmod(lst.path, lst.socket_mode)
+            elif lst.type == "tls":
+                self._load_certificates(lst)
+                srv = TLSServer(self, lst)  # type: ignore[assignment]
             else:
-                ctx = server_context(lst) if lst.type == "tls" else None
-                if ctx is not None:
-                    factory = self._tls_factory(lst, ctx)
-                if lst.tls is not None:
-                    self.metrics.cert_expiry.labels(f"{lst.name}:server").set(certs.not_after(lst.tls.cert_file))
-                    if lst.tls.ca_file:
-                        self.metrics.cert_expiry.labels(f"{lst.name}:ca").set(certs.not_after(lst.tls.ca_file))
                 srv = await loop.create_server(factory, lst.host, lst.port, reuse_address=True, backlog=1024)
             self.servers.append(srv)
         if self.config.metrics.enabled:
@@ -502,15 +556,49 @@ class Proxy:
     def _factory(self, lst: ListenerConfig) -> Any:
         return lambda: ClientProtocol(self, lst)
 
-    def _tls_factory(self, lst: ListenerConfig, ctx: ssl.SSLContext) -> Any:
-        return lambda: TLSAcceptor(self, lst, ctx)
+    def _load_certificates(self, lst: ListenerConfig) -> None:
+        """Build the listener's TLS context (new handshakes use it) and export expiry times."""
+        assert lst.tls is not None
+        self.tls_contexts[lst.name] = server_context(lst)
+        self.metrics.cert_expiry.labels(f"{lst.name}:server").set(certs.not_after(lst.tls.cert_file))
+        if lst.tls.ca_file:
+            self.metrics.cert_expiry.labels(f"{lst.name}:ca").set(certs.not_after(lst.tls.ca_file))
 
-    def ready(self) -> tuple[bool, str]:
-        if not self.servers:
+    def reload(self) -> None:
+        """SIGHUP: re-read the users file and every listener's certificates; all or nothing.
+
+        Connections already logged in keep the permissions they logged in with until they reconnect
+        (or AUTH again); new handshakes and logins use the new files."""
+        try:
+            users = load_users(self.config.acl.users_file, self.table)
+            contexts = {lst.name: server_context(lst) for lst in self.config.listeners if lst.type == "tls"}
+        except (UsersFileError, ACLError, TLSConfigError, OSError, ValueError) as e:
+            self.metrics.config_reloads.labels("failure").inc()
+            audit.error("config_reload_failed", error=str(e), detail="kept the previous users and certificates")
+            return
+        for lst in self.config.listeners:
+            if lst.type == "tls":
+                self._load_certificates(lst)
+        self.tls_contexts.update(contexts)
+        self.policy.users = users
+        self.policy.observer.users = users  # type: ignore[attr-defined]
+        self.metrics.config_reloads.labels("success").inc()
+        audit.info("config_reloaded", users=sorted(users), listeners=sorted(contexts))
+
+    async def ready(self) -> tuple[bool, str]:
+        """Listeners up, certificates loaded, and the upstream answers PING as the service user."""
+        if len(self.servers) < len(self.config.listeners):
             return False, "listeners not started"
-        if self.metrics.upstream_up._value.get() == 0 and self.last_upstream_error:  # noqa: SLF001
-            return False, f"upstream unavailable: {self.last_upstream_error}"
-        return True, "ready"
+        missing = [lst.name for lst in self.config.listeners if lst.type == "tls" and lst.name not in self.tls_contexts]
+        if missing:
+            return False, f"certificates not loaded for {', '.join(missing)}"
+        try:
+            (pong,) = await upstream_request(self.config, [[b"PING"]], 2.0)
+        except (TimeoutError, OSError, ConnectionError, ssl.SSLError) as e:
+            self.metrics.upstream_up.set(0)
+            return False, f"upstream {self.config.upstream.where} unavailable: {e or type(e).__name__}"
+        self.metrics.upstream_up.set(1)
+        return (pong == b"PONG"), f"ready: upstream answered {pong!r}"
 
     def _exception_handler(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
@@ -541,6 +629,8 @@ async def run(config: Config) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, proxy.reload)
     await stop.wait()
     log.info("redisguard_stopping", clients=len(proxy.clients))
     await proxy.stop()
+    log.info("redisguard_stopped")

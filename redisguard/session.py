@@ -24,6 +24,7 @@ does; EXEC then answers ``-EXECABORT`` and the proxy sends DISCARD upstream (swa
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,10 +32,12 @@ from typing import Protocol
 
 from .acl import User, check
 from .acl.check import sort_restriction
-from .commands import Command, CommandTable, unknown_command_error
+from .commands import Command, CommandTable, get_keys, unknown_command_error
 from .resp import ProtocolError, ReplyScanner, RequestParser, encode_command
 
 RELAY, SYNTH, SWALLOW, AUTHCHECK, CLOSE = range(5)
+# One forwarded request in this many is timed until its reply (redisguard_upstream_reply_seconds).
+LATENCY_SAMPLE_EVERY = 64
 
 NOAUTH = b"-NOAUTH Authentication required.\r\n"
 WRONGPASS = b"-WRONGPASS invalid username-password pair or user is disabled.\r\n"
@@ -63,6 +66,7 @@ class Observer(Protocol):
 
     def command(self, session: Session, cmd: str, allowed: bool, reason: str) -> None: ...
     def auth(self, session: Session, ok: bool, username: str, reason: str, method: str) -> None: ...
+    def reply_latency(self, seconds: float) -> None: ...
 
 
 class _NullObserver:
@@ -70,6 +74,9 @@ class _NullObserver:
         pass
 
     def auth(self, session: Session, ok: bool, username: str, reason: str, method: str) -> None:
+        pass
+
+    def reply_latency(self, seconds: float) -> None:
         pass
 
 
@@ -90,13 +97,16 @@ class Policy:
         return self.users["default"]
 
     def upstream_auth(self) -> bytes:
-        if self.upstream_username:
-            argv = [b"AUTH", self.upstream_username.encode(), self.upstream_password.encode()]
-        elif self.upstream_password:
-            argv = [b"AUTH", self.upstream_password.encode()]
-        else:
-            return b""
-        return encode_command(argv)
+        return self.auth_command(self.upstream_username, self.upstream_password)
+
+    @staticmethod
+    def auth_command(username: str, password: str) -> bytes:
+        """The service user's AUTH, or b"" when Redis needs none."""
+        if username:
+            return encode_command([b"AUTH", username.encode(), password.encode()])
+        if password:
+            return encode_command([b"AUTH", password.encode()])
+        return b""
 
     def resolve(self, argv: Sequence[bytes]) -> Command | None:
         """The command argv names, or None if unknown to Redis or disabled here."""
@@ -144,6 +154,11 @@ class Session:
         self.in_multi = False
         self.multi_dirty = False
         self.subscribed = False
+        self.clock = time.perf_counter
+        self._relayed_owed = 0  # replies ever expected through RELAY slots
+        self._relayed_done = 0
+        self._sample: tuple[int, float] | None = None  # (reply number, send time) being timed
+        self._last: tuple[Command | None, list[bytes]] = (None, [])
         if cert_user is not None:
             self.user: User = cert_user
             self.authenticated = True
@@ -182,6 +197,11 @@ class Session:
             self._slots.append([SYNTH, data])
 
     def _expect(self, kind: int, n: int = 1) -> None:
+        if kind == RELAY:
+            owed = self._relayed_owed
+            if self._sample is None and owed // LATENCY_SAMPLE_EVERY != (owed + n) // LATENCY_SAMPLE_EVERY:
+                self._sample = (owed + n, self.clock())
+            self._relayed_owed = owed + n
         if self._slots and self._slots[-1][0] == kind:
             self._slots[-1][1] += n
         else:
@@ -219,6 +239,7 @@ class Session:
                 clean = False
                 requests = self.parser.feed(b"")[0] if self.parser.buffered and not self.closing else []
         except ProtocolError as e:
+            self.policy.observer.command(self, "unknown", False, "protocol")
             self._reply(e.reply())
             self._close_after_replies()
             self.parser = RequestParser(0)
@@ -246,9 +267,9 @@ class Session:
             return None
         return cmd
 
-    def _reject(self, cmd: Command | None, error: bytes, reason: str) -> None:
+    def _reject(self, cmd: Command | None, error: bytes, reason: str, name: str = "") -> None:
         """Refuse a request the way Redis's rejectCommand does."""
-        name = cmd.name if cmd is not None else "unknown"
+        name = name or (cmd.name if cmd is not None else "unknown")
         self.policy.observer.command(self, name, False, reason)
         if cmd is not None and cmd.name == "exec":
             msg = error[5:] if error.startswith(b"-ERR ") else error[1:]
@@ -265,11 +286,20 @@ class Session:
         self.in_multi = self.multi_dirty = False
         self._reply(reply)
 
+    def last_keys(self) -> list[str]:
+        """Key names of the request being decided (for audit logs that opt in to key names)."""
+        cmd, argv = self._last
+        if cmd is None:
+            return []
+        return [argv[i].decode("utf-8", "replace")[:200] for i, _ in get_keys(cmd, argv)][:16]
+
     def _command(self, argv: list[bytes]) -> None:
         cmd = self.policy.resolve(argv)
+        self._last = (cmd, argv)
         if cmd is None:
-            disabled = self.policy.table.lookup(argv) is not None
-            self._reject(None, self.policy.unknown_error(argv), "disabled" if disabled else "unknown")
+            known = self.policy.table.lookup(argv)
+            self._reject(None, self.policy.unknown_error(argv), "disabled" if known else "unknown_command",
+                         known.name if known else "unknown")  # fmt: skip
             return
         err = CommandTable.arity_error(cmd, len(argv))
         if err:
@@ -454,6 +484,10 @@ class Session:
             kind = head[0]
             if kind == RELAY:
                 self._emit(seg)
+                self._relayed_done += 1
+                if self._sample is not None and self._relayed_done >= self._sample[0]:
+                    self.policy.observer.reply_latency(self.clock() - self._sample[1])
+                    self._sample = None
             elif kind == AUTHCHECK:
                 frame = b"".join(self._held) + seg
                 self._held.clear()
@@ -506,6 +540,7 @@ class Session:
             return
         self._slots.clear()
         self._held.clear()
+        self._sample = None
         self.to_client.append(b"-ERR " + message.encode() + b"\r\n")
         self.closing = True
 

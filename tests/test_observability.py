@@ -1,0 +1,208 @@
+"""Metrics, health endpoints, audit log, dashboard and alert rules, against a live redisguard."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import redis
+
+from redisguard.resp import encode_command
+
+from .helpers import USERS_ACL, ProxyProc, raw_exchange, start_proxy
+
+REPO = Path(__file__).resolve().parent.parent
+PROM = REPO / "config" / "prometheus"
+
+
+def scrape(p: ProxyProc) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{p.metrics_port}/metrics", timeout=5).read().decode()
+
+
+def samples(text: str) -> dict[str, float]:
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def promtool() -> str:
+    path = shutil.which("promtool")
+    assert path, "promtool is required (apt-get install prometheus; bash .ci/run installs it)"
+    return path
+
+
+@pytest.fixture
+def fresh(tmp_path: Path, certs: Path, redis_server):  # type: ignore[no-untyped-def]
+    users = tmp_path / "users.acl"
+    users.write_text(USERS_ACL)
+    p = start_proxy(tmp_path, certs, users, redis_server.port, extra="audit_denied_per_second = 1000.0\n")
+    yield p, users
+    p.stop()
+
+
+def test_exact_counters_after_scripted_traffic(fresh, certs: Path) -> None:  # type: ignore[no-untyped-def]
+    p, _ = fresh
+    cmds = [
+        [b"PING"],  # noauth (user default)
+        [b"AUTH", b"alice", b"bad"],  # wrong_password
+        [b"AUTH", b"ghost", b"x"],  # unknown_user
+        [b"AUTH", b"disabled", b"dis-pw"],  # disabled_user
+        [b"AUTH", b"alice", b"alice-pw"],
+        *[[b"SET", b"cache:%d" % i, b"v"] for i in range(5)],  # 5 allowed set
+        *[[b"GET", b"cache:%d" % i] for i in range(3)],  # 3 allowed get
+        *[[b"GET", b"secret:%d" % i] for i in range(4)],  # 4 denied get (key)
+        [b"CLIENT", b"KILL", b"ID", b"1"],  # denied client|kill (command)
+        [b"PUBLISH", b"other", b"m"],  # denied publish (channel)
+        [b"FLUSHALL"],  # disabled
+        [b"NOSUCH"],  # request error: unknown_command
+        [b"GET"],  # request error: arity
+    ]
+    raw_exchange(p.plain_port, b"".join(encode_command(c) for c in cmds))
+    raw_exchange(p.tls_port, b"GET x\r\n", expect_close=True)  # plaintext on TLS → handshake failure
+    s = samples(scrape(p))
+    want = {
+        'redisguard_denied_commands_total{command="ping",reason="noauth",user="default"}': 1,
+        'redisguard_auth_failures_total{listener="local",reason="wrong_password"}': 1,
+        'redisguard_auth_failures_total{listener="local",reason="unknown_user"}': 1,
+        'redisguard_auth_failures_total{listener="local",reason="disabled_user"}': 1,
+        'redisguard_auth_successes_total{listener="local",method="password"}': 1,
+        'redisguard_commands_total{command="set",result="allowed",user="alice"}': 5,
+        'redisguard_commands_total{command="get",result="allowed",user="alice"}': 3,
+        'redisguard_commands_total{command="get",result="denied",user="alice"}': 4,
+        'redisguard_denied_commands_total{command="get",reason="key",user="alice"}': 4,
+        'redisguard_denied_commands_total{command="client|kill",reason="command",user="alice"}': 1,
+        'redisguard_denied_commands_total{command="publish",reason="channel",user="alice"}': 1,
+        'redisguard_denied_commands_total{command="flushall",reason="disabled",user="alice"}': 1,
+        'redisguard_request_errors_total{reason="unknown_command"}': 1,
+        'redisguard_request_errors_total{reason="arity"}': 1,
+        'redisguard_connections_total{listener="local"}': 2,  # ours + start_proxy's readiness probe
+        'redisguard_connections_active{listener="local"}': 0,
+        "redisguard_upstream_up": 1,
+    }
+    for k, v in want.items():
+        assert s.get(k) == v, (k, s.get(k))
+    # ours (plaintext on the TLS port) + start_proxy's readiness probe (connect, close)
+    assert sum(v for k, v in s.items() if k.startswith("redisguard_tls_handshake_failures_total")) == 2
+    assert s['redisguard_tls_handshake_failures_total{listener="tls",reason="protocol"}'] == 1
+    assert sum(v for k, v in s.items() if k.startswith("redisguard_auth_failures_total")) == 3
+    assert any(k.startswith("redisguard_build_info{") and 'redis_version="7.0' in k for k in s)
+    assert s['redisguard_certificate_expiry_timestamp_seconds{cert="tls:server"}'] > time.time() + 300 * 86400
+    assert not any("_created" in k for k in s)
+    assert "127.0.0.1" not in scrape(p)  # no client addresses in labels
+
+
+def test_health_endpoints(fresh) -> None:  # type: ignore[no-untyped-def]
+    p, _ = fresh
+    base = f"http://127.0.0.1:{p.metrics_port}"
+    assert urllib.request.urlopen(base + "/healthz").read() == b"ok\n"
+    r = urllib.request.urlopen(base + "/readyz")
+    assert r.status == 200 and r.read().startswith(b"ready")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(base + "/nope")
+    assert e.value.code == 404
+
+
+def test_promtool_check_metrics_on_a_real_scrape(fresh, tls_client) -> None:  # type: ignore[no-untyped-def]
+    p, _ = fresh
+    raw_exchange(p.plain_port, b"AUTH alice alice-pw\r\nGET cache:1\r\nGET x\r\n")
+    res = subprocess.run([promtool(), "check", "metrics"], input=scrape(p), capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_promtool_rules_and_unit_tests() -> None:
+    res = subprocess.run(
+        [promtool(), "check", "rules", "redisguard-alerts.yml"], cwd=PROM, capture_output=True, text=True
+    )
+    assert res.returncode == 0 and "SUCCESS: 5 rules found" in res.stdout, res.stdout + res.stderr
+    res = subprocess.run([promtool(), "test", "rules", "redisguard-alerts.test.yml"], cwd=PROM, capture_output=True,
+                         text=True)  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def _names_in(expr: str) -> set[str]:
+    return {re.sub(r"_(bucket|count|sum)$", "", m) for m in re.findall(r"\bredisguard_[a-z_]+", expr)}
+
+
+def test_dashboard_and_alerts_use_only_real_metrics(fresh) -> None:  # type: ignore[no-untyped-def]
+    p, _ = fresh
+    text = scrape(p)
+    exported = set(re.findall(r"^# TYPE (redisguard_[a-z_]+) ", text, re.M))
+    exported |= {n + "_total" for n in exported}
+    dash = json.loads((REPO / "config" / "grafana" / "redisguard-dashboard.json").read_text())
+    used: set[str] = set()
+    for panel in dash["panels"]:
+        for t in panel["targets"]:
+            used |= _names_in(t["expr"])
+    for var in dash["templating"]["list"]:
+        used |= _names_in(json.dumps(var.get("query", "")))
+    used |= _names_in((PROM / "redisguard-alerts.yml").read_text())
+    assert used, "queries found"
+    assert used <= exported, used - exported
+    assert {v["name"] for v in dash["templating"]["list"]} >= {"datasource", "user", "listener"}
+    assert all(t["datasource"]["uid"] == "${datasource}" for pn in dash["panels"] for t in pn["targets"])
+
+
+def test_audit_log_fields_and_no_secrets(fresh) -> None:  # type: ignore[no-untyped-def]
+    p, _ = fresh
+    raw_exchange(p.plain_port, b"AUTH alice wrong-secret-123\r\nAUTH alice alice-pw\r\nSET secret:k topsecretvalue\r\n")
+    time.sleep(0.3)
+    text = p.log.read_text()
+    assert "wrong-secret-123" not in text and "alice-pw" not in text and "topsecretvalue" not in text
+    assert "svc-test-password" not in text
+    events = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    denied = [e for e in events if e["event"] == "command_denied"][-1]
+    assert {k: denied[k] for k in ("user", "command", "reason", "listener")} == {
+        "user": "alice", "command": "set", "reason": "key", "listener": "local",
+    }  # fmt: skip
+    assert denied["peer"].startswith("127.0.0.1:") and "tls_identity" in denied and "keys" not in denied
+    fail = [e for e in events if e["event"] == "auth_failure"][-1]
+    assert fail["reason"] == "wrong_password" and fail["user"] == "alice"
+    assert any(e["event"] == "connection_accepted" for e in events)
+    assert any(e["event"] == "redisguard_started" for e in events)
+
+
+def test_denied_flood_is_rate_limited(tmp_path: Path, certs: Path, redis_server) -> None:  # type: ignore[no-untyped-def]
+    users = tmp_path / "users.acl"
+    users.write_text(USERS_ACL)
+    p = start_proxy(
+        tmp_path, certs, users, redis_server.port, extra="audit_denied_per_second = 5.0\naudit_keys = true\n"
+    )
+    try:
+        flood = b"AUTH alice alice-pw\r\n" + b"GET secret:x\r\n" * 2000
+        out = raw_exchange(p.plain_port, flood)
+        assert out.count(b"-NOPERM") == 2000
+        s = samples(scrape(p))
+        logged = sum(1 for line in p.log.read_text().splitlines() if '"command_denied"' in line)
+        assert logged <= 20
+        assert s["redisguard_audit_events_suppressed_total"] == 2000 - logged
+        assert '"keys": ["secret:x"]' in p.log.read_text()  # audit_keys = true: key names, never values
+    finally:
+        p.stop()
+
+
+def test_sighup_reloads_users_and_certificates(fresh) -> None:  # type: ignore[no-untyped-def]
+    p, users = fresh
+    assert raw_exchange(p.plain_port, b"AUTH carol carol-pw\r\n").startswith(b"-WRONGPASS")
+    users.write_text(USERS_ACL + "user carol on >carol-pw ~* +@all\n")
+    p.proc.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    assert raw_exchange(p.plain_port, b"AUTH carol carol-pw\r\n") == b"+OK\r\n"
+    users.write_text("user broken +nosuchcommand\n")
+    p.proc.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    assert raw_exchange(p.plain_port, b"AUTH carol carol-pw\r\n") == b"+OK\r\n"  # kept the last good users
+    s = samples(scrape(p))
+    assert s['redisguard_config_reload_total{result="success"}'] == 1
+    assert s['redisguard_config_reload_total{result="failure"}'] == 1
+    assert '"config_reload_failed"' in p.log.read_text()
