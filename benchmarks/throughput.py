@@ -14,6 +14,7 @@ Every target is hit by the same redis-benchmark invocation; the figures are requ
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import shutil
@@ -74,10 +75,8 @@ def bench(port: int, certs: Path, requests: int, clients: int, pipeline: int, au
     for line in out.splitlines():
         parts = [p.strip('"') for p in line.split(",")]
         if len(parts) >= 2 and parts[0] != "test":
-            try:
+            with contextlib.suppress(ValueError):
                 res[parts[0]] = float(parts[1])
-            except ValueError:
-                pass
     return res
 
 

@@ -13,7 +13,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import redis
 
 from redisguard.resp import encode_command
 
