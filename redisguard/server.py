@@ -227,7 +227,7 @@ class ClientProtocol(asyncio.Protocol):
         self.counted = False
         self.timer: asyncio.TimerHandle | None = None
         self.connect_task: asyncio.Task[None] | None = None
-        self.reading_paused = False
+        self.paused_by: set[str] = set()
 
     # -- lifecycle --------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -407,22 +407,27 @@ class ClientProtocol(asyncio.Protocol):
         self.proxy.clients.discard(self)
 
     # -- backpressure -----------------------------------------------------------------------------
-    def pause_writing(self) -> None:  # the client reads slowly: stop reading replies for it
+    # Reading from one side stops while the other side's write buffer is over HIGH_WATER, so memory
+    # per connection stays bounded whatever the peers do: a client that does not read its replies
+    # also stops being read (its refusals would otherwise pile up here), and Redis keeps the rest.
+    def pause_writing(self) -> None:  # the client reads slowly
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.pause_reading()
+        self.pause_reading("client")
 
     def resume_writing(self) -> None:
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.resume_reading()
+        self.resume_reading("client")
 
-    def pause_reading(self) -> None:  # the upstream is not keeping up: stop reading requests
-        if self.transport is not None and not self.reading_paused:
-            self.reading_paused = True
+    def pause_reading(self, why: str = "upstream") -> None:
+        if self.transport is not None and not self.paused_by:
             self.transport.pause_reading()
+        self.paused_by.add(why)
 
-    def resume_reading(self) -> None:
-        if self.transport is not None and self.reading_paused:
-            self.reading_paused = False
+    def resume_reading(self, why: str = "upstream") -> None:
+        self.paused_by.discard(why)
+        if self.transport is not None and not self.paused_by and not self.closed:
             self.transport.resume_reading()
 
 

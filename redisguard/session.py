@@ -30,12 +30,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .acl import User, check
+from .acl import User, check, replies
 from .acl.check import sort_restriction
 from .commands import Command, CommandTable, get_keys, unknown_command_error
-from .resp import ProtocolError, ReplyScanner, RequestParser, encode_command
+from .resp import Frame, ProtocolError, ReplyScanner, RequestParser, encode_command
 
-RELAY, SYNTH, SWALLOW, AUTHCHECK, CLOSE = range(5)
+RELAY, SYNTH, SWALLOW, AUTHCHECK, CLOSE, PUBSUB, MONITOR = range(7)
 # One forwarded request in this many is timed until its reply (redisguard_upstream_reply_seconds).
 LATENCY_SAMPLE_EVERY = 64
 
@@ -55,10 +55,12 @@ HELLO_NOAUTH = (
 SYNTAX = b"-ERR syntax error\r\n"
 _PUSH, _ATTR = ord(">"), ord("|")
 _PUBSUB_MESSAGES = (b"message", b"pmessage", b"smessage")
+_CONFIRMATIONS = frozenset(
+    (b"subscribe", b"psubscribe", b"ssubscribe", b"unsubscribe", b"punsubscribe", b"sunsubscribe")
+)
 _SUBSCRIBE = {"subscribe", "psubscribe", "ssubscribe", "unsubscribe", "punsubscribe", "sunsubscribe"}
-# ACL subcommands that would change or reveal the upstream's users: never forwarded.
-_ACL_LOCAL = {"acl|setuser", "acl|deluser", "acl|load", "acl|save", "acl|list", "acl|users",
-              "acl|getuser", "acl|dryrun", "acl|log"}  # fmt: skip
+# ACL subcommands that would change the upstream's users: never forwarded, refused.
+_ACL_REFUSED = {"acl|setuser", "acl|deluser", "acl|load", "acl|save", "acl|log"}
 
 
 class Observer(Protocol):
@@ -153,7 +155,12 @@ class Session:
         self.resp = 2
         self.in_multi = False
         self.multi_dirty = False
-        self.subscribed = False
+        self.subscriptions: dict[str, set[bytes]] = {"": set(), "p": set(), "s": set()}
+        self.monitoring = False
+        self.reply_off = False  # CLIENT REPLY OFF
+        self._skip_next = False  # CLIENT REPLY SKIP: the next command gets no reply
+        self._silent = False  # the command being handled gets no reply (OFF or SKIP)
+        self._skipping = False
         self.clock = time.perf_counter
         self._relayed_owed = 0  # replies ever expected through RELAY slots
         self._relayed_done = 0
@@ -180,6 +187,11 @@ class Session:
     def username(self) -> str:
         return self.user.name
 
+    @property
+    def subscribed(self) -> bool:
+        """In RESP2 pub/sub mode, where replies and messages are both plain arrays."""
+        return any(self.subscriptions.values())
+
     def start(self) -> None:
         """Queue the service user's AUTH; call once, before any client data."""
         auth = self.policy.upstream_auth()
@@ -189,6 +201,8 @@ class Session:
 
     def _reply(self, data: bytes) -> None:
         """A reply made here, in order behind whatever upstream replies are still owed."""
+        if self._silent:
+            return
         if not self._slots:
             self.to_client.append(data)
         elif self._slots[-1][0] == SYNTH:
@@ -207,10 +221,10 @@ class Session:
         else:
             self._slots.append([kind, n])
 
-    def _forward(self, argv: Sequence[bytes], replies: int = 1) -> None:
+    def _forward(self, argv: Sequence[bytes], replies: int = 1, kind: int = RELAY) -> None:
         self.to_upstream.append(encode_command(argv))
-        if replies:
-            self._expect(RELAY, replies)
+        if replies and not self._silent:
+            self._expect(kind, replies)
 
     def _close_after_replies(self) -> None:
         self.stopped = True  # nothing the client sends after this is read
@@ -258,7 +272,7 @@ class Session:
 
     def _plain(self, argv: list[bytes]) -> Command | None:
         """The command, if this request needs nothing but forwarding (allowed, no state change)."""
-        if not self.authenticated or self.in_multi or self.subscribed:
+        if not self.authenticated or self.in_multi or self.subscribed or self.reply_off or self._skip_next:
             return None
         cmd = self.policy.resolve(argv)
         if cmd is None or cmd.name in _SPECIAL or (cmd.parent and cmd.parent.name in _SPECIAL):
@@ -282,7 +296,8 @@ class Session:
     def _abort_exec(self, reply: bytes) -> None:
         """EXEC fails here: Redis discards the transaction, so make the upstream do the same."""
         self.to_upstream.append(encode_command([b"DISCARD" if self.in_multi else b"UNWATCH"]))
-        self._expect(SWALLOW)
+        if not self.reply_off:  # Redis sends no reply to it either while CLIENT REPLY is OFF
+            self._expect(SWALLOW)
         self.in_multi = self.multi_dirty = False
         self._reply(reply)
 
@@ -294,6 +309,10 @@ class Session:
         return [argv[i].decode("utf-8", "replace")[:200] for i, _ in get_keys(cmd, argv)][:16]
 
     def _command(self, argv: list[bytes]) -> None:
+        # CLIENT REPLY: like Redis's resetClient(), SKIP applies to the very next request, whatever it is.
+        self._skipping = self._skip_next
+        self._silent = self.reply_off or self._skipping
+        self._skip_next = False
         cmd = self.policy.resolve(argv)
         self._last = (cmd, argv)
         if cmd is None:
@@ -407,14 +426,19 @@ class Session:
 
     def _cmd_reset(self, cmd: Command, argv: list[bytes]) -> None:
         # Redis's RESET also logs the connection out; the upstream must log in again as the
-        # service user, and this session goes back to redisguard's default user.
+        # service user, and this session goes back to redisguard's default user. It clears
+        # CLIENT REPLY OFF before answering (a SKIP in force still swallows the answer).
+        self.reply_off = False
+        self._silent = self._skipping
         self._forward(argv)
         auth = self.policy.upstream_auth()
         if auth:
             self.to_upstream.append(auth)
             self._expect(AUTHCHECK)
         self.resp = 2
-        self.in_multi = self.multi_dirty = self.subscribed = False
+        self.in_multi = self.multi_dirty = self.monitoring = self.reply_off = self._skip_next = False
+        for subs in self.subscriptions.values():
+            subs.clear()
         self._become_default()
 
     def _cmd_multi(self, cmd: Command, argv: list[bytes]) -> None:
@@ -440,10 +464,18 @@ class Session:
             self._forward(argv)
 
     def _cmd_acl(self, cmd: Command, argv: list[bytes]) -> None:
+        users = self.policy.users
         if cmd.name == "acl|whoami":
-            name = self.user.name.encode()
-            self._reply(b"$%d\r\n%s\r\n" % (len(name), name))
-        elif cmd.name in _ACL_LOCAL:
+            self._reply(replies.bulk(self.user.name))
+        elif cmd.name == "acl|users":
+            self._reply(replies.acl_users(users))
+        elif cmd.name == "acl|list":
+            self._reply(replies.acl_list(users))
+        elif cmd.name == "acl|getuser":
+            self._reply(replies.acl_getuser(users, argv[2], self.resp))
+        elif cmd.name == "acl|dryrun":
+            self._reply(replies.acl_dryrun(users, self.policy.table, argv[2:]))
+        elif cmd.name in _ACL_REFUSED:
             sub = cmd.name.split("|", 1)[1].upper()
             self._reject(
                 cmd,
@@ -455,11 +487,47 @@ class Session:
             self._forward(argv)
 
     def _cmd_subscribe(self, cmd: Command, argv: list[bytes]) -> None:
-        # One confirmation per channel; without arguments an unsubscribe confirms each
-        # subscription (or once if there were none) — counted as one here.
-        self._forward(argv, max(1, len(argv) - 1))
-        if cmd.name in ("subscribe", "psubscribe", "ssubscribe"):
-            self.subscribed = True
+        if self.in_multi:  # queued: one +QUEUED now, the confirmations arrive inside EXEC's reply
+            self._forward(argv)
+            return
+        kind = cmd.name[0] if cmd.name[0] in "ps" else ""
+        subs = self.subscriptions[kind]
+        channels = argv[1:]
+        if cmd.name.endswith("unsubscribe") and "unsubscribe" in cmd.name:
+            # One confirmation per named channel; with none, one per subscription (one if none).
+            n = len(channels) or max(1, len(subs))
+            if channels:
+                subs.difference_update(channels)
+            else:
+                subs.clear()
+        else:
+            n = len(channels)
+            subs.update(channels)
+        self._forward(argv, n, PUBSUB)
+
+    def _cmd_client(self, cmd: Command, argv: list[bytes]) -> None:
+        if cmd.name != "client|reply":
+            self._forward(argv)
+            return
+        mode = argv[2].lower()
+        if mode == b"on":
+            self.reply_off = False
+            self._silent = False  # Redis clears the flags before it replies +OK
+            self._forward(argv)
+        elif mode == b"off":
+            self.reply_off = True
+            self._silent = True
+            self._forward(argv)
+        elif mode == b"skip":
+            self._skip_next = not self.reply_off
+            self._silent = True
+            self._forward(argv)
+        else:
+            self._forward(argv)  # Redis answers the syntax error
+
+    def _cmd_monitor(self, cmd: Command, argv: list[bytes]) -> None:
+        # After its +OK, everything Redis sends is the monitor stream: relayed, never counted.
+        self._forward(argv, 1, MONITOR)
 
     # -- upstream → client ------------------------------------------------------------------------
     def upstream_data(self, data: bytes) -> None:
@@ -478,16 +546,20 @@ class Session:
             head = slots[0] if slots else None
             seg = buf[cut : fr.end]
             cut = fr.end
-            if fr.kind == _ATTR or head is None or self._is_push(fr):
+            if fr.kind == _ATTR or head is None or self.monitoring or self._is_push(fr, head[0]):
                 self._emit(seg)  # attribute (belongs to the next reply) or out-of-band push
                 continue
             kind = head[0]
-            if kind == RELAY:
+            if kind == PUBSUB and fr.kind == ord("-"):
+                head[1] = 1  # an error answers the whole command
+            if kind in (RELAY, PUBSUB, MONITOR):
                 self._emit(seg)
                 self._relayed_done += 1
                 if self._sample is not None and self._relayed_done >= self._sample[0]:
                     self.policy.observer.reply_latency(self.clock() - self._sample[1])
                     self._sample = None
+                if kind == MONITOR and seg.startswith(b"+OK"):
+                    self.monitoring = True
             elif kind == AUTHCHECK:
                 frame = b"".join(self._held) + seg
                 self._held.clear()
@@ -506,17 +578,22 @@ class Session:
                     return
         if cut < consumed:
             head = slots[0] if slots else None
-            if head is None or head[0] == RELAY:
+            if head is None or head[0] in (RELAY, PUBSUB, MONITOR) or self.monitoring:
                 self._emit(buf[cut:consumed])
             else:
                 self._held.append(buf[cut:consumed])
 
-    def _is_push(self, fr: object) -> bool:
-        kind = fr.kind  # type: ignore[attr-defined]
-        if kind == _PUSH:
-            return True
-        # RESP2 pub/sub: messages are plain arrays, told apart by their first element.
-        return self.subscribed and kind == 0x2A and fr.first in _PUBSUB_MESSAGES  # type: ignore[attr-defined]
+    def _is_push(self, fr: Frame, slot: int) -> bool:
+        """Out-of-band: not the answer to a request. Subscribe confirmations answer (P|S)(UN)SUBSCRIBE
+        even when RESP3 sends them as push frames; RESP2 messages are arrays told apart by their
+        first element."""
+        if fr.kind == _PUSH:
+            return not (slot == PUBSUB and fr.first in _CONFIRMATIONS)
+        if fr.kind == 0x2A and fr.first is not None:
+            if slot == PUBSUB:
+                return fr.first not in _CONFIRMATIONS
+            return fr.first in _PUBSUB_MESSAGES and (self.subscribed or slot != RELAY)
+        return False
 
     def _emit(self, seg: bytes) -> None:
         if self._held:
@@ -538,10 +615,12 @@ class Session:
         """The upstream is gone or unusable: say so in one line and close."""
         if self.closing:
             return
+        mid_frame = not self.scanner.idle or bool(self._carry)
         self._slots.clear()
         self._held.clear()
         self._sample = None
-        self.to_client.append(b"-ERR " + message.encode() + b"\r\n")
+        if not mid_frame:  # never append a line to half a reply: just close
+            self.to_client.append(b"-ERR " + message.encode() + b"\r\n")
         self.closing = True
 
 
@@ -557,6 +636,8 @@ _HANDLERS = {
     "sort_ro": Session._cmd_sort,
     **{name: Session._cmd_acl for name in ["acl|" + s for s in
        ("whoami", "setuser", "deluser", "load", "save", "list", "users", "getuser", "dryrun", "log")]},
+    "client|reply": Session._cmd_client,
+    "monitor": Session._cmd_monitor,
     **{name: Session._cmd_subscribe for name in _SUBSCRIBE},
 }  # fmt: skip
 _SPECIAL = frozenset(_HANDLERS) | {"acl"}

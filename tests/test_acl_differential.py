@@ -85,16 +85,14 @@ def random_argv(rng: random.Random, table: CommandTable, name: str) -> list[byte
 
 
 def dryrun_text(table: CommandTable, user, argv: list[bytes]) -> bytes:  # type: ignore[no-untyped-def]
-    """What ACL DRYRUN says, computed by redisguard."""
-    cmd = table.lookup(argv)
-    assert cmd is not None
-    denied = check(user, cmd, argv)
-    if denied is None:
-        return b"OK"
-    if denied.reason == "command":
-        return b"This user has no permissions to run the '%s' command" % cmd.name.encode()
-    what = b"key" if denied.reason == "key" else b"channel"
-    return b"This user has no permissions to access the '%s' %s" % (argv[denied.index], what)
+    """What ACL DRYRUN says, computed by redisguard (the reply redisguard itself sends)."""
+    import hiredis
+
+    from redisguard.acl.replies import acl_dryrun
+
+    reader = hiredis.Reader()
+    reader.feed(acl_dryrun({user.name: user}, table, [user.name.encode(), *argv]))
+    return reader.gets()
 
 
 def split_describe(line: str, table: CommandTable) -> tuple[list[str], set[tuple[int, str]]]:

@@ -140,10 +140,7 @@ def test_acl_check_and_hash_cli(tmp_path: Path) -> None:
     assert res.returncode == 0 and res.stdout.startswith("allowed")
     res = run_cli("acl", "check", "--users", str(users), "--user", "alice", "--", "SET", "other", "x")
     assert res.returncode == 1
-    assert (
-        res.stdout.strip()
-        == "denied (key): NOPERM this user has no permissions to access one of the keys used as arguments"
-    )
+    assert res.stdout.strip() == "denied (key): NOPERM this user has no permissions to access one of the keys used as arguments"
     res = run_cli("acl", "check", "--users", str(users), "--user", "alice", "--", "FLUSHALL")
     assert res.returncode == 1 and "'flushall' command" in res.stdout
     res = run_cli("acl", "hash", stdin="pw\n")

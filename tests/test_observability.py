@@ -120,9 +120,7 @@ def test_promtool_check_metrics_on_a_real_scrape(fresh, tls_client) -> None:  # 
 
 
 def test_promtool_rules_and_unit_tests() -> None:
-    res = subprocess.run(
-        [promtool(), "check", "rules", "redisguard-alerts.yml"], cwd=PROM, capture_output=True, text=True
-    )
+    res = subprocess.run([promtool(), "check", "rules", "redisguard-alerts.yml"], cwd=PROM, capture_output=True, text=True)
     assert res.returncode == 0 and "SUCCESS: 5 rules found" in res.stdout, res.stdout + res.stderr
     res = subprocess.run([promtool(), "test", "rules", "redisguard-alerts.test.yml"], cwd=PROM, capture_output=True,
                          text=True)  # fmt: skip
@@ -174,9 +172,7 @@ def test_audit_log_fields_and_no_secrets(fresh) -> None:  # type: ignore[no-unty
 def test_denied_flood_is_rate_limited(tmp_path: Path, certs: Path, redis_server) -> None:  # type: ignore[no-untyped-def]
     users = tmp_path / "users.acl"
     users.write_text(USERS_ACL)
-    p = start_proxy(
-        tmp_path, certs, users, redis_server.port, extra="audit_denied_per_second = 5.0\naudit_keys = true\n"
-    )
+    p = start_proxy(tmp_path, certs, users, redis_server.port, extra="audit_denied_per_second = 5.0\naudit_keys = true\n")
     try:
         flood = b"AUTH alice alice-pw\r\n" + b"GET secret:x\r\n" * 2000
         out = raw_exchange(p.plain_port, flood)

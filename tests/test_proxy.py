@@ -144,6 +144,7 @@ def test_pipeline_order_raw_bytes(proxy: ProxyProc) -> None:
 
 
 def test_multi_with_denied_command_aborts(tls_client, direct) -> None:  # type: ignore[no-untyped-def]
+    direct.delete("cache:tx")
     c = tls_client()
     p = c.pipeline(transaction=True)
     p.set("cache:tx", "1").set("forbidden:tx", "2").get("cache:tx")
@@ -156,9 +157,7 @@ def test_multi_with_denied_command_aborts(tls_client, direct) -> None:  # type: 
 
 
 def test_inline_commands(proxy: ProxyProc) -> None:
-    out = raw_exchange(
-        proxy.plain_port, b'AUTH alice alice-pw\r\nSET cache:inline "a b"\r\nGET cache:inline\r\nPING\r\n'
-    )
+    out = raw_exchange(proxy.plain_port, b'AUTH alice alice-pw\r\nSET cache:inline "a b"\r\nGET cache:inline\r\nPING\r\n')
     assert out == b"+OK\r\n+OK\r\n$3\r\na b\r\n+PONG\r\n"
 
 

@@ -1,0 +1,104 @@
+"""Replies to the ACL subcommands redisguard answers from its own users (RESP2 and RESP3 shapes).
+
+The shapes are Redis 7.0's: ``ACL USERS`` and ``ACL LIST`` in name order, ``ACL GETUSER`` as a map
+(an array of pairs in RESP2), ``ACL DRYRUN`` answering ``+OK`` or the reason as a bulk string.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..commands import CommandTable
+from .check import check
+from .user import ALL_PERMS, READ, WRITE, Selector, User
+
+
+def bulk(s: bytes | str) -> bytes:
+    b = s.encode() if isinstance(s, str) else s
+    return b"$%d\r\n%s\r\n" % (len(b), b)
+
+
+def array(items: Sequence[bytes], kind: bytes = b"*") -> bytes:
+    return kind + b"%d\r\n" % len(items) + b"".join(items)
+
+
+def error(msg: str) -> bytes:
+    return b"-" + msg.encode() + b"\r\n"
+
+
+def acl_users(users: dict[str, User]) -> bytes:
+    return array([bulk(n) for n in sorted(users)])
+
+
+def acl_list(users: dict[str, User]) -> bytes:
+    return array([bulk(f"user {n} {users[n].describe()}") for n in sorted(users)])
+
+
+def _keys(sel: Selector) -> str:
+    if sel.allkeys:
+        return "~*"
+    prefix = {ALL_PERMS: "~", READ: "%R~", WRITE: "%W~"}
+    return " ".join(prefix[k.perms] + k.pattern.decode("utf-8", "surrogateescape") for k in sel.keys)
+
+
+def _channels(sel: Selector) -> str:
+    if sel.allchannels:
+        return "&*"
+    return " ".join("&" + c.decode("utf-8", "surrogateescape") for c in sel.channels)
+
+
+def _map(pairs: list[tuple[str, bytes]], resp: int) -> bytes:
+    flat = [x for k, v in pairs for x in (bulk(k), v)]
+    if resp == 3:
+        return b"%" + b"%d\r\n" % len(pairs) + b"".join(flat)
+    return array(flat)
+
+
+def acl_getuser(users: dict[str, User], name: bytes, resp: int) -> bytes:
+    user = users.get(name.decode("utf-8", "replace"))
+    if user is None:
+        return b"_\r\n" if resp == 3 else b"$-1\r\n"
+    flags = ["on" if user.enabled else "off"]
+    if user.nopass:
+        flags.append("nopass")
+    if user.skip_sanitize_payload:
+        flags.append("skip-sanitize-payload")
+    if user.sanitize_payload:
+        flags.append("sanitize-payload")
+    root = user.root
+    selectors = [
+        _map([("commands", bulk(s.describe_commands())), ("keys", bulk(_keys(s))), ("channels", bulk(_channels(s)))], resp)
+        for s in user.selectors[1:]
+    ]
+    return _map(
+        [
+            ("flags", array([bulk(f) for f in flags], b"~" if resp == 3 else b"*")),
+            ("passwords", array([bulk(h) for h in user.passwords])),
+            ("commands", bulk(root.describe_commands())),
+            ("keys", bulk(_keys(root))),
+            ("channels", bulk(_channels(root))),
+            ("selectors", array(selectors)),
+        ],
+        resp,
+    )
+
+
+def acl_dryrun(users: dict[str, User], table: CommandTable, argv: Sequence[bytes]) -> bytes:
+    """ACL DRYRUN <user> <command> [arg ...] against redisguard's users."""
+    user = users.get(argv[0].decode("utf-8", "replace"))
+    if user is None:
+        return error("ERR User '%s' not found" % argv[0].decode("utf-8", "replace"))
+    cmd_argv = list(argv[1:])
+    cmd = table.lookup(cmd_argv)
+    if cmd is None:
+        return error("ERR Command '%s' not found" % cmd_argv[0].decode("utf-8", "replace"))
+    arity = CommandTable.arity_error(cmd, len(cmd_argv))
+    if arity:
+        return arity
+    denied = check(user, cmd, cmd_argv)
+    if denied is None:
+        return b"+OK\r\n"
+    if denied.reason == "command":
+        return bulk(f"This user has no permissions to run the '{cmd.name}' command")
+    what = "key" if denied.reason == "key" else "channel"
+    return bulk(b"This user has no permissions to access the '%s' %s" % (cmd_argv[denied.index], what.encode()))

@@ -1,0 +1,356 @@
+"""Protocol fidelity: the same byte stream sent straight to Redis (with the same ACL) and through
+redisguard must get the same bytes back. Plus redis-py scenarios over TLS."""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from redisguard.resp import encode_command
+
+from .helpers import UPSTREAM_PASSWORD, UPSTREAM_USER, ProxyProc, RedisProc, start_proxy, start_redis
+
+# The policy, loaded into the mirror Redis (as ACL rules) and into redisguard (as its users file).
+POLICY = [
+    "user default off",
+    "user alice on >alice-pw ~cache:* &events:* +@all -@dangerous -flushall",
+    "user mon on >mon-pw ~* &* +@all",
+]
+
+
+@pytest.fixture(scope="module")
+def mirror() -> Iterator[RedisProc]:
+    """A Redis that enforces POLICY itself: the oracle for what a restricted client must see."""
+    extra = []
+    for line in POLICY:
+        extra += ["--user", line.split(" ", 1)[1]]
+    r = start_redis(extra=extra)
+    yield r
+    r.stop()
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory: pytest.TempPathFactory, certs: Path, redis_server: RedisProc) -> Iterator[ProxyProc]:
+    d = tmp_path_factory.mktemp("fidelity")
+    users = d / "users.acl"
+    users.write_text("\n".join(POLICY) + "\n")
+    p = start_proxy(d, certs, users, redis_server.port, disabled="[]")
+    yield p
+    p.stop()
+
+
+def _flush(port: int) -> None:
+    c = redis.Redis(port=port, username=UPSTREAM_USER, password=UPSTREAM_PASSWORD)
+    c.flushall()
+    c.close()
+
+
+def exchange(port: int, data: bytes, chunks: list[int] | None = None, quiet: float = 0.4, limit: float = 20) -> bytes:
+    """Send ``data`` (optionally split at ``chunks`` offsets) and read until the peer is quiet or closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=limit) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if chunks:
+            prev = 0
+            for cut in [*chunks, len(data)]:
+                s.sendall(data[prev:cut])
+                prev = cut
+                time.sleep(0.002)
+        else:
+            s.sendall(data)
+        out = bytearray()
+        s.settimeout(quiet)
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            try:
+                chunk = s.recv(1 << 20)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            out += chunk
+        return bytes(out)
+
+
+_ID = re.compile(rb"(\$2\r\nid\r\n:)\d+")
+
+
+def same_as_redis(mirror: RedisProc, guarded: ProxyProc, script: bytes, redis_server: RedisProc, **kw) -> bytes:  # type: ignore[no-untyped-def]
+    _flush(mirror.port)
+    _flush(redis_server.port)
+    want = exchange(mirror.port, script, **kw)
+    _flush(redis_server.port)
+    got = exchange(guarded.plain_port, script, **kw)
+    assert _ID.sub(rb"\1N", got) == _ID.sub(rb"\1N", want)
+    return got
+
+
+def cmds(*argvs: list[bytes] | str) -> bytes:
+    return b"".join(a.encode() if isinstance(a, str) else encode_command(a) for a in argvs)
+
+
+LOGIN = [b"AUTH", b"alice", b"alice-pw"]
+
+
+def test_deep_pipeline_10000_mixed(mirror, guarded, redis_server) -> None:  # type: ignore[no-untyped-def]
+    parts = [LOGIN]
+    for i in range(10_000):
+        k = i % 7
+        parts.append(
+            [
+                [b"SET", b"cache:%d" % i, b"v%d" % i],
+                [b"GET", b"cache:%d" % (i - 1)],
+                [b"GET", b"secret:%d" % i],  # key denied
+                [b"FLUSHALL"],  # command denied
+                [b"NOSUCHCMD", b"x"],  # unknown
+                [b"GET"],  # arity
+                [b"INCR", b"cache:counter"],
+            ][k]
+        )
+    out = same_as_redis(mirror, guarded, cmds(*parts), redis_server)
+    assert out.count(b"\r\n-NOPERM") >= 2 * 1428
+
+
+def test_transactions(mirror, guarded, redis_server) -> None:  # type: ignore[no-untyped-def]
+    script = cmds(
+        LOGIN, [b"EXEC"], [b"DISCARD"], [b"MULTI"], [b"MULTI"], [b"SET", b"cache:a", b"1"], [b"WATCH", b"cache:a"],
+        [b"EXEC"], [b"WATCH", b"cache:a"], [b"MULTI"], [b"INCR", b"cache:a"], [b"GET", b"x"], [b"EXEC"],
+        [b"MULTI"], [b"GET", b"cache:a"], [b"DISCARD"], [b"MULTI"], [b"NOSUCH"], [b"EXEC"], [b"UNWATCH"],
+        [b"MULTI"], [b"SET", b"cache:b", b"2"], [b"GET"], [b"EXEC"], [b"GET", b"cache:b"],
+    )  # fmt: skip
+    same_as_redis(mirror, guarded, script, redis_server)
+
+
+def test_pubsub_resp2(mirror, guarded, redis_server) -> None:  # type: ignore[no-untyped-def]
+    script = cmds(
+        LOGIN, [b"SUBSCRIBE", b"events:a", b"events:b"], [b"SUBSCRIBE", b"forbidden"], [b"PING"],
+        [b"PING", b"hello"], [b"PSUBSCRIBE", b"events:*"], [b"PSUBSCRIBE", b"events:a*"], [b"GET", b"cache:x"],
+        [b"UNSUBSCRIBE", b"events:a"], [b"UNSUBSCRIBE"], [b"PUNSUBSCRIBE"], [b"PUNSUBSCRIBE"], [b"GET", b"cache:x"],
+        [b"SSUBSCRIBE", b"events:s"], [b"SUNSUBSCRIBE"], [b"PING"],
+    )  # fmt: skip
+    out = same_as_redis(mirror, guarded, script, redis_server)
+    assert b"channels used as arguments" in out
+
+
+def test_pubsub_resp3_messages_and_replies(mirror, guarded, redis_server) -> None:  # type: ignore[no-untyped-def]
+    script = cmds(
+        [b"HELLO", b"3", b"AUTH", b"alice", b"alice-pw"], [b"SUBSCRIBE", b"events:a"], [b"PUBLISH", b"events:a", b"m1"],
+        [b"PUBLISH", b"nope", b"m2"], [b"GET", b"secret"], [b"PSUBSCRIBE", b"events:*"], [b"PUBLISH", b"events:a", b"m3"],
+        [b"SET", b"cache:k", b"v"], [b"GET", b"cache:k"], [b"UNSUBSCRIBE"], [b"PUNSUBSCRIBE"], [b"GET", b"cache:k"],
+    )  # fmt: skip
+    out = same_as_redis(mirror, guarded, script, redis_server)
+    assert b">3\r\n$7\r\nmessage\r\n" in out and b">4\r\n$8\r\npmessage\r\n" in out
+
+
+def test_resp3_types(mirror, guarded, redis_server) -> None:  # type: ignore[no-untyped-def]
+    script = cmds(
+        [b"HELLO", b"3", b"AUTH", b"alice", b"alice-pw", b"SETNAME", b"fid"], [b"HSET", b"cache:h", b"f", b"v"],
+        [b"HGETALL", b"cache:h"], [b"SADD", b"cache:s", b"a"], [b"SMEMBERS", b"cache:s"],
+        [b"ZADD", b"cache:z", b"1.5", b"m"], [b"ZSCORE", b"cache:z", b"m"], [b"GET", b"cache:none"],
+        [b"HGETALL", b"secret"], [b"CLIENT", b"GETNAME"], [b"HELLO"], [b"HELLO", b"2"], [b"HGETALL", b"cache:h"],
+    )  # fmt: skip
+    out = same_as_redis(mirror, guarded, script, redis_server)
+    assert b"%1\r\n$1\r\nf\r\n$1\r\nv\r\n" in out and b"~1\r\n" in out and b",1.5\r\n" in out and b"_\r\n" in out
+
+
+def test_client_reply_modes(mirror, guarded, redis_server) -> None:  # type: ignore[no-untyped-def]
+    script = cmds(
+        LOGIN, [b"CLIENT", b"REPLY", b"OFF"], [b"SET", b"cache:a", b"1"], [b"GET", b"secret"], [b"NOSUCH"],
+        [b"CLIENT", b"REPLY", b"ON"], [b"GET", b"cache:a"], [b"CLIENT", b"REPLY", b"SKIP"], [b"GET", b"cache:a"],
+        [b"GET", b"cache:a"], [b"CLIENT", b"REPLY", b"SKIP"], [b"GET", b"secret"], [b"GET", b"secret"],
+        [b"CLIENT", b"REPLY", b"SKIP"], [b"CLIENT", b"REPLY", b"ON"], [b"PING"],
+        [b"CLIENT", b"REPLY", b"OFF"], [b"MULTI"], [b"GET", b"x"], [b"EXEC"], [b"CLIENT", b"REPLY", b"ON"], [b"PING"],
+    )  # fmt: skip
+    same_as_redis(mirror, guarded, script, redis_server)
+
+
+def test_inline_pipeline_and_reset(mirror, guarded, redis_server) -> None:  # type: ignore[no-untyped-def]
+    script = (
+        b"AUTH alice alice-pw\r\nSET cache:i 'x y'\r\nGET cache:i\r\nGET secret\r\n\r\nPING\r\n"
+        + cmds([b"MULTI"], [b"SET", b"cache:r", b"1"])
+        + b'RESET\r\nGET cache:i\r\nAUTH alice alice-pw\r\nEXEC\r\nGET cache:r\r\nECHO "a\\x41"\r\n'
+    )
+    same_as_redis(mirror, guarded, script, redis_server)
+
+
+def test_select_blocking_and_misc(mirror, guarded, redis_server) -> None:  # type: ignore[no-untyped-def]
+    script = cmds(
+        LOGIN, [b"SELECT", b"3"], [b"SET", b"cache:db3", b"1"], [b"SELECT", b"0"], [b"GET", b"cache:db3"],
+        [b"SWAPDB", b"0", b"3"], [b"BLPOP", b"cache:q", b"0.2"], [b"RPUSH", b"cache:q", b"a"],
+        [b"BLMOVE", b"cache:q", b"cache:q2", b"LEFT", b"RIGHT", b"0.1"], [b"BLPOP", b"secret:q", b"0.1"],
+        [b"XADD", b"cache:x", b"1-1", b"f", b"v"], [b"XREAD", b"BLOCK", b"100", b"STREAMS", b"cache:x", b"0"],
+        [b"WAIT", b"0", b"10"], [b"ACL", b"WHOAMI"], [b"ACL", b"DRYRUN", b"alice", b"GET", b"secret"],
+        [b"ACL", b"DRYRUN", b"alice", b"GET", b"cache:1"], [b"QUIT"], [b"PING"],
+    )  # fmt: skip
+    same_as_redis(mirror, guarded, script, redis_server, quiet=1.0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.data())
+def test_any_split_of_a_pipeline(mirror, guarded, redis_server, data: st.DataObject) -> None:  # type: ignore[no-untyped-def]
+    script = cmds(LOGIN, [b"SET", b"cache:s", b"x" * 300], [b"GET", b"secret"], "GET cache:s\r\n", [b"MULTI"],
+                  [b"GET", b"no"], [b"EXEC"], [b"HELLO", b"3"], [b"GET", b"cache:s"])  # fmt: skip
+    cuts = sorted(set(data.draw(st.lists(st.integers(1, len(script) - 1), max_size=12))))
+    same_as_redis(mirror, guarded, script, redis_server, chunks=cuts, quiet=0.3)
+
+
+def test_acl_introspection_from_redisguard_policy(guarded: ProxyProc) -> None:
+    out = exchange(guarded.plain_port, cmds([b"AUTH", b"mon", b"mon-pw"], [b"ACL", b"USERS"], [b"ACL", b"GETUSER", b"alice"],
+                                             [b"ACL", b"SETUSER", b"x"], [b"ACL", b"LIST"]))  # fmt: skip
+    assert b"*3\r\n$5\r\nalice\r\n$7\r\ndefault\r\n$3\r\nmon\r\n" in out  # redisguard's users, not Redis's
+    assert b"-ERR redisguard: ACL SETUSER is not available through the proxy" in out
+    assert b"user alice on #" in out and b"user mon on #" in out
+
+
+def test_acl_getuser_dryrun_whoami_match_redis(mirror, guarded, redis_server) -> None:  # type: ignore[no-untyped-def]
+    script = cmds(
+        [b"AUTH", b"mon", b"mon-pw"], [b"ACL", b"GETUSER", b"alice"], [b"ACL", b"GETUSER", b"nobody"],
+        [b"ACL", b"DRYRUN", b"alice", b"SET", b"x", b"1"], [b"ACL", b"DRYRUN", b"alice", b"PUBLISH", b"c", b"m"],
+        [b"ACL", b"DRYRUN", b"nobody", b"GET", b"a"], [b"ACL", b"DRYRUN", b"alice", b"NOSUCH"],
+        [b"ACL", b"DRYRUN", b"alice", b"GET"], [b"ACL", b"WHOAMI"], [b"HELLO", b"3"], [b"ACL", b"GETUSER", b"alice"],
+        [b"ACL", b"GETUSER", b"nobody"],
+    )  # fmt: skip
+    same_as_redis(mirror, guarded, script, redis_server)
+
+
+def test_large_values_stream_through(tls_client) -> None:  # type: ignore[no-untyped-def]
+    c = tls_client("admin", "admin-pw")
+    big = b"\x00\xff" * (15 * 1024 * 1024)  # 30 MB
+    assert c.set("cache:big", big) is True
+    assert c.get("cache:big") == big
+    c.delete("cache:big")
+
+
+def test_monitor_stream(guarded: ProxyProc) -> None:
+    with socket.create_connection(("127.0.0.1", guarded.plain_port), timeout=5) as m:
+        m.sendall(cmds([b"AUTH", b"mon", b"mon-pw"], [b"MONITOR"]))
+        time.sleep(0.3)
+        assert m.recv(100) == b"+OK\r\n+OK\r\n"
+        exchange(guarded.plain_port, cmds(LOGIN, [b"GET", b"cache:seen"]))
+        time.sleep(0.3)
+        stream = m.recv(1 << 16)
+        assert b'"GET" "cache:seen"' in stream
+        assert b"alice-pw" not in stream and UPSTREAM_PASSWORD.encode() not in stream
+    out = exchange(guarded.plain_port, cmds(LOGIN, [b"MONITOR"]))
+    assert out.endswith(b"-NOPERM this user has no permissions to run the 'monitor' command\r\n")
+
+
+def test_redis_py_pubsub_transaction_and_resp3(guarded: ProxyProc, certs: Path) -> None:
+    def client(**kw) -> redis.Redis:  # type: ignore[no-untyped-def]
+        return redis.Redis(host="127.0.0.1", port=guarded.tls_port, ssl=True, ssl_ca_certs=str(certs / "ca.pem"),
+                           username="alice", password="alice-pw", socket_timeout=10, **kw)  # fmt: skip
+
+    pub, sub = client(), client()
+    ps = sub.pubsub()
+    ps.subscribe("events:x")
+    assert ps.get_message(timeout=2)["type"] == "subscribe"
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        pub.publish("other", "m")
+    assert pub.publish("events:x", "hello") == 1
+    msg = ps.get_message(timeout=2)
+    assert msg["type"] == "message" and msg["data"] == b"hello"
+    ps.close()
+
+    def tx(pipe: redis.client.Pipeline) -> None:
+        v = int(pipe.get("cache:txf") or 0)
+        pipe.multi()
+        pipe.set("cache:txf", v + 1)
+
+    pub.transaction(tx, "cache:txf")
+    assert pub.get("cache:txf") == b"1"
+
+    r3 = client(protocol=3)
+    assert r3.hset("cache:h3", mapping={"a": "1"}) == 1
+    assert r3.hgetall("cache:h3") == {b"a": b"1"}
+    ps3 = r3.pubsub()
+    ps3.subscribe("events:y")
+    assert ps3.get_message(timeout=2)["type"] == "subscribe"
+    assert pub.publish("events:y", "r3") == 1
+    assert ps3.get_message(timeout=2)["data"] == b"r3"
+    ps3.close()
+    for c in (pub, sub, r3):
+        c.close()
+
+
+def test_client_side_caching_invalidation(guarded: ProxyProc, certs: Path) -> None:
+    """CLIENT TRACKING ON over RESP3: a write by another client sends an invalidation push."""
+    with socket.create_connection(("127.0.0.1", guarded.plain_port), timeout=5) as s:
+        s.sendall(cmds([b"HELLO", b"3", b"AUTH", b"alice", b"alice-pw"], [b"CLIENT", b"TRACKING", b"ON"],
+                       [b"GET", b"cache:t"]))  # fmt: skip
+        time.sleep(0.3)
+        s.recv(1 << 16)
+        exchange(guarded.plain_port, cmds(LOGIN, [b"SET", b"cache:t", b"2"]))
+        time.sleep(0.3)
+        s.sendall(cmds([b"PING"]))
+        time.sleep(0.2)
+        data = s.recv(1 << 16)
+    assert b">2\r\n$10\r\ninvalidate\r\n*1\r\n$7\r\ncache:t\r\n" in data and data.endswith(b"+PONG\r\n")
+
+
+def test_blocked_client_does_not_slow_others_and_releases_upstream(guarded: ProxyProc, redis_server: RedisProc) -> None:
+    admin = redis.Redis(port=redis_server.port, username=UPSTREAM_USER, password=UPSTREAM_PASSWORD)
+    before = len(admin.client_list())
+    s = socket.create_connection(("127.0.0.1", guarded.plain_port), timeout=5)
+    s.sendall(cmds(LOGIN, [b"BLPOP", b"cache:never", b"0"]))
+    time.sleep(0.3)
+    assert len(admin.client_list()) == before + 1
+    start = time.monotonic()
+    assert exchange(guarded.plain_port, cmds(LOGIN, [b"PING"])) == b"+OK\r\n+PONG\r\n"
+    assert time.monotonic() - start < 3
+    s.close()
+    deadline = time.monotonic() + 5
+    while len(admin.client_list()) != before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(admin.client_list()) == before
+    admin.close()
+
+
+def test_upstream_restart_closes_client_cleanly(tmp_path: Path, certs: Path) -> None:
+    r = start_redis()
+    users = tmp_path / "users.acl"
+    users.write_text("\n".join(POLICY) + "\n")
+    p = start_proxy(tmp_path, certs, users, r.port)
+    try:
+        s = socket.create_connection(("127.0.0.1", p.plain_port), timeout=5)
+        s.sendall(cmds(LOGIN, [b"BLPOP", b"cache:q", b"0"]))
+        time.sleep(0.3)
+        assert s.recv(100) == b"+OK\r\n"
+        r.stop()
+        rest = b""
+        while chunk := s.recv(100):
+            rest += chunk
+        assert rest == b"-ERR redisguard: connection to upstream Redis lost\r\n"
+    finally:
+        p.stop()
+        r.stop()
+
+
+def test_slow_reader_is_bounded(guarded: ProxyProc) -> None:
+    """A client that pipelines 300 MB of replies and reads nothing: the proxy's memory stays small."""
+    val = b"v" * (1 << 20)
+    s = socket.create_connection(("127.0.0.1", guarded.plain_port), timeout=30)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+    s.sendall(cmds(LOGIN, [b"SET", b"cache:big1", val]))
+    time.sleep(0.3)
+    s.recv(100)
+    threading.Thread(target=lambda: s.sendall(cmds(*[[b"GET", b"cache:big1"]] * 300)), daemon=True).start()
+    time.sleep(2)
+    rss = int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{guarded.proc.pid}/status").read_text()).group(1))  # type: ignore[union-attr]
+    assert rss < 150 * 1024, f"proxy RSS {rss} kB while a client is not reading"
+    got = 0
+    s.settimeout(10)
+    reply = len(b"$%d\r\n" % len(val)) + len(val) + 2
+    while got < 300 * reply:
+        chunk = s.recv(1 << 20)
+        assert chunk
+        got += len(chunk)
+    assert got == 300 * reply
+    s.close()
