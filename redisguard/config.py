@@ -84,7 +84,7 @@ class LimitsConfig:
     auth_timeout: float = 10.0  # a connection must authenticate (or send a command) within this
     idle_timeout: float = 0.0  # 0 = never, like Redis's "timeout 0"
     max_request_bytes: int = 512 * 1024 * 1024 + 64 * 1024
-    client_output_buffer_bytes: int = 64 * 1024 * 1024
+    auth_failures_per_minute: float = 20.0  # per source address; over it AUTH is refused unchecked (0 = off)
 
 
 @dataclass(frozen=True)
@@ -318,9 +318,9 @@ def parse_config(data: dict[str, Any], base: Path, source: Path | None = None) -
         auth_timeout=lim.get("auth_timeout", float, 10.0),
         idle_timeout=lim.get("idle_timeout", float, 0.0),
         max_request_bytes=lim.get("max_request_bytes", int, LimitsConfig.max_request_bytes),
-        client_output_buffer_bytes=lim.get("client_output_buffer_bytes", int, LimitsConfig.client_output_buffer_bytes),
+        auth_failures_per_minute=lim.get("auth_failures_per_minute", float, 20.0),
     )
-    for k in ("handshake_timeout", "auth_timeout", "idle_timeout", "max_request_bytes"):
+    for k in ("handshake_timeout", "auth_timeout", "idle_timeout", "max_request_bytes", "auth_failures_per_minute"):
         if getattr(limits, k) < 0:
             raise lim.fail(k, "must not be negative")
     lim.done()

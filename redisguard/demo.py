@@ -36,9 +36,7 @@ def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: f
     raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
-def write_config(
-    d: Path, tls_port: int, plain_port: int, redis_port: int, metrics_port: int, users: Path, certs: Path
-) -> Path:
+def write_config(d: Path, tls_port: int, plain_port: int, redis_port: int, metrics_port: int, users: Path, certs: Path) -> Path:
     cfg = d / "redisguard.toml"
     cfg.write_text(f"""
 [[listener]]
@@ -142,9 +140,7 @@ def main(args: argparse.Namespace) -> int:
         show("FLUSHALL           (disabled)", lambda: c.flushall())
         show("CLIENT KILL ...    (@dangerous)", lambda: c.execute_command("CLIENT", "KILL", "ID", "1"))
         print("\n* a wrong password")
-        bad = redis.Redis(
-            host="127.0.0.1", port=tls_port, ssl=True, ssl_ca_certs=ca, username="alice", password="x", **quiet
-        )
+        bad = redis.Redis(host="127.0.0.1", port=tls_port, ssl=True, ssl_ca_certs=ca, username="alice", password="x", **quiet)
         show("AUTH alice <wrong>", lambda: bad.ping())
         print("\n* a client certificate (CN=alice) logs in without a password")
         cc = redis.Redis(
@@ -171,11 +167,7 @@ def main(args: argparse.Namespace) -> int:
         after = scrape(metrics_port)
         print(f"\n* metrics that changed (http://127.0.0.1:{metrics_port}/metrics)")
         for k, v in sorted(after.items()):
-            if (
-                v != before.get(k, 0.0)
-                and "bucket" not in k
-                and not k.startswith("redisguard_upstream_connect_seconds")
-            ):
+            if v != before.get(k, 0.0) and "bucket" not in k and not k.startswith("redisguard_upstream_connect_seconds"):
                 print(f"  {k} {v:g}")
         print(f"\n* audit log: {d / 'redisguard.log'}")
         return 0

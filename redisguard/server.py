@@ -23,6 +23,7 @@ from .acl import ACLError, User, UsersFileError, load_users
 from .audit import RateLimiter, get_logger
 from .commands import CommandTable
 from .config import Config, ListenerConfig
+from .guards import AuthThrottle
 from .metrics import Metrics, serve_http
 from .resp import encode_command
 from .session import Policy, Session
@@ -226,6 +227,8 @@ class ClientProtocol(asyncio.Protocol):
         self.closed = False
         self.counted = False
         self.timer: asyncio.TimerHandle | None = None
+        self.idle_timer: asyncio.TimerHandle | None = None
+        self.last_active = 0.0
         self.connect_task: asyncio.Task[None] | None = None
         self.paused_by: set[str] = set()
 
@@ -258,6 +261,9 @@ class ClientProtocol(asyncio.Protocol):
         timeout = self.proxy.config.limits.auth_timeout
         if timeout:
             self.timer = asyncio.get_running_loop().call_later(timeout, self._auth_timeout)
+        if self.proxy.config.limits.idle_timeout:
+            self.last_active = time.monotonic()
+            self.idle_timer = asyncio.get_running_loop().call_later(self.proxy.config.limits.idle_timeout, self._check_idle)
         self.connect_task = asyncio.ensure_future(self._connect_upstream())
 
     def reject(self, transport: asyncio.BaseTransport, peername: Any, reason: str) -> None:
@@ -340,9 +346,23 @@ class ClientProtocol(asyncio.Protocol):
         self.upstream = proto  # type: ignore[assignment]
         self.flush()
 
+    def _check_idle(self) -> None:
+        """Redis's `timeout`: close a client idle that long, unless blocked or subscribed."""
+        if self.closed:
+            return
+        limit = self.proxy.config.limits.idle_timeout
+        quiet = time.monotonic() - self.last_active
+        if quiet >= limit and self.session.idle:
+            audit.info("connection_timeout", listener=self.listener.name, peer=self.session.peer,
+                       user=self.session.user.name, reason="idle")  # fmt: skip
+            self.close()
+            return
+        self.idle_timer = asyncio.get_running_loop().call_later(max(limit - quiet, 0.1), self._check_idle)
+
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
+        self.last_active = time.monotonic()
         self.session.client_data(data)
         if self.timer is not None and self.session.authenticated:
             self.timer.cancel()
@@ -398,8 +418,9 @@ class ClientProtocol(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
-        if self.timer is not None:
-            self.timer.cancel()
+        for timer in (self.timer, self.idle_timer):
+            if timer is not None:
+                timer.cancel()
         self._close_upstream()
         if self.counted:
             self.proxy.active[self.listener.name] -= 1
@@ -505,12 +526,11 @@ class Proxy:
                             detail="using the shipped Redis 7.0 snapshot")  # fmt: skip
         self.table = table or CommandTable.snapshot()
         users = load_users(cfg.acl.users_file, self.table)
-        observer = Observer(
-            self.metrics, users, cfg.metrics.enabled, cfg.log.audit_keys, cfg.log.audit_denied_per_second
-        )
+        observer = Observer(self.metrics, users, cfg.metrics.enabled, cfg.log.audit_keys, cfg.log.audit_denied_per_second)
         self.policy = Policy(
             self.table, users, frozenset(cfg.acl.disabled_commands), cfg.upstream.username,
             cfg.upstream.password, cfg.limits.max_request_bytes, observer,
+            AuthThrottle(cfg.limits.auth_failures_per_minute),
         )  # fmt: skip
         self.metrics.set_build_info(self.table.redis_version)
 

@@ -33,6 +33,7 @@ from typing import Protocol
 from .acl import User, check, replies
 from .acl.check import sort_restriction
 from .commands import Command, CommandTable, get_keys, unknown_command_error
+from .guards import AuthThrottle
 from .resp import Frame, ProtocolError, ReplyScanner, RequestParser, encode_command
 
 RELAY, SYNTH, SWALLOW, AUTHCHECK, CLOSE, PUBSUB, MONITOR = range(7)
@@ -55,9 +56,7 @@ HELLO_NOAUTH = (
 SYNTAX = b"-ERR syntax error\r\n"
 _PUSH, _ATTR = ord(">"), ord("|")
 _PUBSUB_MESSAGES = (b"message", b"pmessage", b"smessage")
-_CONFIRMATIONS = frozenset(
-    (b"subscribe", b"psubscribe", b"ssubscribe", b"unsubscribe", b"punsubscribe", b"sunsubscribe")
-)
+_CONFIRMATIONS = frozenset((b"subscribe", b"psubscribe", b"ssubscribe", b"unsubscribe", b"punsubscribe", b"sunsubscribe"))
 _SUBSCRIBE = {"subscribe", "psubscribe", "ssubscribe", "unsubscribe", "punsubscribe", "sunsubscribe"}
 # ACL subcommands that would change the upstream's users: never forwarded, refused.
 _ACL_REFUSED = {"acl|setuser", "acl|deluser", "acl|load", "acl|save", "acl|log"}
@@ -93,6 +92,7 @@ class Policy:
     upstream_password: str = field(default="", repr=False)
     max_request_bytes: int = 512 * 1024 * 1024 + 64 * 1024
     observer: Observer = field(default_factory=_NullObserver)
+    throttle: AuthThrottle = field(default_factory=lambda: AuthThrottle(0))
 
     @property
     def default_user(self) -> User:
@@ -186,6 +186,11 @@ class Session:
     @property
     def username(self) -> str:
         return self.user.name
+
+    @property
+    def idle(self) -> bool:
+        """Nothing owed to the client (not blocked, not waiting for replies) and not subscribed."""
+        return not self._slots and not self.subscribed and not self.monitoring
 
     @property
     def subscribed(self) -> bool:
@@ -342,6 +347,10 @@ class Session:
     def _authenticate(self, username: bytes, password: bytes, method: str = "password") -> bool:
         name = username.decode("utf-8", "replace")
         user = self.policy.users.get(name)
+        source = self.peer.rpartition(":")[0] or self.peer
+        if self.policy.throttle.blocked(source):
+            self.policy.observer.auth(self, False, name if user is not None else "", "throttled", method)
+            return False
         if user is None:
             reason = "unknown_user"
         elif not user.enabled:
@@ -353,6 +362,7 @@ class Session:
             self.authenticated = True
             self.policy.observer.auth(self, True, name, "", method)
             return True
+        self.policy.throttle.failed(source)
         self.policy.observer.auth(self, False, name if user is not None else "", reason, method)
         return False
 
@@ -564,9 +574,7 @@ class Session:
                 frame = b"".join(self._held) + seg
                 self._held.clear()
                 if frame.startswith(b"-"):
-                    self.upstream_failed(
-                        "redisguard: upstream authentication failed; check [upstream] username and password"
-                    )
+                    self.upstream_failed("redisguard: upstream authentication failed; check [upstream] username and password")
                     return
             else:  # SWALLOW
                 self._held.clear()

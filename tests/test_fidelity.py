@@ -24,6 +24,7 @@ POLICY = [
     "user default off",
     "user alice on >alice-pw ~cache:* &events:* +@all -@dangerous -flushall",
     "user mon on >mon-pw ~* &* +@all",
+    "user noexec on >n-pw ~* &* +@all -exec",
 ]
 
 
@@ -129,6 +130,15 @@ def test_transactions(mirror, guarded, redis_server) -> None:  # type: ignore[no
     same_as_redis(mirror, guarded, script, redis_server)
 
 
+def test_exec_itself_denied(mirror, guarded, redis_server) -> None:  # type: ignore[no-untyped-def]
+    script = cmds(
+        [b"AUTH", b"noexec", b"n-pw"], [b"MULTI"], [b"SET", b"a", b"1"], [b"EXEC"], [b"GET", b"a"], [b"EXEC"],
+        [b"MULTI"], [b"EXEC", b"extra"], [b"DISCARD"],
+    )  # fmt: skip
+    out = same_as_redis(mirror, guarded, script, redis_server)
+    assert b"-EXECABORT Transaction discarded because of: NOPERM this user has no permissions to run the 'exec'" in out
+
+
 def test_pubsub_resp2(mirror, guarded, redis_server) -> None:  # type: ignore[no-untyped-def]
     script = cmds(
         LOGIN, [b"SUBSCRIBE", b"events:a", b"events:b"], [b"SUBSCRIBE", b"forbidden"], [b"PING"],
@@ -186,6 +196,8 @@ def test_select_blocking_and_misc(mirror, guarded, redis_server) -> None:  # typ
         LOGIN, [b"SELECT", b"3"], [b"SET", b"cache:db3", b"1"], [b"SELECT", b"0"], [b"GET", b"cache:db3"],
         [b"SWAPDB", b"0", b"3"], [b"BLPOP", b"cache:q", b"0.2"], [b"RPUSH", b"cache:q", b"a"],
         [b"BLMOVE", b"cache:q", b"cache:q2", b"LEFT", b"RIGHT", b"0.1"], [b"BLPOP", b"secret:q", b"0.1"],
+        [b"BRPOP", b"cache:q2", b"cache:q", b"0.1"], [b"BZPOPMIN", b"cache:z", b"0.1"], [b"ZADD", b"cache:z", b"1", b"m"],
+        [b"BZPOPMIN", b"cache:z", b"0.1"],
         [b"XADD", b"cache:x", b"1-1", b"f", b"v"], [b"XREAD", b"BLOCK", b"100", b"STREAMS", b"cache:x", b"0"],
         [b"WAIT", b"0", b"10"], [b"ACL", b"WHOAMI"], [b"ACL", b"DRYRUN", b"alice", b"GET", b"secret"],
         [b"ACL", b"DRYRUN", b"alice", b"GET", b"cache:1"], [b"QUIT"], [b"PING"],
@@ -205,7 +217,7 @@ def test_any_split_of_a_pipeline(mirror, guarded, redis_server, data: st.DataObj
 def test_acl_introspection_from_redisguard_policy(guarded: ProxyProc) -> None:
     out = exchange(guarded.plain_port, cmds([b"AUTH", b"mon", b"mon-pw"], [b"ACL", b"USERS"], [b"ACL", b"GETUSER", b"alice"],
                                              [b"ACL", b"SETUSER", b"x"], [b"ACL", b"LIST"]))  # fmt: skip
-    assert b"*3\r\n$5\r\nalice\r\n$7\r\ndefault\r\n$3\r\nmon\r\n" in out  # redisguard's users, not Redis's
+    assert b"*4\r\n$5\r\nalice\r\n$7\r\ndefault\r\n$3\r\nmon\r\n$6\r\nnoexec\r\n" in out  # redisguard's users, not Redis's
     assert b"-ERR redisguard: ACL SETUSER is not available through the proxy" in out
     assert b"user alice on #" in out and b"user mon on #" in out
 
@@ -354,3 +366,25 @@ def test_slow_reader_is_bounded(guarded: ProxyProc) -> None:
         got += len(chunk)
     assert got == 300 * reply
     s.close()
+
+
+def test_tracking_redirect_and_caching_through_the_proxy(guarded: ProxyProc) -> None:
+    """RESP2 tracking: invalidations go to another proxied client by its (upstream) CLIENT ID."""
+    with (
+        socket.create_connection(("127.0.0.1", guarded.plain_port), timeout=5) as a,
+        socket.create_connection(("127.0.0.1", guarded.plain_port), timeout=5) as b,
+    ):
+        a.sendall(cmds([b"AUTH", b"mon", b"mon-pw"], [b"CLIENT", b"ID"]))
+        time.sleep(0.2)
+        client_id = re.search(rb":(\d+)\r\n", a.recv(1000)).group(1)  # type: ignore[union-attr]
+        a.sendall(cmds([b"SUBSCRIBE", b"__redis__:invalidate"]))
+        time.sleep(0.2)
+        a.recv(1000)
+        b.sendall(cmds([b"AUTH", b"mon", b"mon-pw"], [b"CLIENT", b"TRACKING", b"ON", b"REDIRECT", client_id, b"OPTIN"],
+                       [b"CLIENT", b"CACHING", b"YES"], [b"GET", b"cache:r"]))  # fmt: skip
+        time.sleep(0.2)
+        assert b.recv(1000) == b"+OK\r\n+OK\r\n+OK\r\n$-1\r\n"
+        exchange(guarded.plain_port, cmds(LOGIN, [b"SET", b"cache:r", b"1"]))
+        time.sleep(0.3)
+        msg = a.recv(1000)
+    assert msg == b"*3\r\n$7\r\nmessage\r\n$20\r\n__redis__:invalidate\r\n*1\r\n$7\r\ncache:r\r\n"

@@ -6,7 +6,9 @@ import json
 import re
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -201,3 +203,102 @@ def test_sighup_reloads_users_and_certificates(fresh) -> None:  # type: ignore[n
     assert s['redisguard_config_reload_total{result="success"}'] == 1
     assert s['redisguard_config_reload_total{result="failure"}'] == 1
     assert '"config_reload_failed"' in p.log.read_text()
+
+
+def refused(port: int) -> bool:
+    """The proxy accepted the TCP connection and dropped it without a byte (reset or close)."""
+    try:
+        return raw_exchange(port, b"PING\r\n", expect_close=True) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_guards_sources_limits_throttle_idle(tmp_path: Path, certs: Path, redis_server) -> None:  # type: ignore[no-untyped-def]
+    users = tmp_path / "users.acl"
+    users.write_text(USERS_ACL)
+    extra = (
+        "[[listener]]\nname = \"fenced\"\ntype = \"tcp\"\naddress = \"127.0.0.1:0\"\nallowed_sources = [\"10.0.0.0/8\"]\n"
+        "[[listener]]\nname = \"one\"\ntype = \"tcp\"\naddress = \"127.0.0.1:0\"\nmax_connections = 1\n"
+    )  # fmt: skip
+    d = tmp_path / "p"
+    d.mkdir()
+    p = start_proxy(d, certs, users, redis_server.port, extra=extra)
+    cfg = p.config.read_text().replace("auth_timeout = 3.0", "auth_timeout = 30.0\nidle_timeout = 1.0")
+    cfg = cfg.replace("auth_failures_per_minute = 100000.0", "auth_failures_per_minute = 3.0")
+    p.stop()
+    # fixed ports for the two extra listeners
+    from redisguard.demo import free_port
+
+    fenced, one = free_port(), free_port()
+    cfg = cfg.replace('address = "127.0.0.1:0"\nallowed', f'address = "127.0.0.1:{fenced}"\nallowed', 1)
+    cfg = cfg.replace('address = "127.0.0.1:0"\nmax_connections', f'address = "127.0.0.1:{one}"\nmax_connections', 1)
+    p.config.write_text(cfg)
+    proc = subprocess.Popen([sys.executable, "-m", "redisguard", "serve", "-c", str(p.config)],
+                            stderr=open(p.log, "wb"))  # fmt: skip
+    p.proc = proc
+    try:
+        from redisguard.demo import wait_port
+
+        wait_port(one, proc)
+        assert refused(fenced)
+        held = socket.create_connection(("127.0.0.1", one))
+        time.sleep(0.2)
+        assert refused(one)
+        held.close()
+        # idle timeout: an authenticated, idle client is closed; a blocked one is not
+        s1 = socket.create_connection(("127.0.0.1", p.plain_port), timeout=5)
+        s2 = socket.create_connection(("127.0.0.1", p.plain_port), timeout=5)
+        s1.sendall(b"AUTH admin admin-pw\r\n")
+        s2.sendall(b"AUTH admin admin-pw\r\nBLPOP cache:idle 3\r\n")
+        time.sleep(0.2)
+        assert s1.recv(100) == b"+OK\r\n"
+        time.sleep(1.6)
+        assert s1.recv(100) == b""  # closed for idleness
+        s2.settimeout(5)
+        assert s2.recv(100).startswith(b"+OK\r\n")  # still open, reply to BLPOP (nil) comes after 3 s
+        s1.close()
+        s2.close()
+        # throttling: 3 failures a minute per source, then AUTH is refused without a check
+        tries = b"".join(encode_command([b"AUTH", b"alice", b"wrong%d" % i]) for i in range(3))
+        tries += encode_command([b"AUTH", b"alice", b"alice-pw"])
+        out = raw_exchange(p.plain_port, tries)
+        assert out == b"-WRONGPASS invalid username-password pair or user is disabled.\r\n" * 4
+        s = samples(scrape(p))
+        assert s['redisguard_connections_rejected_total{listener="fenced",reason="source_not_allowed"}'] == 1
+        assert s['redisguard_connections_rejected_total{listener="one",reason="limit"}'] == 1
+        assert s['redisguard_auth_failures_total{listener="local",reason="throttled"}'] == 1
+        assert s['redisguard_auth_failures_total{listener="local",reason="wrong_password"}'] == 3
+    finally:
+        p.stop()
+
+
+def test_sighup_reloads_certificates(tmp_path: Path, redis_server) -> None:  # type: ignore[no-untyped-def]
+    import ssl
+
+    from redisguard.certs import init_dev_certs
+
+    certs = tmp_path / "certs"
+    init_dev_certs(certs)
+    users = tmp_path / "users.acl"
+    users.write_text(USERS_ACL)
+    p = start_proxy(tmp_path, certs, users, redis_server.port)
+    try:
+        old_ca = (certs / "ca.pem").read_text()
+        before = samples(scrape(p))['redisguard_certificate_expiry_timestamp_seconds{cert="tls:server"}']
+        init_dev_certs(certs, days=30, force=True)  # a new CA and server certificate, 30 days
+        p.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        ctx = ssl.create_default_context(cadata=(certs / "ca.pem").read_text())
+        with socket.create_connection(("127.0.0.1", p.tls_port), timeout=5) as raw:
+            with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+                tls.sendall(b"PING\r\n")
+                assert tls.recv(100) == b"-NOAUTH Authentication required.\r\n"
+        old = ssl.create_default_context(cadata=old_ca)
+        with socket.create_connection(("127.0.0.1", p.tls_port), timeout=5) as raw:
+            with pytest.raises(ssl.SSLCertVerificationError):
+                old.wrap_socket(raw, server_hostname="localhost")
+        after = samples(scrape(p))['redisguard_certificate_expiry_timestamp_seconds{cert="tls:server"}']
+        assert after < before - 300 * 86400
+        assert '"config_reloaded"' in p.log.read_text()
+    finally:
+        p.stop()

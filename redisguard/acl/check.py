@@ -121,9 +121,7 @@ def sort_restriction(user: User, cmd: Command, argv: Sequence[bytes]) -> bytes |
             if arg == b"get" or b"*" in argv[j + 1]:
                 if full is None:
                     cache: list[list[tuple[int, int]]] = []
-                    full = any(
-                        _selector_check(s, cmd, argv, cache)[0] == OK and _unrestricted_read(s) for s in user.selectors
-                    )
+                    full = any(_selector_check(s, cmd, argv, cache)[0] == OK and _unrestricted_read(s) for s in user.selectors)
                 if not full:
                     opt = b"BY" if arg == b"by" else b"GET"
                     return b"-ERR %s option of SORT denied due to insufficient ACL permissions.\r\n" % opt
