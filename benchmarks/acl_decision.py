@@ -12,9 +12,7 @@ def main() -> None:
     t = CommandTable.snapshot()
     users = {
         "allcommands, allkeys": new_user("a", t, ["on", "~*", "&*", "+@all"]),
-        "categories + 3 key patterns": new_user(
-            "b", t, ["on", "~cache:*", "%R~report:*", "~session:??", "+@read", "+@write"]
-        ),
+        "categories + 3 key patterns": new_user("b", t, ["on", "~cache:*", "%R~report:*", "~session:??", "+@read", "+@write"]),
         "two selectors": new_user("c", t, ["on", "~a:*", "+get", "(~b:* +set)"]),
     }
     cases = [[b"PING"], [b"GET", b"cache:1"], [b"SET", b"session:ab", b"v"], [b"MGET", b"cache:1", b"report:2"]]

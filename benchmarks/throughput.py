@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from redisguard.certs import init_dev_certs  # noqa: E402
-from redisguard.demo import free_port, wait_port  # noqa: E402
+from redisguard.demo import free_port, wait_port, write_config  # noqa: E402
 
 PASSWORD = "bench-password"  # benchmark-only credential
 
@@ -44,24 +44,10 @@ def redisguard(d: Path, certs: Path, redis_port: int, metrics: bool) -> tuple[su
     port = free_port()
     users = d / "users.acl"
     users.write_text(f"user default off\nuser bench on >{PASSWORD} ~* &* +@all -@dangerous\n")
-    cfg = d / f"rg-{port}.toml"
-    cfg.write_text(f"""
-[[listener]]
-type = "tls"
-address = "127.0.0.1:{port}"
-cert_file = "{certs}/server.pem"
-key_file = "{certs}/server.key"
-[upstream]
-address = "127.0.0.1:{redis_port}"
-[acl]
-users_file = "{users}"
-[metrics]
-enabled = {"true" if metrics else "false"}
-address = "127.0.0.1:{free_port()}"
-[log]
-format = "json"
-level = "warning"
-""")
+    sub = d / str(port)
+    sub.mkdir()
+    cfg = write_config(sub, port, free_port(), redis_port, free_port(), users, certs, disabled="[]",
+                       metrics=f"enabled = {'true' if metrics else 'false'}", log='level = "warning"')  # fmt: skip
     return start([sys.executable, "-m", "redisguard", "serve", "-c", str(cfg)], port), port
 
 
@@ -124,9 +110,7 @@ def main() -> int:
         for pipeline in (1, 16):
             for name, (port, auth) in targets.items():
                 r = bench(port, certs, a.requests, a.clients, pipeline, auth)
-                rows.append(
-                    (pipeline, name, r.get("PING_INLINE", 0), r.get("PING_MBULK", 0), r.get("SET", 0), r.get("GET", 0))
-                )
+                rows.append((pipeline, name, r.get("PING_INLINE", 0), r.get("PING_MBULK", 0), r.get("SET", 0), r.get("GET", 0)))
                 print(f"P={pipeline:<3} {name:<22} " + "  ".join(f"{k}={v:,.0f}" for k, v in r.items()), flush=True)
         lines = [
             f"Run on {time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores, Python "

@@ -36,7 +36,16 @@ def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: f
     raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
-def write_config(d: Path, tls_port: int, plain_port: int, redis_port: int, metrics_port: int, users: Path, certs: Path) -> Path:
+DEMO_DISABLED = '["FLUSHALL", "FLUSHDB", "CONFIG", "KEYS", "SHUTDOWN", "DEBUG"]'
+
+
+def write_config(
+    d: Path, tls_port: int, plain_port: int, redis_port: int, metrics_port: int, users: Path, certs: Path, *,
+    disabled: str = DEMO_DISABLED, upstream: str = "", limits: str = "", metrics: str = "", log: str = "",
+    extra: str = "",
+) -> Path:  # fmt: skip
+    """A config with a TLS listener (client certificates optional, CN names the user) and a loopback
+    plaintext one; the keyword arguments add lines to their sections (tests use them)."""
     cfg = d / "redisguard.toml"
     cfg.write_text(f"""
 [[listener]]
@@ -56,16 +65,23 @@ address = "127.0.0.1:{plain_port}"
 
 [upstream]
 address = "127.0.0.1:{redis_port}"
+{upstream}
 
 [acl]
 users_file = "{users}"
-disabled_commands = ["FLUSHALL", "FLUSHDB", "CONFIG", "KEYS", "SHUTDOWN", "DEBUG"]
+disabled_commands = {disabled}
+
+[limits]
+{limits}
 
 [metrics]
 address = "127.0.0.1:{metrics_port}"
+{metrics}
 
 [log]
 format = "json"
+{log}
+{extra}
 """)
     return cfg
 

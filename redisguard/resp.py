@@ -72,6 +72,12 @@ def _string2ll(s: bytes) -> int | None:
 
 _ESCAPES = {ord("n"): b"\n", ord("r"): b"\r", ord("t"): b"\t", ord("b"): b"\b", ord("a"): b"\a"}
 _HEX = b"0123456789abcdefABCDEF"
+_DQ, _SQ = ord('"'), ord("'")
+
+
+def _closes_quote(line: bytes, i: int) -> bool:
+    """A closing quote must be followed by a space or the end of the line (sdssplitargs)."""
+    return i + 1 >= len(line) or line[i + 1] in b" \n\r\t\v\f"
 
 
 def split_args(line: bytes) -> list[bytes] | None:
@@ -86,34 +92,30 @@ def split_args(line: bytes) -> list[bytes] | None:
         if i >= n:
             return args
         cur = bytearray()
-        inq = insq = False
+        quote = 0  # the open quote character, if any
         while True:
-            if inq:
+            if quote:
                 if i >= n:
                     return None
                 c = line[i]
-                if c == 0x5C and i + 3 < n and line[i + 1] == ord("x") and line[i + 2] in _HEX and line[i + 3] in _HEX:
+                if (
+                    quote == _DQ
+                    and c == 0x5C
+                    and i + 3 < n
+                    and line[i + 1] == ord("x")
+                    and line[i + 2] in _HEX
+                    and line[i + 3] in _HEX
+                ):
                     cur.append(int(line[i + 2 : i + 4], 16))
                     i += 3
-                elif c == 0x5C and i + 1 < n:
+                elif quote == _DQ and c == 0x5C and i + 1 < n:
                     i += 1
                     cur += _ESCAPES.get(line[i], bytes([line[i]]))
-                elif c == ord('"'):
-                    if i + 1 < n and line[i + 1] not in b" \n\r\t\v\f":
-                        return None
+                elif quote == _SQ and c == 0x5C and i + 1 < n and line[i + 1] == _SQ:
                     i += 1
-                    break
-                else:
-                    cur.append(c)
-            elif insq:
-                if i >= n:
-                    return None
-                c = line[i]
-                if c == 0x5C and i + 1 < n and line[i + 1] == ord("'"):
-                    i += 1
-                    cur.append(ord("'"))
-                elif c == ord("'"):
-                    if i + 1 < n and line[i + 1] not in b" \n\r\t\v\f":
+                    cur.append(_SQ)
+                elif c == quote:
+                    if not _closes_quote(line, i):
                         return None
                     i += 1
                     break
@@ -125,14 +127,22 @@ def split_args(line: bytes) -> list[bytes] | None:
                 c = line[i]
                 if c in b" \n\r\t\x00":
                     break
-                if c == ord('"'):
-                    inq = True
-                elif c == ord("'"):
-                    insq = True
+                if c in (_DQ, _SQ):
+                    quote = c
                 else:
                     cur.append(c)
             i += 1
         args.append(bytes(cur))
+
+
+def _header_end(buf: bytes, p: int, too_big: str) -> int:
+    """Where the header line starting at ``p`` ends (its CR, with the LF present), or -1 if not yet."""
+    cr = buf.find(b"\r", p)
+    if cr < 0:
+        if len(buf) - p > PROTO_INLINE_MAX_SIZE:
+            raise ProtocolError(too_big)
+        return -1
+    return cr if cr + 1 < len(buf) else -1
 
 
 def parse_request(buf: bytes, pos: int, authenticated: bool = True) -> tuple[list[bytes] | None, int]:
@@ -154,12 +164,8 @@ def parse_request(buf: bytes, pos: int, authenticated: bool = True) -> tuple[lis
         if argv is None:
             raise ProtocolError("unbalanced quotes in request")
         return argv, nl + 1
-    cr = buf.find(b"\r", pos)
+    cr = _header_end(buf, pos, "too big mbulk count string")
     if cr < 0:
-        if n - pos > PROTO_INLINE_MAX_SIZE:
-            raise ProtocolError("too big mbulk count string")
-        return None, pos
-    if cr + 1 >= n:
         return None, pos
     count = _string2ll(buf[pos + 1 : cr])
     if count is None or count > INT_MAX:
@@ -171,12 +177,8 @@ def parse_request(buf: bytes, pos: int, authenticated: bool = True) -> tuple[lis
         return [], p
     argv: list[bytes] = []
     for _ in range(count):
-        cr = buf.find(b"\r", p)
+        cr = _header_end(buf, p, "too big bulk count string")
         if cr < 0:
-            if n - p > PROTO_INLINE_MAX_SIZE:
-                raise ProtocolError("too big bulk count string")
-            return None, pos
-        if cr + 1 >= n:
             return None, pos
         if buf[p] != 0x24:  # '$'
             raise ProtocolError("expected '$', got '%s'" % chr(buf[p]))

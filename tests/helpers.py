@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from redisguard.demo import free_port, wait_port
+from redisguard.demo import free_port, wait_port, write_config
 
 UPSTREAM_USER = "svc"
 UPSTREAM_PASSWORD = "svc-test-password"
@@ -82,48 +82,15 @@ def proxy_config(
     d: Path, certs: Path, users: Path, redis_port: int, tls_port: int, plain_port: int, metrics_port: int,
     extra: str = "", disabled: str = '["FLUSHALL", "CONFIG"]', upstream_extra: str = "",
 ) -> Path:  # fmt: skip
+    """The demo's config, logging in upstream as the service user, with short test timeouts."""
     (d / "upstream.pw").write_text(UPSTREAM_PASSWORD + "\n")
-    cfg = d / "redisguard.toml"
-    cfg.write_text(f"""
-[[listener]]
-name = "tls"
-type = "tls"
-address = "127.0.0.1:{tls_port}"
-cert_file = "{certs}/server.pem"
-key_file = "{certs}/server.key"
-ca_file = "{certs}/ca.pem"
-client_auth = "optional"
-cert_user = "cn"
-
-[[listener]]
-name = "local"
-type = "tcp"
-address = "127.0.0.1:{plain_port}"
-
-[upstream]
-address = "127.0.0.1:{redis_port}"
-username = "{UPSTREAM_USER}"
-password_file = "upstream.pw"
-{upstream_extra}
-
-[acl]
-users_file = "{users}"
-disabled_commands = {disabled}
-
-[limits]
-auth_timeout = 3.0
-handshake_timeout = 3.0
-auth_failures_per_minute = 100000.0  # the suite fails AUTH on purpose from one address
-
-[metrics]
-address = "127.0.0.1:{metrics_port}"
-
-[log]
-format = "json"
-level = "debug"
-{extra}
-""")
-    return cfg
+    return write_config(
+        d, tls_port, plain_port, redis_port, metrics_port, users, certs, disabled=disabled,
+        upstream=f'username = "{UPSTREAM_USER}"\npassword_file = "upstream.pw"\n{upstream_extra}',
+        limits="auth_timeout = 3.0\nhandshake_timeout = 3.0\n"
+        "auth_failures_per_minute = 100000.0  # the suite fails AUTH on purpose from one address",
+        log='level = "debug"', extra=extra,
+    )  # fmt: skip
 
 
 def start_proxy(d: Path, certs: Path, users: Path, redis_port: int, **kw: str) -> ProxyProc:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from ..commands import CommandTable
 from .check import check
-from .user import ALL_PERMS, READ, WRITE, Selector, User
+from .user import Selector, User
 
 
 def bulk(s: bytes | str) -> bytes:
@@ -34,19 +34,6 @@ def acl_list(users: dict[str, User]) -> bytes:
     return array([bulk(f"user {n} {users[n].describe()}") for n in sorted(users)])
 
 
-def _keys(sel: Selector) -> str:
-    if sel.allkeys:
-        return "~*"
-    prefix = {ALL_PERMS: "~", READ: "%R~", WRITE: "%W~"}
-    return " ".join(prefix[k.perms] + k.pattern.decode("utf-8", "surrogateescape") for k in sel.keys)
-
-
-def _channels(sel: Selector) -> str:
-    if sel.allchannels:
-        return "&*"
-    return " ".join("&" + c.decode("utf-8", "surrogateescape") for c in sel.channels)
-
-
 def _map(pairs: list[tuple[str, bytes]], resp: int) -> bytes:
     flat = [x for k, v in pairs for x in (bulk(k), v)]
     if resp == 3:
@@ -58,26 +45,20 @@ def acl_getuser(users: dict[str, User], name: bytes, resp: int) -> bytes:
     user = users.get(name.decode("utf-8", "replace"))
     if user is None:
         return b"_\r\n" if resp == 3 else b"$-1\r\n"
-    flags = ["on" if user.enabled else "off"]
-    if user.nopass:
-        flags.append("nopass")
-    if user.skip_sanitize_payload:
-        flags.append("skip-sanitize-payload")
-    if user.sanitize_payload:
-        flags.append("sanitize-payload")
-    root = user.root
-    selectors = [
-        _map([("commands", bulk(s.describe_commands())), ("keys", bulk(_keys(s))), ("channels", bulk(_channels(s)))], resp)
-        for s in user.selectors[1:]
-    ]
+
+    def rules(s: Selector) -> list[tuple[str, bytes]]:
+        return [
+            ("commands", bulk(s.describe_commands())),
+            ("keys", bulk(" ".join(s.key_rules()))),
+            ("channels", bulk(" ".join(s.channel_rules()))),
+        ]
+
     return _map(
         [
-            ("flags", array([bulk(f) for f in flags], b"~" if resp == 3 else b"*")),
+            ("flags", array([bulk(f) for f in user.flags()], b"~" if resp == 3 else b"*")),
             ("passwords", array([bulk(h) for h in user.passwords])),
-            ("commands", bulk(root.describe_commands())),
-            ("keys", bulk(_keys(root))),
-            ("channels", bulk(_channels(root))),
-            ("selectors", array(selectors)),
+            *rules(user.root),
+            ("selectors", array([_map(rules(s), resp) for s in user.selectors[1:]])),
         ],
         resp,
     )

@@ -215,19 +215,22 @@ class Selector:
             allowed.append(sub)
 
     # -- describe ---------------------------------------------------------------------------------
-    def describe(self) -> str:
-        parts: list[str] = []
+    def key_rules(self) -> list[str]:
         if self.allkeys:
-            parts.append("~*")
-        else:
-            for kp in self.keys:
-                prefix = {ALL_PERMS: "~", READ: "%R~", WRITE: "%W~"}[kp.perms]
-                parts.append(prefix + kp.pattern.decode("utf-8", "surrogateescape"))
+            return ["~*"]
+        prefix = {ALL_PERMS: "~", READ: "%R~", WRITE: "%W~"}
+        return [prefix[kp.perms] + kp.pattern.decode("utf-8", "surrogateescape") for kp in self.keys]
+
+    def channel_rules(self) -> list[str]:
         if self.allchannels:
-            parts.append("&*")
-        else:
+            return ["&*"]
+        return ["&" + c.decode("utf-8", "surrogateescape") for c in self.channels]
+
+    def describe(self) -> str:
+        parts = self.key_rules()
+        if not self.allchannels:
             parts.append("resetchannels")
-            parts.extend("&" + c.decode("utf-8", "surrogateescape") for c in self.channels)
+        parts += self.channel_rules()
         parts.append(self.describe_commands())
         return " ".join(parts)
 
@@ -311,22 +314,12 @@ class User:
             self.nopass = False
             self.passwords = []
         elif op[:1] in (">", "#"):
-            if op[0] == ">":
-                h = hash_password(op[1:].encode())
-            else:
-                h = op[1:]
-                if not _HASH_RE.fullmatch(h):
-                    raise ACLError(E_EBADMSG)
+            h = _password_hash(op)
             if h not in self.passwords:
                 self.passwords.append(h)
             self.nopass = False
         elif op[:1] in ("<", "!"):
-            if op[0] == "<":
-                h = hash_password(op[1:].encode())
-            else:
-                h = op[1:]
-                if not _HASH_RE.fullmatch(h):
-                    raise ACLError(E_EBADMSG)
+            h = _password_hash(op)
             if h not in self.passwords:
                 raise ACLError(E_ENODEV)
             self.passwords.remove(h)
@@ -351,18 +344,33 @@ class User:
             ok |= hmac.compare_digest(stored, h)
         return ok
 
-    def describe(self) -> str:
-        parts = ["on" if self.enabled else "off"]
+    def flags(self) -> list[str]:
+        """The user flags, in Redis's order (ACLUserFlags)."""
+        flags = ["on" if self.enabled else "off"]
         if self.nopass:
-            parts.append("nopass")
+            flags.append("nopass")
         if self.skip_sanitize_payload:
-            parts.append("skip-sanitize-payload")
+            flags.append("skip-sanitize-payload")
         if self.sanitize_payload:
-            parts.append("sanitize-payload")
+            flags.append("sanitize-payload")
+        return flags
+
+    def describe(self) -> str:
+        parts = self.flags()
         parts.extend("#" + h for h in self.passwords)
         parts.append(self.root.describe())
         parts.extend("(" + s.describe() + ")" for s in self.selectors[1:])
         return " ".join(parts)
+
+
+def _password_hash(op: str) -> str:
+    """The sha256 a >pw / <pw rule names, or the validated hash of a #hash / !hash rule."""
+    if op[0] in "><":
+        return hash_password(op[1:].encode())
+    h = op[1:]
+    if not _HASH_RE.fullmatch(h):
+        raise ACLError(E_EBADMSG)
+    return h
 
 
 def merge_selector_args(args: Iterable[str]) -> list[str]:
