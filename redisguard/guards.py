@@ -1,13 +1,27 @@
-"""Connection-level guards that need no I/O: AUTH brute-force throttling.
+"""Connection-level guards that need no I/O: source networks and AUTH brute-force throttling.
 
-Source networks and connection limits are checked where connections are accepted (server.py);
-this module keeps the state that outlives one connection.
+server.py asks these where it accepts connections (and counts connections per listener itself).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def source_allowed(host: str, networks: Iterable[Network]) -> bool:
+    """The firewall rule: is the peer address inside one of ``networks``? (IPv4-mapped IPv6 counts as IPv4.)"""
+    try:
+        addr = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    return any(addr in net for net in networks)
 
 
 class AuthThrottle:

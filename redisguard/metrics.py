@@ -19,6 +19,7 @@ from . import __version__
 class Metrics:
     def __init__(self) -> None:
         disable_created_metrics()  # *_created series double the scrape and say nothing useful here
+        self.before_render: list[Callable[[], None]] = []
         r = self.registry = CollectorRegistry()
         self.commands = Counter("redisguard_commands", "Commands decided, by verdict.",
                                 ["user", "command", "result"], registry=r)  # fmt: skip
@@ -64,6 +65,8 @@ class Metrics:
         self.build_info.labels(__version__, platform.python_version(), redis_version).set(1)
 
     def render(self) -> bytes:
+        for hook in self.before_render:
+            hook()
         return generate_latest(self.registry)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import os
 import signal
 import socket
@@ -23,7 +22,7 @@ from .acl import ACLError, User, UsersFileError, load_users
 from .audit import RateLimiter, get_logger
 from .commands import CommandTable
 from .config import Config, ListenerConfig
-from .guards import AuthThrottle
+from .guards import AuthThrottle, source_allowed
 from .metrics import Metrics, serve_http
 from .resp import encode_command
 from .session import Policy, Session
@@ -52,7 +51,14 @@ class Observer:
         self.count = count  # false: no per-request metrics (to measure what they cost)
         self.audit_keys = audit_keys
         self.limiter = RateLimiter(per_second=rate, burst=int(rate * 2) + 1)
-        self._allowed: dict[tuple[str, str], Any] = {}
+        self._allowed: dict[tuple[str, str], int] = {}
+        metrics.before_render.append(self.flush)
+
+    def flush(self) -> None:
+        """Move the allowed-command tallies into redisguard_commands_total (called before a scrape)."""
+        counts, self._allowed = self._allowed, {}
+        for (user, cmd), n in counts.items():
+            self.metrics.commands.labels(user, cmd, "allowed").inc(n)
 
     def reply_latency(self, seconds: float) -> None:
         if self.count:
@@ -72,11 +78,10 @@ class Observer:
                 self._audit_denied(session, user, cmd, reason)
             return
         if allowed:
+            # The hot path: a plain dict increment, moved into the Prometheus counter at scrape time.
             key = (user, cmd)
-            child = self._allowed.get(key)
-            if child is None:
-                child = self._allowed[key] = self.metrics.commands.labels(user, cmd, "allowed")
-            child.inc()
+            allowed_counts = self._allowed
+            allowed_counts[key] = allowed_counts.get(key, 0) + 1
             return
         self.metrics.commands.labels(user, cmd, "denied").inc()
         self.metrics.denied.labels(user, cmd, reason).inc()
@@ -277,15 +282,8 @@ class ClientProtocol(asyncio.Protocol):
 
     def _refusal(self, peername: Any) -> str:
         lst = self.listener
-        if lst.allowed_sources and isinstance(peername, tuple):
-            try:
-                addr = ipaddress.ip_address(peername[0].split("%")[0])
-            except ValueError:
-                return "source_not_allowed"
-            if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-                addr = addr.ipv4_mapped
-            if not any(addr in net for net in lst.allowed_sources):
-                return "source_not_allowed"
+        if lst.allowed_sources and isinstance(peername, tuple) and not source_allowed(peername[0], lst.allowed_sources):
+            return "source_not_allowed"
         if self.proxy.active[lst.name] >= lst.max_connections:
             return "limit"
         return ""
