@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .resp import string2ll
+
 # Key-spec access flags that make a key need read / write permission (acl.c ACLSelectorCheckKey).
 READ = 1
 WRITE = 2
@@ -100,12 +102,6 @@ def _key_spec(raw: Sequence[Any]) -> KeySpec:
         keynumidx=int(fspec.get("keynumidx", 0)),
         firstkey=int(fspec.get("firstkey", 0)),
     )
-
-
-def _string2ll(s: bytes) -> int | None:
-    from .resp import _string2ll as conv
-
-    return conv(s)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -374,7 +370,7 @@ def _keys_from_specs(specs: Sequence[KeySpec], argv: Sequence[bytes], arity: int
             step = spec.keystep
             if spec.keynumidx >= argc or first + spec.keynumidx >= argc:
                 return None
-            numkeys = _string2ll(argv[first + spec.keynumidx])
+            numkeys = string2ll(argv[first + spec.keynumidx])
             if numkeys is None or numkeys < 0:
                 return None
             first += spec.firstkey

@@ -55,7 +55,7 @@ OK = b"+OK\r\n"
 # Requests
 
 
-def _string2ll(s: bytes) -> int | None:
+def string2ll(s: bytes) -> int | None:
     """Redis's string2ll: optional '-', digits, no leading zeros (except "0"), no spaces, fits int64."""
     if not s or len(s) > 20:
         return None
@@ -167,7 +167,7 @@ def parse_request(buf: bytes, pos: int, authenticated: bool = True) -> tuple[lis
     cr = _header_end(buf, pos, "too big mbulk count string")
     if cr < 0:
         return None, pos
-    count = _string2ll(buf[pos + 1 : cr])
+    count = string2ll(buf[pos + 1 : cr])
     if count is None or count > INT_MAX:
         raise ProtocolError("invalid multibulk length")
     if count > UNAUTH_MAX_MULTIBULK and not authenticated:
@@ -182,7 +182,7 @@ def parse_request(buf: bytes, pos: int, authenticated: bool = True) -> tuple[lis
             return None, pos
         if buf[p] != 0x24:  # '$'
             raise ProtocolError("expected '$', got '%s'" % chr(buf[p]))
-        blen = _string2ll(buf[p + 1 : cr])
+        blen = string2ll(buf[p + 1 : cr])
         if blen is None or blen < 0 or blen > PROTO_MAX_BULK_LEN:
             raise ProtocolError("invalid bulk length")
         if blen > UNAUTH_MAX_BULK and not authenticated:

@@ -14,9 +14,15 @@ forwarded: clients never authenticate to Redis, the proxy does, once, as its own
 Replies must reach the client in request order. ``_slots`` is the queue of what the client is owed:
 ``RELAY n`` (the next n upstream replies, relayed unchanged), ``SYNTH bytes`` (a reply made here),
 ``SWALLOW n`` (upstream replies the client never asked for, e.g. the DISCARD behind an aborted
-EXEC), ``AUTHCHECK`` (the service user's AUTH: an error closes the session). Upstream bytes are
-scanned for frame ends (:class:`~redisguard.resp.ReplyScanner`), never decoded; push frames are
-out-of-band and relayed as they come. With no synthetic reply waiting, bytes stream straight through.
+EXEC), ``AUTHCHECK`` (the service user's AUTH: an error closes the session), ``PUBSUB n`` (n
+subscribe/unsubscribe confirmations, which RESP3 sends as push frames), ``MONITOR`` (its +OK, after
+which everything is the monitor stream), ``CLOSE`` (QUIT or a protocol error: close once flushed).
+Upstream bytes are scanned for frame ends (:class:`~redisguard.resp.ReplyScanner`), never decoded;
+push frames and RESP2 pub/sub messages are out-of-band and relayed as they come. With no synthetic
+reply waiting, bytes stream straight through.
+
+CLIENT REPLY OFF/SKIP silence a request's reply whoever makes it (Redis or the proxy), so a silenced
+request owes nothing and its refusal is dropped, as Redis does.
 
 Transactions: a command refused inside MULTI answers at once and marks the transaction, as Redis
 does; EXEC then answers ``-EXECABORT`` and the proxy sends DISCARD upstream (swallowing its +OK).
@@ -34,7 +40,7 @@ from .acl import User, check, replies
 from .acl.check import sort_restriction
 from .commands import Command, CommandTable, get_keys, unknown_command_error
 from .guards import AuthThrottle
-from .resp import Frame, ProtocolError, ReplyScanner, RequestParser, encode_command
+from .resp import Frame, ProtocolError, ReplyScanner, RequestParser, encode_command, string2ll
 
 RELAY, SYNTH, SWALLOW, AUTHCHECK, CLOSE, PUBSUB, MONITOR = range(7)
 # One forwarded request in this many is timed until its reply (redisguard_upstream_reply_seconds).
@@ -57,7 +63,7 @@ SYNTAX = b"-ERR syntax error\r\n"
 _PUSH, _ATTR = ord(">"), ord("|")
 _PUBSUB_MESSAGES = (b"message", b"pmessage", b"smessage")
 _CONFIRMATIONS = frozenset((b"subscribe", b"psubscribe", b"ssubscribe", b"unsubscribe", b"punsubscribe", b"sunsubscribe"))
-_SUBSCRIBE = {"subscribe", "psubscribe", "ssubscribe", "unsubscribe", "punsubscribe", "sunsubscribe"}
+_SUBSCRIBE = {c.decode() for c in _CONFIRMATIONS}
 # ACL subcommands that would change the upstream's users: never forwarded, refused.
 _ACL_REFUSED = {"acl|setuser", "acl|deluser", "acl|load", "acl|save", "acl|log"}
 
@@ -389,9 +395,7 @@ class Session:
         ver = 0
         i = 1
         if len(argv) >= 2:
-            from .resp import _string2ll
-
-            v = _string2ll(argv[1])
+            v = string2ll(argv[1])
             if v is None:
                 self._reply(b"-ERR Protocol version is not an integer or out of range\r\n")
                 return
@@ -503,7 +507,7 @@ class Session:
         kind = cmd.name[0] if cmd.name[0] in "ps" else ""
         subs = self.subscriptions[kind]
         channels = argv[1:]
-        if cmd.name.endswith("unsubscribe") and "unsubscribe" in cmd.name:
+        if cmd.name.endswith("unsubscribe"):
             # One confirmation per named channel; with none, one per subscription (one if none).
             n = len(channels) or max(1, len(subs))
             if channels:
