@@ -590,8 +590,7 @@ class Proxy:
     def reload(self) -> None:
         """SIGHUP: re-read the users file and every listener's certificates; all or nothing.
 
-        Connections already logged in keep the permissions they logged in with until they reconnect
-        (or AUTH again); new handshakes and logins use the new files."""
+        New handshakes and logins use the new files; see _rebind_sessions for connected clients."""
         try:
             users = load_users(self.config.acl.users_file, self.table)
             contexts = {lst.name: server_context(lst) for lst in self.config.listeners if lst.type == "tls"}
@@ -605,8 +604,29 @@ class Proxy:
         self.tls_contexts.update(contexts)
         self.policy.users = users
         self.policy.observer.users = users  # type: ignore[attr-defined]
+        dropped = self._rebind_sessions(users)
         self.metrics.config_reloads.labels("success").inc()
-        audit.info("config_reloaded", users=sorted(users), listeners=sorted(contexts))
+        audit.info("config_reloaded", users=sorted(users), listeners=sorted(contexts), disconnected=dropped)
+
+    def _rebind_sessions(self, users: dict[str, User]) -> int:
+        """Move logged-in clients to their reloaded user; disconnect those whose user changed or went.
+
+        Like Redis's ACL LOAD, which frees the old users and kills their clients, but clients whose
+        rules and passwords are unchanged stay connected."""
+        dropped = 0
+        for client in list(self.clients):
+            session = client.session
+            if session is None or client.closed:
+                continue
+            new = users.get(session.user.name)
+            if new is not None and new.describe() == session.user.describe():
+                session.user = new
+            else:
+                dropped += 1
+                audit.info("connection_closed", listener=client.listener.name, peer=session.peer,
+                           user=session.user.name, reason="user changed by reload")  # fmt: skip
+                client.close()
+        return dropped
 
     async def ready(self) -> tuple[bool, str]:
         """Listeners up, certificates loaded, and the upstream answers PING as the service user."""

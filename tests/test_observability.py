@@ -191,10 +191,21 @@ def test_denied_flood_is_rate_limited(tmp_path: Path, certs: Path, redis_server)
 def test_sighup_reloads_users_and_certificates(fresh) -> None:  # type: ignore[no-untyped-def]
     p, users = fresh
     assert raw_exchange(p.plain_port, b"AUTH carol carol-pw\r\n").startswith(b"-WRONGPASS")
-    users.write_text(USERS_ACL + "user carol on >carol-pw ~* +@all\n")
+    kept = socket.create_connection(("127.0.0.1", p.plain_port), timeout=5)
+    gone = socket.create_connection(("127.0.0.1", p.plain_port), timeout=5)
+    kept.sendall(b"AUTH alice alice-pw\r\n")
+    gone.sendall(b"AUTH bob bob-pw\r\n")
+    time.sleep(0.2)
+    assert kept.recv(100) == b"+OK\r\n" and gone.recv(100) == b"+OK\r\n"
+    users.write_text(USERS_ACL.replace("user bob on >bob-pw", "user bob on >new-pw") + "user carol on >carol-pw ~* +@all\n")
     p.proc.send_signal(signal.SIGHUP)
     time.sleep(0.5)
     assert raw_exchange(p.plain_port, b"AUTH carol carol-pw\r\n") == b"+OK\r\n"
+    assert gone.recv(100) == b""  # bob's password changed: his session is closed, as ACL LOAD does
+    kept.sendall(b"GET cache:still\r\n")
+    assert kept.recv(100) == b"$-1\r\n"  # alice's rules did not change: still connected
+    kept.close()
+    gone.close()
     users.write_text("user broken +nosuchcommand\n")
     p.proc.send_signal(signal.SIGHUP)
     time.sleep(0.5)
