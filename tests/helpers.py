@@ -138,3 +138,24 @@ user admin on >admin-pw ~* &* +@all
 user nopassuser on nopass ~* +@read
 user disabled off >dis-pw ~* +@all
 """
+
+
+def read_until(sock: socket.socket, done, timeout: float = 5.0) -> bytes:  # type: ignore[no-untyped-def]
+    """Read from ``sock`` until ``done(data)`` is true, the peer closes, or ``timeout`` passes.
+
+    ``done`` may be the expected bytes (then: until that many bytes arrived)."""
+    if isinstance(done, bytes):
+        want = len(done)
+        done = lambda data: len(data) >= want  # noqa: E731
+    data = b""
+    deadline = time.monotonic() + timeout
+    while not done(data) and time.monotonic() < deadline:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            chunk = sock.recv(1 << 16)
+        except TimeoutError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from redisguard.resp import encode_command
 
-from .helpers import UPSTREAM_PASSWORD, UPSTREAM_USER, ProxyProc, RedisProc, start_proxy, start_redis
+from .helpers import UPSTREAM_PASSWORD, UPSTREAM_USER, ProxyProc, RedisProc, read_until, start_proxy, start_redis
 
 # The policy, loaded into the mirror Redis (as ACL rules) and into redisguard (as its users file).
 POLICY = [
@@ -245,10 +245,10 @@ def test_monitor_stream(guarded: ProxyProc) -> None:
     with socket.create_connection(("127.0.0.1", guarded.plain_port), timeout=5) as m:
         m.sendall(cmds([b"AUTH", b"mon", b"mon-pw"], [b"MONITOR"]))
         time.sleep(0.3)
-        assert m.recv(100) == b"+OK\r\n+OK\r\n"
+        assert read_until(m, b"+OK\r\n+OK\r\n") == b"+OK\r\n+OK\r\n"
         exchange(guarded.plain_port, cmds(LOGIN, [b"GET", b"cache:seen"]))
         time.sleep(0.3)
-        stream = m.recv(1 << 16)
+        stream = read_until(m, lambda d: b"cache:seen" in d)
         assert b'"GET" "cache:seen"' in stream
         assert b"alice-pw" not in stream and UPSTREAM_PASSWORD.encode() not in stream
     out = exchange(guarded.plain_port, cmds(LOGIN, [b"MONITOR"]))
@@ -298,12 +298,11 @@ def test_client_side_caching_invalidation(guarded: ProxyProc, certs: Path) -> No
         s.sendall(cmds([b"HELLO", b"3", b"AUTH", b"alice", b"alice-pw"], [b"CLIENT", b"TRACKING", b"ON"],
                        [b"GET", b"cache:t"]))  # fmt: skip
         time.sleep(0.3)
-        s.recv(1 << 16)
+        read_until(s, lambda d: d.endswith(b"$-1\r\n") or d.endswith(b"_\r\n"))
         exchange(guarded.plain_port, cmds(LOGIN, [b"SET", b"cache:t", b"2"]))
         time.sleep(0.3)
         s.sendall(cmds([b"PING"]))
-        time.sleep(0.2)
-        data = s.recv(1 << 16)
+        data = read_until(s, lambda d: d.endswith(b"+PONG\r\n"))
     assert b">2\r\n$10\r\ninvalidate\r\n*1\r\n$7\r\ncache:t\r\n" in data and data.endswith(b"+PONG\r\n")
 
 
@@ -334,7 +333,7 @@ def test_upstream_restart_closes_client_cleanly(tmp_path: Path, certs: Path) -> 
         s = socket.create_connection(("127.0.0.1", p.plain_port), timeout=5)
         s.sendall(cmds(LOGIN, [b"BLPOP", b"cache:q", b"0"]))
         time.sleep(0.3)
-        assert s.recv(100) == b"+OK\r\n"
+        assert read_until(s, b"+OK\r\n") == b"+OK\r\n"
         r.stop()
         rest = b""
         while chunk := s.recv(100):
@@ -351,8 +350,7 @@ def test_slow_reader_is_bounded(guarded: ProxyProc) -> None:
     s = socket.create_connection(("127.0.0.1", guarded.plain_port), timeout=30)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
     s.sendall(cmds(LOGIN, [b"SET", b"cache:big1", val]))
-    time.sleep(0.3)
-    s.recv(100)
+    read_until(s, b"+OK\r\n+OK\r\n")
     threading.Thread(target=lambda: s.sendall(cmds(*[[b"GET", b"cache:big1"]] * 300)), daemon=True).start()
     time.sleep(2)
     rss = int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{guarded.proc.pid}/status").read_text()).group(1))  # type: ignore[union-attr]
@@ -376,15 +374,15 @@ def test_tracking_redirect_and_caching_through_the_proxy(guarded: ProxyProc) -> 
     ):
         a.sendall(cmds([b"AUTH", b"mon", b"mon-pw"], [b"CLIENT", b"ID"]))
         time.sleep(0.2)
-        client_id = re.search(rb":(\d+)\r\n", a.recv(1000)).group(1)  # type: ignore[union-attr]
+        client_id = re.search(rb":(\d+)\r\n", read_until(a, lambda d: d.endswith(b"\r\n") and d.count(b"\r\n") >= 2)).group(1)  # type: ignore[union-attr]
         a.sendall(cmds([b"SUBSCRIBE", b"__redis__:invalidate"]))
         time.sleep(0.2)
-        a.recv(1000)
+        read_until(a, lambda d: d.endswith(b":1\r\n"))
         b.sendall(cmds([b"AUTH", b"mon", b"mon-pw"], [b"CLIENT", b"TRACKING", b"ON", b"REDIRECT", client_id, b"OPTIN"],
                        [b"CLIENT", b"CACHING", b"YES"], [b"GET", b"cache:r"]))  # fmt: skip
         time.sleep(0.2)
-        assert b.recv(1000) == b"+OK\r\n+OK\r\n+OK\r\n$-1\r\n"
+        assert read_until(b, b"+OK\r\n+OK\r\n+OK\r\n$-1\r\n") == b"+OK\r\n+OK\r\n+OK\r\n$-1\r\n"
         exchange(guarded.plain_port, cmds(LOGIN, [b"SET", b"cache:r", b"1"]))
         time.sleep(0.3)
-        msg = a.recv(1000)
+        msg = read_until(a, lambda d: d.endswith(b"cache:r\r\n"))
     assert msg == b"*3\r\n$7\r\nmessage\r\n$20\r\n__redis__:invalidate\r\n*1\r\n$7\r\ncache:r\r\n"

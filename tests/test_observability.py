@@ -18,7 +18,7 @@ import pytest
 
 from redisguard.resp import encode_command
 
-from .helpers import USERS_ACL, ProxyProc, raw_exchange, start_proxy
+from .helpers import USERS_ACL, ProxyProc, raw_exchange, read_until, start_proxy
 
 REPO = Path(__file__).resolve().parent.parent
 PROM = REPO / "config" / "prometheus"
@@ -196,14 +196,14 @@ def test_sighup_reloads_users_and_certificates(fresh) -> None:  # type: ignore[n
     kept.sendall(b"AUTH alice alice-pw\r\n")
     gone.sendall(b"AUTH bob bob-pw\r\n")
     time.sleep(0.2)
-    assert kept.recv(100) == b"+OK\r\n" and gone.recv(100) == b"+OK\r\n"
+    assert read_until(kept, b"+OK\r\n") == b"+OK\r\n" and read_until(gone, b"+OK\r\n") == b"+OK\r\n"
     users.write_text(USERS_ACL.replace("user bob on >bob-pw", "user bob on >new-pw") + "user carol on >carol-pw ~* +@all\n")
     p.proc.send_signal(signal.SIGHUP)
     time.sleep(0.5)
     assert raw_exchange(p.plain_port, b"AUTH carol carol-pw\r\n") == b"+OK\r\n"
-    assert gone.recv(100) == b""  # bob's password changed: his session is closed, as ACL LOAD does
+    assert read_until(gone, lambda d: False, timeout=3) == b""  # bob's password changed: his session is closed, as ACL LOAD does
     kept.sendall(b"GET cache:still\r\n")
-    assert kept.recv(100) == b"$-1\r\n"  # alice's rules did not change: still connected
+    assert read_until(kept, b"$-1\r\n") == b"$-1\r\n"  # alice's rules did not change: still connected
     kept.close()
     gone.close()
     users.write_text("user broken +nosuchcommand\n")
@@ -262,9 +262,9 @@ def test_guards_sources_limits_throttle_idle(tmp_path: Path, certs: Path, redis_
         s1.sendall(b"AUTH admin admin-pw\r\n")
         s2.sendall(b"AUTH admin admin-pw\r\nBLPOP cache:idle 3\r\n")
         time.sleep(0.2)
-        assert s1.recv(100) == b"+OK\r\n"
+        assert read_until(s1, b"+OK\r\n") == b"+OK\r\n"
         time.sleep(1.6)
-        assert s1.recv(100) == b""  # closed for idleness
+        assert read_until(s1, lambda d: False, timeout=3) == b""  # closed for idleness
         s2.settimeout(5)
         assert s2.recv(100).startswith(b"+OK\r\n")  # still open, reply to BLPOP (nil) comes after 3 s
         s1.close()
@@ -303,7 +303,7 @@ def test_sighup_reloads_certificates(tmp_path: Path, redis_server) -> None:  # t
         with socket.create_connection(("127.0.0.1", p.tls_port), timeout=5) as raw:
             with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
                 tls.sendall(b"PING\r\n")
-                assert tls.recv(100) == b"-NOAUTH Authentication required.\r\n"
+                assert read_until(tls, b"-NOAUTH Authentication required.\r\n") == b"-NOAUTH Authentication required.\r\n"
         old = ssl.create_default_context(cadata=old_ca)
         with socket.create_connection(("127.0.0.1", p.tls_port), timeout=5) as raw:
             with pytest.raises(ssl.SSLCertVerificationError):
