@@ -160,10 +160,10 @@ def parse_request(buf: bytes, pos: int, authenticated: bool = True) -> tuple[lis
                 raise ProtocolError("too big inline request")
             return None, pos
         end = nl - 1 if nl > pos and buf[nl - 1] == 0x0D else nl
-        argv = split_args(buf[pos:end])
-        if argv is None:
+        inline = split_args(buf[pos:end])
+        if inline is None:
             raise ProtocolError("unbalanced quotes in request")
-        return argv, nl + 1
+        return inline, nl + 1
     cr = _header_end(buf, pos, "too big mbulk count string")
     if cr < 0:
         return None, pos
