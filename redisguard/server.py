@@ -260,7 +260,6 @@ class ClientProtocol(asyncio.Protocol):
         if self.closed:
             return
         self.session = Session(self.proxy.policy, lst.name, peer, cert_user, identity)
-        self.session.start()
         audit.info("connection_accepted", listener=lst.name, peer=peer, tls_identity=identity,
                    user=cert_user.name if cert_user else "")  # fmt: skip
         timeout = self.proxy.config.limits.auth_timeout
@@ -269,7 +268,6 @@ class ClientProtocol(asyncio.Protocol):
         if self.proxy.config.limits.idle_timeout:
             self.last_active = time.monotonic()
             self.idle_timer = asyncio.get_running_loop().call_later(self.proxy.config.limits.idle_timeout, self._check_idle)
-        self.connect_task = asyncio.ensure_future(self._connect_upstream())
 
     def reject(self, transport: asyncio.BaseTransport, peername: Any, reason: str) -> None:
         lst = self.listener
@@ -369,6 +367,9 @@ class ClientProtocol(asyncio.Protocol):
 
     def flush(self) -> None:
         s = self.session
+        if s.to_upstream and self.connect_task is None:
+            # The first request to forward: only now does this client cost Redis a connection.
+            self.connect_task = asyncio.ensure_future(self._connect_upstream())
         if s.to_upstream:
             if self.upstream is not None and self.upstream.transport is not None:
                 if self.pending_upstream:

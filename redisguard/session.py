@@ -153,6 +153,7 @@ class Session:
         self.to_upstream: list[bytes] = []
         self.closing = False  # close the client once to_client is flushed
         self.stopped = False
+        self.upstream_opened = False
         self.parser = RequestParser(policy.max_request_bytes)
         self.scanner = ReplyScanner()
         self._carry = b""  # a partial reply header line held over to the next upstream chunk
@@ -203,8 +204,15 @@ class Session:
         """In RESP2 pub/sub mode, where replies and messages are both plain arrays."""
         return any(self.subscriptions.values())
 
-    def start(self) -> None:
-        """Queue the service user's AUTH; call once, before any client data."""
+    def _open_upstream(self) -> None:
+        """Before the first request goes upstream: the service user's AUTH goes first.
+
+        The upstream connection itself is opened by the transport when ``to_upstream`` first has
+        bytes, so a client that never gets a request through (unauthenticated, refused) costs Redis
+        no connection."""
+        if self.upstream_opened:
+            return
+        self.upstream_opened = True
         auth = self.policy.upstream_auth()
         if auth:
             self.to_upstream.append(auth)
@@ -233,6 +241,7 @@ class Session:
             self._slots.append([kind, n])
 
     def _forward(self, argv: Sequence[bytes], replies: int = 1, kind: int = RELAY) -> None:
+        self._open_upstream()
         self.to_upstream.append(encode_command(argv))
         if replies and not self._silent:
             self._expect(kind, replies)
@@ -253,6 +262,7 @@ class Session:
             while requests:
                 if clean and self._all_plain(requests):
                     # The fast path: every request is forwarded as sent; no re-encoding.
+                    self._open_upstream()
                     self.to_upstream.append(data)
                     self._expect(RELAY, len(requests))
                     return
@@ -306,6 +316,7 @@ class Session:
 
     def _abort_exec(self, reply: bytes) -> None:
         """EXEC fails here: Redis discards the transaction, so make the upstream do the same."""
+        self._open_upstream()
         self.to_upstream.append(encode_command([b"DISCARD" if self.in_multi else b"UNWATCH"]))
         if not self.reply_off:  # Redis sends no reply to it either while CLIENT REPLY is OFF
             self._expect(SWALLOW)

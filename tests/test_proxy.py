@@ -268,7 +268,9 @@ def test_upstream_down_and_back(tmp_path: Path, certs: Path, users_file: Path) -
         assert client().set("cache:up", "1") is True
         r.stop()
         out = raw_exchange(p.plain_port, b"AUTH alice alice-pw\r\nPING\r\n", expect_close=True)
-        assert out.startswith(b"-ERR redisguard: upstream Redis at 127.0.0.1:") and out.endswith(b" is unavailable\r\n")
+        # AUTH is the proxy's; PING is the first request that needs Redis
+        assert out.startswith(b"+OK\r\n-ERR redisguard: upstream Redis at 127.0.0.1:")
+        assert out.endswith(b" is unavailable\r\n")
         ready = urllib.request.Request(f"http://127.0.0.1:{p.metrics_port}/readyz")
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(ready)
@@ -291,10 +293,24 @@ def test_upstream_bad_credentials_is_a_clear_error(tmp_path: Path, certs: Path, 
         admin.execute_command("ACL", "SETUSER", "svc", "resetpass", ">other")
         admin.close()
         out = raw_exchange(p.plain_port, b"AUTH alice alice-pw\r\nPING\r\n", expect_close=True)
-        assert out == b"-ERR redisguard: upstream authentication failed; check [upstream] username and password\r\n"
+        assert out == b"+OK\r\n-ERR redisguard: upstream authentication failed; check [upstream] username and password\r\n"
     finally:
         p.stop()
         r.stop()
+
+
+def test_unauthenticated_clients_cost_redis_no_connection(proxy: ProxyProc, direct) -> None:  # type: ignore[no-untyped-def]
+    before = len(direct.client_list())
+    idle = [socket.create_connection(("127.0.0.1", proxy.plain_port)) for _ in range(20)]
+    for s in idle:
+        s.sendall(b"PING\r\nAUTH alice wrong\r\n")
+    time.sleep(0.3)
+    assert len(direct.client_list()) == before  # refused and unauthenticated: no upstream connection
+    idle[0].sendall(b"AUTH alice alice-pw\r\nPING\r\n")
+    time.sleep(0.3)
+    assert len(direct.client_list()) == before + 1
+    for s in idle:
+        s.close()
 
 
 def test_quit_closes_after_replies(proxy: ProxyProc) -> None:
