@@ -353,3 +353,49 @@ def test_unix_socket_listener(tmp_path: Path, certs: Path, users_file: Path, red
     finally:
         p.stop()
     assert not sock.exists()  # removed on shutdown
+
+
+@pytest.mark.parametrize("mode", ["unix", "tls"])
+def test_upstream_over_unix_socket_and_tls(tmp_path: Path, certs: Path, users_file: Path, mode: str) -> None:
+    """[upstream] path = unix socket (the sidecar setup), and tls = true (wrapping a remote Redis)."""
+    from redisguard.demo import free_port
+
+    sock = tmp_path / "redis.sock"
+    tls_port = free_port()
+    extra = {
+        "unix": ["--unixsocket", str(sock), "--unixsocketperm", "700"],
+        "tls": ["--tls-port", str(tls_port), "--tls-cert-file", str(certs / "server.pem"), "--tls-key-file",
+                str(certs / "server.key"), "--tls-ca-cert-file", str(certs / "ca.pem"), "--tls-auth-clients", "no"],
+    }[mode]  # fmt: skip
+    r = start_redis(extra=extra)
+    tls_upstream = f'tls = true\ntls_ca_file = "{certs / "ca.pem"}"\ntls_server_name = "localhost"\n'
+    upstream_extra = tls_upstream if mode == "tls" else ""
+    p = start_proxy(tmp_path, certs, users_file, tls_port if mode == "tls" else r.port, upstream_extra=upstream_extra)
+    if mode == "unix":  # point the upstream at the socket instead of host:port
+        cfg = p.config.read_text().replace(f'address = "127.0.0.1:{r.port}"', f'path = "{sock}"')
+        p.stop()
+        p.config.write_text(cfg)
+        p = start_proxy_from(p)
+    try:
+        c = redis.Redis(host="127.0.0.1", port=p.tls_port, ssl=True, ssl_ca_certs=str(certs / "ca.pem"),
+                        username="alice", password="alice-pw")  # fmt: skip
+        assert c.set("cache:via", mode) is True
+        assert c.get("cache:via") == mode.encode()
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            c.get("other")
+        c.close()
+        assert "command_table_fallback" not in p.log.read_text()  # COMMAND INFO came over that path too
+    finally:
+        p.stop()
+        r.stop()
+
+
+def start_proxy_from(p: ProxyProc) -> ProxyProc:
+    import subprocess as sp
+    import sys
+
+    from redisguard.demo import wait_port
+
+    proc = sp.Popen([sys.executable, "-m", "redisguard", "serve", "-c", str(p.config)], stderr=open(p.log, "wb"))
+    wait_port(p.plain_port, proc)
+    return ProxyProc(proc, p.tls_port, p.plain_port, p.metrics_port, p.config, p.log)
