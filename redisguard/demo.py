@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 from .certs import init_dev_certs
+from .metrics import parse_samples
 
 ALICE_PASSWORD = "alice-demo-password"  # demo credential from config/users.acl
 
@@ -88,12 +89,7 @@ format = "json"
 
 def scrape(port: int) -> dict[str, float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line.startswith("redisguard_") and "_created" not in line.split("{")[0]:
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
+    return {k: v for k, v in parse_samples(text).items() if k.startswith("redisguard_")}
 
 
 def main(args: argparse.Namespace) -> int:

@@ -70,6 +70,16 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+def parse_samples(text: str) -> dict[str, float]:
+    """A Prometheus text exposition as {'name{labels}': value} (for the demo and the tests)."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
 async def serve_http(
     metrics: Metrics, host: str, port: int, ready: Callable[[], Awaitable[tuple[bool, str]]]
 ) -> asyncio.AbstractServer:

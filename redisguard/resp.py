@@ -36,6 +36,11 @@ class ProtocolError(Exception):
         return b"-ERR Protocol error: " + str(self).encode() + b"\r\n"
 
 
+def encode_bulk(s: bytes | str) -> bytes:
+    b = s.encode() if isinstance(s, str) else s
+    return b"$%d\r\n%s\r\n" % (len(b), b)
+
+
 def encode_error(msg: str) -> bytes:
     return b"-" + msg.encode() + b"\r\n"
 

@@ -40,7 +40,7 @@ from .acl import User, check, replies
 from .acl.check import sort_restriction
 from .commands import Command, CommandTable, get_keys, unknown_command_error
 from .guards import AuthThrottle
-from .resp import Frame, ProtocolError, ReplyScanner, RequestParser, encode_command, string2ll
+from .resp import OK, Frame, ProtocolError, ReplyScanner, RequestParser, encode_bulk, encode_command, string2ll
 
 RELAY, SYNTH, SWALLOW, AUTHCHECK, CLOSE, PUBSUB, MONITOR = range(7)
 # One forwarded request in this many is timed until its reply (redisguard_upstream_reply_seconds).
@@ -48,7 +48,6 @@ LATENCY_SAMPLE_EVERY = 64
 
 NOAUTH = b"-NOAUTH Authentication required.\r\n"
 WRONGPASS = b"-WRONGPASS invalid username-password pair or user is disabled.\r\n"
-OK = b"+OK\r\n"
 EXECABORT = b"-EXECABORT Transaction discarded because of previous errors.\r\n"
 AUTH_NOPASS = (
     b"-ERR AUTH <password> called without any password configured for the default user. "
@@ -491,7 +490,7 @@ class Session:
     def _cmd_acl(self, cmd: Command, argv: list[bytes]) -> None:
         users = self.policy.users
         if cmd.name == "acl|whoami":
-            self._reply(replies.bulk(self.user.name))
+            self._reply(encode_bulk(self.user.name))
         elif cmd.name == "acl|users":
             self._reply(replies.acl_users(users))
         elif cmd.name == "acl|list":

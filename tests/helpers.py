@@ -109,24 +109,50 @@ def start_proxy(d: Path, certs: Path, users: Path, redis_port: int, **kw: str) -
     return ProxyProc(proc, tls_port, plain_port, metrics_port, cfg, log)
 
 
-def raw_exchange(port: int, data: bytes, expect_close: bool = False, timeout: float = 3.0) -> bytes:
-    """Send bytes, read until the peer closes or goes quiet."""
+def raw_exchange(
+    port: int, data: bytes, expect_close: bool = False, timeout: float = 3.0, quiet: float = 0.3,
+    chunks: list[int] | None = None,
+) -> bytes:  # fmt: skip
+    """Send ``data`` (optionally split at the ``chunks`` offsets), then read until the peer closes, or
+    (unless ``expect_close``) until it has been quiet for ``quiet`` seconds; ``timeout`` bounds it all."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(data)
-        out = b""
-        deadline = time.monotonic() + timeout
-        s.settimeout(0.3 if not expect_close else timeout)
-        while time.monotonic() < deadline:
-            try:
-                chunk = s.recv(1 << 16)
-            except TimeoutError:
-                if not expect_close:
-                    break
-                continue
-            if not chunk:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        prev = 0
+        for cut in [*(chunks or []), len(data)]:
+            s.sendall(data[prev:cut])
+            prev = cut
+            if chunks:
+                time.sleep(0.002)
+        return _read(s, lambda _: False, timeout, None if expect_close else quiet)
+
+
+def read_until(sock: socket.socket, done, timeout: float = 5.0) -> bytes:  # type: ignore[no-untyped-def]
+    """Read from ``sock`` until ``done(data)`` is true, the peer closes, or ``timeout`` passes.
+
+    ``done`` may be the expected bytes (then: until that many bytes arrived)."""
+    if isinstance(done, bytes):
+        want = len(done)
+        done = lambda data: len(data) >= want  # noqa: E731
+    return _read(sock, done, timeout, None)
+
+
+def _read(sock: socket.socket, done, timeout: float, quiet: float | None) -> bytes:  # type: ignore[no-untyped-def]
+    """The read loop behind both: stop on ``done``, EOF, ``timeout``, or ``quiet`` seconds of silence."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    while not done(data) and time.monotonic() < deadline:
+        left = max(0.01, deadline - time.monotonic())
+        sock.settimeout(min(quiet, left) if quiet is not None else left)
+        try:
+            chunk = sock.recv(1 << 20)
+        except TimeoutError:
+            if quiet is not None:
                 break
-            out += chunk
-        return out
+            continue
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 USERS_ACL = """\
@@ -138,24 +164,3 @@ user admin on >admin-pw ~* &* +@all
 user nopassuser on nopass ~* +@read
 user disabled off >dis-pw ~* +@all
 """
-
-
-def read_until(sock: socket.socket, done, timeout: float = 5.0) -> bytes:  # type: ignore[no-untyped-def]
-    """Read from ``sock`` until ``done(data)`` is true, the peer closes, or ``timeout`` passes.
-
-    ``done`` may be the expected bytes (then: until that many bytes arrived)."""
-    if isinstance(done, bytes):
-        want = len(done)
-        done = lambda data: len(data) >= want  # noqa: E731
-    data = b""
-    deadline = time.monotonic() + timeout
-    while not done(data) and time.monotonic() < deadline:
-        sock.settimeout(max(0.01, deadline - time.monotonic()))
-        try:
-            chunk = sock.recv(1 << 16)
-        except TimeoutError:
-            break
-        if not chunk:
-            break
-        data += chunk
-    return data

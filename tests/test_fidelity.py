@@ -17,7 +17,16 @@ from hypothesis import strategies as st
 
 from redisguard.resp import encode_command
 
-from .helpers import UPSTREAM_PASSWORD, UPSTREAM_USER, ProxyProc, RedisProc, read_until, start_proxy, start_redis
+from .helpers import (
+    UPSTREAM_PASSWORD,
+    UPSTREAM_USER,
+    ProxyProc,
+    RedisProc,
+    raw_exchange,
+    read_until,
+    start_proxy,
+    start_redis,
+)  # fmt: skip
 
 # The policy, loaded into the mirror Redis (as ACL rules) and into redisguard (as its users file).
 POLICY = [
@@ -56,29 +65,7 @@ def _flush(port: int) -> None:
 
 
 def exchange(port: int, data: bytes, chunks: list[int] | None = None, quiet: float = 0.4, limit: float = 20) -> bytes:
-    """Send ``data`` (optionally split at ``chunks`` offsets) and read until the peer is quiet or closes."""
-    with socket.create_connection(("127.0.0.1", port), timeout=limit) as s:
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if chunks:
-            prev = 0
-            for cut in [*chunks, len(data)]:
-                s.sendall(data[prev:cut])
-                prev = cut
-                time.sleep(0.002)
-        else:
-            s.sendall(data)
-        out = bytearray()
-        s.settimeout(quiet)
-        deadline = time.monotonic() + limit
-        while time.monotonic() < deadline:
-            try:
-                chunk = s.recv(1 << 20)
-            except TimeoutError:
-                break
-            if not chunk:
-                break
-            out += chunk
-        return bytes(out)
+    return raw_exchange(port, data, timeout=limit, quiet=quiet, chunks=chunks)
 
 
 _ID = re.compile(rb"(\$2\r\nid\r\n:)\d+")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from redisguard.metrics import parse_samples as samples
 from redisguard.resp import encode_command
 
 from .helpers import USERS_ACL, ProxyProc, raw_exchange, read_until, start_proxy
@@ -26,15 +27,6 @@ PROM = REPO / "config" / "prometheus"
 
 def scrape(p: ProxyProc) -> str:
     return urllib.request.urlopen(f"http://127.0.0.1:{p.metrics_port}/metrics", timeout=5).read().decode()
-
-
-def samples(text: str) -> dict[str, float]:
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
 
 
 def promtool() -> str:
