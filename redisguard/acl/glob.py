@@ -4,6 +4,13 @@ Not ``fnmatch``: Redis has no path separators, treats a trailing ``\\`` and an u
 own way, compares bytes as signed chars in ranges, and gives up past 1000 nested ``*``.
 :func:`compile_glob` turns the common shapes (``*``, ``prefix*``, literals) into plain string
 operations so the hot path never runs the general matcher.
+
+The empty string is the edge to watch. ``stringmatchlen``'s main loop runs only while both the
+pattern and the string are non-empty, and trailing ``*`` are stripped only after a character of the
+string was consumed, so no non-empty pattern (``*``, ``**``, ``a*``) matches ``""``; only the empty
+pattern does. ``~*`` / ``allkeys`` (and ``&*`` / ``allchannels``) are flags checked before any
+matching and do allow ``""``, but ``%R~*``, ``%W~*``, ``%RW~*`` (and ``&**``) are ordinary patterns and
+do not. Redis 7.0.15 ``ACL DRYRUN`` agrees: a ``%RW~*`` user is denied ``GET ""``, a ``~*`` user may.
 """
 
 from __future__ import annotations
@@ -101,12 +108,14 @@ _SPECIAL = frozenset(b"*?[\\")
 
 
 def compile_glob(pattern: bytes) -> Callable[[bytes], bool]:
-    """A matcher equivalent to ``stringmatch(pattern, s)``, fast for the usual shapes."""
+    """A matcher equivalent to ``stringmatch(pattern, s)``, fast for the usual shapes.
+
+    Each fast path must give ``stringmatch``'s answer for every string, ``b""`` included."""
     if pattern == b"*":
-        return lambda s: True
+        return bool  # "*" matches every string except the empty one
     if not any(c in _SPECIAL for c in pattern):
         return pattern.__eq__
     body = pattern[:-1]
-    if pattern.endswith(b"*") and not any(c in _SPECIAL for c in body):
-        return lambda s: s.startswith(body)
+    if pattern.endswith(b"*") and body and not any(c in _SPECIAL for c in body):
+        return lambda s: s.startswith(body)  # body is non-empty, so never true for b""
     return lambda s: stringmatch(pattern, s)
