@@ -290,16 +290,11 @@ class CommandTable:
 
     def unknown_error(self, argv: Sequence[bytes]) -> bytes:
         """The error Redis gives for an unknown command or subcommand (commandCheckExistence)."""
-        name = argv[0].decode("utf-8", "replace")
-        container = self.commands.get(name.lower())
+        container = self.commands.get(argv[0].decode("utf-8", "replace").lower())
         if container is not None and container.subcommands and len(argv) >= 2:
-            msg = "unknown subcommand '%.128s'. Try %s HELP." % (
-                argv[1].decode("utf-8", "replace"),
-                name.upper(),
-            )
-        else:
-            return unknown_command_error(argv)
-        return b"-ERR " + msg.replace("\r", " ").replace("\n", " ").encode() + b"\r\n"
+            msg = b"unknown subcommand '%s'. Try %s HELP." % (_cstr(argv[1], 128), container.name.upper().encode())
+            return b"-ERR " + msg.replace(b"\r", b" ").replace(b"\n", b" ") + b"\r\n"
+        return unknown_command_error(argv)
 
     @staticmethod
     def arity_error(cmd: Command, argc: int) -> bytes | None:
@@ -308,15 +303,22 @@ class CommandTable:
         return None
 
 
+def _cstr(arg: bytes, limit: int) -> bytes:
+    """printf's ``%.*s``: at most ``limit`` bytes, ending at a NUL."""
+    nul = arg.find(b"\0", 0, limit)
+    return arg[: nul if nul >= 0 else limit]
+
+
 def unknown_command_error(argv: Sequence[bytes]) -> bytes:
-    """commandCheckExistence's text for a command Redis does not know."""
-    args = ""
+    """commandCheckExistence's text for a command Redis does not know, byte for byte (bytes, not
+    characters, are truncated; a NUL ends an argument; CR and LF become spaces)."""
+    args = b""
     for a in argv[1:]:
         if len(args) >= 128:
             break
-        args += "'%s' " % a.decode("utf-8", "replace")[: 128 - len(args)]
-    msg = "unknown command '%.128s', with args beginning with: %s" % (argv[0].decode("utf-8", "replace"), args)
-    return b"-ERR " + msg.replace("\r", " ").replace("\n", " ").encode() + b"\r\n"
+        args += b"'%s' " % _cstr(a, 128 - len(args))
+    msg = b"unknown command '%s', with args beginning with: %s" % (_cstr(argv[0], 128), args)
+    return b"-ERR " + msg.replace(b"\r", b" ").replace(b"\n", b" ") + b"\r\n"
 
 
 def get_keys(cmd: Command, argv: Sequence[bytes]) -> list[tuple[int, int]]:

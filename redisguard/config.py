@@ -84,7 +84,7 @@ class LimitsConfig:
     auth_timeout: float = 10.0  # a connection must authenticate (or send a command) within this
     idle_timeout: float = 0.0  # 0 = never, like Redis's "timeout 0"
     max_request_bytes: int = 512 * 1024 * 1024 + 64 * 1024
-    auth_failures_per_minute: float = 20.0  # per source address; over it AUTH is refused unchecked (0 = off)
+    auth_failures_per_minute: float = 20.0  # per source; past it each AUTH waits before its check (0 = off)
 
 
 @dataclass(frozen=True)

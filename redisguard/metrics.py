@@ -27,6 +27,8 @@ class Metrics:
                               ["user", "command", "reason"], registry=r)  # fmt: skip
         self.auth_failures = Counter("redisguard_auth_failures", "Failed authentications.",
                                      ["listener", "reason"], registry=r)  # fmt: skip
+        self.auth_throttled = Counter("redisguard_auth_throttled", "AUTH attempts delayed by the brute-force "
+                                      "throttle before being checked.", ["listener"], registry=r)  # fmt: skip
         self.auth_successes = Counter("redisguard_auth_successes", "Successful authentications.",
                                       ["listener", "method"], registry=r)  # fmt: skip
         self.connections_active = Gauge("redisguard_connections_active", "Open client connections.",

@@ -15,6 +15,7 @@ partial header line, so a 50 MB bulk string streams through in O(n) without buff
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -140,175 +141,229 @@ def split_args(line: bytes) -> list[bytes] | None:
         args.append(bytes(cur))
 
 
-def _header_end(buf: bytes, p: int, too_big: str) -> int:
-    """Where the header line starting at ``p`` ends (its CR, with the LF present), or -1 if not yet."""
-    cr = buf.find(b"\r", p)
-    if cr < 0:
-        if len(buf) - p > PROTO_INLINE_MAX_SIZE:
-            raise ProtocolError(too_big)
-        return -1
-    return cr if cr + 1 < len(buf) else -1
-
-
-def parse_request(buf: bytes, pos: int, authenticated: bool = True) -> tuple[list[bytes] | None, int]:
-    """Parse one request at ``buf[pos:]`` the way Redis does.
-
-    Returns ``(argv, newpos)``; ``argv`` is None when more data is needed (newpos == pos) and ``[]``
-    for an empty request Redis silently skips. Raises :class:`ProtocolError` with Redis's text."""
-    n = len(buf)
-    if pos >= n:
-        return None, pos
-    if buf[pos] != 0x2A:  # '*' → multibulk, anything else → inline
-        nl = buf.find(b"\n", pos)
-        if nl < 0:
-            if n - pos > PROTO_INLINE_MAX_SIZE:
-                raise ProtocolError("too big inline request")
-            return None, pos
-        end = nl - 1 if nl > pos and buf[nl - 1] == 0x0D else nl
-        inline = split_args(buf[pos:end])
-        if inline is None:
-            raise ProtocolError("unbalanced quotes in request")
-        return inline, nl + 1
-    cr = _header_end(buf, pos, "too big mbulk count string")
-    if cr < 0:
-        return None, pos
-    count = string2ll(buf[pos + 1 : cr])
-    if count is None or count > INT_MAX:
-        raise ProtocolError("invalid multibulk length")
-    if count > UNAUTH_MAX_MULTIBULK and not authenticated:
-        raise ProtocolError("unauthenticated multibulk length")
-    p = cr + 2
-    if count <= 0:
-        return [], p
-    argv: list[bytes] = []
-    for _ in range(count):
-        cr = _header_end(buf, p, "too big bulk count string")
-        if cr < 0:
-            return None, pos
-        if buf[p] != 0x24:  # '$'
-            raise ProtocolError("expected '$', got '%s'" % chr(buf[p]))
-        blen = string2ll(buf[p + 1 : cr])
-        if blen is None or blen < 0 or blen > PROTO_MAX_BULK_LEN:
-            raise ProtocolError("invalid bulk length")
-        if blen > UNAUTH_MAX_BULK and not authenticated:
-            raise ProtocolError("unauthenticated bulk length")
-        start = cr + 2
-        if start + blen + 2 > n:
-            return None, pos
-        argv.append(bytes(buf[start : start + blen]))
-        p = start + blen + 2  # Redis skips the trailing CRLF without checking it
-    return argv, p
-
-
-def _encoded_len(argv: list[bytes]) -> int:
-    n = 3 + len(str(len(argv)))
-    for a in argv:
-        la = len(a)
-        n += 5 + len(str(la)) + la
-    return n
-
-
 class RequestParser:
-    """Incremental request parser: hiredis for multibulk, Python for inline requests and errors.
+    """Redis's request reader (networking.c ``processInputBuffer``), incremental and bounded.
 
-    ``feed(data)`` returns the complete requests now available and whether ``data`` held exactly
-    those requests, whole — then the caller may forward ``data`` as-is instead of re-encoding.
-    Before authentication (``authenticated = False``) Redis's tighter pre-auth limits apply and at
-    most one request is returned per call, so the caller can lift the limits after a successful
-    AUTH and call ``feed(b"")`` for the rest."""
+    Theory of operation
+    -------------------
+    The parser keeps Redis's own client state (``multibulklen``, ``bulklen``, the arguments read so
+    far) across reads, so each ``feed`` does work in proportion to the bytes it is given, never to a
+    count or length a client declared, and never re-reads what it has seen. It follows Redis to the
+    byte: a request starting with ``*`` is multibulk, anything else inline; header lines end at the
+    first ``\r`` (or ``\n`` inline) and, like Redis's ``strchr``, a NUL before it hides it; the two
+    bytes after a bulk are skipped unchecked; counts <= 0 and empty lines are skipped; the errors are
+    Redis's words, and the requests before an error in the same read are returned with it.
 
-    # Past this many buffered bytes of one unfinished request, validate its headers in Python so an
-    # absurd length (``$9999999999``) is refused at once instead of being waited for.
-    VALIDATE_AFTER = 64 * 1024
+    ``feed(data)`` returns the complete requests. ``raw`` is then ``data`` itself when ``data`` held
+    exactly those requests in canonical encoding (``*N`` and ``$len`` bulks, nothing else), which is
+    the only case in which a caller may forward the client's bytes unchanged; otherwise it is None and
+    requests must be re-encoded. That fast case is recognised with hiredis and then *proven* by
+    comparing the bytes with the canonical encoding of what hiredis returned: hiredis speaks RESP3
+    (``~``, ``%``, ``|``, nested arrays, ``+`` strings ...) where Redis's request reader does not, so
+    its parse is trusted only when it is byte-identical to the canonical one. hiredis allocates a
+    declared aggregate size up front, so chunks that could declare a large one never reach it.
+
+    After a protocol error, ``error`` is set and nothing more is parsed (Redis replies and closes).
+    Before authentication (``authenticated = False``) Redis's pre-auth limits apply and at most one
+    request is returned per call; the caller lifts the limits after AUTH and calls ``feed(b"")``.
+    """
+
+    # Per-argument bookkeeping counted against max_request_bytes, so a request of empty arguments
+    # cannot hold many times its size in memory.
+    ARG_OVERHEAD = 64
 
     def __init__(self, max_request_bytes: int = PROTO_MAX_BULK_LEN + PROTO_INLINE_MAX_SIZE) -> None:
         self._reader = hiredis.Reader()
-        self._pending: list[bytes] = []  # raw bytes fed to hiredis since it last held nothing
-        self._pending_len = 0
-        self._validated_at = 0
-        self._buf = b""  # Python-path buffer
+        self._buf = bytearray()  # unparsed input: a partial header/inline line, or a partial request
+        self._scanned = 0  # bytes of _buf already searched for the current line's terminator
+        self._hidden = False  # a NUL hides the current line's terminator (it never completes)
+        self._mbulk = 0  # arguments still to read in the current multibulk request (multibulklen)
+        self._bulklen = -1  # length of the bulk being read, -1 while reading its header
+        self._argv: list[bytes] = []
+        self._parts: list[bytes] = []  # body (+2 trailing bytes) of a bulk arriving over several reads
+        self._have = 0
+        self._cost = 0  # bytes (and per-argument overhead) held for the current request
         self.max_request_bytes = max_request_bytes
         self.authenticated = True
+        self.raw: bytes | None = None
+        self.error: ProtocolError | None = None
 
     @property
     def buffered(self) -> int:
-        return len(self._buf) + self._pending_len
+        return len(self._buf) + self._have
 
-    def feed(self, data: bytes) -> tuple[list[list[bytes]], bool]:
-        if self._buf or (not self._pending and (not self.authenticated or data[:1] != b"*")):
-            return self._feed_python(data), False
-        if not data:
-            return [], False
-        clean = not self._pending
-        self._reader.feed(data)
-        self._pending.append(data)
-        self._pending_len += len(data)
+    @property
+    def idle(self) -> bool:
+        """Between requests, with nothing buffered."""
+        return not self._buf and not self._mbulk and not self._parts
+
+    def feed(self, data: bytes) -> list[list[bytes]]:
+        self.raw = None
+        if self.error is not None:
+            return []
+        if (
+            self.authenticated
+            and data[:1] == b"*"
+            and not self._buf
+            and not self._mbulk
+            and not self._parts
+            and not _hiredis_unsafe(data)
+        ):
+            fast = self._hiredis(data)
+            if fast is not None:
+                return fast
+        buf: bytes | bytearray
+        if self._buf:
+            self._buf += data
+            buf = self._buf
+        else:
+            buf = data
         out: list[list[bytes]] = []
-        used = 0  # bytes of the pending stream that the returned requests account for
         try:
-            while (req := self._reader.gets()) is not False:
-                if type(req) is not list or not all(type(a) is bytes for a in req):
-                    # Valid RESP but not a request (e.g. "*1\r\n:5\r\n"): let Python name the error.
-                    return out + self._fall_back(len(out)), False
-                out.append(req)
-                used += _encoded_len(req)
-        except hiredis.ProtocolError:
-            return out + self._fall_back(len(out)), False
-        # hiredis does not say whether it holds half a request, so account for the bytes: requests
-        # are canonical RESP, whose length is known from argv alone.
-        if used == self._pending_len:
-            self._pending.clear()
-            self._pending_len = 0
-            self._validated_at = 0
-            return out, clean
-        if used > self._pending_len:  # a non-canonical encoding: Redis's own rules decide
-            return self._fall_back(0), False
-        if used:  # keep only the raw bytes of the unfinished request
-            rest = b"".join(self._pending)[used:]
-            self._pending = [rest]
-            self._pending_len = len(rest)
-        if self._pending_len > self.max_request_bytes:
-            raise ProtocolError("request exceeds max_request_bytes")
-        if self._pending_len <= self.VALIDATE_AFTER or self._pending_len > 2 * self._validated_at:
-            self._validated_at = self._pending_len
-            argv, end = parse_request(b"".join(self._pending), 0, True)  # raises on a bad header
-            if argv is not None:  # complete by Redis's rules but not by hiredis's: non-canonical
-                return out + self._fall_back(0), False
-        return out, False
-
-    @staticmethod
-    def _skip(buf: bytes, done: int) -> bytes:
-        """``buf`` without its first ``done`` requests (which hiredis already returned)."""
-        pos = 0
-        for _ in range(done):
-            pos = parse_request(buf, pos, True)[1]
-        return buf[pos:]
-
-    def _fall_back(self, done: int) -> list[list[bytes]]:
-        """hiredis refused the stream: re-read what it held, minus ``done`` requests, in Python."""
-        buf = self._skip(b"".join(self._pending), done)
-        self._pending = []
-        self._pending_len = 0
-        self._reader = hiredis.Reader()
-        return self._feed_python(buf)
-
-    def _feed_python(self, data: bytes) -> list[list[bytes]]:
-        buf = self._buf + data if self._buf else data
-        out: list[list[bytes]] = []
-        pos = 0
-        while True:
-            argv, newpos = parse_request(buf, pos, self.authenticated)
-            if argv is None:
-                break
-            pos = newpos
-            if argv:
-                out.append(argv)
-                if not self.authenticated:
-                    break
-        self._buf = buf[pos:]
-        if len(self._buf) > self.max_request_bytes:
-            raise ProtocolError("request exceeds max_request_bytes")
+            used = self._parse(buf, out)
+        except ProtocolError as e:
+            self.error = e
+            self._buf, self._argv, self._parts = bytearray(), [], []
+            return out
+        if buf is self._buf:
+            del self._buf[:used]
+        elif used < len(data):
+            self._buf = bytearray(data[used:])
+        if used and self._scanned:
+            self._scanned = max(0, self._scanned - used)
         return out
+
+    def _hiredis(self, data: bytes) -> list[list[bytes]] | None:
+        """The fast path: whole canonical requests; None sends ``data`` to the exact parser."""
+        reader = self._reader
+        out: list[list[bytes]] = []
+        try:
+            reader.feed(data)
+            while (req := reader.gets()) is not False:
+                out.append(req)
+            canonical = b"".join([encode_command(r) for r in out])
+        except Exception:  # hiredis's view is not a request stream (RESP3 types, nesting, a bad map key)
+            self._reader = hiredis.Reader()
+            return None
+        if canonical == data:
+            self.raw = data
+            return [r for r in out if r]  # "*0\r\n": Redis skips it
+        # A partial request, or bytes whose meaning differs for Redis: the exact parser reads them all.
+        self._reader = hiredis.Reader()
+        return None
+
+    # -- Redis's rules ----------------------------------------------------------------------------
+    def _line_end(self, buf: bytes | bytearray, start: int, term: bytes, too_big: str) -> int:
+        """Redis's ``strchr(querybuf+pos, term)`` for the line at ``start``: its index, or -1 to wait.
+
+        A NUL before the terminator ends strchr's search, so such a line never completes: like Redis
+        the parser waits and refuses once more than PROTO_INLINE_MAX_SIZE bytes are pending. (Redis
+        may find a terminator a little past that limit, depending on how its 16 KiB reads fall; the
+        parser refuses those lines, never reads them differently.)"""
+        if not self._hidden:
+            limit = start + PROTO_INLINE_MAX_SIZE + 1
+            scan_from = max(start, self._scanned)
+            end = buf.find(term, scan_from, limit)
+            if buf.find(b"\x00", scan_from, end if end >= 0 else limit) >= 0:
+                self._hidden = True
+            elif end >= 0:
+                self._scanned = 0
+                return end
+            else:
+                self._scanned = min(len(buf), limit)  # never search these bytes again
+        if len(buf) - start > PROTO_INLINE_MAX_SIZE:
+            raise ProtocolError(too_big)
+        return -1
+
+    def _parse(self, buf: bytes | bytearray, out: list[list[bytes]]) -> int:
+        """Read requests from ``buf`` into ``out``; returns how many bytes were consumed."""
+        pos = 0
+        n = len(buf)
+        while True:
+            if not self._mbulk:
+                if pos >= n or (out and not self.authenticated):
+                    return pos
+                if buf[pos] != 0x2A:  # not '*': an inline request
+                    nl = self._line_end(buf, pos, b"\n", "too big inline request")
+                    if nl < 0:
+                        return pos
+                    end = nl - 1 if nl > pos and buf[nl - 1] == 0x0D else nl
+                    argv = split_args(bytes(buf[pos:end]))
+                    if argv is None:
+                        raise ProtocolError("unbalanced quotes in request")
+                    pos = nl + 1
+                    if argv:
+                        out.append(argv)
+                    continue
+                cr = self._line_end(buf, pos, b"\r", "too big mbulk count string")
+                if cr < 0 or cr + 1 >= n:  # Redis also waits for the byte after the CR
+                    return pos
+                count = string2ll(bytes(buf[pos + 1 : cr]))
+                if count is None or count > INT_MAX:
+                    raise ProtocolError("invalid multibulk length")
+                if count > UNAUTH_MAX_MULTIBULK and not self.authenticated:
+                    raise ProtocolError("unauthenticated multibulk length")
+                self._cost = cr + 2 - pos
+                pos = cr + 2
+                if count > 0:  # Redis skips "*0" and negative counts
+                    self._mbulk = count
+                continue
+            if self._bulklen < 0:
+                if pos >= n:
+                    return pos
+                cr = self._line_end(buf, pos, b"\r", "too big bulk count string")
+                if cr < 0 or cr + 1 >= n:
+                    return pos
+                if buf[pos] != 0x24:  # '$'
+                    raise ProtocolError("expected '$', got '%s'" % chr(buf[pos]))
+                blen = string2ll(bytes(buf[pos + 1 : cr]))
+                if blen is None or blen < 0 or blen > PROTO_MAX_BULK_LEN:
+                    raise ProtocolError("invalid bulk length")
+                if blen > UNAUTH_MAX_BULK and not self.authenticated:
+                    raise ProtocolError("unauthenticated bulk length")
+                self._count(cr + 2 - pos + blen + 2 + self.ARG_OVERHEAD)
+                pos = cr + 2
+                self._bulklen = blen
+            blen = self._bulklen
+            want = blen + 2 - self._have  # the rest of the body and the two bytes Redis skips unchecked
+            body = max(0, blen - self._have)
+            if n - pos < want:  # keep a partial body aside: the buffer only ever holds header lines
+                take = min(n - pos, body)
+                if take:
+                    self._parts.append(bytes(buf[pos : pos + take]))
+                self._have += n - pos
+                return n
+            if self._parts:
+                if body:
+                    self._parts.append(bytes(buf[pos : pos + body]))
+                arg = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
+                self._parts = []
+            else:
+                arg = bytes(buf[pos : pos + blen])
+            self._have = 0
+            pos += want
+            self._argv.append(arg)
+            self._bulklen = -1
+            self._mbulk -= 1
+            if not self._mbulk:
+                out.append(self._argv)
+                self._argv = []
+
+    def _count(self, size: int) -> None:
+        self._cost += size
+        if self._cost > self.max_request_bytes:
+            raise ProtocolError("request exceeds max_request_bytes")
+
+
+def _hiredis_unsafe(data: bytes) -> bool:
+    """Could hiredis see an aggregate in ``data`` that makes it allocate more than ``data`` is worth?
+
+    hiredis allocates a declared array/set/map/push size at its header; canonical requests only have
+    ``*N`` headers, and with N < 100 the allocation stays small. Anything else takes the exact path."""
+    return b"~" in data or b"%" in data or b"|" in data or b">" in data or _BIG_ARRAY.search(data) is not None
+
+
+_BIG_ARRAY = re.compile(rb"\*[1-9][0-9]{2}")
 
 
 # --------------------------------------------------------------------------------------------------

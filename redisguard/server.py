@@ -7,6 +7,7 @@ enforces connection-level guards (source networks, connection limits, timeouts) 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import signal
@@ -94,6 +95,9 @@ class Observer:
         extra = {"keys": session.last_keys()} if self.audit_keys else {}
         audit.warning("command_denied", user=user, command=cmd, reason=reason, listener=session.listener,
                       peer=session.peer, tls_identity=session.tls_identity, **extra)  # fmt: skip
+
+    def throttled(self, session: Session, delay: float) -> None:
+        self.metrics.auth_throttled.labels(session.listener).inc()
 
     def auth(self, session: Session, ok: bool, username: str, reason: str, method: str) -> None:
         if ok:
@@ -236,6 +240,9 @@ class ClientProtocol(asyncio.Protocol):
         self.last_active = 0.0
         self.connect_task: asyncio.Task[None] | None = None
         self.paused_by: set[str] = set()
+        self.waiting = False  # the session is paused: a throttle timer or an offloaded decision runs
+        self.wake: asyncio.TimerHandle | None = None
+        self.pending_bytes = 0  # bytes for the upstream held while it is being connected
 
     # -- lifecycle --------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -360,10 +367,46 @@ class ClientProtocol(asyncio.Protocol):
             return
         self.last_active = time.monotonic()
         self.session.client_data(data)
-        if self.timer is not None and self.session.authenticated:
+        self._after_session()
+
+    def _after_session(self) -> None:
+        """After the session ran: start what it waits for (a throttle delay, a decision off the loop),
+        not reading from the client meanwhile; then move the bytes."""
+        s = self.session
+        if self.timer is not None and s.authenticated:
             self.timer.cancel()
             self.timer = None
+        if s.paused and not self.waiting and not self.closed:
+            self.waiting = True
+            self.pause_reading("session")
+            loop = asyncio.get_running_loop()
+            if s.offload is not None:
+                job = loop.run_in_executor(self.proxy.executor, s.decide_offloaded, s.offload)
+                job.add_done_callback(self._offload_done)
+            else:
+                self.wake = loop.call_later(s.wait, self._resume)
         self.flush()
+
+    def _resume(self) -> None:
+        self.wake = None
+        self.waiting = False
+        if self.closed:
+            return
+        self.resume_reading("session")
+        self.session.resume()
+        self._after_session()
+
+    def _offload_done(self, job: asyncio.Future[Any]) -> None:
+        self.waiting = False
+        if self.closed or job.cancelled():
+            return
+        if job.exception() is not None:
+            log.error("internal_error", message="deciding a large request failed", error=repr(job.exception()))
+            self.close()
+            return
+        self.resume_reading("session")
+        self.session.offloaded(*job.result())
+        self._after_session()
 
     def flush(self) -> None:
         s = self.session
@@ -378,10 +421,16 @@ class ClientProtocol(asyncio.Protocol):
                 self.upstream.transport.write(b"".join(s.to_upstream))
             else:
                 self.pending_upstream.extend(s.to_upstream)
+                self.pending_bytes += sum(map(len, s.to_upstream))
+                if self.pending_bytes > HIGH_WATER:  # hold no more than that while Redis is connecting
+                    self.pause_reading("connect")
             s.to_upstream.clear()
         elif self.pending_upstream and self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.write(b"".join(self.pending_upstream))
             self.pending_upstream = []
+        if self.pending_bytes and not self.pending_upstream:
+            self.pending_bytes = 0
+            self.resume_reading("connect")
         if s.to_client and self.transport is not None and not self.closed:
             self.transport.write(b"".join(s.to_client))
             s.to_client.clear()
@@ -417,7 +466,7 @@ class ClientProtocol(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
-        for timer in (self.timer, self.idle_timer):
+        for timer in (self.timer, self.idle_timer, self.wake):
             if timer is not None:
                 timer.cancel()
         self._close_upstream()
@@ -507,6 +556,8 @@ class Proxy:
         self.table: CommandTable = None  # type: ignore[assignment]
         self.last_upstream_error = ""
         self.tls_contexts: dict[str, ssl.SSLContext] = {}
+        # Decisions on huge requests run here, one at a time, so they never stall the event loop.
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="redisguard-decide")
 
     def note_upstream_error(self, e: BaseException) -> None:
         msg = f"{type(e).__name__}: {e}"

@@ -39,10 +39,20 @@ from typing import Protocol
 from .acl import User, check, replies
 from .acl.check import sort_restriction
 from .commands import Command, CommandTable, get_keys, unknown_command_error
-from .guards import AuthThrottle
+from .guards import AuthThrottle, source_key
 from .resp import OK, Frame, ProtocolError, ReplyScanner, RequestParser, encode_bulk, encode_command, string2ll
 
-RELAY, SYNTH, SWALLOW, AUTHCHECK, CLOSE, PUBSUB, MONITOR = range(7)
+RELAY, SYNTH, SWALLOW, AUTHCHECK, CLOSE, PUBSUB, MONITOR, SWALLOW_PUBSUB, SWALLOW_MONITOR = range(9)
+_QUIET = {RELAY: SWALLOW, PUBSUB: SWALLOW_PUBSUB, MONITOR: SWALLOW_MONITOR}
+_RELAYED = (RELAY, PUBSUB, MONITOR)
+# Requests with more arguments or bytes than this are decided (and re-encoded) off the event loop,
+# so one huge MGET, DEL or 1 MB key name matched against `*x*` patterns cannot stall other clients.
+OFFLOAD_ARGC = 4096
+OFFLOAD_BYTES = 64 * 1024
+
+
+def _huge(argv: Sequence[bytes]) -> bool:
+    return len(argv) > OFFLOAD_ARGC or sum(map(len, argv)) > OFFLOAD_BYTES
 # One forwarded request in this many is timed until its reply (redisguard_upstream_reply_seconds).
 LATENCY_SAMPLE_EVERY = 64
 
@@ -73,6 +83,7 @@ class Observer(Protocol):
     def command(self, session: Session, cmd: str, allowed: bool, reason: str) -> None: ...
     def auth(self, session: Session, ok: bool, username: str, reason: str, method: str) -> None: ...
     def reply_latency(self, seconds: float) -> None: ...
+    def throttled(self, session: Session, delay: float) -> None: ...
 
 
 class _NullObserver:
@@ -83,6 +94,9 @@ class _NullObserver:
         pass
 
     def reply_latency(self, seconds: float) -> None:
+        pass
+
+    def throttled(self, session: Session, delay: float) -> None:
         pass
 
 
@@ -131,6 +145,40 @@ class Policy:
         return self.table.unknown_error(argv)
 
 
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What Redis's processCommand would decide before running ``argv`` (error None: allowed)."""
+
+    cmd: Command | None
+    error: bytes | None
+    reason: str  # "" | unknown_command | disabled | arity | noauth | command | key | channel
+    name: str  # the command's name for metrics and logs ("unknown" if Redis does not know it)
+
+
+def decide(policy: Policy, user: User, argv: Sequence[bytes], auth_required: bool) -> Verdict:
+    """The decision, in Redis's order: unknown or disabled → arity → NOAUTH → ACL. Pure: may run in a
+    worker thread for huge requests."""
+    cmd = policy.resolve(argv)
+    if cmd is None:
+        known = policy.table.lookup(argv)
+        return Verdict(None, policy.unknown_error(argv), "disabled" if known else "unknown_command",
+                       known.name if known else "unknown")  # fmt: skip
+    err = CommandTable.arity_error(cmd, len(argv))
+    if err:
+        return Verdict(cmd, err, "arity", cmd.name)
+    if auth_required and not cmd.no_auth:
+        return Verdict(cmd, NOAUTH, "noauth", cmd.name)
+    denied = check(user, cmd, argv)
+    if denied is not None:
+        return Verdict(cmd, denied.error, denied.reason, cmd.name)
+    if cmd.name in ("sort", "sort_ro"):
+        # SORT's own run-time check (BY/GET patterns), which Redis makes as the connection's user
+        err = sort_restriction(user, cmd, argv)
+        if err:
+            return Verdict(cmd, err, "key", cmd.name)
+    return Verdict(cmd, None, "", cmd.name)
+
+
 def _valid_client_name(name: bytes) -> bool:
     return all(0x21 <= c <= 0x7E for c in name)
 
@@ -147,6 +195,7 @@ class Session:
         self.policy = policy
         self.listener = listener
         self.peer = peer
+        self.source = source_key(peer.rpartition(":")[0] or peer)  # the address AUTH throttling keys on
         self.tls_identity = tls_identity
         self.to_client: list[bytes] = []
         self.to_upstream: list[bytes] = []
@@ -172,6 +221,15 @@ class Session:
         self._relayed_done = 0
         self._sample: tuple[int, float] | None = None  # (reply number, send time) being timed
         self._last: tuple[Command | None, list[bytes]] = (None, [])
+        # Requests parsed but not yet decided: the session waits while an AUTH is throttled or a huge
+        # request is decided off the loop (the transport stops reading meanwhile).
+        self._pending: deque[list[bytes]] = deque()
+        self.wait = 0.0  # > 0: the transport calls resume() after this many seconds
+        self.offload: list[bytes] | None = None  # a request the transport decides in a worker thread
+        self._paused = False
+        self._replay = False  # the request at the head of _pending was started before the pause
+        self._replay_auth = False  # ... and it is an AUTH whose throttle delay has been served
+        self._decided: tuple[list[bytes], Verdict, bytes] | None = None
         if cert_user is not None:
             self.user: User = cert_user
             self.authenticated = True
@@ -196,7 +254,12 @@ class Session:
     @property
     def idle(self) -> bool:
         """Nothing owed to the client (not blocked, not waiting for replies) and not subscribed."""
-        return not self._slots and not self.subscribed and not self.monitoring
+        return not self._slots and not self._pending and not self.subscribed and not self.monitoring
+
+    @property
+    def paused(self) -> bool:
+        """Waiting for resume() or offloaded(): the transport should not read from the client."""
+        return self._paused
 
     @property
     def subscribed(self) -> bool:
@@ -240,10 +303,18 @@ class Session:
             self._slots.append([kind, n])
 
     def _forward(self, argv: Sequence[bytes], replies: int = 1, kind: int = RELAY) -> None:
+        """Send ``argv`` upstream, canonically encoded: Redis reads exactly the argv that was checked."""
         self._open_upstream()
-        self.to_upstream.append(encode_command(argv))
-        if replies and not self._silent:
-            self._expect(kind, replies)
+        decided = self._decided
+        if decided is not None and decided[0] is argv and decided[2]:
+            self.to_upstream.append(decided[2])  # encoded off the loop with its verdict
+        else:
+            self.to_upstream.append(encode_command(argv))
+        if not replies or self.reply_off:  # Redis sends nothing while CLIENT REPLY is OFF
+            return
+        if self._skipping:  # CLIENT REPLY SKIP is the proxy's: Redis answers, the client gets nothing
+            kind = _QUIET[kind]
+        self._expect(kind, replies)
 
     def _close_after_replies(self) -> None:
         self.stopped = True  # nothing the client sends after this is read
@@ -256,27 +327,63 @@ class Session:
     def client_data(self, data: bytes) -> None:
         if self.stopped or self.closing:
             return
-        try:
-            requests, clean = self.parser.feed(data)
-            while requests:
-                if clean and self._all_plain(requests):
-                    # The fast path: every request is forwarded as sent; no re-encoding.
-                    self._open_upstream()
-                    self.to_upstream.append(data)
-                    self._expect(RELAY, len(requests))
+        requests = self.parser.feed(data)
+        if self._pending or self._paused:
+            self._pending.extend(requests)
+            return
+        raw = self.parser.raw
+        if raw is not None and requests and self._all_plain(requests):
+            # The fast path: the bytes are exactly the canonical encoding of requests that are all
+            # simply forwarded, so they go upstream as sent.
+            self._open_upstream()
+            self.to_upstream.append(raw)
+            self._expect(RELAY, len(requests))
+            return
+        self._pending.extend(requests)
+        self._run()
+
+    def _run(self) -> None:
+        """Decide the pending requests in order, until done or paused; then a protocol error, if any."""
+        pending = self._pending
+        parser = self.parser
+        while True:
+            while pending and not self._paused:
+                if self.stopped:
+                    pending.clear()
                     return
-                for argv in requests:
-                    if self.stopped:
-                        return
-                    self._command(argv)
-                    self.parser.authenticated = self.authenticated or not self._auth_required()
-                clean = False
-                requests = self.parser.feed(b"")[0] if self.parser.buffered and not self.closing else []
-        except ProtocolError as e:
+                self._command(pending[0])
+                if not self._replay:
+                    pending.popleft()
+                parser.authenticated = self.authenticated or not self._auth_required()
+            if self._paused or self.stopped:
+                return
+            if parser.error is None and parser.buffered and not self.closing:
+                more = parser.feed(b"")  # requests held back before AUTH lifted the pre-auth limits
+                if more:
+                    pending.extend(more)
+                    continue
+            break
+        if parser.error is not None and not self.stopped:
             self.policy.observer.command(self, "unknown", False, "protocol")
-            self._reply(e.reply())
+            self._skipping = self._skip_next  # CLIENT REPLY OFF/SKIP silence this error too, as in Redis
+            self._silent = self.reply_off or self._skipping
+            self._reply(parser.error.reply())
             self._close_after_replies()
-            self.parser = RequestParser(0)
+
+    def resume(self) -> None:
+        """The transport's timer fired (a throttled AUTH): carry on with the pending requests."""
+        self.wait = 0.0
+        self._paused = False
+        self._run()
+
+    def offloaded(self, verdict: Verdict, encoded: bytes) -> None:
+        """The transport decided ``self.offload`` off the loop: use that verdict and carry on."""
+        argv, self.offload = self.offload, None
+        assert argv is not None
+        self._decided = (argv, verdict, encoded)
+        self._paused = False
+        self._run()
+        self._decided = None
 
     def _all_plain(self, requests: list[list[bytes]]) -> bool:
         """True if every request is simply forwarded (then their verdicts are recorded)."""
@@ -294,12 +401,12 @@ class Session:
         """The command, if this request needs nothing but forwarding (allowed, no state change)."""
         if not self.authenticated or self.in_multi or self.subscribed or self.reply_off or self._skip_next:
             return None
-        cmd = self.policy.resolve(argv)
-        if cmd is None or cmd.name in _SPECIAL or (cmd.parent and cmd.parent.name in _SPECIAL):
+        if _huge(argv):
             return None
-        if CommandTable.arity_error(cmd, len(argv)) or check(self.user, cmd, argv) is not None:
+        verdict = decide(self.policy, self.user, argv, False)
+        if verdict.error is not None or verdict.name in _SPECIAL:
             return None
-        return cmd
+        return verdict.cmd
 
     def _reject(self, cmd: Command | None, error: bytes, reason: str, name: str = "") -> None:
         """Refuse a request the way Redis's rejectCommand does."""
@@ -330,43 +437,65 @@ class Session:
         return [argv[i].decode("utf-8", "replace")[:200] for i, _ in get_keys(cmd, argv)][:16]
 
     def _command(self, argv: list[bytes]) -> None:
-        # CLIENT REPLY: like Redis's resetClient(), SKIP applies to the very next request, whatever it is.
-        self._skipping = self._skip_next
-        self._silent = self.reply_off or self._skipping
-        self._skip_next = False
-        cmd = self.policy.resolve(argv)
+        replay, self._replay = self._replay, False
+        if not replay:
+            # CLIENT REPLY: like Redis's resetClient(), SKIP applies to the very next request, whatever it is.
+            self._skipping = self._skip_next
+            self._silent = self.reply_off or self._skipping
+            self._skip_next = False
+        decided = self._decided
+        if decided is not None and decided[0] is argv:
+            verdict = decided[1]
+        elif _huge(argv):
+            self.offload = argv  # checking (and encoding) this many arguments is done off the loop
+            self._paused = self._replay = True
+            return
+        else:
+            verdict = decide(self.policy, self.user, argv, self._auth_required())
+        cmd = verdict.cmd
         self._last = (cmd, argv)
-        if cmd is None:
-            known = self.policy.table.lookup(argv)
-            self._reject(None, self.policy.unknown_error(argv), "disabled" if known else "unknown_command",
-                         known.name if known else "unknown")  # fmt: skip
+        if verdict.error is not None:
+            self._reject(cmd, verdict.error, verdict.reason, verdict.name)
             return
-        err = CommandTable.arity_error(cmd, len(argv))
-        if err:
-            self._reject(cmd, err, "arity")
-            return
-        if not cmd.no_auth and self._auth_required():
-            self._reject(cmd, NOAUTH, "noauth")
-            return
-        denied = check(self.user, cmd, argv)
-        if denied is not None:
-            self._reject(cmd, denied.error, denied.reason)
-            return
-        self.policy.observer.command(self, cmd.name, True, "")
+        assert cmd is not None
+        if not self._replay_auth:  # a throttled AUTH was counted when it first arrived
+            self.policy.observer.command(self, cmd.name, True, "")
         handler = _HANDLERS.get(cmd.name)
         if handler is not None:
             handler(self, cmd, argv)
         else:
             self._forward(argv)
 
+    def decide_offloaded(self, argv: list[bytes]) -> tuple[Verdict, bytes]:
+        """The work behind ``offload``, safe in a worker thread: the verdict, and the encoding to
+        forward if the request is allowed and simply forwarded."""
+        verdict = decide(self.policy, self.user, argv, self._auth_required())
+        if verdict.error is not None:
+            return verdict, b""
+        if verdict.name == "acl|dryrun":  # the answer is a decision too: make it here
+            return verdict, replies.acl_dryrun(self.policy.users, self.policy.table, argv[2:])
+        return verdict, encode_command(argv) if verdict.name not in _HANDLERS else b""
+
     # -- commands the proxy handles ---------------------------------------------------------------
+    def _throttle_wait(self, username: bytes) -> bool:
+        """AUTH throttling: True if this attempt must wait first (the session pauses and re-runs it).
+
+        A throttled attempt is delayed, never refused unchecked: a client with the right password
+        behind a busy shared address gets in, late; a guesser gets one try per delay per connection."""
+        if self._replay_auth:
+            self._replay_auth = False
+            return False
+        delay = self.policy.throttle.delay(self.source, username.decode("utf-8", "replace"))
+        if delay <= 0:
+            return False
+        self.wait = delay
+        self._paused = self._replay = self._replay_auth = True
+        self.policy.observer.throttled(self, delay)
+        return True
+
     def _authenticate(self, username: bytes, password: bytes, method: str = "password") -> bool:
         name = username.decode("utf-8", "replace")
         user = self.policy.users.get(name)
-        source = self.peer.rpartition(":")[0] or self.peer
-        if self.policy.throttle.blocked(source):
-            self.policy.observer.auth(self, False, name if user is not None else "", "throttled", method)
-            return False
         if user is None:
             reason = "unknown_user"
         elif not user.enabled:
@@ -376,9 +505,10 @@ class Session:
         else:
             self.user = user
             self.authenticated = True
+            self.policy.throttle.succeeded(self.source, name)
             self.policy.observer.auth(self, True, name, "", method)
             return True
-        self.policy.throttle.failed(source)
+        self.policy.throttle.failed(self.source, name)
         self.policy.observer.auth(self, False, name if user is not None else "", reason, method)
         return False
 
@@ -396,6 +526,8 @@ class Session:
             username, password = b"default", argv[1]
         else:
             username, password = argv[1], argv[2]
+        if self._throttle_wait(username):
+            return
         self._reply(OK if self._authenticate(username, password) else WRONGPASS)
 
     def _cmd_hello(self, cmd: Command, argv: list[bytes]) -> None:
@@ -430,9 +562,12 @@ class Session:
             else:
                 self._reply(b"-ERR Syntax error in HELLO option '%s'\r\n" % argv[i])
                 return
-        if auth is not None and not self._authenticate(*auth):
-            self._reply(WRONGPASS)
-            return
+        if auth is not None:
+            if self._throttle_wait(auth[0]):
+                return
+            if not self._authenticate(*auth):
+                self._reply(WRONGPASS)
+                return
         if not self.authenticated:
             self._reply(HELLO_NOAUTH)
             return
@@ -480,13 +615,6 @@ class Session:
         self._forward(argv)
         self.in_multi = self.multi_dirty = False
 
-    def _cmd_sort(self, cmd: Command, argv: list[bytes]) -> None:
-        err = sort_restriction(self.user, cmd, argv)
-        if err:
-            self._reject(cmd, err, "key")
-        else:
-            self._forward(argv)
-
     def _cmd_acl(self, cmd: Command, argv: list[bytes]) -> None:
         users = self.policy.users
         if cmd.name == "acl|whoami":
@@ -498,7 +626,11 @@ class Session:
         elif cmd.name == "acl|getuser":
             self._reply(replies.acl_getuser(users, argv[2], self.resp))
         elif cmd.name == "acl|dryrun":
-            self._reply(replies.acl_dryrun(users, self.policy.table, argv[2:]))
+            decided = self._decided
+            if decided is not None and decided[0] is argv:
+                self._reply(decided[2])  # made off the loop with the verdict
+            else:
+                self._reply(replies.acl_dryrun(users, self.policy.table, argv[2:]))
         elif cmd.name in _ACL_REFUSED:
             sub = cmd.name.split("|", 1)[1].upper()
             self._reject(
@@ -530,22 +662,24 @@ class Session:
         self._forward(argv, n, PUBSUB)
 
     def _cmd_client(self, cmd: Command, argv: list[bytes]) -> None:
-        if cmd.name != "client|reply":
-            self._forward(argv)
+        """CLIENT REPLY. ON and OFF go to Redis too (both sides then agree for good); SKIP stays here,
+        because a request the proxy answers itself would never consume Redis's one-shot SKIP and
+        every later reply would go to the wrong request. The skipped request's upstream reply is
+        swallowed (see _forward)."""
+        if self.in_multi:  # queued, it would change the reply mode at EXEC time, out of our sight
+            self._reject(cmd, b"-ERR redisguard: CLIENT REPLY inside MULTI is not supported\r\n", "unsupported")
             return
         mode = argv[2].lower()
         if mode == b"on":
             self.reply_off = False
-            self._silent = False  # Redis clears the flags before it replies +OK
+            self._silent = self._skipping = False  # Redis clears the flags before it replies +OK
             self._forward(argv)
         elif mode == b"off":
             self.reply_off = True
             self._silent = True
             self._forward(argv)
         elif mode == b"skip":
-            self._skip_next = not self.reply_off
-            self._silent = True
-            self._forward(argv)
+            self._skip_next = not self.reply_off  # no reply of its own, as in Redis
         else:
             self._forward(argv)  # Redis answers the syntax error
 
@@ -574,9 +708,9 @@ class Session:
                 self._emit(seg)  # attribute (belongs to the next reply) or out-of-band push
                 continue
             kind = head[0]
-            if kind == PUBSUB and fr.kind == ord("-"):
+            if kind in (PUBSUB, SWALLOW_PUBSUB) and fr.kind == ord("-"):
                 head[1] = 1  # an error answers the whole command
-            if kind in (RELAY, PUBSUB, MONITOR):
+            if kind in _RELAYED:
                 self._emit(seg)
                 self._relayed_done += 1
                 if self._sample is not None and self._relayed_done >= self._sample[0]:
@@ -590,7 +724,9 @@ class Session:
                 if frame.startswith(b"-"):
                     self.upstream_failed("redisguard: upstream authentication failed; check [upstream] username and password")
                     return
-            else:  # SWALLOW
+            else:  # SWALLOW*: a reply the client must not see (aborted EXEC's DISCARD, CLIENT REPLY SKIP)
+                if kind == SWALLOW_MONITOR and (self._held[0] if self._held else seg).startswith(b"+OK"):
+                    self.monitoring = True
                 self._held.clear()
             head[1] -= 1
             if head[1] == 0:
@@ -600,7 +736,7 @@ class Session:
                     return
         if cut < consumed:
             head = slots[0] if slots else None
-            if head is None or head[0] in (RELAY, PUBSUB, MONITOR) or self.monitoring:
+            if head is None or head[0] in _RELAYED or self.monitoring:
                 self._emit(buf[cut:consumed])
             else:
                 self._held.append(buf[cut:consumed])
@@ -609,10 +745,11 @@ class Session:
         """Out-of-band: not the answer to a request. Subscribe confirmations answer (P|S)(UN)SUBSCRIBE
         even when RESP3 sends them as push frames; RESP2 messages are arrays told apart by their
         first element."""
+        pubsub = slot in (PUBSUB, SWALLOW_PUBSUB)
         if fr.kind == _PUSH:
-            return not (slot == PUBSUB and fr.first in _CONFIRMATIONS)
+            return not (pubsub and fr.first in _CONFIRMATIONS)
         if fr.kind == 0x2A and fr.first is not None:
-            if slot == PUBSUB:
+            if pubsub:
                 return fr.first not in _CONFIRMATIONS
             return fr.first in _PUBSUB_MESSAGES and (self.subscribed or slot != RELAY)
         return False
@@ -654,12 +791,10 @@ _HANDLERS = {
     "multi": Session._cmd_multi,
     "exec": Session._cmd_exec,
     "discard": Session._cmd_discard,
-    "sort": Session._cmd_sort,
-    "sort_ro": Session._cmd_sort,
     **{name: Session._cmd_acl for name in ["acl|" + s for s in
        ("whoami", "setuser", "deluser", "load", "save", "list", "users", "getuser", "dryrun", "log")]},
     "client|reply": Session._cmd_client,
     "monitor": Session._cmd_monitor,
     **{name: Session._cmd_subscribe for name in _SUBSCRIBE},
 }  # fmt: skip
-_SPECIAL = frozenset(_HANDLERS) | {"acl"}
+_SPECIAL = frozenset(_HANDLERS)
