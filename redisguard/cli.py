@@ -7,7 +7,7 @@ import getpass
 import sys
 from pathlib import Path
 
-from .acl import ACLError, UsersFileError, check, hash_password, load_users
+from .acl import ACLError, UsersFileError, check, hash_password, load_users, missing_default_message
 from .commands import CommandTable
 from .config import ConfigError, load_config
 
@@ -61,6 +61,8 @@ def config_warnings(config_path: str) -> tuple[list[str], list[str]]:
                 if f is not None and not Path(f).exists():
                     errors.append(f"listener {lst.name!r}: file not found: {f} (run: redisguard certs init)")
     d = users["default"]
+    if d.implicit:
+        warnings.append(missing_default_message(str(config.acl.users_file)) + " (a reload refuses such a file)")
     if d.enabled and d.nopass:
         warnings.append(
             "users file: the 'default' user is on with nopass: any client that connects can run what "

@@ -10,7 +10,7 @@ fallback when Redis is unreachable. Key extraction follows Redis 7.0's ``getKeys
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -218,6 +218,55 @@ _GETKEYS_NONE = [
 ]
 
 
+class ACLIndex:
+    """What ACL rules need from a table, computed once with it and read-only after (thread-safe).
+
+    Names are sets (a selector keeps its command bits as a set of names, see ``acl.user``) and bit
+    masks: bit ``i`` is ``names[i]``, in :meth:`CommandTable.all_commands` order (each container
+    right before its subcommands), so counting a category in a selector is ``(mask & m).bit_count()``.
+    """
+
+    def __init__(self, table: CommandTable) -> None:
+        cmds = table.all_commands()
+        self.names: tuple[str, ...] = tuple(c.name for c in cmds)
+        self.bit: dict[str, int] = {c.name: 1 << i for i, c in enumerate(cmds)}
+        self.index: dict[str, int] = {c.name: i for i, c in enumerate(cmds)}
+        self.all_names: frozenset[str] = frozenset(self.names)
+        self.all_mask: int = (1 << len(cmds)) - 1
+        # A command and everything +cmd / -cmd changes with it: the command and its subcommands.
+        self.family: dict[str, frozenset[str]] = {
+            c.name: frozenset([c.name, *(s.name for s in c.subcommands.values())]) for c in cmds
+        }
+        self.family_mask: dict[str, int] = {n: self.mask(f) for n, f in self.family.items()}
+        # The top-level command each bit belongs to (itself for a top-level command).
+        self.top: tuple[str, ...] = tuple((c.parent or c).name for c in cmds)
+        # Per category: the commands and subcommands in it (what ACL counts), and what +@cat / -@cat
+        # changes (each member's family: a container in the category carries all its subcommands).
+        self.members: dict[str, frozenset[str]] = {}
+        self.closure: dict[str, frozenset[str]] = {}
+        for cat in table.categories:
+            members = [c.name for c in cmds if cat in c.categories]
+            self.members[cat] = frozenset(members)
+            self.closure[cat] = frozenset(n for m in members for n in self.family[m])
+        self.members_mask: dict[str, int] = {c: self.mask(m) for c, m in self.members.items()}
+        self.members_count: dict[str, int] = {c: len(m) for c, m in self.members.items()}
+        self.closure_mask: dict[str, int] = {c: self.mask(m) for c, m in self.closure.items()}
+
+    def mask(self, names: Iterable[str]) -> int:
+        """The bit mask of some command names (all in the table)."""
+        bit = self.bit
+        m = 0
+        for n in names:
+            m |= bit[n]
+        return m
+
+    def mask_of(self, names: set[str] | frozenset[str]) -> int:
+        """:meth:`mask` that walks whichever is shorter: the names or the ones missing from them."""
+        if len(names) * 2 <= len(self.names):
+            return self.mask(names)
+        return self.all_mask ^ self.mask(self.all_names - names)
+
+
 class CommandTable:
     """Lookup and key extraction for one Redis version's commands."""
 
@@ -230,6 +279,7 @@ class CommandTable:
                 continue
             cmd = self._build(raw, None)
             self.commands[cmd.name] = cmd
+        self.acl = ACLIndex(self)
 
     def _build(self, raw: Sequence[Any], parent: Command | None) -> Command:
         name = _s(raw[0]).lower()

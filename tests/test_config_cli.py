@@ -104,6 +104,7 @@ def test_check_config_warns_about_scripts_and_open_default(tmp_path: Path) -> No
     res = run_cli("check-config", "-c", str(p))
     assert res.returncode == 0
     assert "the 'default' user is on with nopass" in res.stderr  # no default line → Redis's open default
+    assert "no 'user default' line" in res.stderr and "add `user default off`" in res.stderr
     assert "user 'alice' has key or channel restrictions but may run EVAL" in res.stderr
     assert "user 'bob'" not in res.stderr
 

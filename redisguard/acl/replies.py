@@ -2,11 +2,15 @@
 
 The shapes are Redis 7.0's: ``ACL USERS`` and ``ACL LIST`` in name order, ``ACL GETUSER`` as a map
 (an array of pairs in RESP2), ``ACL DRYRUN`` answering ``+OK`` or the reason as a bulk string.
+
+USERS, LIST and GETUSER depend only on the users file, so :class:`ACLReplies` builds each once per
+load: on the event loop an ACL LIST then costs a dict lookup, whatever the number of users. The
+module-level functions render from scratch (the reference the cache is tested against).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from ..commands import CommandTable
 from ..resp import encode_bulk, encode_error
@@ -18,11 +22,11 @@ def array(items: Sequence[bytes], kind: bytes = b"*") -> bytes:
     return kind + b"%d\r\n" % len(items) + b"".join(items)
 
 
-def acl_users(users: dict[str, User]) -> bytes:
+def acl_users(users: Mapping[str, User]) -> bytes:
     return array([encode_bulk(n) for n in sorted(users)])
 
 
-def acl_list(users: dict[str, User]) -> bytes:
+def acl_list(users: Mapping[str, User]) -> bytes:
     return array([encode_bulk(f"user {n} {users[n].describe()}") for n in sorted(users)])
 
 
@@ -33,11 +37,14 @@ def _map(pairs: list[tuple[str, bytes]], resp: int) -> bytes:
     return array(flat)
 
 
-def acl_getuser(users: dict[str, User], name: bytes, resp: int) -> bytes:
+def acl_getuser(users: Mapping[str, User], name: bytes, resp: int) -> bytes:
     user = users.get(name.decode("utf-8", "replace"))
     if user is None:
         return b"_\r\n" if resp == 3 else b"$-1\r\n"
+    return _getuser(user, resp)
 
+
+def _getuser(user: User, resp: int) -> bytes:
     def rules(s: Selector) -> list[tuple[str, bytes]]:
         return [
             ("commands", encode_bulk(s.describe_commands())),
@@ -56,7 +63,7 @@ def acl_getuser(users: dict[str, User], name: bytes, resp: int) -> bytes:
     )
 
 
-def acl_dryrun(users: dict[str, User], table: CommandTable, argv: Sequence[bytes]) -> bytes:
+def acl_dryrun(users: Mapping[str, User], table: CommandTable, argv: Sequence[bytes]) -> bytes:
     """ACL DRYRUN <user> <command> [arg ...] against redisguard's users."""
     user = users.get(argv[0].decode("utf-8", "replace"))
     if user is None:
@@ -75,3 +82,50 @@ def acl_dryrun(users: dict[str, User], table: CommandTable, argv: Sequence[bytes
         return encode_bulk(f"This user has no permissions to run the '{cmd.name}' command")
     what = "key" if denied.reason == "key" else "channel"
     return encode_bulk(b"This user has no permissions to access the '%s' %s" % (cmd_argv[denied.index], what.encode()))
+
+
+class ACLReplies:
+    """The USERS / LIST / GETUSER replies of one load of the users file, each built once.
+
+    Build it next to the users (``ACLReplies(users).prepare()`` in the worker thread that loaded
+    them) and swap both in together; never mutate ``users`` afterwards. USERS and LIST are built by
+    :meth:`prepare` (or at first use); GETUSER per (user, RESP2/RESP3) at first use, so the cache
+    holds at most two replies per user: names that are not users are answered without caching."""
+
+    def __init__(self, users: Mapping[str, User]) -> None:
+        self.users = users
+        self._users_reply: bytes | None = None
+        self._list_reply: bytes | None = None
+        self._getuser: dict[tuple[str, bool], bytes] = {}
+
+    def prepare(self) -> ACLReplies:
+        """Build USERS and LIST and every user's fingerprint now (off the event loop); returns self."""
+        self.acl_users()
+        self.acl_list()
+        for user in self.users.values():
+            _ = user.fingerprint
+        return self
+
+    def acl_users(self) -> bytes:
+        if self._users_reply is None:
+            self._users_reply = acl_users(self.users)
+        return self._users_reply
+
+    def acl_list(self) -> bytes:
+        if self._list_reply is None:
+            self._list_reply = acl_list(self.users)
+        return self._list_reply
+
+    def acl_getuser(self, name: bytes, resp: int) -> bytes:
+        key = (name.decode("utf-8", "replace"), resp == 3)
+        reply = self._getuser.get(key)
+        if reply is None:
+            user = self.users.get(key[0])
+            if user is None:
+                return b"_\r\n" if resp == 3 else b"$-1\r\n"
+            reply = self._getuser[key] = _getuser(user, resp)
+        return reply
+
+    def acl_dryrun(self, table: CommandTable, argv: Sequence[bytes]) -> bytes:
+        """Not cached: the answer depends on the command."""
+        return acl_dryrun(self.users, table, argv)

@@ -65,6 +65,7 @@ class Selector:
     firstargs: dict[str, list[str]] = field(default_factory=dict)
     keys: list[KeyPattern] = field(default_factory=list)
     channels: list[bytes] = field(default_factory=list)
+    _described: str | None = field(default=None, init=False, repr=False)  # describe_commands() memo
 
     def copy(self) -> Selector:
         return Selector(
@@ -74,31 +75,34 @@ class Selector:
         )  # fmt: skip
 
     # -- command bits -------------------------------------------------------------------------
-    def _set_bit(self, name: str, allow: bool) -> None:
+    # The precomputed sets of the table's ACLIndex make each of these a set operation instead of a
+    # walk over the table. They and apply() forget the describe_commands() memo.
+    def _set_names(self, names: frozenset[str], allow: bool) -> None:
+        self._described = None
         if allow:
-            self.allowed.add(name)
-        else:
-            self.allowed.discard(name)
+            self.allowed |= names
+        elif names:
+            self.allowed -= names
             self.allcommands = False
 
     def change_perm(self, cmd: Command, allow: bool) -> None:
         """ACLChangeSelectorPerm: a container carries all its subcommands with it."""
-        self._set_bit(cmd.name, allow)
+        self._set_names(self.table.acl.family[cmd.name], allow)
         self.firstargs.pop(cmd.name, None)
-        for sub in cmd.subcommands.values():
-            self._set_bit(sub.name, allow)
 
     def set_category(self, category: str, allow: bool) -> None:
-        for cmd in self.table.commands.values():
-            if category in cmd.categories:
-                self.change_perm(cmd, allow)
-            for sub in cmd.subcommands.values():
-                if category in sub.categories:
-                    self.change_perm(sub, allow)
+        """ACLSetSelectorCommandBitsForCategory: every member, containers with their subcommands."""
+        index = self.table.acl
+        self._set_names(index.closure[category], allow)
+        if self.firstargs:
+            members = index.members[category]
+            for name in [n for n in self.firstargs if n in members]:
+                del self.firstargs[name]
 
     def set_all(self, allow: bool) -> None:
+        self._described = None
         if allow:
-            self.allowed = {c.name for c in self.table.all_commands()}
+            self.allowed = set(self.table.acl.all_names)
             self.allcommands = self.future = True
         else:
             self.allowed = set()
@@ -106,18 +110,14 @@ class Selector:
         self.firstargs = {}
 
     def count_category(self, category: str) -> tuple[int, int]:
-        on = off = 0
-        for cmd in self.table.all_commands():
-            if category in cmd.categories:
-                if cmd.name in self.allowed:
-                    on += 1
-                else:
-                    off += 1
-        return on, off
+        members = self.table.acl.members[category]
+        on = len(members & self.allowed)
+        return on, len(members) - on
 
     # -- one rule -------------------------------------------------------------------------------
     def apply(self, op: str) -> None:
         """ACLSetSelector: apply one selector rule or raise ACLError."""
+        self._described = None
         low = op.lower()
         if low in ("allkeys", "~*"):
             self.allkeys = True
@@ -235,41 +235,72 @@ class Selector:
         return " ".join(parts)
 
     def describe_commands(self) -> str:
-        """ACLDescribeSelectorCommandRules (7.0): +@all/-@all, greedy categories, then commands."""
-        fake = Selector(self.table)
+        """ACLDescribeSelectorCommandRules (7.0): +@all/-@all, greedy categories, then commands.
+
+        Computed once per state of the selector (any change to its command bits forgets it)."""
+        if self._described is None:
+            self._described = self._describe_commands()
+        return self._described
+
+    def _describe_commands(self) -> str:
+        # Redis works on two scratch selectors: ``fake``, what the rules emitted so far grant, and
+        # ``temp``, the user's bits with each chosen category taken out (added back, when the base is
+        # +@all). Here both are bit masks over the table's ACLIndex.
+        index = self.table.acl
+        allowed = index.mask_of(self.allowed)
         additive = not self.future
-        fake.set_all(not additive)
+        fake = 0 if additive else index.all_mask
+        temp = allowed
         rules = ["-@all" if additive else "+@all"]
-        temp = Selector(self.table, allowed=set(self.allowed))
-        applied: set[str] = set()
-        while True:
+        sign = "+@" if additive else "-@"
+        members_mask, members_count, closure_mask = index.members_mask, index.members_count, index.closure_mask
+        pending = list(self.table.categories)
+        while pending:
             best, mindiff, maxsame = None, 2**31, 0
-            for cat in self.table.categories:
-                if cat in applied:
-                    continue
-                on, off = temp.count_category(cat)
+            for cat in pending:
+                on = (temp & members_mask[cat]).bit_count()
+                off = members_count[cat] - on
                 diff, same = (off, on) if additive else (on, off)
                 if same > diff and (diff < mindiff or (diff == mindiff and same > maxsame)):
                     best, mindiff, maxsame = cat, diff, same
             if best is None:
                 break
-            fake.set_category(best, additive)
-            temp.set_category(best, not additive)
-            rules.append(("+@" if additive else "-@") + best)
-            applied.add(best)
-        for cmd in self.table.commands.values():
-            self._describe_single(cmd, fake, rules)
+            c = closure_mask[best]
+            if additive:
+                fake |= c
+                temp &= ~c
+            else:
+                fake &= ~c
+                temp |= c
+            rules.append(sign + best)
+            pending.remove(best)
+        # Single commands, in table order: only the top-level commands whose family still differs
+        # from ``fake`` (or that carry first-arg rules) can emit anything.
+        diff_bits = allowed ^ fake
+        tops = set(self.firstargs)
+        top = index.top
+        while diff_bits:
+            low = diff_bits & -diff_bits
+            tops.add(top[low.bit_length() - 1])
+            diff_bits ^= low
+        commands = self.table.commands
+        for name in sorted(tops, key=index.index.__getitem__):
+            fake = self._describe_single(commands[name], fake, allowed, rules)
         return " ".join(rules)
 
-    def _describe_single(self, cmd: Command, fake: Selector, rules: list[str]) -> None:
-        userbit = cmd.name in self.allowed
-        if userbit != (cmd.name in fake.allowed):
+    def _describe_single(self, cmd: Command, fake: int, allowed: int, rules: list[str]) -> int:
+        index = self.table.acl
+        b = index.bit[cmd.name]
+        userbit = bool(allowed & b)
+        if userbit != bool(fake & b):
             rules.append(("+" if userbit else "-") + cmd.name)
-            fake.change_perm(cmd, userbit)
+            fam = index.family_mask[cmd.name]
+            fake = fake | fam if userbit else fake & ~fam
         for sub in cmd.subcommands.values():
-            self._describe_single(sub, fake, rules)
+            fake = self._describe_single(sub, fake, allowed, rules)
         if not userbit:
             rules.extend(f"+{cmd.name}|{arg}" for arg in self.firstargs.get(cmd.name, ()))
+        return fake
 
 
 @dataclass(eq=False)
@@ -282,6 +313,11 @@ class User:
     skip_sanitize_payload: bool = False
     passwords: list[str] = field(default_factory=list)  # sha256 hex
     selectors: list[Selector] = field(default_factory=list)
+    implicit: bool = False  # the built-in default a users file without a "user default" line gets
+    # describe() and fingerprint, computed at first use; apply() forgets them. A user is changed only
+    # through apply() (never its selectors directly), and not at all once it serves clients.
+    _description: str | None = field(default=None, init=False, repr=False)
+    _fingerprint: str | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.selectors:
@@ -293,6 +329,7 @@ class User:
 
     def apply(self, op: str) -> None:
         """ACLSetUser: apply one rule (a selector in parentheses, or a user/root-selector rule)."""
+        self._description = self._fingerprint = None
         low = op.lower()
         if op.startswith("(") and op.endswith(")"):
             sel = Selector(self.table)
@@ -356,11 +393,29 @@ class User:
         return flags
 
     def describe(self) -> str:
-        parts = self.flags()
-        parts.extend("#" + h for h in self.passwords)
-        parts.append(self.root.describe())
-        parts.extend("(" + s.describe() + ")" for s in self.selectors[1:])
-        return " ".join(parts)
+        """The rules as ``ACL LIST`` prints them after ``user <name>`` (ACLDescribeUser)."""
+        if self._description is None:
+            parts = self.flags()
+            parts.extend("#" + h for h in self.passwords)
+            parts.append(self.root.describe())
+            parts.extend("(" + s.describe() + ")" for s in self.selectors[1:])
+            self._description = " ".join(parts)
+        return self._description
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 (hex) of everything that decides what this user may do, the name aside.
+
+        Two users have the same fingerprint iff their rules, flags and passwords are the same: the
+        canonical ``describe()`` form plus the state it folds together (the selectors' allcommands,
+        allkeys and allchannels switches). Computed once; compares users across reloads in O(1)."""
+        if self._fingerprint is None:
+            state = (
+                self.enabled, self.nopass, self.sanitize_payload, self.skip_sanitize_payload, tuple(self.passwords),
+                tuple((s.allcommands, s.future, s.allkeys, s.allchannels) for s in self.selectors), self.describe(),
+            )  # fmt: skip
+            self._fingerprint = hashlib.sha256(ascii(state).encode()).hexdigest()
+        return self._fingerprint
 
 
 def _password_hash(op: str) -> str:
@@ -404,6 +459,8 @@ def new_user(name: str, table: CommandTable, rules: Iterable[str] = ()) -> User:
     return user
 
 
-def default_user(table: CommandTable) -> User:
+def default_user(table: CommandTable, implicit: bool = False) -> User:
     """Redis's built-in ``default``: ``on nopass ~* &* +@all``."""
-    return new_user("default", table, ["on", "nopass", "~*", "&*", "+@all"])
+    user = new_user("default", table, ["on", "nopass", "~*", "&*", "+@all"])
+    user.implicit = implicit
+    return user

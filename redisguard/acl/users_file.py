@@ -4,6 +4,14 @@ Every file Redis accepts loads here: one ``user <name> <rule> ...`` per line, sp
 selector tokens re-joined, blank lines skipped, any error rejects the whole file. As an extension
 (for a file people edit by hand) whole-line ``#`` comments are allowed; Redis itself would reject
 them. Errors carry ``file:line`` like Redis's.
+
+A file without a ``user default`` line gets Redis's built-in default user, ``on nopass ~* &* +@all``:
+anyone who connects may run anything. Redis does that, so we read such files the same way, but
+``require_default=True`` (what a reload should use) refuses them, so that emptying or truncating the
+file cannot silently open the proxy.
+
+Loading is pure (it reads the file and the command table, and builds new objects only), so it may run
+in a worker thread, e.g. ``await asyncio.to_thread(load_users, path, table, require_default=True)``.
 """
 
 from __future__ import annotations
@@ -22,7 +30,20 @@ class UsersFileError(ValueError):
     pass
 
 
-def parse_users(text: str, table: CommandTable, filename: str = "users.acl") -> dict[str, User]:
+def missing_default_message(filename: str) -> str:
+    """The one-line error (or warning) for a users file without a ``user default`` line."""
+    return (
+        f"{filename}: no 'user default' line, so 'default' would be Redis's built-in "
+        "'on nopass ~* &* +@all' and any client could run anything without AUTH; add "
+        "`user default off` (or `user default on nopass ...` to keep it open) explicitly"
+    )
+
+
+def parse_users(text: str, table: CommandTable, filename: str = "users.acl", *, require_default: bool = False) -> dict[str, User]:
+    """The users of a users file's text; ``UsersFileError`` naming every problem if any.
+
+    Without a ``user default`` line, ``default`` is Redis's built-in open user (marked
+    ``implicit``), or, with ``require_default``, the file is an error."""
     users: dict[str, User] = {}
     errors: list[str] = []
     for lineno, line in enumerate(text.split("\n"), 1):
@@ -55,20 +76,25 @@ def parse_users(text: str, table: CommandTable, filename: str = "users.acl") -> 
                 user.apply(rule)
             except ACLError as e:
                 errors.append(f"{filename}:{lineno}: {e}. (rule '{rule}')")
+    if require_default and "default" not in users:
+        errors.append(missing_default_message(filename))
     if errors:
         raise UsersFileError(" ".join(errors))
     if "default" not in users:
-        users["default"] = default_user(table)
+        users["default"] = default_user(table, implicit=True)
     return users
 
 
-def load_users(path: str | os.PathLike[str], table: CommandTable) -> dict[str, User]:
+def load_users(path: str | os.PathLike[str], table: CommandTable, *, require_default: bool = False) -> dict[str, User]:
+    """Read and parse a users file (see :func:`parse_users`); safe to run in a worker thread."""
     p = Path(path)
     try:
         text = p.read_text()
     except OSError as e:
         raise UsersFileError(f"cannot read users file {p}: {e.strerror}") from None
-    return parse_users(text, table, str(p))
+    except UnicodeDecodeError as e:
+        raise UsersFileError(f"cannot read users file {p}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    return parse_users(text, table, str(p), require_default=require_default)
 
 
 def render_users(users: dict[str, User]) -> str:
