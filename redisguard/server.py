@@ -14,12 +14,15 @@ import signal
 import socket
 import ssl
 import time
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import hiredis
 
 from . import certs
-from .acl import ACLError, User, UsersFileError, load_users
+from .acl import ACLError, ACLReplies, User, UsersFileError, load_users
+from .acl.users_file import missing_default_message
 from .audit import RateLimiter, get_logger
 from .commands import CommandTable
 from .config import Config, ListenerConfig
@@ -34,6 +37,53 @@ audit = get_logger("redisguard.audit")
 
 # Stop reading from one side when the other side's write buffer passes this (per connection).
 HIGH_WATER = 1024 * 1024
+# At most this many bytes of one read are handled per event-loop turn (see Slicer).
+SLICE = 16 * 1024
+
+
+class Slicer:
+    """Hands big reads to ``handle`` SLICE bytes per event-loop turn, pausing the transport meanwhile.
+
+    A transport may deliver 256 KiB at once; parsing and deciding that many tiny requests (or scanning
+    that many reply frames) is ~100 ms of Python. Sliced, every step on the loop is bounded by SLICE,
+    whatever one connection sends, and the others get their turns in between."""
+
+    __slots__ = ("handle", "pause", "resume", "queue")
+
+    def __init__(self, handle: Callable[[bytes], None], pause: Callable[[], None], resume: Callable[[], None]) -> None:
+        self.handle = handle
+        self.pause = pause
+        self.resume = resume
+        self.queue: deque[tuple[bytes, int]] = deque()
+
+    def feed(self, data: bytes) -> None:
+        if self.queue:  # still working through an earlier read
+            self.queue.append((data, 0))
+        elif len(data) <= SLICE:
+            self.handle(data)
+        else:
+            self.queue.append((data, 0))
+            self.pause()
+            self._next()
+
+    def _next(self) -> None:
+        if not self.queue:
+            return
+        data, start = self.queue[0]
+        end = start + SLICE
+        if end >= len(data):
+            self.queue.popleft()
+        else:
+            self.queue[0] = (data, end)
+        piece = data[start:end] if start or end < len(data) else data
+        if self.queue:
+            asyncio.get_running_loop().call_soon(self._next)
+        else:
+            self.resume()
+        self.handle(piece)
+
+    def clear(self) -> None:
+        self.queue.clear()
 
 
 class Observer:
@@ -121,16 +171,34 @@ class UpstreamProtocol(asyncio.Protocol):
     def __init__(self, client: ClientProtocol) -> None:
         self.client = client
         self.transport: asyncio.Transport | None = None
+        self.paused_by: set[str] = set()
+        self.slicer = Slicer(self._received, lambda: self.pause("slice"), lambda: self.resume("slice"))
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         transport.set_write_buffer_limits(high=HIGH_WATER)  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
+        self.slicer.feed(data)
+
+    def _received(self, data: bytes) -> None:
+        if self.client.upstream is not self:
+            return
         self.client.session.upstream_data(data)
         self.client.flush()
 
+    def pause(self, why: str) -> None:
+        if self.transport is not None and not self.paused_by:
+            self.transport.pause_reading()
+        self.paused_by.add(why)
+
+    def resume(self, why: str) -> None:
+        self.paused_by.discard(why)
+        if self.transport is not None and not self.paused_by and not self.transport.is_closing():
+            self.transport.resume_reading()
+
     def connection_lost(self, exc: Exception | None) -> None:
+        self.slicer.clear()
         self.client.upstream_lost()
 
     def pause_writing(self) -> None:
@@ -243,6 +311,7 @@ class ClientProtocol(asyncio.Protocol):
         self.waiting = False  # the session is paused: a throttle timer or an offloaded decision runs
         self.wake: asyncio.TimerHandle | None = None
         self.pending_bytes = 0  # bytes for the upstream held while it is being connected
+        self.slicer = Slicer(self._received, lambda: self.pause_reading("slice"), lambda: self.resume_reading("slice"))
 
     # -- lifecycle --------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -366,6 +435,11 @@ class ClientProtocol(asyncio.Protocol):
         if self.closed:
             return
         self.last_active = time.monotonic()
+        self.slicer.feed(data)
+
+    def _received(self, data: bytes) -> None:
+        if self.closed:
+            return
         self.session.client_data(data)
         self._after_session()
 
@@ -466,6 +540,7 @@ class ClientProtocol(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
+        self.slicer.clear()
         for timer in (self.timer, self.idle_timer, self.wake):
             if timer is not None:
                 timer.cancel()
@@ -480,13 +555,13 @@ class ClientProtocol(asyncio.Protocol):
     # per connection stays bounded whatever the peers do: a client that does not read its replies
     # also stops being read (its refusals would otherwise pile up here), and Redis keeps the rest.
     def pause_writing(self) -> None:  # the client reads slowly
-        if self.upstream is not None and self.upstream.transport is not None:
-            self.upstream.transport.pause_reading()
+        if self.upstream is not None:
+            self.upstream.pause("client")
         self.pause_reading("client")
 
     def resume_writing(self) -> None:
-        if self.upstream is not None and self.upstream.transport is not None:
-            self.upstream.transport.resume_reading()
+        if self.upstream is not None:
+            self.upstream.resume("client")
         self.resume_reading("client")
 
     def pause_reading(self, why: str = "upstream") -> None:
@@ -556,6 +631,8 @@ class Proxy:
         self.table: CommandTable = None  # type: ignore[assignment]
         self.last_upstream_error = ""
         self.tls_contexts: dict[str, ssl.SSLContext] = {}
+        self.reloading: asyncio.Future[None] | None = None
+        self.reload_again = False
         # Decisions on huge requests run here, one at a time, so they never stall the event loop.
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="redisguard-decide")
 
@@ -576,12 +653,15 @@ class Proxy:
                             detail="using the shipped Redis 7.0 snapshot")  # fmt: skip
         self.table = table or CommandTable.snapshot()
         users = load_users(cfg.acl.users_file, self.table)
+        if users["default"].implicit:  # Redis's open default; a reload would refuse this file
+            log.warning("users_file_implicit_default", detail=missing_default_message(str(cfg.acl.users_file)))
         observer = Observer(self.metrics, users, cfg.metrics.enabled, cfg.log.audit_keys, cfg.log.audit_denied_per_second)
         self.policy = Policy(
             self.table, users, frozenset(cfg.acl.disabled_commands), cfg.upstream.username,
             cfg.upstream.password, cfg.limits.max_request_bytes, observer,
             AuthThrottle(cfg.limits.auth_failures_per_minute),
         )  # fmt: skip
+        self.policy.acl_replies = ACLReplies(users).prepare()
         self.metrics.set_build_info(self.table.redis_version)
 
     async def start(self) -> None:
@@ -633,32 +713,56 @@ class Proxy:
 
     def _load_certificates(self, lst: ListenerConfig) -> None:
         """Build the listener's TLS context (new handshakes use it) and export expiry times."""
-        assert lst.tls is not None
         self.tls_contexts[lst.name] = server_context(lst)
+        self._export_expiry(lst)
+
+    def _export_expiry(self, lst: ListenerConfig) -> None:
+        assert lst.tls is not None
         self.metrics.cert_expiry.labels(f"{lst.name}:server").set(certs.not_after(lst.tls.cert_file))
         if lst.tls.ca_file:
             self.metrics.cert_expiry.labels(f"{lst.name}:ca").set(certs.not_after(lst.tls.ca_file))
 
     def reload(self) -> None:
-        """SIGHUP: re-read the users file and every listener's certificates; all or nothing.
+        """SIGHUP: re-read the users file and every listener's certificates, off the event loop.
 
-        New handshakes and logins use the new files; see _rebind_sessions for connected clients."""
-        try:
-            users = load_users(self.config.acl.users_file, self.table)
-            contexts = {lst.name: server_context(lst) for lst in self.config.listeners if lst.type == "tls"}
-        except (UsersFileError, ACLError, TLSConfigError, OSError, ValueError) as e:
-            self.metrics.config_reloads.labels("failure").inc()
-            audit.error("config_reload_failed", error=str(e), detail="kept the previous users and certificates")
+        A SIGHUP during a reload runs one more reload after it (the files may have changed again)."""
+        if self.reloading is not None and not self.reloading.done():
+            self.reload_again = True
             return
-        for lst in self.config.listeners:
-            if lst.type == "tls":
-                self._load_certificates(lst)
-        self.tls_contexts.update(contexts)
-        self.policy.users = users
-        self.policy.observer.users = users  # type: ignore[attr-defined]
-        dropped = self._rebind_sessions(users)
-        self.metrics.config_reloads.labels("success").inc()
-        audit.info("config_reloaded", users=sorted(users), listeners=sorted(contexts), disconnected=dropped)
+        self.reloading = asyncio.ensure_future(self._reload())
+
+    async def _reload(self) -> None:
+        """All or nothing: parse and build everything in a worker thread, then swap it in at once.
+
+        New handshakes and logins use the new files; see _rebind_sessions for connected clients. A
+        users file without an explicit `user default` line is refused: Redis would make `default`
+        `on nopass +@all`, silently opening the proxy to anyone."""
+        cfg = self.config
+        tls = [lst for lst in cfg.listeners if lst.type == "tls"]
+
+        def load() -> tuple[dict[str, User], ACLReplies, dict[str, ssl.SSLContext]]:
+            users = load_users(cfg.acl.users_file, self.table, require_default=True)
+            return users, ACLReplies(users).prepare(), {lst.name: server_context(lst) for lst in tls}
+
+        while True:
+            self.reload_again = False
+            try:
+                users, acl_replies, contexts = await asyncio.to_thread(load)
+            except (UsersFileError, ACLError, TLSConfigError, OSError, ValueError) as e:
+                self.metrics.config_reloads.labels("failure").inc()
+                audit.error("config_reload_failed", error=str(e), detail="kept the previous users and certificates")
+            else:
+                for lst in tls:
+                    self._export_expiry(lst)
+                self.tls_contexts.update(contexts)
+                self.policy.users = users
+                self.policy.acl_replies = acl_replies
+                self.policy.observer.users = users  # type: ignore[attr-defined]
+                dropped = self._rebind_sessions(users)
+                self.metrics.config_reloads.labels("success").inc()
+                audit.info("config_reloaded", users=len(users), listeners=sorted(contexts), disconnected=dropped)
+            if not self.reload_again:
+                return
 
     def _rebind_sessions(self, users: dict[str, User]) -> int:
         """Move logged-in clients to their reloaded user; disconnect those whose user changed or went.
@@ -671,7 +775,7 @@ class Proxy:
             if session is None or client.closed:
                 continue
             new = users.get(session.user.name)
-            if new is not None and new.describe() == session.user.describe():
+            if new is not None and new.fingerprint == session.user.fingerprint:
                 session.user = new
             else:
                 dropped += 1

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .acl import User, check, replies
+from .acl import ACLReplies, User, check, replies
 from .acl.check import sort_restriction
 from .commands import Command, CommandTable, get_keys, unknown_command_error
 from .guards import AuthThrottle, source_key
@@ -112,6 +112,12 @@ class Policy:
     max_request_bytes: int = 512 * 1024 * 1024 + 64 * 1024
     observer: Observer = field(default_factory=_NullObserver)
     throttle: AuthThrottle = field(default_factory=lambda: AuthThrottle(0))
+    acl_replies: ACLReplies | None = None  # ACL USERS/LIST/GETUSER built once per users load
+
+    def replies(self) -> ACLReplies:
+        if self.acl_replies is None or self.acl_replies.users is not self.users:
+            self.acl_replies = ACLReplies(self.users)
+        return self.acl_replies
 
     @property
     def default_user(self) -> User:
@@ -620,11 +626,11 @@ class Session:
         if cmd.name == "acl|whoami":
             self._reply(encode_bulk(self.user.name))
         elif cmd.name == "acl|users":
-            self._reply(replies.acl_users(users))
+            self._reply(self.policy.replies().acl_users())
         elif cmd.name == "acl|list":
-            self._reply(replies.acl_list(users))
+            self._reply(self.policy.replies().acl_list())
         elif cmd.name == "acl|getuser":
-            self._reply(replies.acl_getuser(users, argv[2], self.resp))
+            self._reply(self.policy.replies().acl_getuser(argv[2], self.resp))
         elif cmd.name == "acl|dryrun":
             decided = self._decided
             if decided is not None and decided[0] is argv:

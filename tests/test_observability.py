@@ -202,9 +202,15 @@ def test_sighup_reloads_users_and_certificates(fresh) -> None:  # type: ignore[n
     p.proc.send_signal(signal.SIGHUP)
     time.sleep(0.5)
     assert raw_exchange(p.plain_port, b"AUTH carol carol-pw\r\n") == b"+OK\r\n"  # kept the last good users
+    for text in ("", "# only a comment\n", "user carol on >carol-pw ~* +@all\n"):  # no explicit `user default`
+        users.write_text(text)
+        p.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert raw_exchange(p.plain_port, b"GET x\r\n") == b"-NOAUTH Authentication required.\r\n"  # still closed
     s = samples(scrape(p))
     assert s['redisguard_config_reload_total{result="success"}'] == 1
-    assert s['redisguard_config_reload_total{result="failure"}'] == 1
+    assert s['redisguard_config_reload_total{result="failure"}'] == 4
+    assert "no 'user default' line" in p.log.read_text()
     assert '"config_reload_failed"' in p.log.read_text()
 
 

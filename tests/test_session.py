@@ -1,0 +1,136 @@
+"""The session, sans-IO: bytes in, bytes out, no sockets. Fuzzed and driven by hand."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from redisguard.acl import parse_users
+from redisguard.commands import CommandTable
+from redisguard.guards import AuthThrottle
+from redisguard.resp import encode_command
+from redisguard.session import OFFLOAD_ARGC, Policy, Session, decide
+
+from .redis_model import redis_parse
+
+TABLE = CommandTable.snapshot()
+USERS = parse_users(
+    "user default off\n"
+    "user bob on >bob-pw %R~report:* +get +mget +ping +client|reply +echo\n"
+    "user alice on >alice-pw ~app:* +@all -@dangerous\n",
+    TABLE,
+)
+
+
+def session(user: str | None = "bob", throttle: AuthThrottle | None = None) -> Session:
+    policy = Policy(TABLE, USERS, throttle=throttle or AuthThrottle(0))
+    s = Session(policy, "test", "10.0.0.1:5000")
+    if user:
+        s.client_data(encode_command([b"AUTH", user.encode(), user.encode() + b"-pw"]))
+        assert s.to_client == [b"+OK\r\n"]
+        s.to_client.clear()
+    return s
+
+
+def forwarded(s: Session) -> list[list[bytes]]:
+    reqs, err = redis_parse(b"".join(s.to_upstream))
+    assert err is None
+    return reqs
+
+
+def test_client_reply_skip_then_a_refusal_keeps_replies_in_place() -> None:
+    """SKIP, then a request the proxy refuses itself: Redis never sees either, so the next replies are
+    not shifted (a reply going to the wrong request would leak app:2 to the GET of app:1)."""
+    s = session("alice")
+    s.client_data(b"CLIENT REPLY SKIP\r\nGET victim:key\r\nGET app:1\r\nGET app:2\r\n")
+    assert forwarded(s) == [[b"GET", b"app:1"], [b"GET", b"app:2"]]
+    s.upstream_data(b"$2\r\nv1\r\n$2\r\nv2\r\n")
+    assert b"".join(s.to_client) == b"$2\r\nv1\r\n$2\r\nv2\r\n"
+
+
+def test_client_reply_skip_swallows_the_forwarded_reply() -> None:
+    s = session("alice")
+    s.client_data(b"CLIENT REPLY SKIP\r\nGET app:1\r\nGET app:2\r\n")
+    assert forwarded(s) == [[b"GET", b"app:1"], [b"GET", b"app:2"]]  # SKIP itself stays here
+    s.upstream_data(b"$2\r\nv1\r\n$2\r\nv2\r\n")
+    assert b"".join(s.to_client) == b"$2\r\nv2\r\n"
+
+
+def test_requests_before_a_protocol_error_run() -> None:
+    s = session()
+    s.client_data(b"GET report:1\r\nPING\r\n*x\r\nGET report:2\r\n")
+    assert forwarded(s) == [[b"GET", b"report:1"], [b"PING"]]
+    s.upstream_data(b"$-1\r\n+PONG\r\n")
+    assert b"".join(s.to_client) == b"$-1\r\n+PONG\r\n-ERR Protocol error: invalid multibulk length\r\n"
+    assert s.closing
+
+
+def test_empty_multibulk_is_skipped() -> None:
+    s = session()
+    s.client_data(b"*0\r\n*1\r\n$4\r\nPING\r\n")
+    assert forwarded(s) == [[b"PING"]] and not s.closing
+
+
+def test_huge_request_is_decided_off_the_loop() -> None:
+    s = session()
+    argv = [b"MGET", *[b"report:%d" % i for i in range(OFFLOAD_ARGC + 1)]]
+    s.client_data(encode_command(argv) + encode_command([b"PING"]))
+    assert s.paused and s.offload == argv and not s.to_upstream  # nothing decided on the loop
+    s.client_data(encode_command([b"GET", b"report:x"]))  # arrives while paused: queued behind
+    s.offloaded(*s.decide_offloaded(s.offload))
+    assert not s.paused
+    assert forwarded(s) == [argv, [b"PING"], [b"GET", b"report:x"]]
+    s.upstream_data(b"*%d\r\n" % (len(argv) - 1) + b"$-1\r\n" * (len(argv) - 1) + b"+PONG\r\n$-1\r\n")
+    denied = [b"MGET", *[b"report:%d" % i for i in range(OFFLOAD_ARGC)], b"secret"]
+    s.to_upstream.clear()
+    s.client_data(encode_command(denied))
+    s.offloaded(*s.decide_offloaded(s.offload))
+    assert not s.to_upstream and s.to_client[-1].startswith(b"-NOPERM")
+
+
+def test_throttled_auth_waits_then_is_checked() -> None:
+    now = [0.0]
+    s = session(None, AuthThrottle(per_minute=4, clock=lambda: now[0]))
+    for i in range(3):
+        s.client_data(encode_command([b"AUTH", b"bob", b"wrong%d" % i]))
+        if s.paused:
+            s.resume()
+    assert s.to_client.count(b"-WRONGPASS invalid username-password pair or user is disabled.\r\n") == 3
+    s.to_client.clear()
+    s.client_data(encode_command([b"AUTH", b"bob", b"bob-pw"]) + encode_command([b"GET", b"report:1"]))
+    assert s.paused and s.wait > 0 and not s.to_client and not s.to_upstream  # waits, nothing decided
+    s.resume()
+    assert s.to_client == [b"+OK\r\n"] and forwarded(s) == [[b"GET", b"report:1"]]
+
+
+# -- fuzz: whatever the bytes, nothing bob may not run reaches Redis, and nothing escapes ----------
+PIECES = [
+    encode_command([b"GET", b"report:1"]), encode_command([b"GET", b"secret"]), encode_command([b"SET", b"report:1", b"x"]),
+    encode_command([b"FLUSHALL"]), encode_command([b"MULTI"]), encode_command([b"EXEC"]),
+    encode_command([b"CLIENT", b"REPLY", b"SKIP"]), encode_command([b"CLIENT", b"REPLY", b"OFF"]),
+    encode_command([b"CLIENT", b"REPLY", b"ON"]), encode_command([b"HELLO", b"3"]), encode_command([b"RESET"]),
+    encode_command([b"AUTH", b"alice", b"wrong"]), encode_command([b"AUTH", b"bob", b"bob-pw"]),
+    b"GET report:2\r\n", b"FLUSHALL\r\n", b"~2\r\n$3\r\nGET\r\n$8\r\nreport:1\r\n", b"|1\r\n+x\r\n:1\r\n",
+    b"%1\r\n*1\r\n$1\r\na\r\n$1\r\nb\r\n", b"*1\r\n", b"$4\r\n", b"\r\n", b"\x00", b"*0\r\n", b"PING\n",
+    b"*2\r\n$3\r\nGET\r\n$3\r\nab\r\n", b'"open\r\n', b">1\r\n+a\r\n",
+]  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(PIECES), max_size=12), st.lists(st.integers(1, 300), max_size=5))
+def test_fuzz_nothing_denied_reaches_redis(pieces: list[bytes], cuts: list[int]) -> None:
+    stream = b"".join(pieces)
+    s = session()
+    user = s.user
+    bounds = sorted({c for c in cuts if c < len(stream)})
+    for a, b in zip([0, *bounds], [*bounds, len(stream)], strict=True):
+        s.client_data(stream[a:b])
+        while s.paused:
+            s.offloaded(*s.decide_offloaded(s.offload)) if s.offload is not None else s.resume()
+    for argv in forwarded(s):
+        if argv[0].upper() in (b"AUTH", b"DISCARD", b"UNWATCH"):
+            continue  # the proxy's own AUTH as the service user, and the DISCARD of an aborted EXEC
+        if argv[0].upper() == b"RESET":
+            break  # after RESET the session is `default` (off): the rest was decided for it
+        v = decide(s.policy, user, argv, False)
+        assert v.error is None, (argv, v)
