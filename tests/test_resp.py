@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -249,7 +250,11 @@ def mutated(draw: st.DrawFn) -> bytes:
     return bytes(data)
 
 
-@settings(max_examples=1500, deadline=None)
+# CI runs a bounded budget; a longer run: REDISGUARD_FUZZ_EXAMPLES=200000 pytest tests/test_resp.py -k fuzz
+FUZZ_EXAMPLES = int(os.environ.get("REDISGUARD_FUZZ_EXAMPLES", "1500"))
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None)
 @given(st.one_of(streams, mutated()), st.lists(st.integers(0, 200), max_size=6), st.booleans())
 def test_fuzz_parser_reads_as_redis_does(stream: bytes, cuts: list[int], authenticated: bool) -> None:
     want_reqs, want_err = redis_parse(stream, authenticated)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -116,7 +118,11 @@ PIECES = [
 ]  # fmt: skip
 
 
-@settings(max_examples=400, deadline=None)
+# CI runs a bounded budget; a longer run: REDISGUARD_FUZZ_EXAMPLES=200000 pytest tests/test_session.py -k fuzz
+FUZZ_EXAMPLES = int(os.environ.get("REDISGUARD_FUZZ_EXAMPLES", "400"))
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None)
 @given(st.lists(st.sampled_from(PIECES), max_size=12), st.lists(st.integers(1, 300), max_size=5))
 def test_fuzz_nothing_denied_reaches_redis(pieces: list[bytes], cuts: list[int]) -> None:
     stream = b"".join(pieces)
