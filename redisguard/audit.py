@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 import structlog
 
@@ -39,14 +41,17 @@ def get_logger(name: str = "redisguard") -> structlog.typing.FilteringBoundLogge
 
 
 class RateLimiter:
-    """Token bucket for noisy events (denied commands): a flood must not fill a disk."""
+    """Token bucket for noisy events (denied commands, connections): a flood must not fill a disk.
 
-    def __init__(self, per_second: float = 100.0, burst: int = 200) -> None:
+    ``on_suppressed`` is called for every event the bucket drops (the suppressed-events counter)."""
+
+    def __init__(self, per_second: float = 100.0, burst: int = 200, on_suppressed: Callable[[], Any] | None = None) -> None:
         self.rate = per_second
         self.burst = float(burst)
         self.tokens = float(burst)
         self.last = time.monotonic()
         self.suppressed = 0
+        self.on_suppressed = on_suppressed
 
     def allow(self) -> bool:
         now = time.monotonic()
@@ -56,4 +61,27 @@ class RateLimiter:
             self.tokens -= 1
             return True
         self.suppressed += 1
+        if self.on_suppressed is not None:
+            self.on_suppressed()
         return False
+
+    def log(self, emit: Callable[..., Any], event: str, **fields: Any) -> None:
+        """``emit(event, **fields)`` (e.g. ``audit.warning``) if the budget allows; else count it as suppressed."""
+        if self.allow():
+            emit(event, **fields)
+
+
+class EventLimiter:
+    """One :class:`RateLimiter` per event name, so a flood of one kind (rejected connections) does not
+    hide the lines of another (accept failures, timeouts). Event names come from the code: bounded."""
+
+    def __init__(self, per_second: float, on_suppressed: Callable[[], Any] | None = None) -> None:
+        self.per_second = per_second
+        self.on_suppressed = on_suppressed
+        self.limiters: dict[str, RateLimiter] = {}
+
+    def log(self, emit: Callable[..., Any], event: str, **fields: Any) -> None:
+        limiter = self.limiters.get(event)
+        if limiter is None:
+            limiter = self.limiters[event] = RateLimiter(self.per_second, int(self.per_second * 2) + 1, self.on_suppressed)
+        limiter.log(emit, event, **fields)

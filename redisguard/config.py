@@ -85,6 +85,10 @@ class LimitsConfig:
     idle_timeout: float = 0.0  # 0 = never, like Redis's "timeout 0"
     max_request_bytes: int = 512 * 1024 * 1024 + 64 * 1024
     auth_failures_per_minute: float = 20.0  # per source; past it each AUTH waits before its check (0 = off)
+    max_pending_handshakes: int = 1024  # TLS handshakes in progress, all listeners; over it new sockets are closed
+    max_handshakes_per_source: int = 64  # the same, per source address
+    fd_reserve: int = 64  # stop accepting when fewer file descriptors than this remain unpromised
+    memory_trim_interval: float = 5.0  # seconds between malloc_trim(0) checks after connections closed; 0 = never
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,7 @@ class LogConfig:
     level: str = "info"
     audit_keys: bool = False  # include key names in command_denied events (values never)
     audit_denied_per_second: float = 100.0  # rate limit for command_denied / auth_failure events
+    audit_connections_per_second: float = 100.0  # rate limit per connection event (accepted, rejected, ...)
 
 
 @dataclass(frozen=True)
@@ -319,10 +324,18 @@ def parse_config(data: dict[str, Any], base: Path, source: Path | None = None) -
         idle_timeout=lim.get("idle_timeout", float, 0.0),
         max_request_bytes=lim.get("max_request_bytes", int, LimitsConfig.max_request_bytes),
         auth_failures_per_minute=lim.get("auth_failures_per_minute", float, 20.0),
+        max_pending_handshakes=lim.get("max_pending_handshakes", int, LimitsConfig.max_pending_handshakes),
+        max_handshakes_per_source=lim.get("max_handshakes_per_source", int, LimitsConfig.max_handshakes_per_source),
+        fd_reserve=lim.get("fd_reserve", int, LimitsConfig.fd_reserve),
+        memory_trim_interval=lim.get("memory_trim_interval", float, LimitsConfig.memory_trim_interval),
     )
-    for k in ("handshake_timeout", "auth_timeout", "idle_timeout", "max_request_bytes", "auth_failures_per_minute"):
+    for k in ("handshake_timeout", "auth_timeout", "idle_timeout", "max_request_bytes", "auth_failures_per_minute",
+              "fd_reserve", "memory_trim_interval"):  # fmt: skip
         if getattr(limits, k) < 0:
             raise lim.fail(k, "must not be negative")
+    for k in ("max_pending_handshakes", "max_handshakes_per_source"):
+        if getattr(limits, k) < 1:
+            raise lim.fail(k, "must be at least 1")
     lim.done()
 
     met = root.section("metrics")
@@ -336,9 +349,11 @@ def parse_config(data: dict[str, Any], base: Path, source: Path | None = None) -
         level=lg.choice("level", ("debug", "info", "warning", "error"), "info"),
         audit_keys=lg.get("audit_keys", bool, False),
         audit_denied_per_second=lg.get("audit_denied_per_second", float, 100.0),
+        audit_connections_per_second=lg.get("audit_connections_per_second", float, 100.0),
     )
-    if log.audit_denied_per_second <= 0:
-        raise lg.fail("audit_denied_per_second", "must be > 0")
+    for k in ("audit_denied_per_second", "audit_connections_per_second"):
+        if getattr(log, k) <= 0:
+            raise lg.fail(k, "must be > 0")
     lg.done()
     root.done()
     return Config(listeners, upstream, acl_cfg, limits, metrics, log, source)

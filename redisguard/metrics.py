@@ -62,6 +62,24 @@ class Metrics:
                                       ["result"], registry=r)  # fmt: skip
         self.audit_suppressed = Counter("redisguard_audit_events_suppressed",
                                         "Audit events dropped by the rate limit.", registry=r)  # fmt: skip
+        self.tls_handshakes_pending = Gauge("redisguard_tls_handshakes_pending",
+                                            "TLS handshakes in progress (accepted, not yet a client).",
+                                            ["listener"], registry=r)  # fmt: skip
+        self.accept_failures = Counter("redisguard_accept_failures", "accept() errors (EMFILE: out of file "
+                                       "descriptors), by errno name.", ["listener", "error"], registry=r)  # fmt: skip
+        self.fd_limit = Gauge("redisguard_file_descriptors_limit", "RLIMIT_NOFILE (soft) of the process.",
+                              registry=r)  # fmt: skip
+        self.fd_accounted = Gauge("redisguard_file_descriptors_accounted", "File descriptors the proxy counts as "
+                                  "used or promised: its own at start, pending handshakes, 2 per client "
+                                  "(client + upstream).", registry=r)  # fmt: skip
+        self.event_loop_lag = Histogram(
+            "redisguard_event_loop_lag_seconds",
+            "How late a 0.25 s event-loop timer fires: time the loop spent on other work.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.malloc_trims = Counter("redisguard_malloc_trims", "Calls of malloc_trim(0) after connections closed.",
+                                    registry=r)  # fmt: skip
 
     def set_build_info(self, redis_version: str) -> None:
         self.build_info.labels(__version__, platform.python_version(), redis_version).set(1)

@@ -9,7 +9,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import ctypes
+import errno
 import os
+import resource
 import signal
 import socket
 import ssl
@@ -23,7 +26,7 @@ import hiredis
 from . import certs
 from .acl import ACLError, ACLReplies, User, UsersFileError, load_users
 from .acl.users_file import missing_default_message
-from .audit import RateLimiter, get_logger
+from .audit import EventLimiter, RateLimiter, get_logger
 from .commands import CommandTable
 from .config import Config, ListenerConfig
 from .guards import AuthThrottle, source_allowed
@@ -84,6 +87,10 @@ class Slicer:
 
     def clear(self) -> None:
         self.queue.clear()
+# The housekeeping timer: event-loop lag is how late it fires; it also decides when to trim memory.
+TICK = 0.25
+# malloc_trim(0) only after at least this many connections closed since the last trim.
+TRIM_AFTER_CLOSES = 64
 
 
 class Observer:
@@ -101,7 +108,7 @@ class Observer:
         self.users = users
         self.count = count  # false: no per-request metrics (to measure what they cost)
         self.audit_keys = audit_keys
-        self.limiter = RateLimiter(per_second=rate, burst=int(rate * 2) + 1)
+        self.limiter = RateLimiter(per_second=rate, burst=int(rate * 2) + 1, on_suppressed=metrics.audit_suppressed.inc)
         self._allowed: dict[tuple[str, str], int] = {}
         metrics.before_render.append(self.flush)
 
@@ -125,8 +132,8 @@ class Observer:
                 self.metrics.request_errors.labels(reason).inc()
             return
         if not self.count:
-            if not allowed and self.limiter.allow():
-                self._audit_denied(session, user, cmd, reason)
+            if not allowed:
+                self.limiter.log(self._audit_denied, "command_denied", session=session, user=user, cmd=cmd, reason=reason)
             return
         if allowed:
             # The hot path: a plain dict increment, moved into the Prometheus counter at scrape time.
@@ -136,14 +143,11 @@ class Observer:
             return
         self.metrics.commands.labels(user, cmd, "denied").inc()
         self.metrics.denied.labels(user, cmd, reason).inc()
-        if self.limiter.allow():
-            self._audit_denied(session, user, cmd, reason)
-        else:
-            self.metrics.audit_suppressed.inc()
+        self.limiter.log(self._audit_denied, "command_denied", session=session, user=user, cmd=cmd, reason=reason)
 
-    def _audit_denied(self, session: Session, user: str, cmd: str, reason: str) -> None:
-        extra = {"keys": session.last_keys()} if self.audit_keys else {}
-        audit.warning("command_denied", user=user, command=cmd, reason=reason, listener=session.listener,
+    def _audit_denied(self, event: str, session: Session, user: str, cmd: str, reason: str) -> None:
+        extra = {"keys": session.last_keys()} if self.audit_keys else {}  # only for the lines that are written
+        audit.warning(event, user=user, command=cmd, reason=reason, listener=session.listener,
                       peer=session.peer, tls_identity=session.tls_identity, **extra)  # fmt: skip
 
     def throttled(self, session: Session, delay: float) -> None:
@@ -156,12 +160,9 @@ class Observer:
                        peer=session.peer, tls_identity=session.tls_identity)  # fmt: skip
         else:
             self.metrics.auth_failures.labels(session.listener, reason).inc()
-            if self.limiter.allow():
-                audit.warning("auth_failure", user=self._user(username), reason=reason,
-                              listener=session.listener, peer=session.peer,
-                              tls_identity=session.tls_identity)  # fmt: skip
-            else:
-                self.metrics.audit_suppressed.inc()
+            self.limiter.log(audit.warning, "auth_failure", user=self._user(username), reason=reason,
+                             listener=session.listener, peer=session.peer,
+                             tls_identity=session.tls_identity)  # fmt: skip
 
 
 _REQUEST_ERRORS = frozenset({"unknown_command", "arity", "unsupported", "protocol"})
@@ -224,12 +225,55 @@ def _handshake_reason(exc: BaseException) -> str:
     return "other"
 
 
+class HandshakeBudget:
+    """TLS handshakes in progress, counted globally, per listener and per source address.
+
+    A pending handshake holds a socket and uvloop's TLS state (tens of KiB) before the peer has proved
+    anything, so the accept loop asks :meth:`refusal` before spending any TLS work on a new socket.
+    The per-source table only holds sources with a handshake in progress: at most ``total`` entries."""
+
+    def __init__(self, total: int, per_source: int, gauge: Any) -> None:
+        self.total = total
+        self.per_source = per_source
+        self.gauge = gauge
+        self.count = 0
+        self.by_listener: dict[str, int] = {}
+        self.by_source: dict[str, int] = {}
+
+    def refusal(self, source: str) -> str:
+        if self.count >= self.total:
+            return "handshake_limit"
+        if self.by_source.get(source, 0) >= self.per_source:
+            return "handshake_limit_source"
+        return ""
+
+    def acquire(self, listener: str, source: str) -> None:
+        self.count += 1
+        self.by_listener[listener] = self.by_listener.get(listener, 0) + 1
+        self.by_source[source] = self.by_source.get(source, 0) + 1
+        self.gauge.labels(listener).inc()
+
+    def release(self, listener: str, source: str) -> None:
+        self.count -= 1
+        self.by_listener[listener] -= 1
+        left = self.by_source[source] - 1
+        if left:
+            self.by_source[source] = left
+        else:
+            del self.by_source[source]
+        self.gauge.labels(listener).dec()
+
+
 class TLSServer:
     """A TLS listener that accepts sockets itself, so every failed handshake is seen with its peer.
 
     ``loop.connect_accepted_socket(..., ssl=...)`` returns only after the handshake and raises when it
     fails, which is what metrics and the audit log need (uvloop's own TLS servers drop handshake
-    errors silently, and ``start_tls`` from ``connection_made`` races with uvloop's first read)."""
+    errors silently, and ``start_tls`` from ``connection_made`` races with uvloop's first read).
+
+    Every accepted socket is checked before any TLS work (source networks, the listener's
+    max_connections counting pending handshakes, the handshake budget, the file-descriptor reserve);
+    a refused one is closed at once."""
 
     def __init__(self, proxy: Proxy, listener: ListenerConfig) -> None:
         self.proxy = proxy
@@ -244,33 +288,38 @@ class TLSServer:
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
         sock = self.sockets[0]
+        lst = self.listener
         while True:
             try:
                 conn, addr = await loop.sock_accept(sock)
             except OSError as e:  # EMFILE and friends: back off instead of spinning
-                log.warning("accept_failed", listener=self.listener.name, error=str(e))
+                self.proxy.accept_failed(lst, e)
                 await asyncio.sleep(0.1)
                 continue
-            task = asyncio.ensure_future(self._handshake(conn, addr))
+            client = ClientProtocol(self.proxy, lst)
+            reason = client._refusal(addr, handshake=True)  # refuse before spending a handshake on it
+            if reason:
+                client.reject(conn, addr, reason)
+                continue
+            client.start_handshake(addr)
+            task = asyncio.ensure_future(self._handshake(client, conn, addr))
             self.pending.add(task)
             task.add_done_callback(self.pending.discard)
 
-    async def _handshake(self, conn: socket.socket, addr: Any) -> None:
+    async def _handshake(self, client: ClientProtocol, conn: socket.socket, addr: Any) -> None:
         loop = asyncio.get_running_loop()
         lst = self.listener
-        m = self.proxy.metrics
-        client = ClientProtocol(self.proxy, lst)
-        peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else "?"
-        reason = client._refusal(addr)  # refuse before spending a handshake on it
-        if reason:
-            m.connections_rejected.labels(lst.name, reason).inc()
-            audit.warning("connection_rejected", listener=lst.name, peer=peer, reason=reason)
-            conn.close()
-            return
+        proxy = self.proxy
+        m = proxy.metrics
+        timeout = proxy.config.limits.handshake_timeout
+        deadline = time.monotonic() + timeout
         try:
+            # No TLS state (tens of KiB in OpenSSL and uvloop) until the ClientHello starts to arrive:
+            # a silent connection costs a socket and this task.
+            await asyncio.wait_for(_first_bytes(loop, conn), timeout)
             await loop.connect_accepted_socket(
-                lambda: client, conn, ssl=self.proxy.tls_contexts[lst.name],
-                ssl_handshake_timeout=self.proxy.config.limits.handshake_timeout,
+                lambda: client, conn, ssl=proxy.tls_contexts[lst.name],
+                ssl_handshake_timeout=max(deadline - time.monotonic(), 0.001),
             )  # fmt: skip
         except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as e:
             why = _handshake_reason(e)
@@ -278,15 +327,49 @@ class TLSServer:
             m.connections_rejected.labels(lst.name, "handshake").inc()
             if why in ("no_client_cert", "bad_client_cert"):
                 m.auth_failures.labels(lst.name, why).inc()
-            audit.info("tls_handshake_failed", listener=lst.name, peer=peer, reason=why,
-                       detail=str(getattr(e, "reason", "") or type(e).__name__))  # fmt: skip
+            proxy.events.log(audit.info, "tls_handshake_failed", listener=lst.name, peer=_peer(addr), reason=why,
+                             detail=str(getattr(e, "reason", "") or type(e).__name__))  # fmt: skip
             conn.close()
+            proxy.closed_since_trim += 1
+        except asyncio.CancelledError:  # the listener is closing
+            conn.close()  # a no-op if uvloop took the socket over (it detaches it)
+            raise
+        finally:
+            client.end_handshake()  # a no-op when connection_made already ended it
 
     def close(self) -> None:
         self.task.cancel()
         for t in list(self.pending):
             t.cancel()
         self.sockets[0].close()
+
+
+async def _first_bytes(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
+    """Wait until the peer sends something (its ClientHello); ConnectionResetError if it closes first,
+    so a flood that disconnects never costs TLS state either."""
+    fd = conn.fileno()
+    while True:
+        ready = loop.create_future()
+        loop.add_reader(fd, _wake, ready)
+        try:
+            await ready
+        finally:
+            loop.remove_reader(fd)
+        try:
+            if conn.recv(1, socket.MSG_PEEK):
+                return
+        except (BlockingIOError, InterruptedError):
+            continue
+        raise ConnectionResetError("closed before the TLS handshake")
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _peer(addr: Any) -> str:
+    return f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else "unix"
 
 
 def _family(host: str) -> socket.AddressFamily:
@@ -312,9 +395,11 @@ class ClientProtocol(asyncio.Protocol):
         self.wake: asyncio.TimerHandle | None = None
         self.pending_bytes = 0  # bytes for the upstream held while it is being connected
         self.slicer = Slicer(self._received, lambda: self.pause_reading("slice"), lambda: self.resume_reading("slice"))
+        self.handshake_source: str | None = None  # set while this connection holds a pending-handshake slot
 
     # -- lifecycle --------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.end_handshake()
         if self.closed:
             return
         self.transport = transport  # type: ignore[assignment]
@@ -322,7 +407,7 @@ class ClientProtocol(asyncio.Protocol):
         lst = self.listener
         m = self.proxy.metrics
         peername = transport.get_extra_info("peername")
-        peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else "unix"
+        peer = _peer(peername)
         reason = self._refusal(peername)
         if reason:
             self.reject(transport, peername, reason)
@@ -336,8 +421,8 @@ class ClientProtocol(asyncio.Protocol):
         if self.closed:
             return
         self.session = Session(self.proxy.policy, lst.name, peer, cert_user, identity)
-        audit.info("connection_accepted", listener=lst.name, peer=peer, tls_identity=identity,
-                   user=cert_user.name if cert_user else "")  # fmt: skip
+        self.proxy.events.log(audit.info, "connection_accepted", listener=lst.name, peer=peer, tls_identity=identity,
+                              user=cert_user.name if cert_user else "")  # fmt: skip
         timeout = self.proxy.config.limits.auth_timeout
         if timeout:
             self.timer = asyncio.get_running_loop().call_later(timeout, self._auth_timeout)
@@ -345,22 +430,45 @@ class ClientProtocol(asyncio.Protocol):
             self.last_active = time.monotonic()
             self.idle_timer = asyncio.get_running_loop().call_later(self.proxy.config.limits.idle_timeout, self._check_idle)
 
-    def reject(self, transport: asyncio.BaseTransport, peername: Any, reason: str) -> None:
+    def reject(self, transport: asyncio.BaseTransport | socket.socket, peername: Any, reason: str) -> None:
+        """Count, log (rate-limited) and close a refused connection: a transport, or an accepted socket
+        that never got one (refused before its TLS handshake)."""
         lst = self.listener
-        peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else "unix"
         self.proxy.metrics.connections_rejected.labels(lst.name, reason).inc()
-        audit.warning("connection_rejected", listener=lst.name, peer=peer, reason=reason)
+        self.proxy.events.log(audit.warning, "connection_rejected", listener=lst.name, peer=_peer(peername), reason=reason)
         self.closed = True
         self.proxy.clients.discard(self)
-        transport.abort()
+        if isinstance(transport, socket.socket):
+            transport.close()
+        else:
+            transport.abort()
+        self.proxy.closed_since_trim += 1
 
-    def _refusal(self, peername: Any) -> str:
+    def _refusal(self, peername: Any, handshake: bool = False) -> str:
+        """Why this connection must be refused ("" = accept). ``handshake``: a TLS socket about to start
+        its handshake, which must also fit the pending-handshake budget."""
         lst = self.listener
+        proxy = self.proxy
         if lst.allowed_sources and isinstance(peername, tuple) and not source_allowed(peername[0], lst.allowed_sources):
             return "source_not_allowed"
-        if self.proxy.active[lst.name] >= lst.max_connections:
+        if proxy.active[lst.name] + proxy.handshakes.by_listener.get(lst.name, 0) >= lst.max_connections:
             return "limit"
+        if proxy.fds_left() < proxy.config.limits.fd_reserve:
+            return "fd_reserve"
+        if handshake:
+            return proxy.handshakes.refusal(peername[0] if isinstance(peername, tuple) else "")
         return ""
+
+    def start_handshake(self, peername: Any) -> None:
+        """Take a pending-handshake slot (TLSServer, after _refusal said yes)."""
+        self.handshake_source = peername[0] if isinstance(peername, tuple) else ""
+        self.proxy.handshakes.acquire(self.listener.name, self.handshake_source)
+
+    def end_handshake(self) -> None:
+        """Give the slot back: the handshake finished (connection_made) or failed; idempotent."""
+        if self.handshake_source is not None:
+            self.proxy.handshakes.release(self.listener.name, self.handshake_source)
+            self.handshake_source = None
 
     def _certificate_user(self, transport: asyncio.BaseTransport, peer: str) -> tuple[str, User | None]:
         lst = self.listener
@@ -425,8 +533,8 @@ class ClientProtocol(asyncio.Protocol):
         limit = self.proxy.config.limits.idle_timeout
         quiet = time.monotonic() - self.last_active
         if quiet >= limit and self.session.idle:
-            audit.info("connection_timeout", listener=self.listener.name, peer=self.session.peer,
-                       user=self.session.user.name, reason="idle")  # fmt: skip
+            self.proxy.events.log(audit.info, "connection_timeout", listener=self.listener.name, peer=self.session.peer,
+                                  user=self.session.user.name, reason="idle")  # fmt: skip
             self.close()
             return
         self.idle_timer = asyncio.get_running_loop().call_later(max(limit - quiet, 0.1), self._check_idle)
@@ -526,8 +634,8 @@ class ClientProtocol(asyncio.Protocol):
     def _auth_timeout(self) -> None:
         self.timer = None
         if not self.closed:
-            audit.info("connection_timeout", listener=self.listener.name, peer=self.session.peer,
-                       reason="no authenticated command in time")  # fmt: skip
+            self.proxy.events.log(audit.info, "connection_timeout", listener=self.listener.name, peer=self.session.peer,
+                                  reason="no authenticated command in time")  # fmt: skip
             self.transport.abort()  # type: ignore[union-attr]
 
     def upstream_lost(self) -> None:
@@ -549,6 +657,7 @@ class ClientProtocol(asyncio.Protocol):
             self.proxy.active[self.listener.name] -= 1
             self.proxy.metrics.connections_active.labels(self.listener.name).dec()
         self.proxy.clients.discard(self)
+        self.proxy.closed_since_trim += 1
 
     # -- backpressure -----------------------------------------------------------------------------
     # Reading from one side stops while the other side's write buffer is over HIGH_WATER, so memory
@@ -635,6 +744,43 @@ class Proxy:
         self.reload_again = False
         # Decisions on huge requests run here, one at a time, so they never stall the event loop.
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="redisguard-decide")
+        lim = config.limits
+        self.handshakes = HandshakeBudget(lim.max_pending_handshakes, lim.max_handshakes_per_source,
+                                          self.metrics.tls_handshakes_pending)  # fmt: skip
+        # Connection events are rate-limited per event name; what is dropped is counted.
+        self.events = EventLimiter(config.log.audit_connections_per_second, self.metrics.audit_suppressed.inc)
+        self.fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.fd_base = 0  # descriptors open before the first client: listeners, logs, the loop's own
+        self.metrics.fd_accounted.set_function(lambda: self.fd_limit - self.fds_left())
+        self.closed_since_trim = 0
+        self.trim = _malloc_trim()
+        self.next_trim = 0.0
+        self.tick_due = 0.0
+        self.tick_handle: asyncio.TimerHandle | None = None
+
+    def fds_left(self) -> int:
+        """File descriptors not yet used or promised. Each client counts two, its own and the upstream
+        connection it may open at its first command, so logged-in clients never find the table full."""
+        return self.fd_limit - self.fd_base - 2 * len(self.clients) - self.handshakes.count
+
+    def accept_failed(self, lst: ListenerConfig, e: OSError) -> None:
+        self.metrics.accept_failures.labels(lst.name, errno.errorcode.get(e.errno or 0, "other")).inc()
+        self.events.log(log.warning, "accept_failed", listener=lst.name, error=str(e))
+
+    def _tick(self) -> None:
+        """Every TICK seconds: observe how late this timer fired (event-loop lag); now and then, give
+        memory freed by closed connections back to the OS (glibc keeps it otherwise)."""
+        now = time.monotonic()
+        self.metrics.event_loop_lag.observe(max(0.0, now - self.tick_due))
+        self.tick_due = now + TICK
+        self.tick_handle = asyncio.get_running_loop().call_later(TICK, self._tick)
+        interval = self.config.limits.memory_trim_interval
+        if interval and self.trim is not None and now >= self.next_trim and self.closed_since_trim >= TRIM_AFTER_CLOSES:
+            self.next_trim = now + interval
+            closed, self.closed_since_trim = self.closed_since_trim, 0
+            self.trim()
+            self.metrics.malloc_trims.inc()
+            log.debug("malloc_trim", closed=closed, seconds=round(time.monotonic() - now, 4))
 
     def note_upstream_error(self, e: BaseException) -> None:
         msg = f"{type(e).__name__}: {e}"
@@ -665,6 +811,8 @@ class Proxy:
         self.metrics.set_build_info(self.table.redis_version)
 
     async def start(self) -> None:
+        self.fd_limit = _raise_fd_limit()
+        self.metrics.fd_limit.set(self.fd_limit)
         await self.load_policy()
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(self._exception_handler)
@@ -685,6 +833,9 @@ class Proxy:
         if self.config.metrics.enabled:
             m = self.config.metrics
             self.servers.append(await serve_http(self.metrics, m.host, m.port, self.ready))
+        self.fd_base = _open_fds()
+        self.tick_due = time.monotonic() + TICK
+        self.tick_handle = loop.call_later(TICK, self._tick)
         log.info(
             "redisguard_started",
             listeners=[f"{lst.name}={lst.type}://{self.bound(i)}" for i, lst in enumerate(self.config.listeners)],
@@ -693,6 +844,7 @@ class Proxy:
             users=sorted(self.policy.users),
             metrics=f"http://{self.config.metrics.host}:{self.metrics_port()}/metrics"
             if self.config.metrics.enabled else "off",
+            fd_limit=self.fd_limit, malloc_trim=self.trim is not None,
         )  # fmt: skip
 
     def bound(self, index: int) -> str:
@@ -779,8 +931,8 @@ class Proxy:
                 session.user = new
             else:
                 dropped += 1
-                audit.info("connection_closed", listener=client.listener.name, peer=session.peer,
-                           user=session.user.name, reason="user changed by reload")  # fmt: skip
+                self.events.log(audit.info, "connection_closed", listener=client.listener.name, peer=session.peer,
+                                user=session.user.name, reason="user changed by reload")  # fmt: skip
                 client.close()
         return dropped
 
@@ -808,6 +960,9 @@ class Proxy:
         log.error("internal_error", message=context.get("message", ""), error=repr(exc))
 
     async def stop(self, grace: float = 5.0) -> None:
+        if self.tick_handle is not None:
+            self.tick_handle.cancel()
+            self.tick_handle = None
         for srv in self.servers:
             srv.close()
         deadline = time.monotonic() + grace
@@ -819,6 +974,38 @@ class Proxy:
             if lst.type == "unix" and lst.path:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(lst.path)
+
+
+def _raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (if allowed) and return the soft limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return soft if soft != resource.RLIM_INFINITY else 1 << 20
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        return soft
+    return target
+
+
+def _open_fds() -> int:
+    """File descriptors open now (Linux /proc; elsewhere a guess)."""
+    try:
+        return len(os.listdir("/proc/self/fd")) - 1  # minus the one listdir used
+    except OSError:
+        return 32
+
+
+def _malloc_trim() -> Callable[[], int] | None:
+    """glibc's malloc_trim(0), which hands free heap pages back to the OS; None where libc lacks it."""
+    try:
+        fn = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_size_t]
+    fn.restype = ctypes.c_int
+    return lambda: int(fn(0))
 
 
 async def run(config: Config) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -80,26 +81,39 @@ class ProxyProc:
 
 def proxy_config(
     d: Path, certs: Path, users: Path, redis_port: int, tls_port: int, plain_port: int, metrics_port: int,
-    extra: str = "", disabled: str = '["FLUSHALL", "CONFIG"]', upstream_extra: str = "",
+    extra: str = "", disabled: str = '["FLUSHALL", "CONFIG"]', upstream_extra: str = "", limits: str = "",
 ) -> Path:  # fmt: skip
-    """The demo's config, logging in upstream as the service user, with short test timeouts."""
+    """The demo's config, logging in upstream as the service user, with short test timeouts.
+
+    ``extra`` adds lines at the end (the [log] table), ``limits`` to [limits] (later keys win)."""
     (d / "upstream.pw").write_text(UPSTREAM_PASSWORD + "\n")
     return write_config(
         d, tls_port, plain_port, redis_port, metrics_port, users, certs, disabled=disabled,
         upstream=f'username = "{UPSTREAM_USER}"\npassword_file = "upstream.pw"\n{upstream_extra}',
-        limits="auth_timeout = 3.0\nhandshake_timeout = 3.0\n"
-        "auth_failures_per_minute = 100000.0  # the suite fails AUTH on purpose from one address",
+        limits=_limits({"auth_timeout": "3.0", "handshake_timeout": "3.0",
+                        "auth_failures_per_minute": "100000.0"},  # the suite fails AUTH on purpose from one address
+                       limits),
         log='level = "debug"', extra=extra,
     )  # fmt: skip
 
 
-def start_proxy(d: Path, certs: Path, users: Path, redis_port: int, **kw: str) -> ProxyProc:
+def _limits(defaults: dict[str, str], override: str) -> str:
+    """[limits] lines: the test defaults, with any key set in ``override`` taking its place."""
+    lines = [line for line in override.splitlines() if line.strip()]
+    given = {line.split("=", 1)[0].strip() for line in lines}
+    return "\n".join([*(f"{k} = {v}" for k, v in defaults.items() if k not in given), *lines])
+
+
+def start_proxy(d: Path, certs: Path, users: Path, redis_port: int, nofile: int | None = None, **kw: str) -> ProxyProc:
+    """``nofile``: start redisguard with RLIMIT_NOFILE soft = hard = that (it cannot raise it)."""
     tls_port, plain_port, metrics_port = free_port(), free_port(), free_port()
     cfg = proxy_config(d, certs, users, redis_port, tls_port, plain_port, metrics_port, **kw)
     log = d / f"redisguard-{tls_port}.log"
+    limit = None if nofile is None else lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
     proc = subprocess.Popen(
         [sys.executable, "-m", "redisguard", "serve", "-c", str(cfg)],
         stdout=subprocess.DEVNULL, stderr=open(log, "wb"), env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=limit,
     )  # fmt: skip
     try:
         wait_port(tls_port, proc)

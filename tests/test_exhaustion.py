@@ -1,0 +1,216 @@
+"""Exhaustion before AUTH: pending TLS handshakes, file descriptors, log volume, event-loop lag.
+
+Real redis-server and redisguard processes; every wait polls /metrics up to a deadline (no timing
+assertions: other tests share these 2 cores)."""
+
+from __future__ import annotations
+
+import socket
+import time
+import tomllib
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from redisguard.config import ConfigError, LimitsConfig, parse_config
+from redisguard.demo import free_port, wait_port
+from redisguard.metrics import parse_samples
+
+from .helpers import USERS_ACL, ProxyProc, read_until, start_proxy
+
+PENDING = 'redisguard_tls_handshakes_pending{listener="tls"}'
+
+
+def scrape(p: ProxyProc) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{p.metrics_port}/metrics", timeout=5).read().decode()
+    return parse_samples(text)
+
+
+def wait_metrics(p: ProxyProc, ok: Callable[[dict[str, float]], bool], timeout: float = 10.0) -> dict[str, float]:
+    """Scrape until ``ok(samples)``; return the last scrape either way (the caller asserts on it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = scrape(p)
+        if ok(s) or time.monotonic() > deadline:
+            return s
+        time.sleep(0.1)
+
+
+def rejected(s: dict[str, float], listener: str, reason: str) -> float:
+    return s.get(f'redisguard_connections_rejected_total{{listener="{listener}",reason="{reason}"}}', 0.0)
+
+
+def silent(port: int, source: str, n: int) -> list[socket.socket]:
+    """``n`` TCP connections from ``source`` (any 127.x.y.z address works on Linux loopback) that never speak."""
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind((source, 0))
+        s.connect(("127.0.0.1", port))
+        socks.append(s)
+    return socks
+
+
+@pytest.fixture
+def make_proxy(tmp_path: Path, certs: Path, redis_server) -> Iterator[Callable[..., ProxyProc]]:  # type: ignore[no-untyped-def]
+    users = tmp_path / "users.acl"
+    users.write_text(USERS_ACL)
+    started: list[ProxyProc] = []
+
+    def make(**kw) -> ProxyProc:  # type: ignore[no-untyped-def]
+        p = start_proxy(tmp_path, certs, users, redis_server.port, **kw)
+        started.append(p)
+        return p
+
+    yield make
+    for p in started:
+        p.stop()
+
+
+def tls_ping(p: ProxyProc, certs: Path, port: int = 0) -> bool:
+    c = redis.Redis(host="127.0.0.1", port=port or p.tls_port, ssl=True, ssl_ca_certs=str(certs / "ca.pem"),
+                    username="alice", password="alice-pw", socket_timeout=10, retry=Retry(NoBackoff(), 0))  # fmt: skip
+    try:
+        return bool(c.ping())
+    finally:
+        c.close()
+
+
+def test_pending_handshake_flood_is_capped(make_proxy, certs: Path) -> None:  # type: ignore[no-untyped-def]
+    p = make_proxy(limits="max_pending_handshakes = 100\nmax_handshakes_per_source = 50\nhandshake_timeout = 60.0\n")
+    flood: list[socket.socket] = []
+    try:
+        # 300 silent connections from one source: 50 become pending handshakes, 250 are closed at once.
+        flood += silent(p.tls_port, "127.0.0.2", 300)
+        s = wait_metrics(p, lambda s: rejected(s, "tls", "handshake_limit_source") >= 250)
+        assert s[PENDING] == 50
+        assert rejected(s, "tls", "handshake_limit_source") == 250
+        # The flood is held, and a legitimate client from another address still logs in and runs PING.
+        assert tls_ping(p, certs)
+        # A second source fills the global budget (100) with its first 50; its next 10 and a third
+        # source's 5 are refused by the global cap.
+        flood += silent(p.tls_port, "127.0.0.3", 60)
+        flood += silent(p.tls_port, "127.0.0.4", 5)
+        s = wait_metrics(p, lambda s: rejected(s, "tls", "handshake_limit") >= 15)
+        assert s[PENDING] == 100
+        assert rejected(s, "tls", "handshake_limit") == 15
+        assert rejected(s, "tls", "handshake_limit_source") == 250
+        assert s['redisguard_connections_active{listener="tls"}'] == 0
+    finally:
+        for sock in flood:
+            sock.close()
+    s = wait_metrics(p, lambda s: s[PENDING] == 0)
+    assert s[PENDING] == 0
+    assert tls_ping(p, certs)
+    # Rejections are counted, not each logged: the log holds at most the limiter's burst of them.
+    assert p.log.read_text().count('"connection_rejected"') < 265
+
+
+def test_pending_handshakes_count_toward_max_connections(make_proxy, certs: Path) -> None:  # type: ignore[no-untyped-def]
+    port = free_port()
+    small = (f'[[listener]]\nname = "small"\ntype = "tls"\naddress = "127.0.0.1:{port}"\n'
+             f'cert_file = "{certs / "server.pem"}"\nkey_file = "{certs / "server.key"}"\nmax_connections = 3\n')  # fmt: skip
+    p = make_proxy(extra=small, limits="handshake_timeout = 60.0\n")
+    wait_port(port)  # a probe connection: wait until it is over, so it does not take one of the 3 places
+    wait_metrics(p, lambda s: any(k.startswith('redisguard_tls_handshake_failures_total{listener="small"') for k in s))
+    flood = silent(port, "127.0.0.5", 3)
+    try:
+        s = wait_metrics(p, lambda s: s.get('redisguard_tls_handshakes_pending{listener="small"}', 0) >= 3)
+        assert s['redisguard_tls_handshakes_pending{listener="small"}'] == 3
+        with pytest.raises(redis.ConnectionError):
+            tls_ping(p, certs, port)  # 3 pending handshakes fill max_connections = 3: refused before any TLS work
+        assert rejected(scrape(p), "small", "limit") >= 1
+    finally:
+        for sock in flood:
+            sock.close()
+    wait_metrics(p, lambda s: s['redisguard_tls_handshakes_pending{listener="small"}'] == 0)
+    assert tls_ping(p, certs, port)
+
+
+def test_fd_reserve_keeps_metrics_and_upstream_working(make_proxy) -> None:  # type: ignore[no-untyped-def]
+    p = make_proxy(nofile=160)
+    s = scrape(p)
+    assert s["redisguard_file_descriptors_limit"] == 160
+    # A client that logged in before the flood: its upstream connection opens at its first command.
+    kept = socket.create_connection(("127.0.0.1", p.plain_port), timeout=5)
+    kept.sendall(b"AUTH alice alice-pw\r\n")
+    assert read_until(kept, b"+OK\r\n") == b"+OK\r\n"
+    flood = [socket.create_connection(("127.0.0.1", p.plain_port), timeout=5) for _ in range(120)]
+    try:
+        s = wait_metrics(p, lambda s: rejected(s, "local", "fd_reserve") > 0)
+        assert rejected(s, "local", "fd_reserve") > 0
+        assert s["redisguard_file_descriptors_accounted"] <= 160 - 64
+        kept.sendall(b"SET cache:fd v\r\nGET cache:fd\r\n")
+        assert read_until(kept, b"+OK\r\n$1\r\nv\r\n") == b"+OK\r\n$1\r\nv\r\n"
+        assert not any(k.startswith("redisguard_accept_failures_total") for k in s)
+    finally:
+        for sock in flood:
+            sock.close()
+        kept.close()
+
+
+def test_connection_events_are_rate_limited(make_proxy) -> None:  # type: ignore[no-untyped-def]
+    p = make_proxy(extra="audit_connections_per_second = 2.0\n")
+    for _ in range(60):
+        socket.create_connection(("127.0.0.1", p.plain_port), timeout=5).close()
+    s = wait_metrics(p, lambda s: s['redisguard_connections_total{listener="local"}'] >= 60)
+    accepted = s['redisguard_connections_total{listener="local"}']  # the 60, and start_proxy's probe
+    logged = p.log.read_text().count('"connection_accepted"')
+    assert 1 <= logged < 60
+    assert s["redisguard_audit_events_suppressed_total"] == accepted - logged
+
+
+def test_event_loop_lag_and_fd_metrics_are_exported(proxy: ProxyProc) -> None:
+    s = wait_metrics(proxy, lambda s: s.get("redisguard_event_loop_lag_seconds_count", 0) >= 1)
+    assert s["redisguard_event_loop_lag_seconds_count"] >= 1
+    assert 'redisguard_event_loop_lag_seconds_bucket{le="0.001"}' in s
+    assert 'redisguard_event_loop_lag_seconds_bucket{le="10.0"}' in s
+    assert s["redisguard_file_descriptors_limit"] > 0
+    assert 0 < s["redisguard_file_descriptors_accounted"] < s["redisguard_file_descriptors_limit"]
+
+
+BASE = """
+[[listener]]
+type = "tcp"
+address = "127.0.0.1:6381"
+[acl]
+users_file = "users.acl"
+"""
+
+
+def test_exhaustion_limits_defaults_and_values(tmp_path: Path) -> None:
+    cfg = parse_config(_toml(BASE), tmp_path)
+    assert cfg.limits == LimitsConfig()
+    assert (cfg.limits.max_pending_handshakes, cfg.limits.max_handshakes_per_source) == (1024, 64)
+    assert (cfg.limits.fd_reserve, cfg.limits.memory_trim_interval, cfg.log.audit_connections_per_second) == (64, 5.0, 100.0)
+    text = "[limits]\nmax_pending_handshakes = 10\nmax_handshakes_per_source = 2\nfd_reserve = 0\nmemory_trim_interval = 0\n"
+    lim = parse_config(_toml(BASE + text), tmp_path).limits
+    assert (lim.max_pending_handshakes, lim.max_handshakes_per_source) == (10, 2)
+    assert (lim.fd_reserve, lim.memory_trim_interval) == (0, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("snippet", "message"),
+    [
+        ("[limits]\nmax_pending_handshakes = 0", "limits.max_pending_handshakes: must be at least 1"),
+        ("[limits]\nmax_handshakes_per_source = -3", "limits.max_handshakes_per_source: must be at least 1"),
+        ('[limits]\nmax_pending_handshakes = "many"', "limits.max_pending_handshakes: expected int"),
+        ("[limits]\nmax_handshakes_per_source = 1.5", "limits.max_handshakes_per_source: expected int"),
+        ("[limits]\nfd_reserve = -1", "limits.fd_reserve: must not be negative"),
+        ("[limits]\nmemory_trim_interval = -0.5", "limits.memory_trim_interval: must not be negative"),
+        ("[log]\naudit_connections_per_second = 0", "log.audit_connections_per_second: must be > 0"),
+    ],
+)
+def test_exhaustion_limits_bad_values_name_the_key(tmp_path: Path, snippet: str, message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_config(_toml(BASE + snippet), tmp_path)
+    assert message in str(e.value)
+
+
+def _toml(text: str) -> dict:  # type: ignore[type-arg]
+    return tomllib.loads(text)
