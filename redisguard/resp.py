@@ -55,6 +55,15 @@ def encode_command(argv: Sequence[bytes]) -> bytes:
     return b"".join(parts)
 
 
+def encode_command_pieces(argv: Sequence[bytes], step: int = 1024) -> list[bytes]:
+    """``encode_command`` in pieces of ``step`` arguments, for huge requests encoded in a worker
+    thread: each join is short, so the thread never holds the GIL long enough to stall the loop."""
+    pieces = [b"*%d\r\n" % len(argv)]
+    for i in range(0, len(argv), step):
+        pieces.append(b"".join([b"$%d\r\n%s\r\n" % (len(a), a) for a in argv[i : i + step]]))
+    return pieces
+
+
 OK = b"+OK\r\n"
 
 # --------------------------------------------------------------------------------------------------

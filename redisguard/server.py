@@ -11,6 +11,7 @@ import concurrent.futures
 import contextlib
 import ctypes
 import errno
+import gc
 import os
 import resource
 import signal
@@ -45,45 +46,66 @@ SLICE = 16 * 1024
 
 
 class Slicer:
-    """Hands big reads to ``handle`` SLICE bytes per event-loop turn, pausing the transport meanwhile.
+    """Hands reads to ``handle`` at most SLICE bytes per event-loop turn, pausing the transport meanwhile.
 
-    A transport may deliver 256 KiB at once; parsing and deciding that many tiny requests (or scanning
-    that many reply frames) is ~100 ms of Python. Sliced, every step on the loop is bounded by SLICE,
-    whatever one connection sends, and the others get their turns in between."""
+    libuv reads a socket up to 32 times per turn, 256 KiB at a time; parsing and deciding that many
+    tiny requests (or scanning that many reply frames) would be seconds of Python. Sliced, the work one
+    connection gets per turn is bounded by SLICE bytes (and the session's BATCH of decisions), whatever
+    it sends, and every other connection gets its turn in between. ``ready`` says whether the consumer
+    can take more (a session still working through a batch cannot); ``before`` runs at each turn."""
 
-    __slots__ = ("handle", "pause", "resume", "queue")
+    __slots__ = ("handle", "pause", "resume", "ready", "before", "queue", "used", "scheduled")
 
-    def __init__(self, handle: Callable[[bytes], None], pause: Callable[[], None], resume: Callable[[], None]) -> None:
+    def __init__(self, handle: Callable[[bytes], None], pause: Callable[[], None], resume: Callable[[], None],
+                 ready: Callable[[], bool] = lambda: True, before: Callable[[], None] = lambda: None) -> None:  # fmt: skip
         self.handle = handle
         self.pause = pause
         self.resume = resume
+        self.ready = ready
+        self.before = before
         self.queue: deque[tuple[bytes, int]] = deque()
+        self.used = 0  # bytes handled since the last turn began
+        self.scheduled = False
 
     def feed(self, data: bytes) -> None:
-        if self.queue:  # still working through an earlier read
-            self.queue.append((data, 0))
-        elif len(data) <= SLICE:
+        if not self.queue and self.used + len(data) <= SLICE and not self.scheduled:
+            self.used += len(data)  # the common case: a small read, handled at once
             self.handle(data)
-        else:
-            self.queue.append((data, 0))
-            self.pause()
-            self._next()
-
-    def _next(self) -> None:
-        if not self.queue:
+            if self.used >= SLICE // 2:
+                self.kick()
             return
-        data, start = self.queue[0]
-        end = start + SLICE
-        if end >= len(data):
-            self.queue.popleft()
-        else:
-            self.queue[0] = (data, end)
-        piece = data[start:end] if start or end < len(data) else data
-        if self.queue:
-            asyncio.get_running_loop().call_soon(self._next)
-        else:
+        self.queue.append((data, 0))
+        if not self.scheduled:
+            self._pump()
+
+    def kick(self) -> None:
+        """Come back on the next turn (and read nothing new until the queue is done)."""
+        if not self.scheduled:
+            self.scheduled = True
+            self.pause()
+            asyncio.get_running_loop().call_soon(self._turn)
+
+    def _pump(self) -> None:
+        while self.queue and self.used < SLICE and self.ready():
+            data, start = self.queue[0]
+            end = min(len(data), start + SLICE - self.used)
+            if end >= len(data):
+                self.queue.popleft()
+            else:
+                self.queue[0] = (data, end)
+            piece = data if start == 0 and end == len(data) else data[start:end]
+            self.used += len(piece)
+            self.handle(piece)
+        if self.queue or not self.ready():
+            self.kick()
+
+    def _turn(self) -> None:
+        self.scheduled = False
+        self.used = 0
+        self.before()
+        self._pump()
+        if not self.scheduled:
             self.resume()
-        self.handle(piece)
 
     def clear(self) -> None:
         self.queue.clear()
@@ -165,7 +187,7 @@ class Observer:
                              tls_identity=session.tls_identity)  # fmt: skip
 
 
-_REQUEST_ERRORS = frozenset({"unknown_command", "arity", "unsupported", "protocol"})
+_REQUEST_ERRORS = frozenset({"unknown_command", "arity", "unsupported", "protocol", "context"})
 
 
 class UpstreamProtocol(asyncio.Protocol):
@@ -394,7 +416,8 @@ class ClientProtocol(asyncio.Protocol):
         self.waiting = False  # the session is paused: a throttle timer or an offloaded decision runs
         self.wake: asyncio.TimerHandle | None = None
         self.pending_bytes = 0  # bytes for the upstream held while it is being connected
-        self.slicer = Slicer(self._received, lambda: self.pause_reading("slice"), lambda: self.resume_reading("slice"))
+        self.slicer = Slicer(self._received, lambda: self.pause_reading("slice"), lambda: self.resume_reading("slice"),
+                             ready=lambda: not self.session.backlog, before=self._continue)  # fmt: skip
         self.handshake_source: str | None = None  # set while this connection holds a pending-handshake slot
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -558,6 +581,8 @@ class ClientProtocol(asyncio.Protocol):
         if self.timer is not None and s.authenticated:
             self.timer.cancel()
             self.timer = None
+        if s.backlog and not self.closed:
+            self.slicer.kick()  # the session decided a batch: the rest on the next turn
         if s.paused and not self.waiting and not self.closed:
             self.waiting = True
             self.pause_reading("session")
@@ -568,6 +593,12 @@ class ClientProtocol(asyncio.Protocol):
             else:
                 self.wake = loop.call_later(s.wait, self._resume)
         self.flush()
+
+    def _continue(self) -> None:
+        """A new turn: let the session decide its next batch of requests."""
+        if self.session.backlog and not self.closed:
+            self.session.resume()
+            self._after_session()
 
     def _resume(self) -> None:
         self.wake = None
@@ -682,6 +713,12 @@ class ClientProtocol(asyncio.Protocol):
         self.paused_by.discard(why)
         if self.transport is not None and not self.paused_by and not self.closed:
             self.transport.resume_reading()
+
+
+def _release(users: dict[str, User]) -> None:
+    """Drop the previous users one at a time (in a worker thread, so the loop gets turns between)."""
+    while users:
+        users.popitem()
 
 
 async def upstream_request(config: Config, commands: list[list[bytes]], timeout: float) -> list[Any]:
@@ -814,6 +851,8 @@ class Proxy:
         self.fd_limit = _raise_fd_limit()
         self.metrics.fd_limit.set(self.fd_limit)
         await self.load_policy()
+        gc.collect()
+        gc.freeze()  # the users and the command table live as long as the process: keep them out of GC passes
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(self._exception_handler)
         for lst in self.config.listeners:
@@ -898,19 +937,28 @@ class Proxy:
 
         while True:
             self.reload_again = False
+            # A full garbage collection over 10,000 users' command sets holds the GIL for ~60 ms,
+            # wherever it runs: none while loading, and what is loaded is frozen out of later ones.
+            gc.disable()
             try:
                 users, acl_replies, contexts = await asyncio.to_thread(load)
             except (UsersFileError, ACLError, TLSConfigError, OSError, ValueError) as e:
+                gc.enable()
                 self.metrics.config_reloads.labels("failure").inc()
                 audit.error("config_reload_failed", error=str(e), detail="kept the previous users and certificates")
             else:
                 for lst in tls:
                     self._export_expiry(lst)
                 self.tls_contexts.update(contexts)
+                old = (self.policy.users, self.policy.acl_replies)
                 self.policy.users = users
                 self.policy.acl_replies = acl_replies
                 self.policy.observer.users = users  # type: ignore[attr-defined]
                 dropped = self._rebind_sessions(users)
+                gc.freeze()
+                gc.enable()
+                await asyncio.to_thread(_release, old[0])  # freeing 10,000 users is ~20 ms: not here
+                del old
                 self.metrics.config_reloads.labels("success").inc()
                 audit.info("config_reloaded", users=len(users), listeners=sorted(contexts), disconnected=dropped)
             if not self.reload_again:

@@ -40,11 +40,27 @@ from .acl import ACLReplies, User, check, replies
 from .acl.check import sort_restriction
 from .commands import Command, CommandTable, get_keys, unknown_command_error
 from .guards import AuthThrottle, source_key
-from .resp import OK, Frame, ProtocolError, ReplyScanner, RequestParser, encode_bulk, encode_command, string2ll
+from .resp import (
+    OK,
+    Frame,
+    ProtocolError,
+    ReplyScanner,
+    RequestParser,
+    encode_bulk,
+    encode_command,
+    encode_command_pieces,
+    string2ll,
+)
 
-RELAY, SYNTH, SWALLOW, AUTHCHECK, CLOSE, PUBSUB, MONITOR, SWALLOW_PUBSUB, SWALLOW_MONITOR = range(9)
-_QUIET = {RELAY: SWALLOW, PUBSUB: SWALLOW_PUBSUB, MONITOR: SWALLOW_MONITOR}
+RELAY, SYNTH, SWALLOW, AUTHCHECK, CLOSE, PUBSUB, MONITOR, SWALLOW_MONITOR, EXEC_SUBS = range(9)
+_QUIET = {RELAY: SWALLOW, MONITOR: SWALLOW_MONITOR, EXEC_SUBS: SWALLOW}
 _RELAYED = (RELAY, PUBSUB, MONITOR)
+# Requests decided per call before the session yields to the event loop (the transport calls
+# resume() on the next turn): a write of 100,000 tiny requests must not hold the loop.
+BATCH = 256
+# In RESP2 pub/sub mode Redis runs only these (processCommand), refusing the rest after the ACL check.
+_SUBSCRIBED_CONTEXT = frozenset({"ping", "quit", "reset", "subscribe", "psubscribe", "ssubscribe",
+                                 "unsubscribe", "punsubscribe", "sunsubscribe"})
 # Requests with more arguments or bytes than this are decided (and re-encoded) off the event loop,
 # so one huge MGET, DEL or 1 MB key name matched against `*x*` patterns cannot stall other clients.
 OFFLOAD_ARGC = 4096
@@ -73,8 +89,13 @@ _PUSH, _ATTR = ord(">"), ord("|")
 _PUBSUB_MESSAGES = (b"message", b"pmessage", b"smessage")
 _CONFIRMATIONS = frozenset((b"subscribe", b"psubscribe", b"ssubscribe", b"unsubscribe", b"punsubscribe", b"sunsubscribe"))
 _SUBSCRIBE = {c.decode() for c in _CONFIRMATIONS}
+# Which set of subscriptions each command changes: channels "", patterns "p", shard channels "s".
+_SUBSCRIBE_KIND = {"subscribe": "", "unsubscribe": "", "psubscribe": "p", "punsubscribe": "p",
+                   "ssubscribe": "s", "sunsubscribe": "s"}  # fmt: skip
 # ACL subcommands that would change the upstream's users: never forwarded, refused.
 _ACL_REFUSED = {"acl|setuser", "acl|deluser", "acl|load", "acl|save", "acl|log"}
+# ACL subcommands answered by the proxy from its own users.
+_ACL_LOCAL = {"acl|whoami", "acl|users", "acl|list", "acl|getuser", "acl|dryrun"}
 
 
 class Observer(Protocol):
@@ -217,6 +238,9 @@ class Session:
         self.in_multi = False
         self.multi_dirty = False
         self.subscriptions: dict[str, set[bytes]] = {"": set(), "p": set(), "s": set()}
+        self._pubsub_owed = 0  # (un)subscribe confirmations still to come
+        self._multi_subs: list[tuple[str, bytes, bool]] = []  # queued in MULTI: (kind, channel, unsubscribe)
+        self._exec_undo: deque[list[tuple[str, bytes, bool]]] = deque()  # per EXEC_SUBS slot: undo if aborted
         self.monitoring = False
         self.reply_off = False  # CLIENT REPLY OFF
         self._skip_next = False  # CLIENT REPLY SKIP: the next command gets no reply
@@ -234,8 +258,9 @@ class Session:
         self.offload: list[bytes] | None = None  # a request the transport decides in a worker thread
         self._paused = False
         self._replay = False  # the request at the head of _pending was started before the pause
+        self._more = False  # the last batch ran out of budget with requests left to parse or decide
         self._replay_auth = False  # ... and it is an AUTH whose throttle delay has been served
-        self._decided: tuple[list[bytes], Verdict, bytes] | None = None
+        self._decided: tuple[list[bytes], Verdict, list[bytes]] | None = None
         if cert_user is not None:
             self.user: User = cert_user
             self.authenticated = True
@@ -261,6 +286,11 @@ class Session:
     def idle(self) -> bool:
         """Nothing owed to the client (not blocked, not waiting for replies) and not subscribed."""
         return not self._slots and not self._pending and not self.subscribed and not self.monitoring
+
+    @property
+    def backlog(self) -> bool:
+        """Requests are waiting for the next event-loop turn (the transport calls resume())."""
+        return (self._more or bool(self._pending)) and not self._paused and not self.stopped
 
     @property
     def paused(self) -> bool:
@@ -293,9 +323,9 @@ class Session:
         if not self._slots:
             self.to_client.append(data)
         elif self._slots[-1][0] == SYNTH:
-            self._slots[-1][1] += data
+            self._slots[-1][1].append(data)  # a list: refusals piling up behind one reply stay O(n)
         else:
-            self._slots.append([SYNTH, data])
+            self._slots.append([SYNTH, [data]])
 
     def _expect(self, kind: int, n: int = 1) -> None:
         if kind == RELAY:
@@ -303,6 +333,8 @@ class Session:
             if self._sample is None and owed // LATENCY_SAMPLE_EVERY != (owed + n) // LATENCY_SAMPLE_EVERY:
                 self._sample = (owed + n, self.clock())
             self._relayed_owed = owed + n
+        if kind == PUBSUB:
+            self._pubsub_owed += n
         if self._slots and self._slots[-1][0] == kind:
             self._slots[-1][1] += n
         else:
@@ -313,13 +345,14 @@ class Session:
         self._open_upstream()
         decided = self._decided
         if decided is not None and decided[0] is argv and decided[2]:
-            self.to_upstream.append(decided[2])  # encoded off the loop with its verdict
+            self.to_upstream.extend(decided[2])  # encoded off the loop with its verdict
         else:
             self.to_upstream.append(encode_command(argv))
-        if not replies or self.reply_off:  # Redis sends nothing while CLIENT REPLY is OFF
-            return
-        if self._skipping:  # CLIENT REPLY SKIP is the proxy's: Redis answers, the client gets nothing
-            kind = _QUIET[kind]
+        if kind != PUBSUB:  # (un)subscribe confirmations are pushes: OFF and SKIP never silence them
+            if not replies or self.reply_off:  # Redis sends nothing while CLIENT REPLY is OFF
+                return
+            if self._skipping:  # CLIENT REPLY SKIP is the proxy's: Redis answers, the client gets nothing
+                kind = _QUIET[kind]
         self._expect(kind, replies)
 
     def _close_after_replies(self) -> None:
@@ -352,11 +385,16 @@ class Session:
         """Decide the pending requests in order, until done or paused; then a protocol error, if any."""
         pending = self._pending
         parser = self.parser
+        budget = BATCH
         while True:
             while pending and not self._paused:
                 if self.stopped:
                     pending.clear()
                     return
+                if budget == 0:
+                    self._more = True  # more next turn: the transport sees ``backlog`` and calls resume()
+                    return
+                budget -= 1
                 self._command(pending[0])
                 if not self._replay:
                     pending.popleft()
@@ -364,6 +402,9 @@ class Session:
             if self._paused or self.stopped:
                 return
             if parser.error is None and parser.buffered and not self.closing:
+                if budget == 0:
+                    self._more = True
+                    return
                 more = parser.feed(b"")  # requests held back before AUTH lifted the pre-auth limits
                 if more:
                     pending.extend(more)
@@ -379,10 +420,10 @@ class Session:
     def resume(self) -> None:
         """The transport's timer fired (a throttled AUTH): carry on with the pending requests."""
         self.wait = 0.0
-        self._paused = False
+        self._paused = self._more = False
         self._run()
 
-    def offloaded(self, verdict: Verdict, encoded: bytes) -> None:
+    def offloaded(self, verdict: Verdict, encoded: list[bytes]) -> None:
         """The transport decided ``self.offload`` off the loop: use that verdict and carry on."""
         argv, self.offload = self.offload, None
         assert argv is not None
@@ -433,6 +474,7 @@ class Session:
         if not self.reply_off:  # Redis sends no reply to it either while CLIENT REPLY is OFF
             self._expect(SWALLOW)
         self.in_multi = self.multi_dirty = False
+        self._multi_subs.clear()
         self._reply(reply)
 
     def last_keys(self) -> list[str]:
@@ -464,6 +506,10 @@ class Session:
             self._reject(cmd, verdict.error, verdict.reason, verdict.name)
             return
         assert cmd is not None
+        if self.resp == 2 and self.subscribed and cmd.name not in _SUBSCRIBED_CONTEXT:
+            self._reject(cmd, b"-ERR Can't execute '%s': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / "
+                         b"RESET are allowed in this context\r\n" % cmd.name.encode(), "context")  # fmt: skip
+            return
         if not self._replay_auth:  # a throttled AUTH was counted when it first arrived
             self.policy.observer.command(self, cmd.name, True, "")
         handler = _HANDLERS.get(cmd.name)
@@ -472,15 +518,15 @@ class Session:
         else:
             self._forward(argv)
 
-    def decide_offloaded(self, argv: list[bytes]) -> tuple[Verdict, bytes]:
+    def decide_offloaded(self, argv: list[bytes]) -> tuple[Verdict, list[bytes]]:
         """The work behind ``offload``, safe in a worker thread: the verdict, and the encoding to
         forward if the request is allowed and simply forwarded."""
         verdict = decide(self.policy, self.user, argv, self._auth_required())
         if verdict.error is not None:
-            return verdict, b""
+            return verdict, []
         if verdict.name == "acl|dryrun":  # the answer is a decision too: make it here
-            return verdict, replies.acl_dryrun(self.policy.users, self.policy.table, argv[2:])
-        return verdict, encode_command(argv) if verdict.name not in _HANDLERS else b""
+            return verdict, [replies.acl_dryrun(self.policy.users, self.policy.table, argv[2:])]
+        return verdict, encode_command_pieces(argv) if verdict.name not in _HANDLERS else []
 
     # -- commands the proxy handles ---------------------------------------------------------------
     def _throttle_wait(self, username: bytes) -> bool:
@@ -602,6 +648,7 @@ class Session:
             self._expect(AUTHCHECK)
         self.resp = 2
         self.in_multi = self.multi_dirty = self.monitoring = self.reply_off = self._skip_next = False
+        self._multi_subs.clear()
         for subs in self.subscriptions.values():
             subs.clear()
         self._become_default()
@@ -614,15 +661,45 @@ class Session:
         if self.in_multi and self.multi_dirty:
             self._abort_exec(EXECABORT)
             return
-        self._forward(argv)
+        # Subscriptions queued in the transaction change now (requests pipelined after EXEC see them,
+        # as in Redis); if EXEC's reply says it was aborted (WATCH), the change is undone.
+        undo = []
+        for kind, channel, unsubscribe in self._multi_subs:
+            subs = self.subscriptions[kind]
+            if unsubscribe and channel in subs:
+                subs.discard(channel)
+                undo.append((kind, channel, False))
+            elif not unsubscribe and channel not in subs:
+                subs.add(channel)
+                undo.append((kind, channel, True))
+        self._multi_subs = []
+        if undo:
+            self._exec_undo.append(undo[::-1])
+        self._forward(argv, 1, EXEC_SUBS if undo else RELAY)
         self.in_multi = self.multi_dirty = False
 
     def _cmd_discard(self, cmd: Command, argv: list[bytes]) -> None:
         self._forward(argv)
         self.in_multi = self.multi_dirty = False
+        self._multi_subs.clear()
+
+    def _exec_done(self, frame: bytes) -> None:
+        """EXEC's reply arrived: if the transaction was aborted (null, EXECABORT), undo its subscriptions."""
+        undo = self._exec_undo.popleft()
+        if not frame.startswith((b"*-1", b"_", b"-")):
+            return
+        for kind, channel, unsubscribe in undo:
+            if unsubscribe:
+                self.subscriptions[kind].discard(channel)
+            else:
+                self.subscriptions[kind].add(channel)
 
     def _cmd_acl(self, cmd: Command, argv: list[bytes]) -> None:
         users = self.policy.users
+        if self.in_multi and cmd.name in _ACL_LOCAL:  # Redis would queue it; the answer is made here
+            sub = cmd.name.split("|", 1)[1].upper()
+            self._reject(cmd, b"-ERR redisguard: ACL %s inside MULTI is not supported\r\n" % sub.encode(), "unsupported")
+            return
         if cmd.name == "acl|whoami":
             self._reply(encode_bulk(self.user.name))
         elif cmd.name == "acl|users":
@@ -634,7 +711,7 @@ class Session:
         elif cmd.name == "acl|dryrun":
             decided = self._decided
             if decided is not None and decided[0] is argv:
-                self._reply(decided[2])  # made off the loop with the verdict
+                self._reply(decided[2][0])  # made off the loop with the verdict
             else:
                 self._reply(replies.acl_dryrun(users, self.policy.table, argv[2:]))
         elif cmd.name in _ACL_REFUSED:
@@ -649,12 +726,19 @@ class Session:
             self._forward(argv)
 
     def _cmd_subscribe(self, cmd: Command, argv: list[bytes]) -> None:
-        if self.in_multi:  # queued: one +QUEUED now, the confirmations arrive inside EXEC's reply
-            self._forward(argv)
-            return
-        kind = cmd.name[0] if cmd.name[0] in "ps" else ""
+        kind = _SUBSCRIBE_KIND[cmd.name]
         subs = self.subscriptions[kind]
         channels = argv[1:]
+        if self.in_multi:
+            # Queued: one +QUEUED now; EXEC's array then carries the confirmations. With more than one
+            # confirmation Redis's EXEC reply holds more frames than its array says: refuse that case.
+            if len(channels) != 1:
+                self._reject(cmd, b"-ERR redisguard: %s inside MULTI takes exactly one channel here\r\n"
+                             % cmd.name.upper().encode(), "unsupported")  # fmt: skip
+                return
+            self._multi_subs.append((kind, channels[0], cmd.name.endswith("unsubscribe")))
+            self._forward(argv)
+            return
         if cmd.name.endswith("unsubscribe"):
             # One confirmation per named channel; with none, one per subscription (one if none).
             n = len(channels) or max(1, len(subs))
@@ -714,8 +798,11 @@ class Session:
                 self._emit(seg)  # attribute (belongs to the next reply) or out-of-band push
                 continue
             kind = head[0]
-            if kind in (PUBSUB, SWALLOW_PUBSUB) and fr.kind == ord("-"):
-                head[1] = 1  # an error answers the whole command
+            if kind == PUBSUB:
+                if fr.kind == ord("-"):
+                    self._pubsub_owed -= head[1] - 1
+                    head[1] = 1  # an error answers the whole command
+                self._pubsub_owed -= 1
             if kind in _RELAYED:
                 self._emit(seg)
                 self._relayed_done += 1
@@ -724,6 +811,11 @@ class Session:
                     self._sample = None
                 if kind == MONITOR and seg.startswith(b"+OK"):
                     self.monitoring = True
+            elif kind == EXEC_SUBS:
+                frame = b"".join(self._held) + seg
+                self._held.clear()
+                self._exec_done(frame)
+                self.to_client.append(frame)
             elif kind == AUTHCHECK:
                 frame = b"".join(self._held) + seg
                 self._held.clear()
@@ -751,13 +843,14 @@ class Session:
         """Out-of-band: not the answer to a request. Subscribe confirmations answer (P|S)(UN)SUBSCRIBE
         even when RESP3 sends them as push frames; RESP2 messages are arrays told apart by their
         first element."""
-        pubsub = slot in (PUBSUB, SWALLOW_PUBSUB)
         if fr.kind == _PUSH:
-            return not (pubsub and fr.first in _CONFIRMATIONS)
-        if fr.kind == 0x2A and fr.first is not None:
-            if pubsub:
+            return not (slot == PUBSUB and fr.first in _CONFIRMATIONS)
+        if fr.kind == 0x2A and fr.first is not None and self.resp == 2:
+            # RESP2 messages are plain arrays, and come only while subscribed (or until the pending
+            # (un)subscribe confirmations arrive): never mistake a reply that starts with "message".
+            if slot == PUBSUB:
                 return fr.first not in _CONFIRMATIONS
-            return fr.first in _PUBSUB_MESSAGES and (self.subscribed or slot != RELAY)
+            return fr.first in _PUBSUB_MESSAGES and (self.subscribed or self._pubsub_owed > 0)
         return False
 
     def _emit(self, seg: bytes) -> None:
@@ -771,7 +864,7 @@ class Session:
         while slots and slots[0][0] in (SYNTH, CLOSE):
             kind, value = slots.popleft()
             if kind == SYNTH:
-                self.to_client.append(value)
+                self.to_client.extend(value)
             else:
                 self.closing = True
                 slots.clear()
@@ -783,6 +876,8 @@ class Session:
         mid_frame = not self.scanner.idle or bool(self._carry)
         self._slots.clear()
         self._held.clear()
+        self._pubsub_owed = 0
+        self._exec_undo.clear()
         self._sample = None
         if not mid_frame:  # never append a line to half a reply: just close
             self.to_client.append(b"-ERR " + message.encode() + b"\r\n")

@@ -118,6 +118,7 @@ def start_proxy(d: Path, certs: Path, users: Path, redis_port: int, nofile: int 
     try:
         wait_port(tls_port, proc)
         wait_port(plain_port, proc)
+        wait_port(metrics_port, proc)
     except RuntimeError as e:
         raise RuntimeError(f"{e}\n--- redisguard log ---\n{log.read_text()}") from None
     return ProxyProc(proc, tls_port, plain_port, metrics_port, cfg, log)

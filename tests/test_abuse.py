@@ -39,7 +39,7 @@ print(json.dumps({"worst": worst, "pings": n}), flush=True)
 """
 
 
-def probe_while(proxy: ProxyProc, attack: Callable[[], None], seconds: float = 4.0) -> float:
+def probe_while(proxy: ProxyProc, attack: Callable[[], object], seconds: float = 4.0) -> float:
     """The worst PING round trip another client saw while ``attack`` ran."""
     p = subprocess.Popen([sys.executable, "-c", PROBE, str(proxy.plain_port), str(seconds)], stdout=subprocess.PIPE)
     assert p.stdout is not None
@@ -51,15 +51,25 @@ def probe_while(proxy: ProxyProc, attack: Callable[[], None], seconds: float = 4
     return float(out["worst"])
 
 
-def _send(port: int, data: bytes, chunk: int = 1 << 16, pause: float = 0.0) -> bytes:
+def _send(port: int, data: bytes, chunk: int = 1 << 16) -> bytes:
+    """Log in as admin, send ``data``, read replies until the proxy has been quiet for 0.5 s."""
     with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
         s.sendall(b"AUTH admin admin-pw\r\n")
         read_until(s, b"+OK\r\n")
         for i in range(0, len(data), chunk):
             s.sendall(data[i : i + chunk])
-            if pause:
-                time.sleep(pause)
-        return read_until(s, lambda d: d.endswith(b"\r\n") and len(d) > 0, timeout=20)
+        out = b""
+        s.settimeout(0.5)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                got = s.recv(1 << 20)
+            except TimeoutError:
+                break
+            if not got:
+                break
+            out += got
+        return out
 
 
 def _huge_count() -> bytes:
@@ -80,6 +90,10 @@ ATTACKS = {
     "MGET with 300k keys": lambda port: _send(port, _mget(300_000)),
     "1 MB key matched against patterns": lambda port: _send(port, encode_command([b"GET", b"cache:" + b"x" * 1_000_000])),
     "300k-GET pipeline as a first request": lambda port: _send(port, encode_command([b"GET", b"cache:k"]) * 300_000),
+    "50k refusals queued behind one forwarded reply": lambda port: _send(port, b"PING\r\n" + b"X\n" * 50_000),
+    "128k unknown commands before AUTH": lambda port: raw_exchange(port, b"X\n" * 128_000, quiet=1.0, timeout=20),
+    "MGET with 1M keys": lambda port: _send(port, _mget(1_000_000)),
+    "a 30-byte request with a 3M-element reply": lambda port: _send(port, b"SADD cache:s a\r\nSRANDMEMBER cache:s -3000000\r\n"),
 }
 
 
@@ -124,3 +138,43 @@ def test_wrong_passwords_from_a_shared_address_do_not_lock_out_the_right_one(pro
     finally:
         for a in attackers:
             a.close()
+
+
+def test_reload_and_acl_list_with_many_users_do_not_stall(tmp_path, certs, redis_server) -> None:  # type: ignore[no-untyped-def]
+    """10,001 users: ACL LIST answers from a reply built once per load, SIGHUP re-reads the file in a
+    worker thread and compares 1,000 connected clients' users by fingerprint."""
+    import signal
+
+    from .helpers import USERS_ACL, start_proxy
+
+    users = tmp_path / "users.acl"
+    many = "".join(f"user u{i} on >pw{i} ~app:{i}:* %R~shared:* &chan:{i} +@read +@write -@dangerous +client|id\n"
+                   for i in range(10_000))  # fmt: skip
+    users.write_text(USERS_ACL + many)
+    p = start_proxy(tmp_path, certs, users, redis_server.port)
+    held: list[socket.socket] = []
+    try:
+        for i in range(1000):
+            c = socket.create_connection(("127.0.0.1", p.plain_port))
+            c.sendall(b"AUTH u%d pw%d\r\n" % (i, i))
+            held.append(c)
+        for c in held:
+            assert read_until(c, b"+OK\r\n") == b"+OK\r\n"
+
+        def attack() -> None:
+            for _ in range(3):
+                out = _send(p.plain_port, b"ACL LIST\r\n")
+                assert out.startswith(b"*10006\r\n")
+            p.proc.send_signal(signal.SIGHUP)
+            time.sleep(1.5)
+
+        worst = probe_while(p, attack, seconds=5.0)
+        print(f"ACL LIST x3 + SIGHUP with 1000 clients: worst {worst * 1000:.1f} ms")
+        assert worst < 0.1
+        held[0].sendall(b"GET app:0:x\r\n")  # unchanged users stay connected
+        assert read_until(held[0], b"$-1\r\n") == b"$-1\r\n"
+        assert '"config_reloaded"' in p.log.read_text()
+    finally:
+        for c in held:
+            c.close()
+        p.stop()

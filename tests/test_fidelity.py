@@ -373,3 +373,41 @@ def test_tracking_redirect_and_caching_through_the_proxy(guarded: ProxyProc) -> 
         time.sleep(0.3)
         msg = read_until(a, lambda d: d.endswith(b"cache:r\r\n"))
     assert msg == b"*3\r\n$7\r\nmessage\r\n$20\r\n__redis__:invalidate\r\n*1\r\n$7\r\ncache:r\r\n"
+
+
+# Reply-order cases an attacker found (each once shifted replies between requests).
+REPLY_ORDER = {
+    "array starting with 'message' after SKIP": [
+        LOGIN, [b"SET", b"cache:a", b"message"], [b"CLIENT", b"REPLY", b"SKIP"], [b"MGET", b"cache:a"],
+        [b"GET", b"cache:a"], [b"PING"]],
+    "array starting with 'message' while subscribed in RESP3": [
+        [b"HELLO", b"3", b"AUTH", b"alice", b"alice-pw"], [b"SET", b"cache:a", b"message"], [b"SUBSCRIBE", b"events:x"],
+        [b"MGET", b"cache:a"], [b"GET", b"other"], [b"PING"]],
+    "SUBSCRIBE queued in MULTI": [
+        LOGIN, [b"MULTI"], [b"SUBSCRIBE", b"events:a"], [b"EXEC"], [b"GET", b"cache:a"], [b"UNSUBSCRIBE"],
+        [b"GET", b"cache:a"], [b"PING"]],  # one channel: two Redis processes list several in different orders
+    "CLIENT REPLY OFF while subscribed (RESP2)": [
+        LOGIN, [b"SUBSCRIBE", b"events:a"], [b"CLIENT", b"REPLY", b"OFF"], [b"UNSUBSCRIBE"], [b"GET", b"other"],
+        [b"GET", b"cache:a"]],
+    "CLIENT REPLY SKIP while subscribed (RESP2)": [
+        LOGIN, [b"SUBSCRIBE", b"events:a"], [b"CLIENT", b"REPLY", b"SKIP"], [b"UNSUBSCRIBE"], [b"GET", b"cache:a"]],
+    "MULTI while subscribed (RESP2)": [
+        LOGIN, [b"SUBSCRIBE", b"events:a"], [b"MULTI"], [b"UNSUBSCRIBE"], [b"GET", b"other"], [b"EXEC"]],
+    "CLIENT REPLY SKIP then SUBSCRIBE": [LOGIN, [b"CLIENT", b"REPLY", b"SKIP"], [b"SUBSCRIBE", b"events:a"], [b"PING"]],
+    "CLIENT REPLY OFF then SUBSCRIBE": [
+        LOGIN, [b"CLIENT", b"REPLY", b"OFF"], [b"SUBSCRIBE", b"events:a"], [b"UNSUBSCRIBE"], [b"CLIENT", b"REPLY", b"ON"],
+        [b"PING"]],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(REPLY_ORDER))
+def test_reply_order_matches_redis(mirror, guarded, redis_server, name: str) -> None:  # type: ignore[no-untyped-def]
+    same_as_redis(mirror, guarded, cmds(*REPLY_ORDER[name]), redis_server)
+
+
+def test_acl_answered_here_is_refused_inside_multi(guarded) -> None:  # type: ignore[no-untyped-def]
+    """Redis would queue ACL WHOAMI and answer it in EXEC's array; the proxy answers ACL from its own
+    users, so inside MULTI it refuses instead (and EXEC aborts), never answering out of order."""
+    out = exchange(guarded.plain_port, cmds(LOGIN, [b"MULTI"], [b"ACL", b"WHOAMI"], [b"GET", b"cache:a"], [b"EXEC"]))
+    assert out == (b"+OK\r\n+OK\r\n-ERR redisguard: ACL WHOAMI inside MULTI is not supported\r\n+QUEUED\r\n"
+                   b"-EXECABORT Transaction discarded because of previous errors.\r\n")  # fmt: skip
