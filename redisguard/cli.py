@@ -7,9 +7,10 @@ import getpass
 import sys
 from pathlib import Path
 
-from .acl import ACLError, UsersFileError, check, hash_password, load_users, missing_default_message
+from .acl import ACLError, UsersFileError, hash_password, load_users, missing_default_message
 from .commands import CommandTable
 from .config import ConfigError, load_config
+from .session import Policy, decide
 
 SCRIPTING = ("eval", "evalsha", "eval_ro", "evalsha_ro", "fcall", "fcall_ro", "script", "function", "module")
 
@@ -109,29 +110,33 @@ def cmd_certs_init(args: argparse.Namespace) -> int:
 
 def cmd_acl_check(args: argparse.Namespace) -> int:
     table = CommandTable.snapshot()
+    acl = None
+    if args.config:  # the proxy's own verdict: its users file, disabled and protected commands
+        try:
+            acl = load_config(args.config).acl
+        except ConfigError as e:
+            return _die(str(e))
+    users_path = args.users or (acl.users_file if acl else "config/users.acl")
     try:
-        users = load_users(args.users, table)
+        users = load_users(users_path, table)
     except UsersFileError as e:
         return _die(str(e))
     user = users.get(args.user)
     if user is None:
-        return _die(f"no user {args.user!r} in {args.users}")
+        return _die(f"no user {args.user!r} in {users_path}")
     argv = [a.encode() for a in args.argv]
     if not argv:
         return _die("give the command after --, e.g. -- SET cache:1 x")
-    cmd = table.lookup(argv)
-    if cmd is None:
-        print("denied (unknown): " + table.unknown_error(argv).decode().strip()[1:])
-        return 1
-    err = CommandTable.arity_error(cmd, len(argv))
-    if err:
-        print("denied (arity): " + err.decode().strip()[1:])
-        return 1
-    denied = check(user, cmd, argv)
-    if denied is None:
-        print(f"allowed: user {user.name!r} may run {cmd.name}")
+    policy = Policy(table, users)
+    if acl is not None:
+        policy.disabled = frozenset(acl.disabled_commands)
+        policy.enable_debug_command, policy.enable_module_command = acl.enable_debug_command, acl.enable_module_command
+    verdict = decide(policy, user, argv, auth_required=False, local=args.local)
+    if verdict.error is None:
+        print(f"allowed: user {user.name!r} may run {verdict.name}")
         return 0
-    print(f"denied ({denied.reason}): {denied.error.decode().strip()[1:]}")
+    reason = {"unknown_command": "unknown"}.get(verdict.reason, verdict.reason)
+    print(f"denied ({reason}): {verdict.error.decode('utf-8', 'replace').strip()[1:]}")
     return 1
 
 
@@ -173,7 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("acl", help="policy tools")
     asub = s.add_subparsers(dest="acl_command", required=True)
     a = asub.add_parser("check", help="would this user be allowed this command?")
-    a.add_argument("--users", default="config/users.acl")
+    a.add_argument("--users", default="", help="the users file (default: the config's, else config/users.acl)")
+    a.add_argument("--config", "-c", default="", help="take disabled and protected commands from this config, "
+                   "to print exactly the proxy's verdict")  # fmt: skip
+    a.add_argument("--local", action="store_true", help="as a loopback/unix-socket client (protected commands)")
     a.add_argument("--user", required=True)
     a.add_argument("argv", nargs=argparse.REMAINDER)
     a.set_defaults(func=cmd_acl_check)

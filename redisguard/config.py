@@ -76,6 +76,10 @@ class UpstreamConfig:
 class ACLConfig:
     users_file: Path
     disabled_commands: tuple[str, ...] = ()
+    # Redis's enable-debug-command / enable-module-command: "no" | "yes" | "local" (loopback and unix
+    # socket clients of redisguard; Redis itself sees every proxied client as local).
+    enable_debug_command: str = "no"
+    enable_module_command: str = "no"
 
 
 @dataclass(frozen=True)
@@ -314,7 +318,12 @@ def parse_config(data: dict[str, Any], base: Path, source: Path | None = None) -
     for c in disabled:
         if not isinstance(c, str) or not c or " " in c:
             raise acl.fail("disabled_commands", f"command names only, got {c!r}")
-    acl_cfg = ACLConfig(users_file, tuple(c.lower() for c in disabled))
+    protected = {}
+    for key in ("enable_debug_command", "enable_module_command"):
+        protected[key] = acl.get(key, str, "no")
+        if protected[key] not in ("no", "yes", "local"):
+            raise acl.fail(key, f'"no", "yes" or "local", got {protected[key]!r}')
+    acl_cfg = ACLConfig(users_file, tuple(c.lower() for c in disabled), **protected)
     acl.done()
 
     lim = root.section("limits")

@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import errno
 import gc
+import ipaddress
 import os
 import resource
 import signal
@@ -54,7 +55,7 @@ class Slicer:
     it sends, and every other connection gets its turn in between. ``ready`` says whether the consumer
     can take more (a session still working through a batch cannot); ``before`` runs at each turn."""
 
-    __slots__ = ("handle", "pause", "resume", "ready", "before", "queue", "used", "scheduled")
+    __slots__ = ("handle", "pause", "resume", "ready", "before", "queue", "used", "scheduled", "drained")
 
     def __init__(self, handle: Callable[[bytes], None], pause: Callable[[], None], resume: Callable[[], None],
                  ready: Callable[[], bool] = lambda: True, before: Callable[[], None] = lambda: None) -> None:  # fmt: skip
@@ -66,6 +67,7 @@ class Slicer:
         self.queue: deque[tuple[bytes, int]] = deque()
         self.used = 0  # bytes handled since the last turn began
         self.scheduled = False
+        self.drained: Callable[[], None] | None = None  # called once the queue is empty
 
     def feed(self, data: bytes) -> None:
         if not self.queue and self.used + len(data) <= SLICE and not self.scheduled:
@@ -106,6 +108,9 @@ class Slicer:
         self._pump()
         if not self.scheduled:
             self.resume()
+        if not self.queue and self.drained is not None:
+            done, self.drained = self.drained, None
+            done()
 
     def clear(self) -> None:
         self.queue.clear()
@@ -187,7 +192,7 @@ class Observer:
                              tls_identity=session.tls_identity)  # fmt: skip
 
 
-_REQUEST_ERRORS = frozenset({"unknown_command", "arity", "unsupported", "protocol", "context"})
+_REQUEST_ERRORS = frozenset({"unknown_command", "arity", "unsupported", "protocol", "context", "protected"})
 
 
 class UpstreamProtocol(asyncio.Protocol):
@@ -221,8 +226,10 @@ class UpstreamProtocol(asyncio.Protocol):
             self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.slicer.clear()
-        self.client.upstream_lost()
+        if self.slicer.queue:  # relay what Redis sent before it closed, then mirror the close
+            self.slicer.drained = self.client.upstream_lost
+        else:
+            self.client.upstream_lost()
 
     def pause_writing(self) -> None:
         self.client.pause_reading()
@@ -394,6 +401,19 @@ def _peer(addr: Any) -> str:
     return f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else "unix"
 
 
+def _is_local(peername: Any) -> bool:
+    """A unix-socket or loopback client: what Redis calls local (for DEBUG and MODULE LOAD)."""
+    if not isinstance(peername, tuple):
+        return True
+    try:
+        addr = ipaddress.ip_address(str(peername[0]).split("%")[0])
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
+
+
 def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
@@ -419,6 +439,7 @@ class ClientProtocol(asyncio.Protocol):
         self.slicer = Slicer(self._received, lambda: self.pause_reading("slice"), lambda: self.resume_reading("slice"),
                              ready=lambda: not self.session.backlog, before=self._continue)  # fmt: skip
         self.handshake_source: str | None = None  # set while this connection holds a pending-handshake slot
+        self.eof = False  # the client half-closed: close once its requests are answered
 
     # -- lifecycle --------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -443,11 +464,11 @@ class ClientProtocol(asyncio.Protocol):
         identity, cert_user = self._certificate_user(transport, peer)
         if self.closed:
             return
-        self.session = Session(self.proxy.policy, lst.name, peer, cert_user, identity)
+        self.session = Session(self.proxy.policy, lst.name, peer, cert_user, identity, local=_is_local(peername))
         self.proxy.events.log(audit.info, "connection_accepted", listener=lst.name, peer=peer, tls_identity=identity,
                               user=cert_user.name if cert_user else "")  # fmt: skip
         timeout = self.proxy.config.limits.auth_timeout
-        if timeout:
+        if timeout and not self.session.authenticated:  # a client certificate (or nopass default) has logged in
             self.timer = asyncio.get_running_loop().call_later(timeout, self._auth_timeout)
         if self.proxy.config.limits.idle_timeout:
             self.last_active = time.monotonic()
@@ -583,6 +604,8 @@ class ClientProtocol(asyncio.Protocol):
             self.timer = None
         if s.backlog and not self.closed:
             self.slicer.kick()  # the session decided a batch: the rest on the next turn
+        elif self.eof:
+            self._finish_input()
         if s.paused and not self.waiting and not self.closed:
             self.waiting = True
             self.pause_reading("session")
@@ -670,9 +693,28 @@ class ClientProtocol(asyncio.Protocol):
             self.transport.abort()  # type: ignore[union-attr]
 
     def upstream_lost(self) -> None:
+        """Redis closed our connection (CLIENT KILL, `timeout`, a restart): the client sees its own
+        connection close after the replies already relayed, as it would talking to Redis directly."""
         self.upstream = None
         if not self.closed:
-            self.session.upstream_failed("redisguard: connection to upstream Redis lost")
+            self.proxy.events.log(audit.info, "connection_closed", listener=self.listener.name, peer=self.session.peer,
+                                  user=self.session.user.name, reason="upstream closed the connection")  # fmt: skip
+            self.flush()
+            self.close()
+
+    def eof_received(self) -> bool | None:
+        """The client half-closed (shutdown(SHUT_WR)): answer what it sent, then close, as Redis does.
+        (asyncio's TLS transports cannot stay half-open: there the connection just closes.)"""
+        if self.listener.type == "tls" or self.closed:
+            return None
+        self.eof = True
+        self._finish_input()
+        return True
+
+    def _finish_input(self) -> None:
+        s = self.session
+        if self.eof and not self.closed and not self.slicer.queue and not s.backlog and not s.paused:
+            s.end_of_input()
             self.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -842,9 +884,9 @@ class Proxy:
         self.policy = Policy(
             self.table, users, frozenset(cfg.acl.disabled_commands), cfg.upstream.username,
             cfg.upstream.password, cfg.limits.max_request_bytes, observer,
-            AuthThrottle(cfg.limits.auth_failures_per_minute),
+            AuthThrottle(cfg.limits.auth_failures_per_minute), ACLReplies(users).prepare(),
+            cfg.acl.enable_debug_command, cfg.acl.enable_module_command,
         )  # fmt: skip
-        self.policy.acl_replies = ACLReplies(users).prepare()
         self.metrics.set_build_info(self.table.redis_version)
 
     async def start(self) -> None:

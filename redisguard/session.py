@@ -134,6 +134,8 @@ class Policy:
     observer: Observer = field(default_factory=_NullObserver)
     throttle: AuthThrottle = field(default_factory=lambda: AuthThrottle(0))
     acl_replies: ACLReplies | None = None  # ACL USERS/LIST/GETUSER built once per users load
+    enable_debug_command: str = "no"  # Redis's protected commands: "no" | "yes" | "local"
+    enable_module_command: str = "no"
 
     def replies(self) -> ACLReplies:
         if self.acl_replies is None or self.acl_replies.users is not self.users:
@@ -182,9 +184,13 @@ class Verdict:
     name: str  # the command's name for metrics and logs ("unknown" if Redis does not know it)
 
 
-def decide(policy: Policy, user: User, argv: Sequence[bytes], auth_required: bool) -> Verdict:
-    """The decision, in Redis's order: unknown or disabled → arity → NOAUTH → ACL. Pure: may run in a
-    worker thread for huge requests."""
+_PROTECTED = {"debug": ("DEBUG", "enable-debug-command"), "module|load": ("MODULE", "enable-module-command"),
+              "module|loadex": ("MODULE", "enable-module-command"), "module|unload": ("MODULE", "enable-module-command")}
+
+
+def decide(policy: Policy, user: User, argv: Sequence[bytes], auth_required: bool, local: bool = False) -> Verdict:
+    """The decision, in Redis's order: unknown or disabled → arity → protected → NOAUTH → ACL. Pure:
+    may run in a worker thread for huge requests."""
     cmd = policy.resolve(argv)
     if cmd is None:
         known = policy.table.lookup(argv)
@@ -193,6 +199,14 @@ def decide(policy: Policy, user: User, argv: Sequence[bytes], auth_required: boo
     err = CommandTable.arity_error(cmd, len(argv))
     if err:
         return Verdict(cmd, err, "arity", cmd.name)
+    protected = _PROTECTED.get(cmd.name)
+    if protected is not None:
+        setting = policy.enable_debug_command if protected[0] == "DEBUG" else policy.enable_module_command
+        if setting == "no" or (setting == "local" and not local):
+            return Verdict(cmd, b'-ERR %s command not allowed. If the %s option is set to "local", you can run it '
+                           b"from a local connection, otherwise you need to set this option in the configuration "
+                           b"file, and then restart the server.\r\n" % (protected[0].encode(), protected[1].encode()),
+                           "protected", cmd.name)  # fmt: skip
     if auth_required and not cmd.no_auth:
         return Verdict(cmd, NOAUTH, "noauth", cmd.name)
     denied = check(user, cmd, argv)
@@ -218,8 +232,10 @@ class Session:
         peer: str = "",
         cert_user: User | None = None,
         tls_identity: str = "",
+        local: bool = False,
     ) -> None:
         self.policy = policy
+        self.local = local  # a loopback or unix-socket client (Redis's "local" for protected commands)
         self.listener = listener
         self.peer = peer
         self.source = source_key(peer.rpartition(":")[0] or peer)  # the address AUTH throttling keys on
@@ -450,7 +466,7 @@ class Session:
             return None
         if _huge(argv):
             return None
-        verdict = decide(self.policy, self.user, argv, False)
+        verdict = decide(self.policy, self.user, argv, False, self.local)
         if verdict.error is not None or verdict.name in _SPECIAL:
             return None
         return verdict.cmd
@@ -499,7 +515,7 @@ class Session:
             self._paused = self._replay = True
             return
         else:
-            verdict = decide(self.policy, self.user, argv, self._auth_required())
+            verdict = decide(self.policy, self.user, argv, self._auth_required(), self.local)
         cmd = verdict.cmd
         self._last = (cmd, argv)
         if verdict.error is not None:
@@ -521,7 +537,7 @@ class Session:
     def decide_offloaded(self, argv: list[bytes]) -> tuple[Verdict, list[bytes]]:
         """The work behind ``offload``, safe in a worker thread: the verdict, and the encoding to
         forward if the request is allowed and simply forwarded."""
-        verdict = decide(self.policy, self.user, argv, self._auth_required())
+        verdict = decide(self.policy, self.user, argv, self._auth_required(), self.local)
         if verdict.error is not None:
             return verdict, []
         if verdict.name == "acl|dryrun":  # the answer is a decision too: make it here
@@ -868,6 +884,11 @@ class Session:
             else:
                 self.closing = True
                 slots.clear()
+
+    def end_of_input(self) -> None:
+        """The client sent its last byte: close once every reply it is owed has been sent."""
+        if not self.stopped and not self.closing:
+            self._close_after_replies()
 
     def upstream_failed(self, message: str) -> None:
         """The upstream is gone or unusable: say so in one line and close."""

@@ -70,6 +70,14 @@ def test_config_errors_name_the_key(tmp_path: Path, snippet: str, message: str) 
         load_config(p)
 
 
+def test_protected_command_settings(tmp_path: Path) -> None:
+    assert "[acl]\n" in BASE
+    with pytest.raises(ConfigError, match=r'acl.enable_debug_command: "no", "yes" or "local", got \'maybe\''):
+        load_config(write(tmp_path, BASE.replace("[acl]\n", '[acl]\nenable_debug_command = "maybe"\n')))
+    cfg = load_config(write(tmp_path, BASE.replace("[acl]\n", '[acl]\nenable_module_command = "local"\n')))
+    assert (cfg.acl.enable_debug_command, cfg.acl.enable_module_command) == ("no", "local")
+
+
 def test_plaintext_remote_needs_explicit_opt_in(tmp_path: Path) -> None:
     p = write(tmp_path, BASE + '[[listener]]\ntype = "tcp"\naddress = "0.0.0.0:6382"\nallow_insecure_remote = true\n')
     assert load_config(p).listeners[1].allow_insecure_remote
@@ -144,6 +152,13 @@ def test_acl_check_and_hash_cli(tmp_path: Path) -> None:
     assert res.stdout.strip() == "denied (key): NOPERM this user has no permissions to access one of the keys used as arguments"
     res = run_cli("acl", "check", "--users", str(users), "--user", "alice", "--", "FLUSHALL")
     assert res.returncode == 1 and "'flushall' command" in res.stdout
+    # with the proxy's config, its verdict: a disabled command is unknown, DEBUG protected
+    res = run_cli("acl", "check", "-c", "config/redisguard.toml", "--users", str(users), "--user", "alice", "--", "FLUSHALL")
+    assert res.returncode == 1 and res.stdout.startswith("denied (disabled): ERR unknown command 'FLUSHALL'")
+    res = run_cli("acl", "check", "-c", "config/redisguard.toml", "--user", "alice", "--", "GET", "cache:1")
+    assert res.returncode == 0, res.stdout + res.stderr
+    res = run_cli("acl", "check", "--users", str(users), "--user", "alice", "--", "DEBUG", "SLEEP", "0")
+    assert res.returncode == 1 and res.stdout.startswith("denied (protected): ERR DEBUG command not allowed.")
     res = run_cli("acl", "hash", stdin="pw\n")
     assert res.stdout.strip() == "#" + __import__("hashlib").sha256(b"pw").hexdigest()
 

@@ -325,10 +325,44 @@ def test_upstream_restart_closes_client_cleanly(tmp_path: Path, certs: Path) -> 
         rest = b""
         while chunk := s.recv(100):
             rest += chunk
-        assert rest == b"-ERR redisguard: connection to upstream Redis lost\r\n"
+        assert rest == b""  # closed, as a direct client of the stopped Redis sees it
     finally:
         p.stop()
         r.stop()
+
+
+def test_client_kill_on_redis_closes_the_client_as_redis_would(mirror, guarded, redis_server) -> None:  # type: ignore[no-untyped-def]
+    """CLIENT KILL (here: of every normal client but the killer) on the upstream closes the proxied
+    client's connection, after the replies Redis sent before; the same script straight to Redis."""
+    script = cmds(LOGIN, [b"SET", b"cache:k", b"v"], [b"GET", b"cache:k"])
+    for port in (mirror.port, guarded.plain_port):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(script)
+            assert read_until(s, b"+OK\r\n+OK\r\n$1\r\nv\r\n") == b"+OK\r\n+OK\r\n$1\r\nv\r\n"
+            target = mirror.port if port == mirror.port else redis_server.port
+            user, pw = (b"mon", b"mon-pw") if port == mirror.port else (UPSTREAM_USER.encode(), UPSTREAM_PASSWORD.encode())
+            killed = raw_exchange(target, cmds([b"AUTH", user, pw], [b"CLIENT", b"KILL", b"TYPE", b"normal", b"SKIPME", b"yes"]))
+            assert killed.startswith(b"+OK\r\n:")
+            assert read_until(s, lambda d: False, timeout=3) == b""  # EOF, no error line
+
+
+def test_half_close_gets_every_reply(mirror, guarded, redis_server) -> None:  # type: ignore[no-untyped-def]
+    script = cmds(LOGIN, [b"SET", b"cache:h", b"1"], [b"INCR", b"cache:h"], [b"GET", b"other"], [b"GET", b"cache:h"])
+    outs = []
+    for port in (mirror.port, guarded.plain_port):
+        _flush(mirror.port)
+        _flush(redis_server.port)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(script)
+            s.shutdown(socket.SHUT_WR)
+            outs.append(read_until(s, lambda d: False, timeout=3))
+    assert outs[1] == outs[0] and outs[0].endswith(b"$1\r\n2\r\n")
+
+
+def test_protected_commands_answer_as_redis(mirror, guarded, redis_server) -> None:  # type: ignore[no-untyped-def]
+    """DEBUG and MODULE LOAD are refused before AUTH and ACL, with Redis's text (enable-*-command no)."""
+    same_as_redis(mirror, guarded, cmds([b"DEBUG", b"SLEEP", b"0"], [b"MODULE", b"LOAD", b"/x.so"], LOGIN,
+                                        [b"DEBUG", b"SLEEP", b"0"], [b"MODULE", b"UNLOAD", b"x"]), redis_server)  # fmt: skip
 
 
 def test_slow_reader_is_bounded(guarded: ProxyProc) -> None:

@@ -227,6 +227,10 @@ def test_client_certificate_login(proxy: ProxyProc, certs: Path) -> None:
     assert c.set("cache:cert", "1") is True
     with pytest.raises(redis.exceptions.NoPermissionError):
         c.get("nope:1")
+    # logged in by its certificate, an idle pooled connection is not closed by auth_timeout (3 s here)
+    time.sleep(3.5)
+    assert c.get("cache:cert") == b"1"
+    assert c.connection_pool._created_connections == 1  # the same connection, not a reconnect
     c.close()
 
 
