@@ -38,7 +38,7 @@ class ProtocolError(Exception):
 
 
 def encode_bulk(s: bytes | str) -> bytes:
-    b = s.encode() if isinstance(s, str) else s
+    b = s.encode("utf-8", "surrogateescape") if isinstance(s, str) else s  # names from bytes round-trip
     return b"$%d\r\n%s\r\n" % (len(b), b)
 
 

@@ -22,12 +22,18 @@ def array(items: Sequence[bytes], kind: bytes = b"*") -> bytes:
     return kind + b"%d\r\n" % len(items) + b"".join(items)
 
 
+def _names(users: Mapping[str, User]) -> list[str]:
+    """Names in Redis's order (its rax of users: byte order). Names decoded from client bytes carry
+    surrogateescape characters, so sort on the bytes."""
+    return sorted(users, key=lambda n: n.encode("utf-8", "surrogateescape"))
+
+
 def acl_users(users: Mapping[str, User]) -> bytes:
-    return array([encode_bulk(n) for n in sorted(users)])
+    return array([encode_bulk(n) for n in _names(users)])
 
 
 def acl_list(users: Mapping[str, User]) -> bytes:
-    return array([encode_bulk(f"user {n} {users[n].describe()}") for n in sorted(users)])
+    return array([encode_bulk(f"user {n} {users[n].describe()}") for n in _names(users)])
 
 
 def _map(pairs: list[tuple[str, bytes]], resp: int) -> bytes:
@@ -38,7 +44,7 @@ def _map(pairs: list[tuple[str, bytes]], resp: int) -> bytes:
 
 
 def acl_getuser(users: Mapping[str, User], name: bytes, resp: int) -> bytes:
-    user = users.get(name.decode("utf-8", "replace"))
+    user = users.get(name.decode("utf-8", "surrogateescape"))
     if user is None:
         return b"_\r\n" if resp == 3 else b"$-1\r\n"
     return _getuser(user, resp)
@@ -65,7 +71,7 @@ def _getuser(user: User, resp: int) -> bytes:
 
 def acl_dryrun(users: Mapping[str, User], table: CommandTable, argv: Sequence[bytes]) -> bytes:
     """ACL DRYRUN <user> <command> [arg ...] against redisguard's users."""
-    user = users.get(argv[0].decode("utf-8", "replace"))
+    user = users.get(argv[0].decode("utf-8", "surrogateescape"))
     if user is None:
         return encode_error("ERR User '%s' not found" % argv[0].decode("utf-8", "replace"))
     cmd_argv = list(argv[1:])
@@ -117,7 +123,7 @@ class ACLReplies:
         return self._list_reply
 
     def acl_getuser(self, name: bytes, resp: int) -> bytes:
-        key = (name.decode("utf-8", "replace"), resp == 3)
+        key = (name.decode("utf-8", "surrogateescape"), resp == 3)
         reply = self._getuser.get(key)
         if reply is None:
             user = self.users.get(key[0])

@@ -39,7 +39,89 @@ E_ENODEV = "The password you are trying to remove from the user does not exist"
 E_EBADMSG = "The password hash must be exactly 64 characters and contain only lowercase hexadecimal characters"
 E_ECHILD = "Allowing first-arg of a subcommand is not supported"
 _HASH_RE = re.compile(r"[0-9a-f]{64}")
-_SPACE = re.compile(rb"[ \t\r\n\v\f]")
+_SPACE = re.compile(rb"[ \t\r\n\v\f\x00]")  # ACLStringHasSpaces: isspace() or NUL
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def _to_bytes(s: str) -> bytes:
+    """A rule as Redis sees it: rules decoded from bytes with surrogateescape go back unchanged."""
+    return s.encode("utf-8", "surrogateescape")
+
+
+def _c_lower(op: str) -> str:
+    """What ``strcasecmp`` compares: the C string (up to a NUL), ASCII-only case folding."""
+    return op.split("\0", 1)[0].translate(_ASCII_LOWER)
+
+
+def _lookup(table: CommandTable, name: str) -> Command | None:
+    """ACLLookupCommand: command names are ASCII (str.lower() would map the Kelvin sign to 'k')."""
+    return table.get(name) if name.isascii() else None
+
+
+def split_args(line: str) -> list[str]:
+    """sds.c ``sdssplitargs`` (how a selector's ``(...)`` body is split), or [] where it fails.
+
+    Blanks separate tokens, ``"..."`` takes ``\\xHH``/``\\n``/... escapes, ``'...'`` only ``\\'``; a
+    closing quote must be followed by a blank; parsing stops at a NUL (the body is a C string).
+    Unbalanced quotes make Redis's selector empty, hence [] rather than an error."""
+    b = _to_bytes(line).split(b"\0", 1)[0]
+    n = len(b)
+    out: list[str] = []
+    i = 0
+    while True:
+        while i < n and b[i] in b" \t\n\r\v\f":
+            i += 1
+        if i >= n:
+            return out
+        cur = bytearray()
+        inq = insq = False
+        while True:
+            c = b[i] if i < n else 0
+            nxt = b[i + 1] if i + 1 < n else 0
+            if inq:
+                if c == 0x5C and nxt == 0x78 and i + 3 < n and _ishex(b[i + 2]) and _ishex(b[i + 3]):
+                    cur.append(int(b[i + 2 : i + 4], 16))
+                    i += 3
+                elif c == 0x5C and nxt:
+                    i += 1
+                    cur.append({0x6E: 10, 0x72: 13, 0x74: 9, 0x62: 8, 0x61: 7}.get(b[i], b[i]))
+                elif c == 0x22:
+                    if nxt and nxt not in b" \t\n\r\v\f":
+                        return []
+                    i += 1
+                    break
+                elif not c:
+                    return []
+                else:
+                    cur.append(c)
+            elif insq:
+                if c == 0x5C and nxt == 0x27:
+                    i += 1
+                    cur.append(0x27)
+                elif c == 0x27:
+                    if nxt and nxt not in b" \t\n\r\v\f":
+                        return []
+                    i += 1
+                    break
+                elif not c:
+                    return []
+                else:
+                    cur.append(c)
+            elif c in b" \n\r\t" or not c:
+                i += 1
+                break
+            elif c == 0x22:
+                inq = True
+            elif c == 0x27:
+                insq = True
+            else:
+                cur.append(c)
+            i += 1
+        out.append(bytes(cur).decode("utf-8", "surrogateescape"))
+
+
+def _ishex(c: int) -> bool:
+    return c in b"0123456789abcdefABCDEF"
 
 
 def hash_password(password: bytes) -> str:
@@ -68,11 +150,14 @@ class Selector:
     _described: str | None = field(default=None, init=False, repr=False)  # describe_commands() memo
 
     def copy(self) -> Selector:
-        return Selector(
+        """An independent copy (key patterns too: a repeated pattern ORs its perms in place)."""
+        sel = Selector(
             self.table, self.root, self.allkeys, self.allchannels, self.allcommands, self.future,
-            set(self.allowed), {k: list(v) for k, v in self.firstargs.items()}, list(self.keys),
-            list(self.channels),
+            set(self.allowed), {k: list(v) for k, v in self.firstargs.items()},
+            [KeyPattern(kp.pattern, kp.perms, kp.match) for kp in self.keys], list(self.channels),
         )  # fmt: skip
+        sel._described = self._described
+        return sel
 
     # -- command bits -------------------------------------------------------------------------
     # The precomputed sets of the table's ACLIndex make each of these a set operation instead of a
@@ -118,7 +203,7 @@ class Selector:
     def apply(self, op: str) -> None:
         """ACLSetSelector: apply one selector rule or raise ACLError."""
         self._described = None
-        low = op.lower()
+        low = _c_lower(op)
         if low in ("allkeys", "~*"):
             self.allkeys = True
             self.keys = []
@@ -140,7 +225,7 @@ class Selector:
         elif op[:1] == "&":
             if self.allchannels:
                 raise ACLError(E_EISDIR)
-            pat = op[1:].encode()
+            pat = _to_bytes(op[1:])
             if _SPACE.search(pat):
                 raise ACLError(E_EINVAL)
             if pat not in self.channels:
@@ -150,14 +235,14 @@ class Selector:
                 raise ACLError(E_ENOENT)
             self.set_category(low[2:], op[0] == "+")
         elif op[:1] in ("+", "-"):
-            self._command_rule(op)
+            self._command_rule(op.split("\0", 1)[0])  # looked up as a C string
         else:
             raise ACLError(E_EINVAL)
 
     def _add_key_pattern(self, op: str) -> None:
         if self.allkeys:
             raise ACLError(E_EEXIST)
-        raw = op.encode()
+        raw = _to_bytes(op)
         perms = 0
         offset = 1
         if raw[:1] == b"%":
@@ -190,13 +275,13 @@ class Selector:
         allow = op[0] == "+"
         body = op[1:]
         if not allow or "|" not in body:
-            cmd = self.table.get(body) if body.count("|") <= 1 else None
+            cmd = _lookup(self.table, body) if body.count("|") <= 1 else None
             if cmd is None:
                 raise ACLError(E_ENOENT)
             self.change_perm(cmd, allow)
             return
         base, _, sub = body.rpartition("|")
-        parent = self.table.get(base) if base.count("|") <= 1 else None
+        parent = _lookup(self.table, base) if base.count("|") <= 1 else None
         if parent is None:
             raise ACLError(E_ENOENT)
         if parent.parent is not None:
@@ -204,14 +289,14 @@ class Selector:
         if not sub:
             raise ACLError(E_EINVAL)
         if parent.subcommands:
-            cmd = self.table.get(body)
+            cmd = _lookup(self.table, body)
             if cmd is None:
                 raise ACLError(E_ENOENT)
             self.change_perm(cmd, True)
             return
         # Deprecated "+select|0": allow one first argument of an otherwise blocked command.
         allowed = self.firstargs.setdefault(parent.name, [])
-        if sub.lower() not in (a.lower() for a in allowed):
+        if sub.translate(_ASCII_LOWER) not in (a.translate(_ASCII_LOWER) for a in allowed):
             allowed.append(sub)
 
     # -- describe ---------------------------------------------------------------------------------
@@ -327,13 +412,22 @@ class User:
     def root(self) -> Selector:
         return self.selectors[0]
 
+    def copy(self) -> User:
+        """ACLCopyUser: an independent copy to change (users that serve clients never change)."""
+        return User(
+            self.name, self.table, self.enabled, self.nopass, self.sanitize_payload, self.skip_sanitize_payload,
+            list(self.passwords), [s.copy() for s in self.selectors], self.implicit,
+        )  # fmt: skip
+
     def apply(self, op: str) -> None:
         """ACLSetUser: apply one rule (a selector in parentheses, or a user/root-selector rule)."""
         self._description = self._fingerprint = None
-        low = op.lower()
+        if not op:
+            return  # ACLSetUser: an empty rule is a no-op
+        low = _c_lower(op)
         if op.startswith("(") and op.endswith(")"):
             sel = Selector(self.table)
-            for part in op[1:-1].split():
+            for part in split_args(op[1:-1]):
                 sel.apply(part)
             self.selectors.append(sel)
         elif low == "on":
@@ -421,7 +515,7 @@ class User:
 def _password_hash(op: str) -> str:
     """The sha256 a >pw / <pw rule names, or the validated hash of a #hash / !hash rule."""
     if op[0] in "><":
-        return hash_password(op[1:].encode())
+        return hash_password(_to_bytes(op[1:]))
     h = op[1:]
     if not _HASH_RE.fullmatch(h):
         raise ACLError(E_EBADMSG)
@@ -433,11 +527,10 @@ def merge_selector_args(args: Iterable[str]) -> list[str]:
     out: list[str] = []
     current: list[str] | None = None
     for arg in args:
-        if current is None:
-            if arg.startswith("(") and not arg.endswith(")"):
-                current = [arg]
-            else:
-                out.append(arg)
+        if arg.startswith("(") and not arg.endswith(")"):
+            current = [arg]  # Redis starts over: an unclosed "(" before it is dropped
+        elif current is None:
+            out.append(arg)
         else:
             current.append(arg)
             if arg.endswith(")"):

@@ -23,7 +23,7 @@ from pathlib import Path
 from ..commands import CommandTable
 from .user import ACLError, User, default_user, merge_selector_args
 
-_SPACES = frozenset(" \t\r\n\v\f")
+_SPACES = frozenset(" \t\r\n\v\f\0")
 
 
 class UsersFileError(ValueError):
@@ -55,7 +55,7 @@ def parse_users(text: str, table: CommandTable, filename: str = "users.acl", *, 
             errors.append(f"{filename}:{lineno} should start with user keyword.")
             continue
         name = argv[1]
-        if not name or any(c in _SPACES for c in name):
+        if any(c in _SPACES for c in name):  # "" is a valid name (ACL SETUSER "" makes one)
             errors.append(f"{filename}:{lineno}: username '{name}' contains invalid characters.")
             continue
         if name in users:
