@@ -19,8 +19,8 @@ import signal
 import socket
 import ssl
 import time
-from collections import deque
-from collections.abc import Callable
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import hiredis
@@ -31,7 +31,7 @@ from .acl.users_file import missing_default_message
 from .audit import EventLimiter, RateLimiter, get_logger
 from .commands import CommandTable
 from .config import Config, ListenerConfig
-from .guards import AuthThrottle, source_allowed
+from .guards import AuthThrottle, source_allowed, source_key
 from .metrics import Metrics, serve_http
 from .resp import encode_command
 from .session import Policy, Session
@@ -259,7 +259,12 @@ class HandshakeBudget:
 
     A pending handshake holds a socket and uvloop's TLS state (tens of KiB) before the peer has proved
     anything, so the accept loop asks :meth:`refusal` before spending any TLS work on a new socket.
-    The per-source table only holds sources with a handshake in progress: at most ``total`` entries."""
+    The per-source table only holds sources with a handshake in progress: at most ``total`` entries.
+
+    Sockets that have not sent a byte yet are "silent": when a cap is full, a newcomer evicts the
+    oldest silent socket (of its own source, for the per-source cap) instead of being refused, so
+    holding the budget with idle sockets does not lock real clients out — a client's own silent
+    window is one round trip, an attacker's sockets would have to be renewed faster than that."""
 
     def __init__(self, total: int, per_source: int, gauge: Any) -> None:
         self.total = total
@@ -268,6 +273,18 @@ class HandshakeBudget:
         self.count = 0
         self.by_listener: dict[str, int] = {}
         self.by_source: dict[str, int] = {}
+        # oldest first: task -> (source, client)
+        self.silent: OrderedDict[asyncio.Future[None], tuple[str, ClientProtocol]] = OrderedDict()
+
+    def evict(self, source: str | None) -> bool:
+        """Cancel the oldest silent handshake (of ``source``, if given); False if there is none."""
+        for task, (src, client) in self.silent.items():
+            if source is None or src == source:
+                del self.silent[task]
+                client.end_handshake()  # its slot is free now, not when the task unwinds
+                task.cancel()
+                return True
+        return False
 
     def refusal(self, source: str) -> str:
         if self.count >= self.total:
@@ -327,13 +344,23 @@ class TLSServer:
                 continue
             client = ClientProtocol(self.proxy, lst)
             reason = client._refusal(addr, handshake=True)  # refuse before spending a handshake on it
+            budget = self.proxy.handshakes
+            source = _source(addr)
+            if reason.startswith("handshake_limit") and budget.evict(source if reason.endswith("source") else None):
+                self.proxy.metrics.connections_rejected.labels(lst.name, "handshake_evicted").inc()
+                reason = ""  # an idle socket made room
             if reason:
                 client.reject(conn, addr, reason)
                 continue
             client.start_handshake(addr)
             task = asyncio.ensure_future(self._handshake(client, conn, addr))
+            budget.silent[task] = (source, client)
             self.pending.add(task)
             task.add_done_callback(self.pending.discard)
+            task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Future[None]) -> None:
+        self.proxy.handshakes.silent.pop(task, None)
 
     async def _handshake(self, client: ClientProtocol, conn: socket.socket, addr: Any) -> None:
         loop = asyncio.get_running_loop()
@@ -346,6 +373,9 @@ class TLSServer:
             # No TLS state (tens of KiB in OpenSSL and uvloop) until the ClientHello starts to arrive:
             # a silent connection costs a socket and this task.
             await asyncio.wait_for(_first_bytes(loop, conn), timeout)
+            current = asyncio.current_task()
+            if current is not None:
+                proxy.handshakes.silent.pop(current, None)  # it spoke: no longer evictable
             await loop.connect_accepted_socket(
                 lambda: client, conn, ssl=proxy.tls_contexts[lst.name],
                 ssl_handshake_timeout=max(deadline - time.monotonic(), 0.001),
@@ -401,6 +431,11 @@ def _peer(addr: Any) -> str:
     return f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else "unix"
 
 
+def _source(peername: Any) -> str:
+    """The source a per-source limit counts: the address (an IPv6 client by its /64)."""
+    return source_key(str(peername[0])) if isinstance(peername, tuple) else ""
+
+
 def _is_local(peername: Any) -> bool:
     """A unix-socket or loopback client: what Redis calls local (for DEBUG and MODULE LOAD)."""
     if not isinstance(peername, tuple):
@@ -437,7 +472,8 @@ class ClientProtocol(asyncio.Protocol):
         self.wake: asyncio.TimerHandle | None = None
         self.pending_bytes = 0  # bytes for the upstream held while it is being connected
         self.slicer = Slicer(self._received, lambda: self.pause_reading("slice"), lambda: self.resume_reading("slice"),
-                             ready=lambda: not self.session.backlog, before=self._continue)  # fmt: skip
+                             ready=lambda: not self.session.backlog and not self.session.paused,
+                             before=self._continue)  # fmt: skip
         self.handshake_source: str | None = None  # set while this connection holds a pending-handshake slot
         self.eof = False  # the client half-closed: close once its requests are answered
 
@@ -500,12 +536,12 @@ class ClientProtocol(asyncio.Protocol):
         if proxy.fds_left() < proxy.config.limits.fd_reserve:
             return "fd_reserve"
         if handshake:
-            return proxy.handshakes.refusal(peername[0] if isinstance(peername, tuple) else "")
+            return proxy.handshakes.refusal(_source(peername))
         return ""
 
     def start_handshake(self, peername: Any) -> None:
         """Take a pending-handshake slot (TLSServer, after _refusal said yes)."""
-        self.handshake_source = peername[0] if isinstance(peername, tuple) else ""
+        self.handshake_source = _source(peername)
         self.proxy.handshakes.acquire(self.listener.name, self.handshake_source)
 
     def end_handshake(self) -> None:
@@ -602,8 +638,8 @@ class ClientProtocol(asyncio.Protocol):
         if self.timer is not None and s.authenticated:
             self.timer.cancel()
             self.timer = None
-        if s.backlog and not self.closed:
-            self.slicer.kick()  # the session decided a batch: the rest on the next turn
+        if (s.backlog or (self.slicer.queue and not s.paused)) and not self.closed:
+            self.slicer.kick()  # the session decided a batch (or resumed): the rest on the next turn
         elif self.eof:
             self._finish_input()
         if s.paused and not self.waiting and not self.closed:
@@ -820,6 +856,7 @@ class Proxy:
         self.last_upstream_error = ""
         self.tls_contexts: dict[str, ssl.SSLContext] = {}
         self.reloading: asyncio.Future[None] | None = None
+        self.background: set[asyncio.Future[None]] = set()
         self.reload_again = False
         # Decisions on huge requests run here, one at a time, so they never stall the event loop.
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="redisguard-decide")
@@ -885,8 +922,9 @@ class Proxy:
             self.table, users, frozenset(cfg.acl.disabled_commands), cfg.upstream.username,
             cfg.upstream.password, cfg.limits.max_request_bytes, observer,
             AuthThrottle(cfg.limits.auth_failures_per_minute), ACLReplies(users).prepare(),
-            cfg.acl.enable_debug_command, cfg.acl.enable_module_command,
+            cfg.acl.enable_debug_command, cfg.acl.enable_module_command, str(cfg.acl.users_file),
         )  # fmt: skip
+        self.policy.on_users_changed = self._users_changed
         self.metrics.set_build_info(self.table.redis_version)
 
     async def start(self) -> None:
@@ -999,31 +1037,61 @@ class Proxy:
                 dropped = self._rebind_sessions(users)
                 gc.freeze()
                 gc.enable()
-                await asyncio.to_thread(_release, old[0])  # freeing 10,000 users is ~20 ms: not here
+                # Freeing 10,000 users is ~20 ms: not on the loop, and on the decisions' own worker
+                # thread, so no offloaded decision can be reading the old users meanwhile.
+                await asyncio.get_running_loop().run_in_executor(self.executor, _release, old[0])
                 del old
                 self.metrics.config_reloads.labels("success").inc()
                 audit.info("config_reloaded", users=len(users), listeners=sorted(contexts), disconnected=dropped)
             if not self.reload_again:
                 return
 
-    def _rebind_sessions(self, users: dict[str, User]) -> int:
-        """Move logged-in clients to their reloaded user; disconnect those whose user changed or went.
+    def _users_changed(self, users: dict[str, User], changed: set[str] | None, deleted: list[str]) -> None:
+        """ACL SETUSER / DELUSER / LOAD changed the users: move or disconnect the other clients, and
+        rebuild the ACL replies off the loop."""
+        self.policy.observer.users = users  # type: ignore[attr-defined]
+        dropped = self._rebind_sessions(users, changed, deleted)
+        audit.info("users_changed", users=len(users), changed=sorted(changed) if changed is not None else "all",
+                   deleted=deleted, disconnected=dropped)  # fmt: skip
 
-        Like Redis's ACL LOAD, which frees the old users and kills their clients, but clients whose
-        rules and passwords are unchanged stay connected."""
+        async def rebuild() -> None:
+            acl_replies = await asyncio.to_thread(ACLReplies(users).prepare)
+            if self.policy.users is users and self.policy.acl_replies is None:
+                self.policy.acl_replies = acl_replies
+
+        self.background.add(task := asyncio.ensure_future(rebuild()))
+        task.add_done_callback(self.background.discard)
+
+    def _rebind_sessions(self, users: dict[str, User], changed: set[str] | None = None, deleted: Sequence[str] = ()) -> int:
+        """Move logged-in clients to their new user; disconnect those whose user went, and (ACL LOAD,
+        SIGHUP: ``changed`` None) those whose rules or passwords changed, as Redis's ACL LOAD does.
+        After ACL SETUSER a client keeps its connection with the new rules, as in Redis, unless it is
+        subscribed and its channel rules changed (Redis 7.0 kills such pub/sub clients)."""
         dropped = 0
         for client in list(self.clients):
             session = client.session
             if session is None or client.closed:
                 continue
-            new = users.get(session.user.name)
-            if new is not None and new.fingerprint == session.user.fingerprint:
-                session.user = new
+            name = session.user.name
+            new = users.get(name)
+            if changed is not None and name not in changed and name not in deleted:
+                continue
+            if new is None:
+                why = "user deleted"
+            elif changed is None:
+                if new.fingerprint == session.user.fingerprint:
+                    session.user = new
+                    continue
+                why = "user changed by reload"
+            elif session.subscribed and new.root.channel_rules() != session.user.root.channel_rules():
+                why = "channel permissions changed"
             else:
-                dropped += 1
-                self.events.log(audit.info, "connection_closed", listener=client.listener.name, peer=session.peer,
-                                user=session.user.name, reason="user changed by reload")  # fmt: skip
-                client.close()
+                session.user = new
+                continue
+            dropped += 1
+            self.events.log(audit.info, "connection_closed", listener=client.listener.name, peer=session.peer,
+                            user=name, reason=why)  # fmt: skip
+            client.close()
         return dropped
 
     async def ready(self) -> tuple[bool, str]:

@@ -32,11 +32,11 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
-from .acl import ACLReplies, User, check, replies
+from .acl import ACLReplies, User, admin, check, replies
 from .acl.check import sort_restriction
 from .commands import Command, CommandTable, get_keys, unknown_command_error
 from .guards import AuthThrottle, source_key
@@ -93,9 +93,13 @@ _SUBSCRIBE = {c.decode() for c in _CONFIRMATIONS}
 _SUBSCRIBE_KIND = {"subscribe": "", "unsubscribe": "", "psubscribe": "p", "punsubscribe": "p",
                    "ssubscribe": "s", "sunsubscribe": "s"}  # fmt: skip
 # ACL subcommands that would change the upstream's users: never forwarded, refused.
-_ACL_REFUSED = {"acl|setuser", "acl|deluser", "acl|load", "acl|save", "acl|log"}
-# ACL subcommands answered by the proxy from its own users.
-_ACL_LOCAL = {"acl|whoami", "acl|users", "acl|list", "acl|getuser", "acl|dryrun"}
+# ACL subcommands answered by the proxy from its own users (ACL CAT, GENPASS, HELP go to Redis).
+_ACL_LOCAL = {"acl|whoami", "acl|users", "acl|list", "acl|getuser", "acl|dryrun", "acl|setuser", "acl|deluser",
+              "acl|load", "acl|save", "acl|log"}  # fmt: skip
+# ... of which these read or write the users file, or rebuild users: done in the worker thread.
+_ACL_ADMIN = {b"setuser", b"deluser", b"load", b"save"}
+# ACL LOG keeps at most this much of a key, channel or user name (Redis keeps all of it).
+ACL_LOG_OBJECT_MAX = 4096
 
 
 class Observer(Protocol):
@@ -136,6 +140,17 @@ class Policy:
     acl_replies: ACLReplies | None = None  # ACL USERS/LIST/GETUSER built once per users load
     enable_debug_command: str = "no"  # Redis's protected commands: "no" | "yes" | "local"
     enable_module_command: str = "no"
+    users_file: str = ""  # for ACL SAVE / ACL LOAD
+    acl_log: admin.ACLLog = field(default_factory=admin.ACLLog)
+    # Set by the transport: moves or disconnects other clients when ACL SETUSER/DELUSER/LOAD change
+    # the users (changed=None: compare every user, as ACL LOAD does).
+    on_users_changed: Callable[[dict[str, User], set[str] | None, list[str]], None] | None = field(default=None, repr=False)
+
+    def swap_users(self, users: dict[str, User], changed: set[str] | None, deleted: list[str]) -> None:
+        self.users = users
+        self.acl_replies = None  # rebuilt at first use (or off the loop by the transport)
+        if self.on_users_changed is not None:
+            self.on_users_changed(users, changed, deleted)
 
     def replies(self) -> ACLReplies:
         if self.acl_replies is None or self.acl_replies.users is not self.users:
@@ -182,6 +197,7 @@ class Verdict:
     error: bytes | None
     reason: str  # "" | unknown_command | disabled | arity | noauth | command | key | channel
     name: str  # the command's name for metrics and logs ("unknown" if Redis does not know it)
+    index: int = 0  # for key/channel denials: the argument Redis names in ACL LOG
 
 
 _PROTECTED = {"debug": ("DEBUG", "enable-debug-command"), "module|load": ("MODULE", "enable-module-command"),
@@ -211,7 +227,7 @@ def decide(policy: Policy, user: User, argv: Sequence[bytes], auth_required: boo
         return Verdict(cmd, NOAUTH, "noauth", cmd.name)
     denied = check(user, cmd, argv)
     if denied is not None:
-        return Verdict(cmd, denied.error, denied.reason, cmd.name)
+        return Verdict(cmd, denied.error, denied.reason, cmd.name, denied.index)
     if cmd.name in ("sort", "sort_ro"):
         # SORT's own run-time check (BY/GET patterns), which Redis makes as the connection's user
         err = sort_restriction(user, cmd, argv)
@@ -275,8 +291,10 @@ class Session:
         self._paused = False
         self._replay = False  # the request at the head of _pending was started before the pause
         self._more = False  # the last batch ran out of budget with requests left to parse or decide
+        self._unparsed: list[bytes] = []  # bytes that arrived while requests were waiting
         self._replay_auth = False  # ... and it is an AUTH whose throttle delay has been served
         self._decided: tuple[list[bytes], Verdict, list[bytes]] | None = None
+        self._admin_done: Any = None  # (users it was computed from, result) of an offloaded ACL admin command
         if cert_user is not None:
             self.user: User = cert_user
             self.authenticated = True
@@ -306,7 +324,7 @@ class Session:
     @property
     def backlog(self) -> bool:
         """Requests are waiting for the next event-loop turn (the transport calls resume())."""
-        return (self._more or bool(self._pending)) and not self._paused and not self.stopped
+        return (self._more or bool(self._pending) or bool(self._unparsed)) and not self._paused and not self.stopped
 
     @property
     def paused(self) -> bool:
@@ -382,10 +400,12 @@ class Session:
     def client_data(self, data: bytes) -> None:
         if self.stopped or self.closing:
             return
-        requests = self.parser.feed(data)
-        if self._pending or self._paused:
-            self._pending.extend(requests)
+        if self._pending or self._paused or self._unparsed:
+            # Requests are waiting (a throttled AUTH, a decision off the loop, the next batch): parse
+            # these bytes only once those are done, with the limits (pre-auth or not) in force then.
+            self._unparsed.append(data)
             return
+        requests = self.parser.feed(data)
         raw = self.parser.raw
         if raw is not None and requests and self._all_plain(requests):
             # The fast path: the bytes are exactly the canonical encoding of requests that are all
@@ -417,6 +437,14 @@ class Session:
                 parser.authenticated = self.authenticated or not self._auth_required()
             if self._paused or self.stopped:
                 return
+            if self._unparsed and parser.error is None and not self.closing:
+                if budget == 0:
+                    self._more = True
+                    return
+                data = b"".join(self._unparsed)
+                self._unparsed.clear()
+                pending.extend(parser.feed(data))
+                continue
             if parser.error is None and parser.buffered and not self.closing:
                 if budget == 0:
                     self._more = True
@@ -439,14 +467,15 @@ class Session:
         self._paused = self._more = False
         self._run()
 
-    def offloaded(self, verdict: Verdict, encoded: list[bytes]) -> None:
+    def offloaded(self, verdict: Verdict, encoded: list[bytes], extra: Any = None) -> None:
         """The transport decided ``self.offload`` off the loop: use that verdict and carry on."""
         argv, self.offload = self.offload, None
         assert argv is not None
         self._decided = (argv, verdict, encoded)
+        self._admin_done = extra
         self._paused = False
         self._run()
-        self._decided = None
+        self._decided = self._admin_done = None
 
     def _all_plain(self, requests: list[list[bytes]]) -> bool:
         """True if every request is simply forwarded (then their verdicts are recorded)."""
@@ -510,7 +539,7 @@ class Session:
         decided = self._decided
         if decided is not None and decided[0] is argv:
             verdict = decided[1]
-        elif _huge(argv):
+        elif _huge(argv) or (len(argv) > 1 and argv[0].lower() == b"acl" and argv[1].lower() in _ACL_ADMIN):
             self.offload = argv  # checking (and encoding) this many arguments is done off the loop
             self._paused = self._replay = True
             return
@@ -519,6 +548,8 @@ class Session:
         cmd = verdict.cmd
         self._last = (cmd, argv)
         if verdict.error is not None:
+            if verdict.reason in ("command", "key", "channel"):
+                self._acl_log(verdict.reason, verdict.name.encode() if verdict.reason == "command" else argv[verdict.index])
             self._reject(cmd, verdict.error, verdict.reason, verdict.name)
             return
         assert cmd is not None
@@ -534,15 +565,40 @@ class Session:
         else:
             self._forward(argv)
 
-    def decide_offloaded(self, argv: list[bytes]) -> tuple[Verdict, list[bytes]]:
+    def decide_offloaded(self, argv: list[bytes]) -> tuple[Verdict, list[bytes], Any]:
         """The work behind ``offload``, safe in a worker thread: the verdict, and the encoding to
-        forward if the request is allowed and simply forwarded."""
-        verdict = decide(self.policy, self.user, argv, self._auth_required(), self.local)
-        if verdict.error is not None:
-            return verdict, []
+        forward if the request is allowed and simply forwarded (or the answer, or the new users, of
+        the ACL subcommands that are work of their own)."""
+        policy = self.policy
+        verdict = decide(policy, self.user, argv, self._auth_required(), self.local)
+        if verdict.error is not None or self.in_multi:
+            return verdict, [], None
         if verdict.name == "acl|dryrun":  # the answer is a decision too: make it here
-            return verdict, [replies.acl_dryrun(self.policy.users, self.policy.table, argv[2:])]
-        return verdict, encode_command_pieces(argv) if verdict.name not in _HANDLERS else []
+            return verdict, [replies.acl_dryrun(policy.users, policy.table, argv[2:])], None
+        if verdict.name in ("acl|setuser", "acl|deluser", "acl|load", "acl|save"):
+            return verdict, [], (policy.users, self._acl_admin(verdict.name, argv, policy.users))
+        return verdict, encode_command_pieces(argv) if verdict.name not in _HANDLERS else [], None
+
+    def _acl_admin(self, name: str, argv: Sequence[bytes], users: dict[str, User]) -> tuple[Any, ...]:
+        """ACL SETUSER/DELUSER/LOAD/SAVE against ``users`` (file I/O included: run off the loop)."""
+        policy = self.policy
+        if name == "acl|setuser":
+            return admin.setuser(users, policy.table, argv[2:])
+        if name == "acl|deluser":
+            return admin.deluser(users, argv[2:])
+        if name == "acl|load":
+            return admin.acl_load(policy.users_file or None, policy.table, require_default=True)
+        reply, err = admin.acl_save(policy.users_file or None, users)
+        return (reply, err)
+
+    def _acl_log(self, reason: str, obj: bytes, username: bytes | None = None) -> None:
+        """An ACL LOG entry, as Redis adds one for each denial and failed AUTH."""
+        info = b"addr=%s laddr=%s user=%s resp=%d" % (
+            self.peer.encode(), self.listener.encode(), self.user.name.encode("utf-8", "surrogateescape"), self.resp)
+        self.policy.acl_log.add(reason, "multi" if self.in_multi else "toplevel",  # type: ignore[arg-type]
+                                obj[:ACL_LOG_OBJECT_MAX], (username if username is not None else
+                                self.user.name.encode("utf-8", "surrogateescape"))[:ACL_LOG_OBJECT_MAX],
+                                info, time.time())  # fmt: skip
 
     # -- commands the proxy handles ---------------------------------------------------------------
     def _throttle_wait(self, username: bytes) -> bool:
@@ -553,7 +609,7 @@ class Session:
         if self._replay_auth:
             self._replay_auth = False
             return False
-        delay = self.policy.throttle.delay(self.source, username.decode("utf-8", "replace"))
+        delay = self.policy.throttle.delay(self.source, self._throttle_user(username.decode("utf-8", "surrogateescape")))
         if delay <= 0:
             return False
         self.wait = delay
@@ -561,8 +617,13 @@ class Session:
         self.policy.observer.throttled(self, delay)
         return True
 
-    def _authenticate(self, username: bytes, password: bytes, method: str = "password") -> bool:
-        name = username.decode("utf-8", "replace")
+    def _throttle_user(self, name: str) -> str:
+        """The throttle's key for a user name: names that are not users share one key per source, so a
+        client cannot make the throttle hold arbitrary (64 KiB) names."""
+        return name if name in self.policy.users else "\x00unknown"
+
+    def _authenticate(self, username: bytes, password: bytes, word: bytes = b"AUTH", method: str = "password") -> bool:
+        name = username.decode("utf-8", "surrogateescape")
         user = self.policy.users.get(name)
         if user is None:
             reason = "unknown_user"
@@ -576,8 +637,9 @@ class Session:
             self.policy.throttle.succeeded(self.source, name)
             self.policy.observer.auth(self, True, name, "", method)
             return True
-        self.policy.throttle.failed(self.source, name)
+        self.policy.throttle.failed(self.source, self._throttle_user(name))
         self.policy.observer.auth(self, False, name if user is not None else "", reason, method)
+        self._acl_log("auth", word, username)  # Redis logs the command word as sent, and the name tried
         return False
 
     def _cmd_auth(self, cmd: Command, argv: list[bytes]) -> None:
@@ -596,7 +658,7 @@ class Session:
             username, password = argv[1], argv[2]
         if self._throttle_wait(username):
             return
-        self._reply(OK if self._authenticate(username, password) else WRONGPASS)
+        self._reply(OK if self._authenticate(username, password, argv[0]) else WRONGPASS)
 
     def _cmd_hello(self, cmd: Command, argv: list[bytes]) -> None:
         if self.in_multi:
@@ -633,7 +695,7 @@ class Session:
         if auth is not None:
             if self._throttle_wait(auth[0]):
                 return
-            if not self._authenticate(*auth):
+            if not self._authenticate(*auth, argv[0]):
                 self._reply(WRONGPASS)
                 return
         if not self.authenticated:
@@ -680,6 +742,7 @@ class Session:
         # Subscriptions queued in the transaction change now (requests pipelined after EXEC see them,
         # as in Redis); if EXEC's reply says it was aborted (WATCH), the change is undone.
         undo = []
+        queued = len(self._multi_subs)
         for kind, channel, unsubscribe in self._multi_subs:
             subs = self.subscriptions[kind]
             if unsubscribe and channel in subs:
@@ -689,9 +752,16 @@ class Session:
                 subs.add(channel)
                 undo.append((kind, channel, True))
         self._multi_subs = []
-        if undo:
+        if self.reply_off:
+            # No EXEC reply comes under OFF, but the confirmations inside it are pushes, sent anyway.
+            self._forward(argv)
+            if queued:
+                self._expect(PUBSUB, queued)
+        elif undo and not self._skipping:  # (a skipped EXEC's reply is swallowed whole: no undo then)
             self._exec_undo.append(undo[::-1])
-        self._forward(argv, 1, EXEC_SUBS if undo else RELAY)
+            self._forward(argv, 1, EXEC_SUBS)
+        else:
+            self._forward(argv)
         self.in_multi = self.multi_dirty = False
 
     def _cmd_discard(self, cmd: Command, argv: list[bytes]) -> None:
@@ -730,14 +800,24 @@ class Session:
                 self._reply(decided[2][0])  # made off the loop with the verdict
             else:
                 self._reply(replies.acl_dryrun(users, self.policy.table, argv[2:]))
-        elif cmd.name in _ACL_REFUSED:
-            sub = cmd.name.split("|", 1)[1].upper()
-            self._reject(
-                cmd,
-                b"-ERR redisguard: ACL %s is not available through the proxy; users are managed in "
-                b"redisguard's users file\r\n" % sub.encode(),
-                "unsupported",
-            )
+        elif cmd.name == "acl|log":
+            self._reply(self.policy.acl_log.reply(argv[2:], self.resp, time.time(), argv[1]))
+        elif cmd.name in ("acl|setuser", "acl|deluser", "acl|load", "acl|save"):
+            done, self._admin_done = self._admin_done, None
+            if done is None or done[0] is not users:  # not precomputed, or another client changed the users since
+                done = (users, self._acl_admin(cmd.name, argv, users))
+            result = done[1]
+            if cmd.name == "acl|save":
+                self._reply(result[0])
+                return
+            new = result[0]
+            if new is not None:
+                deleted = result[2] if cmd.name == "acl|deluser" else []
+                changed = None if cmd.name == "acl|load" else {argv[2].decode("utf-8", "surrogateescape")}
+                self.policy.swap_users(new, changed, deleted)
+                if self.user.name in new and (changed is None or self.user.name in changed):
+                    self.user = new[self.user.name]
+            self._reply(result[1])
         else:
             self._forward(argv)
 

@@ -72,7 +72,15 @@ def make_proxy(tmp_path: Path, certs: Path, redis_server) -> Iterator[Callable[.
         p.stop()
 
 
-def tls_ping(p: ProxyProc, certs: Path, port: int = 0) -> bool:
+def tls_ping(p: ProxyProc, certs: Path, port: int = 0, source: str = "") -> bool:
+    if source:  # from a given loopback address: a raw TLS socket (redis-py cannot bind one)
+        import ssl
+
+        ctx = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+        with socket.create_connection(("127.0.0.1", port or p.tls_port), timeout=10, source_address=(source, 0)) as raw:
+            with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+                tls.sendall(b"AUTH alice alice-pw\r\nPING\r\n")
+                return read_until(tls, b"+OK\r\n+PONG\r\n") == b"+OK\r\n+PONG\r\n"
     c = redis.Redis(host="127.0.0.1", port=port or p.tls_port, ssl=True, ssl_ca_certs=str(certs / "ca.pem"),
                     username="alice", password="alice-pw", socket_timeout=10, retry=Retry(NoBackoff(), 0))  # fmt: skip
     try:
@@ -85,21 +93,24 @@ def test_pending_handshake_flood_is_capped(make_proxy, certs: Path) -> None:  # 
     p = make_proxy(limits="max_pending_handshakes = 100\nmax_handshakes_per_source = 50\nhandshake_timeout = 60.0\n")
     flood: list[socket.socket] = []
     try:
-        # 300 silent connections from one source: 50 become pending handshakes, 250 are closed at once.
+        # 300 silent connections from one source: at most 50 are pending; each newcomer over the cap
+        # evicts that source's oldest silent socket instead of being refused.
         flood += silent(p.tls_port, "127.0.0.2", 300)
-        s = wait_metrics(p, lambda s: rejected(s, "tls", "handshake_limit_source") >= 250)
+        s = wait_metrics(p, lambda s: rejected(s, "tls", "handshake_evicted") >= 250)
         assert s[PENDING] == 50
-        assert rejected(s, "tls", "handshake_limit_source") == 250
-        # The flood is held, and a legitimate client from another address still logs in and runs PING.
+        assert rejected(s, "tls", "handshake_evicted") == 250
+        # The flood is held, and legitimate clients log in and run PING: from another address, and from
+        # the flooding address itself (behind one NAT), whose silent sockets cannot keep them out.
         assert tls_ping(p, certs)
-        # A second source fills the global budget (100) with its first 50; its next 10 and a third
-        # source's 5 are refused by the global cap.
+        assert tls_ping(p, certs, source="127.0.0.2")
+        # A second source fills the global budget (100): past it, newcomers evict the oldest silent
+        # sockets (their own source's first, for the per-source cap).
         flood += silent(p.tls_port, "127.0.0.3", 60)
         flood += silent(p.tls_port, "127.0.0.4", 5)
-        s = wait_metrics(p, lambda s: rejected(s, "tls", "handshake_limit") >= 15)
-        assert s[PENDING] == 100
-        assert rejected(s, "tls", "handshake_limit") == 15
-        assert rejected(s, "tls", "handshake_limit_source") == 250
+        s = wait_metrics(p, lambda s: rejected(s, "tls", "handshake_evicted") >= 265 and s[PENDING] == 100)
+        assert s[PENDING] == 100, (s[PENDING], rejected(s, "tls", "handshake_evicted"))
+        assert rejected(s, "tls", "handshake_limit") == rejected(s, "tls", "handshake_limit_source") == 0
+        assert tls_ping(p, certs, source="127.0.0.5")
         assert s['redisguard_connections_active{listener="tls"}'] == 0
     finally:
         for sock in flood:

@@ -203,9 +203,10 @@ def test_any_split_of_a_pipeline(mirror, guarded, redis_server, data: st.DataObj
 
 def test_acl_introspection_from_redisguard_policy(guarded: ProxyProc) -> None:
     out = exchange(guarded.plain_port, cmds([b"AUTH", b"mon", b"mon-pw"], [b"ACL", b"USERS"], [b"ACL", b"GETUSER", b"alice"],
-                                             [b"ACL", b"SETUSER", b"x"], [b"ACL", b"LIST"]))  # fmt: skip
+                                             [b"ACL", b"SETUSER", b"x"], [b"ACL", b"LIST"],
+                                             [b"ACL", b"DELUSER", b"x"]))  # fmt: skip
     assert b"*4\r\n$5\r\nalice\r\n$7\r\ndefault\r\n$3\r\nmon\r\n$6\r\nnoexec\r\n" in out  # redisguard's users, not Redis's
-    assert b"-ERR redisguard: ACL SETUSER is not available through the proxy" in out
+    assert out.endswith(b"$30\r\nuser x off resetchannels -@all\r\n:1\r\n")  # SETUSER/DELUSER on redisguard's users
     assert b"user alice on #" in out and b"user mon on #" in out
 
 
@@ -428,6 +429,9 @@ REPLY_ORDER = {
     "MULTI while subscribed (RESP2)": [
         LOGIN, [b"SUBSCRIBE", b"events:a"], [b"MULTI"], [b"UNSUBSCRIBE"], [b"GET", b"other"], [b"EXEC"]],
     "CLIENT REPLY SKIP then SUBSCRIBE": [LOGIN, [b"CLIENT", b"REPLY", b"SKIP"], [b"SUBSCRIBE", b"events:a"], [b"PING"]],
+    "SUBSCRIBE in MULTI, EXEC under CLIENT REPLY OFF": [
+        LOGIN, [b"CLIENT", b"REPLY", b"OFF"], [b"MULTI"], [b"SUBSCRIBE", b"events:a"], [b"EXEC"], [b"UNSUBSCRIBE"],
+        [b"CLIENT", b"REPLY", b"ON"], [b"GET", b"cache:x"], [b"GET", b"other"], [b"PING"]],
     "CLIENT REPLY OFF then SUBSCRIBE": [
         LOGIN, [b"CLIENT", b"REPLY", b"OFF"], [b"SUBSCRIBE", b"events:a"], [b"UNSUBSCRIBE"], [b"CLIENT", b"REPLY", b"ON"],
         [b"PING"]],

@@ -105,6 +105,34 @@ def test_throttled_auth_waits_then_is_checked() -> None:
     assert s.to_client == [b"+OK\r\n"] and forwarded(s) == [[b"GET", b"report:1"]]
 
 
+def test_throttle_holds_no_client_chosen_names() -> None:
+    s = session(None, AuthThrottle(per_minute=4))
+    for i in range(200):
+        s.client_data(encode_command([b"AUTH", b"%d" % i + b"u" * 16000, b"x"]))
+        while s.paused:
+            s.resume()
+    assert len(s.policy.throttle._pairs) == 1  # every unknown name shares one key per source
+
+
+def test_throttled_auth_then_a_big_request_in_the_same_write() -> None:
+    """The requests behind a throttled AUTH wait unparsed: they get the limits in force after the AUTH."""
+    now = [0.0]
+    s = session(None, AuthThrottle(per_minute=4, clock=lambda: now[0]))
+    for i in range(3):
+        s.client_data(encode_command([b"AUTH", b"bob", b"wrong%d" % i]))
+        while s.paused:
+            s.resume()
+    s.to_client.clear()
+    mget = [b"MGET", *[b"report:%d" % i for i in range(2000)]]
+    s.client_data(encode_command([b"AUTH", b"bob", b"bob-pw"]))
+    assert s.paused
+    s.client_data(encode_command(mget))  # what the transport has already read, while paused
+    s.resume()
+    while s.paused:
+        s.offloaded(*s.decide_offloaded(s.offload)) if s.offload is not None else s.resume()
+    assert s.to_client == [b"+OK\r\n"] and forwarded(s) == [mget]
+
+
 # -- fuzz: whatever the bytes, nothing bob may not run reaches Redis, and nothing escapes ----------
 PIECES = [
     encode_command([b"GET", b"report:1"]), encode_command([b"GET", b"secret"]), encode_command([b"SET", b"report:1", b"x"]),
