@@ -725,7 +725,8 @@ class Session:
             self.to_upstream.append(auth)
             self._expect(AUTHCHECK)
         self.resp = 2
-        self.in_multi = self.multi_dirty = self.monitoring = self.reply_off = self._skip_next = False
+        # (monitoring ends when RESET's own reply arrives: MONITOR's +OK may still be on its way)
+        self.in_multi = self.multi_dirty = self.reply_off = self._skip_next = False
         self._multi_subs.clear()
         for subs in self.subscriptions.values():
             subs.clear()
@@ -890,8 +891,10 @@ class Session:
             head = slots[0] if slots else None
             seg = buf[cut : fr.end]
             cut = fr.end
-            if fr.kind == _ATTR or head is None or self.monitoring or self._is_push(fr, head[0]):
-                self._emit(seg)  # attribute (belongs to the next reply) or out-of-band push
+            if fr.kind == _ATTR or head is None or self._is_push(fr, head[0]) or (
+                self.monitoring and fr.kind == 0x2B and seg[1:2].isdigit()  # "+<time> [db addr] ..."
+            ):
+                self._emit(seg)  # attribute (belongs to the next reply), out-of-band push, monitor feed
                 continue
             kind = head[0]
             if kind == PUBSUB:
@@ -907,6 +910,8 @@ class Session:
                     self._sample = None
                 if kind == MONITOR and seg.startswith(b"+OK"):
                     self.monitoring = True
+                elif self.monitoring and seg == b"+RESET\r\n":  # RESET ends the monitor feed, in order
+                    self.monitoring = False
             elif kind == EXEC_SUBS:
                 frame = b"".join(self._held) + seg
                 self._held.clear()
@@ -930,7 +935,7 @@ class Session:
                     return
         if cut < consumed:
             head = slots[0] if slots else None
-            if head is None or head[0] in _RELAYED or self.monitoring:
+            if head is None or head[0] in _RELAYED:
                 self._emit(buf[cut:consumed])
             else:
                 self._held.append(buf[cut:consumed])

@@ -449,3 +449,20 @@ def test_acl_answered_here_is_refused_inside_multi(guarded) -> None:  # type: ig
     out = exchange(guarded.plain_port, cmds(LOGIN, [b"MULTI"], [b"ACL", b"WHOAMI"], [b"GET", b"cache:a"], [b"EXEC"]))
     assert out == (b"+OK\r\n+OK\r\n-ERR redisguard: ACL WHOAMI inside MULTI is not supported\r\n+QUEUED\r\n"
                    b"-EXECABORT Transaction discarded because of previous errors.\r\n")  # fmt: skip
+
+
+_MONITOR_LINE = re.compile(rb"\+\d+\.\d+ \[\d+ [^\]]+\] [^\r]*\r\n")
+
+
+def test_pipelining_after_monitor(mirror, guarded, redis_server) -> None:  # type: ignore[no-untyped-def]
+    """After MONITOR Redis still answers PING and RESET, refuses keyspace commands, and feeds the monitor
+    stream in between: the same through redisguard (monitor lines normalized: times and addresses)."""
+    script = cmds([b"AUTH", b"mon", b"mon-pw"], [b"MONITOR"], [b"PING"], [b"GET", b"cache:x"], [b"RESET"], [b"PING"])
+    want = _MONITOR_LINE.sub(b"+MONITOR\r\n", exchange(mirror.port, script))
+    got = _MONITOR_LINE.sub(b"+MONITOR\r\n", exchange(guarded.plain_port, script))
+    assert got == want and want.endswith(b"+RESET\r\n-NOAUTH Authentication required.\r\n")
+
+
+def test_protocol_error_after_valid_requests_matches_redis(mirror, guarded, redis_server) -> None:  # type: ignore[no-untyped-def]
+    same_as_redis(mirror, guarded, cmds(LOGIN, [b"SET", b"cache:p", b"1"], [b"GET", b"cache:p"]) + b"*x\r\nPING\r\n",
+                  redis_server)  # fmt: skip
