@@ -100,27 +100,8 @@ def reference_describe(user: User) -> str:
     return " ".join(parts)
 
 
-# A realistic mix for a big users file (the same shapes as benchmarks/acl_scale.py).
-TEMPLATES = [
-    "on #{h} ~app{i}:* %R~shared:* &events:{i} +@read +@write -@dangerous +ping",
-    "on #{h} ~* &* +@all -@dangerous -flushall -config|set +debug|object",
-    "on #{h} %R~* resetchannels +@read +@connection -keys -scan",
-    "on #{h} ~cache:{i}:* +get +set +del +expire +ttl +mget +select|0 +client|setname",
-    "on #{h} ~q:{i} &jobs:* +@list +@pubsub -@blocking +blpop (~tmp:{i}:* +@string -append)",
-    "off #{h} ~* +@all -@admin (%W~log:* +xadd) (%R~cfg:* +get +@hash -hdel)",
-    "on nopass ~public:* +@read -@slow +scan +info",
-    "on #{h} #{h2} ~a:{i}* ~b:{i}* %RW~c:* &* +@all -@dangerous -@scripting +eval_ro +memory|usage",
-]
-
-
-def big_users_text(n: int) -> str:
-    lines = ["user default off"]
-    for i in range(n - 1):
-        h = hashlib.sha256(b"pw%d" % i).hexdigest()
-        h2 = hashlib.sha256(b"alt%d" % i).hexdigest()
-        lines.append(f"user u{i} " + TEMPLATES[i % len(TEMPLATES)].format(i=i, h=h, h2=h2))
-    return "\n".join(lines) + "\n"
-
+# A realistic mix for a big users file: the benchmark's own.
+from benchmarks.acl_scale import users_text as big_users_text  # noqa: E402
 
 # -- describe ---------------------------------------------------------------------------------------
 

@@ -185,13 +185,7 @@ def test_event_loop_lag_and_fd_metrics_are_exported(proxy: ProxyProc) -> None:
     assert 0 < s["redisguard_file_descriptors_accounted"] < s["redisguard_file_descriptors_limit"]
 
 
-BASE = """
-[[listener]]
-type = "tcp"
-address = "127.0.0.1:6381"
-[acl]
-users_file = "users.acl"
-"""
+from .test_config_cli import BASE  # noqa: E402  (one minimal config for both)
 
 
 def test_exhaustion_limits_defaults_and_values(tmp_path: Path) -> None:

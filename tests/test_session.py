@@ -90,15 +90,20 @@ def test_huge_request_is_decided_off_the_loop() -> None:
     assert not s.to_upstream and s.to_client[-1].startswith(b"-NOPERM")
 
 
-def test_throttled_auth_waits_then_is_checked() -> None:
-    now = [0.0]
-    s = session(None, AuthThrottle(per_minute=4, clock=lambda: now[0]))
+def throttled_session() -> Session:
+    """A client whose address has failed bob's password 3 times (per_minute=4: the next AUTH waits)."""
+    s = session(None, AuthThrottle(per_minute=4, clock=lambda: 0.0))
     for i in range(3):
         s.client_data(encode_command([b"AUTH", b"bob", b"wrong%d" % i]))
-        if s.paused:
+        while s.paused:
             s.resume()
     assert s.to_client.count(b"-WRONGPASS invalid username-password pair or user is disabled.\r\n") == 3
     s.to_client.clear()
+    return s
+
+
+def test_throttled_auth_waits_then_is_checked() -> None:
+    s = throttled_session()
     s.client_data(encode_command([b"AUTH", b"bob", b"bob-pw"]) + encode_command([b"GET", b"report:1"]))
     assert s.paused and s.wait > 0 and not s.to_client and not s.to_upstream  # waits, nothing decided
     s.resume()
@@ -116,13 +121,7 @@ def test_throttle_holds_no_client_chosen_names() -> None:
 
 def test_throttled_auth_then_a_big_request_in_the_same_write() -> None:
     """The requests behind a throttled AUTH wait unparsed: they get the limits in force after the AUTH."""
-    now = [0.0]
-    s = session(None, AuthThrottle(per_minute=4, clock=lambda: now[0]))
-    for i in range(3):
-        s.client_data(encode_command([b"AUTH", b"bob", b"wrong%d" % i]))
-        while s.paused:
-            s.resume()
-    s.to_client.clear()
+    s = throttled_session()
     mget = [b"MGET", *[b"report:%d" % i for i in range(2000)]]
     s.client_data(encode_command([b"AUTH", b"bob", b"bob-pw"]))
     assert s.paused

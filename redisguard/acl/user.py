@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from ..commands import READ, WRITE, Command, CommandTable
+from ..resp import split_args as resp_split_args
 from .glob import compile_glob
 
 ALL_PERMS = READ | WRITE
@@ -61,67 +62,10 @@ def _lookup(table: CommandTable, name: str) -> Command | None:
 def split_args(line: str) -> list[str]:
     """sds.c ``sdssplitargs`` (how a selector's ``(...)`` body is split), or [] where it fails.
 
-    Blanks separate tokens, ``"..."`` takes ``\\xHH``/``\\n``/... escapes, ``'...'`` only ``\\'``; a
-    closing quote must be followed by a blank; parsing stops at a NUL (the body is a C string).
-    Unbalanced quotes make Redis's selector empty, hence [] rather than an error."""
-    b = _to_bytes(line).split(b"\0", 1)[0]
-    n = len(b)
-    out: list[str] = []
-    i = 0
-    while True:
-        while i < n and b[i] in b" \t\n\r\v\f":
-            i += 1
-        if i >= n:
-            return out
-        cur = bytearray()
-        inq = insq = False
-        while True:
-            c = b[i] if i < n else 0
-            nxt = b[i + 1] if i + 1 < n else 0
-            if inq:
-                if c == 0x5C and nxt == 0x78 and i + 3 < n and _ishex(b[i + 2]) and _ishex(b[i + 3]):
-                    cur.append(int(b[i + 2 : i + 4], 16))
-                    i += 3
-                elif c == 0x5C and nxt:
-                    i += 1
-                    cur.append({0x6E: 10, 0x72: 13, 0x74: 9, 0x62: 8, 0x61: 7}.get(b[i], b[i]))
-                elif c == 0x22:
-                    if nxt and nxt not in b" \t\n\r\v\f":
-                        return []
-                    i += 1
-                    break
-                elif not c:
-                    return []
-                else:
-                    cur.append(c)
-            elif insq:
-                if c == 0x5C and nxt == 0x27:
-                    i += 1
-                    cur.append(0x27)
-                elif c == 0x27:
-                    if nxt and nxt not in b" \t\n\r\v\f":
-                        return []
-                    i += 1
-                    break
-                elif not c:
-                    return []
-                else:
-                    cur.append(c)
-            elif c in b" \n\r\t" or not c:
-                i += 1
-                break
-            elif c == 0x22:
-                inq = True
-            elif c == 0x27:
-                insq = True
-            else:
-                cur.append(c)
-            i += 1
-        out.append(bytes(cur).decode("utf-8", "surrogateescape"))
-
-
-def _ishex(c: int) -> bool:
-    return c in b"0123456789abcdefABCDEF"
+    The body is a C string, so parsing stops at a NUL; unbalanced quotes make Redis's selector empty,
+    hence [] rather than an error. The splitting itself is the request reader's (resp.split_args)."""
+    args = resp_split_args(_to_bytes(line).split(b"\0", 1)[0])
+    return [] if args is None else [a.decode("utf-8", "surrogateescape") for a in args]
 
 
 def hash_password(password: bytes) -> str:
