@@ -318,17 +318,12 @@ class CommandTable:
         return out
 
     def lookup(self, argv: Sequence[bytes]) -> Command | None:
-        """Redis's lookupCommand: a container with argc >= 2 resolves to its subcommand."""
-        try:
-            cmd = self.commands.get(argv[0].decode().lower())
-        except UnicodeDecodeError:
-            return None
+        """Redis's lookupCommand: a container with argc >= 2 resolves to its subcommand. Names compare
+        case-insensitively in ASCII only, as Redis's dict does (no Unicode folding: "\u212aEYS" is not KEYS)."""
+        cmd = self.commands.get(argv[0].lower().decode("latin-1"))
         if cmd is None or not cmd.subcommands or len(argv) < 2:
             return cmd
-        try:
-            return cmd.subcommands.get(argv[1].decode().lower())
-        except UnicodeDecodeError:
-            return None
+        return cmd.subcommands.get(argv[1].lower().decode("latin-1"))
 
     def get(self, name: str) -> Command | None:
         """By ACL name: "get" or "config|set"."""
@@ -340,7 +335,7 @@ class CommandTable:
 
     def unknown_error(self, argv: Sequence[bytes]) -> bytes:
         """The error Redis gives for an unknown command or subcommand (commandCheckExistence)."""
-        container = self.commands.get(argv[0].decode("utf-8", "replace").lower())
+        container = self.commands.get(argv[0].lower().decode("latin-1"))
         if container is not None and container.subcommands and len(argv) >= 2:
             msg = b"unknown subcommand '%s'. Try %s HELP." % (_cstr(argv[1], 128), container.name.upper().encode())
             return b"-ERR " + msg.replace(b"\r", b" ").replace(b"\n", b" ") + b"\r\n"

@@ -466,3 +466,9 @@ def test_pipelining_after_monitor(mirror, guarded, redis_server) -> None:  # typ
 def test_protocol_error_after_valid_requests_matches_redis(mirror, guarded, redis_server) -> None:  # type: ignore[no-untyped-def]
     same_as_redis(mirror, guarded, cmds(LOGIN, [b"SET", b"cache:p", b"1"], [b"GET", b"cache:p"]) + b"*x\r\nPING\r\n",
                   redis_server)  # fmt: skip
+
+
+def test_command_names_fold_ascii_only(mirror, guarded, redis_server) -> None:  # type: ignore[no-untyped-def]
+    """Redis folds command names in ASCII only: the Kelvin sign in "\u212aEYS" does not make it KEYS."""
+    same_as_redis(mirror, guarded, cmds(LOGIN, ["\u212aEYS".encode(), b"*"], [b"CONFIG", "G\u0130T".encode(), b"x"],
+                                        [b"gEt", b"cache:x"]), redis_server)  # fmt: skip
