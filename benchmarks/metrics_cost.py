@@ -15,8 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from redisguard.acl import parse_users  # noqa: E402
 from redisguard.commands import CommandTable  # noqa: E402
 from redisguard.metrics import Metrics  # noqa: E402
+from redisguard.observe import Observer  # noqa: E402
 from redisguard.resp import encode_command  # noqa: E402
-from redisguard.server import Observer  # noqa: E402
 from redisguard.session import Policy, Session  # noqa: E402
 
 

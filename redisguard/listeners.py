@@ -1,0 +1,213 @@
+"""Accepting TLS connections: the pending-handshake budget, the first-byte wait, handshake failures."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import time
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+from .audit import get_logger
+from .config import ListenerConfig
+from .connection import ClientProtocol, _peer, _source
+
+audit = get_logger("redisguard.audit")
+
+
+if TYPE_CHECKING:
+    from .server import Proxy
+
+
+def _handshake_reason(exc: BaseException) -> str:
+    """A bounded label for why a TLS handshake failed."""
+    if isinstance(exc, asyncio.TimeoutError | TimeoutError):
+        return "timeout"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return "bad_client_cert"
+    reason = str(getattr(exc, "reason", "") or "").upper()
+    if "CERTIFICATE" in reason or "PEER_DID_NOT_RETURN" in reason:
+        return "no_client_cert" if "PEER_DID_NOT_RETURN" in reason or "REQUIRED" in reason else "bad_client_cert"
+    if isinstance(exc, ssl.SSLError):
+        return "protocol"
+    if isinstance(exc, ConnectionError | OSError):
+        return "reset"
+    return "other"
+
+
+class HandshakeBudget:
+    """TLS handshakes in progress, counted globally, per listener and per source address.
+
+    A pending handshake holds a socket and uvloop's TLS state (tens of KiB) before the peer has proved
+    anything, so the accept loop asks :meth:`refusal` before spending any TLS work on a new socket.
+    The per-source table only holds sources with a handshake in progress: at most ``total`` entries.
+
+    Sockets that have not sent a byte yet are "silent": when a cap is full, a newcomer evicts the
+    oldest silent socket (of its own source, for the per-source cap) instead of being refused, so
+    holding the budget with idle sockets does not lock real clients out — a client's own silent
+    window is one round trip, an attacker's sockets would have to be renewed faster than that."""
+
+    def __init__(self, total: int, per_source: int, gauge: Any) -> None:
+        self.total = total
+        self.per_source = per_source
+        self.gauge = gauge
+        self.count = 0
+        self.by_listener: dict[str, int] = {}
+        self.by_source: dict[str, int] = {}
+        # oldest first: task -> (source, client)
+        self.silent: OrderedDict[asyncio.Future[None], tuple[str, ClientProtocol]] = OrderedDict()
+
+    def evict(self, source: str | None) -> bool:
+        """Cancel the oldest silent handshake (of ``source``, if given); False if there is none."""
+        for task, (src, client) in self.silent.items():
+            if source is None or src == source:
+                del self.silent[task]
+                client.end_handshake()  # its slot is free now, not when the task unwinds
+                task.cancel()
+                return True
+        return False
+
+    def refusal(self, source: str) -> str:
+        if self.count >= self.total:
+            return "handshake_limit"
+        if self.by_source.get(source, 0) >= self.per_source:
+            return "handshake_limit_source"
+        return ""
+
+    def acquire(self, listener: str, source: str) -> None:
+        self.count += 1
+        self.by_listener[listener] = self.by_listener.get(listener, 0) + 1
+        self.by_source[source] = self.by_source.get(source, 0) + 1
+        self.gauge.labels(listener).inc()
+
+    def release(self, listener: str, source: str) -> None:
+        self.count -= 1
+        self.by_listener[listener] -= 1
+        left = self.by_source[source] - 1
+        if left:
+            self.by_source[source] = left
+        else:
+            del self.by_source[source]
+        self.gauge.labels(listener).dec()
+
+
+class TLSServer:
+    """A TLS listener that accepts sockets itself, so every failed handshake is seen with its peer.
+
+    ``loop.connect_accepted_socket(..., ssl=...)`` returns only after the handshake and raises when it
+    fails, which is what metrics and the audit log need (uvloop's own TLS servers drop handshake
+    errors silently, and ``start_tls`` from ``connection_made`` races with uvloop's first read).
+
+    Every accepted socket is checked before any TLS work (source networks, the listener's
+    max_connections counting pending handshakes, the handshake budget, the file-descriptor reserve);
+    a refused one is closed at once."""
+
+    def __init__(self, proxy: Proxy, listener: ListenerConfig) -> None:
+        self.proxy = proxy
+        self.listener = listener
+        sock = socket.create_server((listener.host, listener.port), family=_family(listener.host), backlog=1024,
+                                    reuse_port=False)  # fmt: skip
+        sock.setblocking(False)
+        self.sockets = [sock]
+        self.pending: set[asyncio.Task[None]] = set()
+        self.task = asyncio.ensure_future(self._accept_loop())
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        sock = self.sockets[0]
+        lst = self.listener
+        while True:
+            try:
+                conn, addr = await loop.sock_accept(sock)
+            except OSError as e:  # EMFILE and friends: back off instead of spinning
+                self.proxy.accept_failed(lst, e)
+                await asyncio.sleep(0.1)
+                continue
+            client = ClientProtocol(self.proxy, lst)
+            reason = client._refusal(addr, handshake=True)  # refuse before spending a handshake on it
+            budget = self.proxy.handshakes
+            source = _source(addr)
+            if reason.startswith("handshake_limit") and budget.evict(source if reason.endswith("source") else None):
+                self.proxy.metrics.connections_rejected.labels(lst.name, "handshake_evicted").inc()
+                reason = ""  # an idle socket made room
+            if reason:
+                client.reject(conn, addr, reason)
+                continue
+            client.start_handshake(addr)
+            task = asyncio.ensure_future(self._handshake(client, conn, addr))
+            budget.silent[task] = (source, client)
+            self.pending.add(task)
+            task.add_done_callback(self.pending.discard)
+            task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Future[None]) -> None:
+        self.proxy.handshakes.silent.pop(task, None)
+
+    async def _handshake(self, client: ClientProtocol, conn: socket.socket, addr: Any) -> None:
+        loop = asyncio.get_running_loop()
+        lst = self.listener
+        proxy = self.proxy
+        m = proxy.metrics
+        timeout = proxy.config.limits.handshake_timeout
+        deadline = time.monotonic() + timeout
+        try:
+            # No TLS state (tens of KiB in OpenSSL and uvloop) until the ClientHello starts to arrive:
+            # a silent connection costs a socket and this task.
+            await asyncio.wait_for(_first_bytes(loop, conn), timeout)
+            current = asyncio.current_task()
+            if current is not None:
+                proxy.handshakes.silent.pop(current, None)  # it spoke: no longer evictable
+            await loop.connect_accepted_socket(
+                lambda: client, conn, ssl=proxy.tls_contexts[lst.name],
+                ssl_handshake_timeout=max(deadline - time.monotonic(), 0.001),
+            )  # fmt: skip
+        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as e:
+            why = _handshake_reason(e)
+            m.tls_handshake_failures.labels(lst.name, why).inc()
+            m.connections_rejected.labels(lst.name, "handshake").inc()
+            if why in ("no_client_cert", "bad_client_cert"):
+                m.auth_failures.labels(lst.name, why).inc()
+            proxy.events.log(audit.info, "tls_handshake_failed", listener=lst.name, peer=_peer(addr), reason=why,
+                             detail=str(getattr(e, "reason", "") or type(e).__name__))  # fmt: skip
+            conn.close()
+            proxy.closed_since_trim += 1
+        except asyncio.CancelledError:  # the listener is closing
+            conn.close()  # a no-op if uvloop took the socket over (it detaches it)
+            raise
+        finally:
+            client.end_handshake()  # a no-op when connection_made already ended it
+
+    def close(self) -> None:
+        self.task.cancel()
+        for t in list(self.pending):
+            t.cancel()
+        self.sockets[0].close()
+
+
+async def _first_bytes(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
+    """Wait until the peer sends something (its ClientHello); ConnectionResetError if it closes first,
+    so a flood that disconnects never costs TLS state either."""
+    fd = conn.fileno()
+    while True:
+        ready = loop.create_future()
+        loop.add_reader(fd, _wake, ready)
+        try:
+            await ready
+        finally:
+            loop.remove_reader(fd)
+        try:
+            if conn.recv(1, socket.MSG_PEEK):
+                return
+        except (BlockingIOError, InterruptedError):
+            continue
+        raise ConnectionResetError("closed before the TLS handshake")
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -1,0 +1,58 @@
+"""A one-off RESP client to the upstream as the service user: COMMAND INFO at start, PING for /readyz."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import hiredis
+
+from .commands import CommandTable
+from .config import Config
+from .resp import encode_command
+from .session import Policy
+from .tls import upstream_context
+
+
+async def upstream_request(config: Config, commands: list[list[bytes]], timeout: float) -> list[Any]:
+    """Open a connection to the upstream as the service user, run ``commands``, return the replies."""
+    up = config.upstream
+    ctx = upstream_context(up)
+    if up.path:
+        opening = asyncio.open_unix_connection(str(up.path))
+    else:
+        opening = asyncio.open_connection(
+            up.host, up.port, ssl=ctx, server_hostname=(up.tls_server_name or up.host) if ctx else None
+        )
+    reader, writer = await asyncio.wait_for(opening, up.connect_timeout)
+    try:
+        auth = Policy.auth_command(up.username, up.password)
+        writer.write(auth + b"".join(encode_command(c) for c in commands))
+        want = len(commands) + (1 if auth else 0)
+        rd = hiredis.Reader()
+        replies: list[Any] = []
+        while len(replies) < want:
+            data = await asyncio.wait_for(reader.read(1 << 20), timeout)
+            if not data:
+                raise ConnectionError("upstream closed the connection")
+            rd.feed(data)
+            while (r := rd.gets()) is not False:
+                replies.append(r)
+        for r in replies:
+            if isinstance(r, hiredis.ReplyError):
+                raise ConnectionError(str(r))
+        return replies[-len(commands) :]
+    finally:
+        writer.close()
+
+
+async def fetch_command_table(config: Config) -> CommandTable:
+    """COMMAND INFO, ACL CAT and the version from the upstream itself."""
+    info, cats, server = await upstream_request(
+        config, [[b"COMMAND", b"INFO"], [b"ACL", b"CAT"], [b"INFO", b"server"]], config.upstream.connect_timeout * 5
+    )
+    version = "unknown"
+    for line in server.decode().splitlines():
+        if line.startswith("redis_version:"):
+            version = line.split(":", 1)[1]
+    return CommandTable(info, [c.decode() for c in cats], version)
