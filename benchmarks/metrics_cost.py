@@ -16,8 +16,9 @@ from redisguard.acl import parse_users  # noqa: E402
 from redisguard.commands import CommandTable  # noqa: E402
 from redisguard.metrics import Metrics  # noqa: E402
 from redisguard.observe import Observer  # noqa: E402
+from redisguard.policy import Policy  # noqa: E402
 from redisguard.resp import encode_command  # noqa: E402
-from redisguard.session import Policy, Session  # noqa: E402
+from redisguard.session import Session  # noqa: E402
 
 
 def per_request_us(count: bool, rounds: int = 2000, depth: int = 50) -> float:

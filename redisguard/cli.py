@@ -10,7 +10,7 @@ from pathlib import Path
 from .acl import ACLError, UsersFileError, hash_password, load_users, missing_default_message
 from .commands import CommandTable
 from .config import ConfigError, load_config
-from .session import Policy, decide
+from .policy import Policy, decide
 
 SCRIPTING = ("eval", "evalsha", "eval_ro", "evalsha_ro", "fcall", "fcall_ro", "script", "function", "module")
 

@@ -32,7 +32,7 @@ from .guards import AuthThrottle
 from .listeners import HandshakeBudget, TLSServer
 from .metrics import Metrics, serve_http
 from .observe import Observer
-from .session import Policy
+from .policy import Policy
 from .tls import TLSConfigError, server_context, upstream_context
 from .upstream import fetch_command_table, upstream_request
 

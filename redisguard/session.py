@@ -32,14 +32,13 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Sequence
+from typing import Any
 
-from .acl import ACLReplies, User, admin, check, replies
-from .acl.check import sort_restriction
-from .commands import Command, CommandTable, get_keys, unknown_command_error
-from .guards import AuthThrottle, source_key
+from .acl import User, admin
+from .commands import Command, get_keys
+from .guards import source_key
+from .policy import Policy, Verdict, decide, dryrun
 from .resp import (
     OK,
     Frame,
@@ -72,7 +71,6 @@ def _huge(argv: Sequence[bytes]) -> bool:
 # One forwarded request in this many is timed until its reply (redisguard_upstream_reply_seconds).
 LATENCY_SAMPLE_EVERY = 64
 
-NOAUTH = b"-NOAUTH Authentication required.\r\n"
 WRONGPASS = b"-WRONGPASS invalid username-password pair or user is disabled.\r\n"
 EXECABORT = b"-EXECABORT Transaction discarded because of previous errors.\r\n"
 AUTH_NOPASS = (
@@ -100,140 +98,6 @@ _ACL_LOCAL = {"acl|whoami", "acl|users", "acl|list", "acl|getuser", "acl|dryrun"
 _ACL_ADMIN = {b"setuser", b"deluser", b"load", b"save"}
 # ACL LOG keeps at most this much of a key, channel or user name (Redis keeps all of it).
 ACL_LOG_OBJECT_MAX = 4096
-
-
-class Observer(Protocol):
-    """What a session reports; metrics and audit implement it (no-ops by default)."""
-
-    def command(self, session: Session, cmd: str, allowed: bool, reason: str) -> None: ...
-    def auth(self, session: Session, ok: bool, username: str, reason: str, method: str) -> None: ...
-    def reply_latency(self, seconds: float) -> None: ...
-    def throttled(self, session: Session, delay: float) -> None: ...
-
-
-class _NullObserver:
-    def command(self, session: Session, cmd: str, allowed: bool, reason: str) -> None:
-        pass
-
-    def auth(self, session: Session, ok: bool, username: str, reason: str, method: str) -> None:
-        pass
-
-    def reply_latency(self, seconds: float) -> None:
-        pass
-
-    def throttled(self, session: Session, delay: float) -> None:
-        pass
-
-
-@dataclass
-class Policy:
-    """Everything sessions share: the command table, the users, the global switches."""
-
-    table: CommandTable
-    users: dict[str, User]
-    disabled: frozenset[str] = frozenset()
-    upstream_username: str = ""
-    upstream_password: str = field(default="", repr=False)
-    max_request_bytes: int = 512 * 1024 * 1024 + 64 * 1024
-    observer: Observer = field(default_factory=_NullObserver)
-    throttle: AuthThrottle = field(default_factory=lambda: AuthThrottle(0))
-    acl_replies: ACLReplies | None = None  # ACL USERS/LIST/GETUSER built once per users load
-    enable_debug_command: str = "no"  # Redis's protected commands: "no" | "yes" | "local"
-    enable_module_command: str = "no"
-    users_file: str = ""  # for ACL SAVE / ACL LOAD
-    acl_log: admin.ACLLog = field(default_factory=admin.ACLLog)
-    # Set by the transport: moves or disconnects other clients when ACL SETUSER/DELUSER/LOAD change
-    # the users (changed=None: compare every user, as ACL LOAD does).
-    on_users_changed: Callable[[dict[str, User], set[str] | None, list[str]], None] | None = field(default=None, repr=False)
-
-    def swap_users(self, users: dict[str, User], changed: set[str] | None, deleted: list[str]) -> None:
-        self.users = users
-        self.acl_replies = None  # rebuilt at first use (or off the loop by the transport)
-        if self.on_users_changed is not None:
-            self.on_users_changed(users, changed, deleted)
-
-    def replies(self) -> ACLReplies:
-        if self.acl_replies is None or self.acl_replies.users is not self.users:
-            self.acl_replies = ACLReplies(self.users)
-        return self.acl_replies
-
-    @property
-    def default_user(self) -> User:
-        return self.users["default"]
-
-    def upstream_auth(self) -> bytes:
-        return self.auth_command(self.upstream_username, self.upstream_password)
-
-    @staticmethod
-    def auth_command(username: str, password: str) -> bytes:
-        """The service user's AUTH, or b"" when Redis needs none."""
-        if username:
-            return encode_command([b"AUTH", username.encode(), password.encode()])
-        if password:
-            return encode_command([b"AUTH", password.encode()])
-        return b""
-
-    def resolve(self, argv: Sequence[bytes]) -> Command | None:
-        """The command argv names, or None if unknown to Redis or disabled here."""
-        cmd = self.table.lookup(argv)
-        if cmd is None or not self.disabled:
-            return cmd
-        if cmd.name in self.disabled or (cmd.parent is not None and cmd.parent.name in self.disabled):
-            return None
-        return cmd
-
-    def unknown_error(self, argv: Sequence[bytes]) -> bytes:
-        """Redis's reply to an unknown command; a disabled one is unknown, as after rename-command."""
-        if self.table.lookup(argv) is not None:
-            return unknown_command_error(argv)
-        return self.table.unknown_error(argv)
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """What Redis's processCommand would decide before running ``argv`` (error None: allowed)."""
-
-    cmd: Command | None
-    error: bytes | None
-    reason: str  # "" | unknown_command | disabled | arity | noauth | command | key | channel
-    name: str  # the command's name for metrics and logs ("unknown" if Redis does not know it)
-    index: int = 0  # for key/channel denials: the argument Redis names in ACL LOG
-
-
-_PROTECTED = {"debug": ("DEBUG", "enable-debug-command"), "module|load": ("MODULE", "enable-module-command"),
-              "module|loadex": ("MODULE", "enable-module-command"), "module|unload": ("MODULE", "enable-module-command")}
-
-
-def decide(policy: Policy, user: User, argv: Sequence[bytes], auth_required: bool, local: bool = False) -> Verdict:
-    """The decision, in Redis's order: unknown or disabled → arity → protected → NOAUTH → ACL. Pure:
-    may run in a worker thread for huge requests."""
-    cmd = policy.resolve(argv)
-    if cmd is None:
-        known = policy.table.lookup(argv)
-        return Verdict(None, policy.unknown_error(argv), "disabled" if known else "unknown_command",
-                       known.name if known else "unknown")  # fmt: skip
-    err = CommandTable.arity_error(cmd, len(argv))
-    if err:
-        return Verdict(cmd, err, "arity", cmd.name)
-    protected = _PROTECTED.get(cmd.name)
-    if protected is not None:
-        setting = policy.enable_debug_command if protected[0] == "DEBUG" else policy.enable_module_command
-        if setting == "no" or (setting == "local" and not local):
-            return Verdict(cmd, b'-ERR %s command not allowed. If the %s option is set to "local", you can run it '
-                           b"from a local connection, otherwise you need to set this option in the configuration "
-                           b"file, and then restart the server.\r\n" % (protected[0].encode(), protected[1].encode()),
-                           "protected", cmd.name)  # fmt: skip
-    if auth_required and not cmd.no_auth:
-        return Verdict(cmd, NOAUTH, "noauth", cmd.name)
-    denied = check(user, cmd, argv)
-    if denied is not None:
-        return Verdict(cmd, denied.error, denied.reason, cmd.name, denied.index)
-    if cmd.name in ("sort", "sort_ro"):
-        # SORT's own run-time check (BY/GET patterns), which Redis makes as the connection's user
-        err = sort_restriction(user, cmd, argv)
-        if err:
-            return Verdict(cmd, err, "key", cmd.name)
-    return Verdict(cmd, None, "", cmd.name)
 
 
 def _valid_client_name(name: bytes) -> bool:
@@ -574,7 +438,7 @@ class Session:
         if verdict.error is not None or self.in_multi:
             return verdict, [], None
         if verdict.name == "acl|dryrun":  # the answer is a decision too: make it here
-            return verdict, [replies.acl_dryrun(policy.users, policy.table, argv[2:])], None
+            return verdict, [dryrun(policy, argv[2:])], None
         if verdict.name in ("acl|setuser", "acl|deluser", "acl|load", "acl|save"):
             return verdict, [], (policy.users, self._acl_admin(verdict.name, argv, policy.users))
         return verdict, encode_command_pieces(argv) if verdict.name not in _HANDLERS else [], None
@@ -800,7 +664,7 @@ class Session:
             if decided is not None and decided[0] is argv:
                 self._reply(decided[2][0])  # made off the loop with the verdict
             else:
-                self._reply(replies.acl_dryrun(users, self.policy.table, argv[2:]))
+                self._reply(dryrun(self.policy, argv[2:]))
         elif cmd.name == "acl|log":
             self._reply(self.policy.acl_log.reply(argv[2:], self.resp, time.time(), argv[1]))
         elif cmd.name in ("acl|setuser", "acl|deluser", "acl|load", "acl|save"):

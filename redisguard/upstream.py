@@ -9,8 +9,8 @@ import hiredis
 
 from .commands import CommandTable
 from .config import Config
+from .policy import Policy
 from .resp import encode_command
-from .session import Policy
 from .tls import upstream_context
 
 

@@ -99,10 +99,10 @@ def dryrun_text(table: CommandTable, user, argv: list[bytes]) -> bytes:  # type:
     """What ACL DRYRUN says, computed by redisguard (the reply redisguard itself sends)."""
     import hiredis
 
-    from redisguard.acl.replies import acl_dryrun
+    from redisguard.policy import Policy, dryrun
 
     reader = hiredis.Reader()
-    reader.feed(acl_dryrun({user.name: user}, table, [user.name.encode(), *argv]))
+    reader.feed(dryrun(Policy(table, {user.name: user}), [user.name.encode(), *argv]))
     return reader.gets()
 
 
@@ -110,9 +110,8 @@ _DENIED_NAME = re.compile(rb"(This user has no permissions to access the ')(.*)(
 
 
 def c_string_name(reply: bytes) -> bytes:
-    """The DRYRUN denial text as Redis prints it: the name goes through %s, which stops at a NUL.
-
-    redisguard's acl_dryrun prints the whole name; the verdict is the same. Known, only text."""
+    """The DRYRUN denial text as Redis prints it: the name goes through %s, which stops at a NUL
+    (redisguard prints it so too: this only normalizes Redis's side for the comparison)."""
     m = _DENIED_NAME.fullmatch(reply) if isinstance(reply, bytes) else None
     return m[1] + m[2].split(b"\x00")[0] + m[3] if m else reply
 

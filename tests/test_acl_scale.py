@@ -225,8 +225,6 @@ def test_reply_cache_same_bytes_as_renderers(table: CommandTable) -> None:
             assert replies.acl_getuser(raw, resp) == acl_getuser(fresh, raw, resp), (name, resp)
             assert replies.acl_getuser(raw, resp) == acl_getuser(fresh, raw, resp)  # cached the same
     assert len(replies._getuser) == 2 * len(users)  # unknown names are not cached
-    argv = [b"u0", b"GET", b"app0:1"]
-    assert replies.acl_dryrun(table, argv) == b"+OK\r\n"
 
 
 def test_reply_cache_is_lazy_without_prepare(table: CommandTable) -> None:

@@ -10,8 +10,9 @@ from hypothesis import strategies as st
 from redisguard.acl import parse_users
 from redisguard.commands import CommandTable
 from redisguard.guards import AuthThrottle
+from redisguard.policy import Policy, decide
 from redisguard.resp import encode_command
-from redisguard.session import OFFLOAD_ARGC, Policy, Session, decide
+from redisguard.session import OFFLOAD_ARGC, Session
 
 from .redis_model import redis_parse
 

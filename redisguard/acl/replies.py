@@ -12,9 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from ..commands import CommandTable
-from ..resp import encode_bulk, encode_error
-from .check import check
+from ..resp import encode_bulk
 from .user import Selector, User
 
 
@@ -69,27 +67,6 @@ def _getuser(user: User, resp: int) -> bytes:
     )
 
 
-def acl_dryrun(users: Mapping[str, User], table: CommandTable, argv: Sequence[bytes]) -> bytes:
-    """ACL DRYRUN <user> <command> [arg ...] against redisguard's users."""
-    user = users.get(argv[0].decode("utf-8", "surrogateescape"))
-    if user is None:
-        return encode_error("ERR User '%s' not found" % argv[0].decode("utf-8", "replace"))
-    cmd_argv = list(argv[1:])
-    cmd = table.lookup(cmd_argv)
-    if cmd is None:
-        return encode_error("ERR Command '%s' not found" % cmd_argv[0].decode("utf-8", "replace"))
-    arity = CommandTable.arity_error(cmd, len(cmd_argv))
-    if arity:
-        return arity
-    denied = check(user, cmd, cmd_argv)
-    if denied is None:
-        return b"+OK\r\n"
-    if denied.reason == "command":
-        return encode_bulk(f"This user has no permissions to run the '{cmd.name}' command")
-    what = "key" if denied.reason == "key" else "channel"
-    return encode_bulk(b"This user has no permissions to access the '%s' %s" % (cmd_argv[denied.index], what.encode()))
-
-
 class ACLReplies:
     """The USERS / LIST / GETUSER replies of one load of the users file, each built once.
 
@@ -132,6 +109,3 @@ class ACLReplies:
             reply = self._getuser[key] = _getuser(user, resp)
         return reply
 
-    def acl_dryrun(self, table: CommandTable, argv: Sequence[bytes]) -> bytes:
-        """Not cached: the answer depends on the command."""
-        return acl_dryrun(self.users, table, argv)

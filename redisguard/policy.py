@@ -1,0 +1,180 @@
+"""The policy every session shares, and the one decision: may this user run this request?
+
+:func:`decide` is Redis's processCommand up to the point where a command runs: unknown or disabled →
+wrong arity → protected (DEBUG, MODULE LOAD) → NOAUTH → ACL (command, keys, channels, SORT's own
+BY/GET check). The session, ACL DRYRUN and ``redisguard acl check`` all ask it. It is pure, so huge
+requests are decided in a worker thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from .acl import ACLReplies, User, admin, check
+from .acl.check import sort_restriction
+from .commands import Command, CommandTable, unknown_command_error
+from .guards import AuthThrottle
+from .resp import encode_bulk, encode_command, encode_error
+
+if TYPE_CHECKING:
+    from .session import Session
+
+NOAUTH = b"-NOAUTH Authentication required.\r\n"
+
+
+class Observer(Protocol):
+    """What a session reports; metrics and audit implement it (no-ops by default)."""
+
+    def command(self, session: Session, cmd: str, allowed: bool, reason: str) -> None: ...
+    def auth(self, session: Session, ok: bool, username: str, reason: str, method: str) -> None: ...
+    def reply_latency(self, seconds: float) -> None: ...
+    def throttled(self, session: Session, delay: float) -> None: ...
+
+
+class _NullObserver:
+    def command(self, session: Session, cmd: str, allowed: bool, reason: str) -> None:
+        pass
+
+    def auth(self, session: Session, ok: bool, username: str, reason: str, method: str) -> None:
+        pass
+
+    def reply_latency(self, seconds: float) -> None:
+        pass
+
+    def throttled(self, session: Session, delay: float) -> None:
+        pass
+
+
+@dataclass
+class Policy:
+    """Everything sessions share: the command table, the users, the global switches."""
+
+    table: CommandTable
+    users: dict[str, User]
+    disabled: frozenset[str] = frozenset()
+    upstream_username: str = ""
+    upstream_password: str = field(default="", repr=False)
+    max_request_bytes: int = 512 * 1024 * 1024 + 64 * 1024
+    observer: Observer = field(default_factory=_NullObserver)
+    throttle: AuthThrottle = field(default_factory=lambda: AuthThrottle(0))
+    acl_replies: ACLReplies | None = None  # ACL USERS/LIST/GETUSER built once per users load
+    enable_debug_command: str = "no"  # Redis's protected commands: "no" | "yes" | "local"
+    enable_module_command: str = "no"
+    users_file: str = ""  # for ACL SAVE / ACL LOAD
+    acl_log: admin.ACLLog = field(default_factory=admin.ACLLog)
+    # Set by the transport: moves or disconnects other clients when ACL SETUSER/DELUSER/LOAD change
+    # the users (changed=None: compare every user, as ACL LOAD does).
+    on_users_changed: Callable[[dict[str, User], set[str] | None, list[str]], None] | None = field(default=None, repr=False)
+
+    def swap_users(self, users: dict[str, User], changed: set[str] | None, deleted: list[str]) -> None:
+        self.users = users
+        self.acl_replies = None  # rebuilt at first use (or off the loop by the transport)
+        if self.on_users_changed is not None:
+            self.on_users_changed(users, changed, deleted)
+
+    def replies(self) -> ACLReplies:
+        if self.acl_replies is None or self.acl_replies.users is not self.users:
+            self.acl_replies = ACLReplies(self.users)
+        return self.acl_replies
+
+    @property
+    def default_user(self) -> User:
+        return self.users["default"]
+
+    def upstream_auth(self) -> bytes:
+        return self.auth_command(self.upstream_username, self.upstream_password)
+
+    @staticmethod
+    def auth_command(username: str, password: str) -> bytes:
+        """The service user's AUTH, or b"" when Redis needs none."""
+        if username:
+            return encode_command([b"AUTH", username.encode(), password.encode()])
+        if password:
+            return encode_command([b"AUTH", password.encode()])
+        return b""
+
+    def resolve(self, argv: Sequence[bytes]) -> Command | None:
+        """The command argv names, or None if unknown to Redis or disabled here."""
+        cmd = self.table.lookup(argv)
+        if cmd is None or not self.disabled:
+            return cmd
+        if cmd.name in self.disabled or (cmd.parent is not None and cmd.parent.name in self.disabled):
+            return None
+        return cmd
+
+    def unknown_error(self, argv: Sequence[bytes]) -> bytes:
+        """Redis's reply to an unknown command; a disabled one is unknown, as after rename-command."""
+        if self.table.lookup(argv) is not None:
+            return unknown_command_error(argv)
+        return self.table.unknown_error(argv)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What Redis's processCommand would decide before running ``argv`` (error None: allowed)."""
+
+    cmd: Command | None
+    error: bytes | None
+    reason: str  # "" | unknown_command | disabled | arity | noauth | command | key | channel
+    name: str  # the command's name for metrics and logs ("unknown" if Redis does not know it)
+    index: int = 0  # for key/channel denials: the argument Redis names in ACL LOG
+
+
+_PROTECTED = {"debug": ("DEBUG", "enable-debug-command"), "module|load": ("MODULE", "enable-module-command"),
+              "module|loadex": ("MODULE", "enable-module-command"), "module|unload": ("MODULE", "enable-module-command")}
+
+
+def decide(policy: Policy, user: User, argv: Sequence[bytes], auth_required: bool, local: bool = False,
+           dry: bool = False) -> Verdict:  # fmt: skip
+    """The decision, in Redis's order: unknown or disabled → arity → protected → NOAUTH → ACL. Pure:
+    may run in a worker thread for huge requests."""
+    cmd = policy.resolve(argv)
+    if cmd is None:
+        known = policy.table.lookup(argv)
+        return Verdict(None, policy.unknown_error(argv), "disabled" if known else "unknown_command",
+                       known.name if known else "unknown")  # fmt: skip
+    err = CommandTable.arity_error(cmd, len(argv))
+    if err:
+        return Verdict(cmd, err, "arity", cmd.name)
+    protected = None if dry else _PROTECTED.get(cmd.name)  # ACL DRYRUN (dry) checks arity and ACL only
+    if protected is not None:
+        setting = policy.enable_debug_command if protected[0] == "DEBUG" else policy.enable_module_command
+        if setting == "no" or (setting == "local" and not local):
+            return Verdict(cmd, b'-ERR %s command not allowed. If the %s option is set to "local", you can run it '
+                           b"from a local connection, otherwise you need to set this option in the configuration "
+                           b"file, and then restart the server.\r\n" % (protected[0].encode(), protected[1].encode()),
+                           "protected", cmd.name)  # fmt: skip
+    if auth_required and not cmd.no_auth:
+        return Verdict(cmd, NOAUTH, "noauth", cmd.name)
+    denied = check(user, cmd, argv)
+    if denied is not None:
+        return Verdict(cmd, denied.error, denied.reason, cmd.name, denied.index)
+    if cmd.name in ("sort", "sort_ro") and not dry:
+        # SORT's own run-time check (BY/GET patterns), which Redis makes as the connection's user
+        err = sort_restriction(user, cmd, argv)
+        if err:
+            return Verdict(cmd, err, "key", cmd.name)
+    return Verdict(cmd, None, "", cmd.name)
+
+
+def dryrun(policy: Policy, argv: Sequence[bytes]) -> bytes:
+    """ACL DRYRUN <user> <command> [arg ...]: the decision above, in DRYRUN's words."""
+    name = argv[0].decode("utf-8", "surrogateescape")
+    user = policy.users.get(name)
+    if user is None:
+        return encode_error("ERR User '%s' not found" % argv[0].decode("utf-8", "replace"))
+    cmd_argv = list(argv[1:])
+    if policy.table.lookup(cmd_argv) is None:
+        return encode_error("ERR Command '%s' not found" % cmd_argv[0].decode("utf-8", "replace"))
+    # DRYRUN knows no disabled commands (Redis's command table has them all), nor SORT's run-time check
+    verdict = decide(Policy(policy.table, policy.users), user, cmd_argv, False, dry=True)
+    if verdict.error is None:
+        return b"+OK\r\n"
+    if verdict.reason == "command" and verdict.cmd is not None:
+        return encode_bulk(f"This user has no permissions to run the '{verdict.cmd.name}' command")
+    if verdict.reason in ("key", "channel"):  # the name as printf's %s shows it: up to a NUL
+        obj = cmd_argv[verdict.index].split(b"\0", 1)[0]
+        return encode_bulk(b"This user has no permissions to access the '%s' %s" % (obj, verdict.reason.encode()))
+    return verdict.error
