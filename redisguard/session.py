@@ -11,15 +11,9 @@ Requests that pass are forwarded upstream; everything else gets a reply made her
 proxy owns (AUTH, the AUTH part of HELLO, QUIT, ACL WHOAMI, user-changing ACL subcommands) are never
 forwarded: clients never authenticate to Redis, the proxy does, once, as its own service user.
 
-Replies must reach the client in request order. ``_slots`` is the queue of what the client is owed:
-``RELAY n`` (the next n upstream replies, relayed unchanged), ``SYNTH bytes`` (a reply made here),
-``SWALLOW n`` (upstream replies the client never asked for, e.g. the DISCARD behind an aborted
-EXEC), ``AUTHCHECK`` (the service user's AUTH: an error closes the session), ``PUBSUB n`` (n
-subscribe/unsubscribe confirmations, which RESP3 sends as push frames), ``MONITOR`` (its +OK, after
-which everything is the monitor stream), ``CLOSE`` (QUIT or a protocol error: close once flushed).
-Upstream bytes are scanned for frame ends (:class:`~redisguard.resp.ReplyScanner`), never decoded;
-push frames and RESP2 pub/sub messages are out-of-band and relayed as they come. With no synthetic
-reply waiting, bytes stream straight through.
+Replies must reach the client in request order: :class:`~redisguard.reply_queue.ReplyQueue` (in
+``self.replies``) holds what the client is owed and matches Redis's bytes against it; the session tells
+it what each request will be answered with (``_expect``, ``_reply``).
 
 CLIENT REPLY OFF/SKIP silence a request's reply whoever makes it (Redis or the proxy), so a silenced
 request owes nothing and its refusal is dropped, as Redis does.
@@ -39,11 +33,9 @@ from .acl import User, admin
 from .commands import Command, get_keys
 from .guards import source_key
 from .policy import Policy, Verdict, decide, dryrun
+from .reply_queue import AUTHCHECK, CONFIRMATIONS, EXEC_SUBS, MONITOR, PUBSUB, QUIET, RELAY, SWALLOW, ReplyQueue
 from .resp import (
     OK,
-    Frame,
-    ProtocolError,
-    ReplyScanner,
     RequestParser,
     encode_bulk,
     encode_command,
@@ -51,9 +43,6 @@ from .resp import (
     string2ll,
 )
 
-RELAY, SYNTH, SWALLOW, AUTHCHECK, CLOSE, PUBSUB, MONITOR, SWALLOW_MONITOR, EXEC_SUBS = range(9)
-_QUIET = {RELAY: SWALLOW, MONITOR: SWALLOW_MONITOR, EXEC_SUBS: SWALLOW}
-_RELAYED = (RELAY, PUBSUB, MONITOR)
 # Requests decided per call before the session yields to the event loop (the transport calls
 # resume() on the next turn): a write of 100,000 tiny requests must not hold the loop.
 BATCH = 256
@@ -68,8 +57,6 @@ OFFLOAD_BYTES = 64 * 1024
 
 def _huge(argv: Sequence[bytes]) -> bool:
     return len(argv) > OFFLOAD_ARGC or sum(map(len, argv)) > OFFLOAD_BYTES
-# One forwarded request in this many is timed until its reply (redisguard_upstream_reply_seconds).
-LATENCY_SAMPLE_EVERY = 64
 
 WRONGPASS = b"-WRONGPASS invalid username-password pair or user is disabled.\r\n"
 EXECABORT = b"-EXECABORT Transaction discarded because of previous errors.\r\n"
@@ -83,10 +70,7 @@ HELLO_NOAUTH = (
     b"protocol version at the same time\r\n"
 )
 SYNTAX = b"-ERR syntax error\r\n"
-_PUSH, _ATTR = ord(">"), ord("|")
-_PUBSUB_MESSAGES = (b"message", b"pmessage", b"smessage")
-_CONFIRMATIONS = frozenset((b"subscribe", b"psubscribe", b"ssubscribe", b"unsubscribe", b"punsubscribe", b"sunsubscribe"))
-_SUBSCRIBE = {c.decode() for c in _CONFIRMATIONS}
+_SUBSCRIBE = {c.decode() for c in CONFIRMATIONS}
 # Which set of subscriptions each command changes: channels "", patterns "p", shard channels "s".
 _SUBSCRIBE_KIND = {"subscribe": "", "unsubscribe": "", "psubscribe": "p", "punsubscribe": "p",
                    "ssubscribe": "s", "sunsubscribe": "s"}  # fmt: skip
@@ -120,32 +104,21 @@ class Session:
         self.peer = peer
         self.source = source_key(peer.rpartition(":")[0] or peer)  # the address AUTH throttling keys on
         self.tls_identity = tls_identity
-        self.to_client: list[bytes] = []
         self.to_upstream: list[bytes] = []
-        self.closing = False  # close the client once to_client is flushed
+        self.replies = ReplyQueue(self)  # what the client is owed, in order
         self.stopped = False
         self.upstream_opened = False
         self.parser = RequestParser(policy.max_request_bytes)
-        self.scanner = ReplyScanner()
-        self._carry = b""  # a partial reply header line held over to the next upstream chunk
-        self._held: list[bytes] = []  # bytes of an unfinished frame that is not to be relayed yet
-        self._slots: deque[list] = deque()
         self.resp = 2
         self.in_multi = False
         self.multi_dirty = False
         self.subscriptions: dict[str, set[bytes]] = {"": set(), "p": set(), "s": set()}
-        self._pubsub_owed = 0  # (un)subscribe confirmations still to come
         self._multi_subs: list[tuple[str, bytes, bool]] = []  # queued in MULTI: (kind, channel, unsubscribe)
         self._exec_undo: deque[list[tuple[str, bytes, bool]]] = deque()  # per EXEC_SUBS slot: undo if aborted
-        self.monitoring = False
         self.reply_off = False  # CLIENT REPLY OFF
         self._skip_next = False  # CLIENT REPLY SKIP: the next command gets no reply
         self._silent = False  # the command being handled gets no reply (OFF or SKIP)
         self._skipping = False
-        self.clock = time.perf_counter
-        self._relayed_owed = 0  # replies ever expected through RELAY slots
-        self._relayed_done = 0
-        self._sample: tuple[int, float] | None = None  # (reply number, send time) being timed
         self._last: tuple[Command | None, list[bytes]] = (None, [])
         # Requests parsed but not yet decided: the session waits while an AUTH is throttled or a huge
         # request is decided off the loop (the transport stops reading meanwhile).
@@ -183,7 +156,7 @@ class Session:
     @property
     def idle(self) -> bool:
         """Nothing owed to the client (not blocked, not waiting for replies) and not subscribed."""
-        return not self._slots and not self._pending and not self.subscribed and not self.monitoring
+        return not self.replies.slots and not self._pending and not self.subscribed and not self.monitoring
 
     @property
     def backlog(self) -> bool:
@@ -212,31 +185,15 @@ class Session:
         auth = self.policy.upstream_auth()
         if auth:
             self.to_upstream.append(auth)
-            self._slots.append([AUTHCHECK, 1])
+            self.replies.expect(AUTHCHECK)
 
     def _reply(self, data: bytes) -> None:
         """A reply made here, in order behind whatever upstream replies are still owed."""
-        if self._silent:
-            return
-        if not self._slots:
-            self.to_client.append(data)
-        elif self._slots[-1][0] == SYNTH:
-            self._slots[-1][1].append(data)  # a list: refusals piling up behind one reply stay O(n)
-        else:
-            self._slots.append([SYNTH, [data]])
+        if not self._silent:
+            self.replies.synth(data)
 
     def _expect(self, kind: int, n: int = 1) -> None:
-        if kind == RELAY:
-            owed = self._relayed_owed
-            if self._sample is None and owed // LATENCY_SAMPLE_EVERY != (owed + n) // LATENCY_SAMPLE_EVERY:
-                self._sample = (owed + n, self.clock())
-            self._relayed_owed = owed + n
-        if kind == PUBSUB:
-            self._pubsub_owed += n
-        if self._slots and self._slots[-1][0] == kind:
-            self._slots[-1][1] += n
-        else:
-            self._slots.append([kind, n])
+        self.replies.expect(kind, n)
 
     def _forward(self, argv: Sequence[bytes], replies: int = 1, kind: int = RELAY) -> None:
         """Send ``argv`` upstream, canonically encoded: Redis reads exactly the argv that was checked."""
@@ -250,15 +207,12 @@ class Session:
             if not replies or self.reply_off:  # Redis sends nothing while CLIENT REPLY is OFF
                 return
             if self._skipping:  # CLIENT REPLY SKIP is the proxy's: Redis answers, the client gets nothing
-                kind = _QUIET[kind]
+                kind = QUIET[kind]
         self._expect(kind, replies)
 
     def _close_after_replies(self) -> None:
         self.stopped = True  # nothing the client sends after this is read
-        if self._slots:
-            self._slots.append([CLOSE, 0])
-        else:
-            self.closing = True
+        self.replies.close_after()
 
     # -- client → upstream ------------------------------------------------------------------------
     def client_data(self, data: bytes) -> None:
@@ -738,120 +692,32 @@ class Session:
         # After its +OK, everything Redis sends is the monitor stream: relayed, never counted.
         self._forward(argv, 1, MONITOR)
 
-    # -- upstream → client ------------------------------------------------------------------------
-    def upstream_data(self, data: bytes) -> None:
-        if self.closing:
-            return
-        buf = self._carry + data if self._carry else data
-        try:
-            frames, consumed = self.scanner.scan(buf)
-        except (ProtocolError, ValueError):
-            self.upstream_failed("redisguard: unexpected reply from upstream")
-            return
-        self._carry = buf[consumed:]
-        cut = 0
-        slots = self._slots
-        for fr in frames:
-            head = slots[0] if slots else None
-            seg = buf[cut : fr.end]
-            cut = fr.end
-            if fr.kind == _ATTR or head is None or self._is_push(fr, head[0]) or (
-                self.monitoring and fr.kind == 0x2B and seg[1:2].isdigit()  # "+<time> [db addr] ..."
-            ):
-                self._emit(seg)  # attribute (belongs to the next reply), out-of-band push, monitor feed
-                continue
-            kind = head[0]
-            if kind == PUBSUB:
-                if fr.kind == ord("-"):
-                    self._pubsub_owed -= head[1] - 1
-                    head[1] = 1  # an error answers the whole command
-                self._pubsub_owed -= 1
-            if kind in _RELAYED:
-                self._emit(seg)
-                self._relayed_done += 1
-                if self._sample is not None and self._relayed_done >= self._sample[0]:
-                    self.policy.observer.reply_latency(self.clock() - self._sample[1])
-                    self._sample = None
-                if kind == MONITOR and seg.startswith(b"+OK"):
-                    self.monitoring = True
-                elif self.monitoring and seg == b"+RESET\r\n":  # RESET ends the monitor feed, in order
-                    self.monitoring = False
-            elif kind == EXEC_SUBS:
-                frame = b"".join(self._held) + seg
-                self._held.clear()
-                self._exec_done(frame)
-                self.to_client.append(frame)
-            elif kind == AUTHCHECK:
-                frame = b"".join(self._held) + seg
-                self._held.clear()
-                if frame.startswith(b"-"):
-                    self.upstream_failed("redisguard: upstream authentication failed; check [upstream] username and password")
-                    return
-            else:  # SWALLOW*: a reply the client must not see (aborted EXEC's DISCARD, CLIENT REPLY SKIP)
-                if kind == SWALLOW_MONITOR and (self._held[0] if self._held else seg).startswith(b"+OK"):
-                    self.monitoring = True
-                self._held.clear()
-            head[1] -= 1
-            if head[1] == 0:
-                slots.popleft()
-                self._drain_synthetic()
-                if self.closing:
-                    return
-        if cut < consumed:
-            head = slots[0] if slots else None
-            if head is None or head[0] in _RELAYED:
-                self._emit(buf[cut:consumed])
-            else:
-                self._held.append(buf[cut:consumed])
-
-    def _is_push(self, fr: Frame, slot: int) -> bool:
-        """Out-of-band: not the answer to a request. Subscribe confirmations answer (P|S)(UN)SUBSCRIBE
-        even when RESP3 sends them as push frames; RESP2 messages are arrays told apart by their
-        first element."""
-        if fr.kind == _PUSH:
-            return not (slot == PUBSUB and fr.first in _CONFIRMATIONS)
-        if fr.kind == 0x2A and fr.first is not None and self.resp == 2:
-            # RESP2 messages are plain arrays, and come only while subscribed (or until the pending
-            # (un)subscribe confirmations arrive): never mistake a reply that starts with "message".
-            if slot == PUBSUB:
-                return fr.first not in _CONFIRMATIONS
-            return fr.first in _PUBSUB_MESSAGES and (self.subscribed or self._pubsub_owed > 0)
-        return False
-
-    def _emit(self, seg: bytes) -> None:
-        if self._held:
-            self.to_client.extend(self._held)
-            self._held.clear()
-        self.to_client.append(seg)
-
-    def _drain_synthetic(self) -> None:
-        slots = self._slots
-        while slots and slots[0][0] in (SYNTH, CLOSE):
-            kind, value = slots.popleft()
-            if kind == SYNTH:
-                self.to_client.extend(value)
-            else:
-                self.closing = True
-                slots.clear()
-
     def end_of_input(self) -> None:
         """The client sent its last byte: close once every reply it is owed has been sent."""
         if not self.stopped and not self.closing:
             self._close_after_replies()
 
+    # -- upstream → client: the reply queue ------------------------------------------------------
+    def upstream_data(self, data: bytes) -> None:
+        self.replies.data(data)
+
     def upstream_failed(self, message: str) -> None:
         """The upstream is gone or unusable: say so in one line and close."""
-        if self.closing:
-            return
-        mid_frame = not self.scanner.idle or bool(self._carry)
-        self._slots.clear()
-        self._held.clear()
-        self._pubsub_owed = 0
         self._exec_undo.clear()
-        self._sample = None
-        if not mid_frame:  # never append a line to half a reply: just close
-            self.to_client.append(b"-ERR " + message.encode() + b"\r\n")
-        self.closing = True
+        self.replies.failed(message)
+
+    @property
+    def to_client(self) -> list[bytes]:
+        return self.replies.to_client
+
+    @property
+    def closing(self) -> bool:
+        """Close the client once to_client is flushed."""
+        return self.replies.closing
+
+    @property
+    def monitoring(self) -> bool:
+        return self.replies.monitoring
 
 
 _HANDLERS = {
