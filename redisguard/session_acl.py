@@ -1,0 +1,218 @@
+# mypy: disable-error-code="attr-defined"
+# (a mixin of Session: the attributes it uses are Session's, checked there)
+"""Logins and ACL, the session's commands answered from redisguard's own users.
+
+AUTH and HELLO's AUTH (with the brute-force throttle: an attempt may wait, never be refused
+unchecked), and the ACL subcommands: WHOAMI/USERS/LIST/GETUSER/DRYRUN from the users and the reply
+cache, SETUSER/DELUSER/LOAD/SAVE on redisguard's users (their work done in the worker thread), LOG of
+redisguard's own denials. A mixin of :class:`~redisguard.session.Session`, split out by job.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from .acl import User, admin
+from .commands import Command
+from .policy import dryrun
+from .resp import OK, encode_bulk, string2ll
+
+WRONGPASS = b"-WRONGPASS invalid username-password pair or user is disabled.\r\n"
+AUTH_NOPASS = (
+    b"-ERR AUTH <password> called without any password configured for the default user. "
+    b"Are you sure your configuration is correct?\r\n"
+)
+HELLO_NOAUTH = (
+    b"-NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO "
+    b"AUTH <user> <pass> option can be used to authenticate the client and select the RESP "
+    b"protocol version at the same time\r\n"
+)
+SYNTAX = b"-ERR syntax error\r\n"
+# ACL subcommands answered by the proxy from its own users (ACL CAT, GENPASS, HELP go to Redis).
+ACL_LOCAL = {"acl|whoami", "acl|users", "acl|list", "acl|getuser", "acl|dryrun", "acl|setuser", "acl|deluser",
+             "acl|load", "acl|save", "acl|log"}  # fmt: skip
+# ... of which these read or write the users file, or rebuild users: done in the worker thread.
+ACL_ADMIN = {b"setuser", b"deluser", b"load", b"save"}
+# ACL LOG keeps at most this much of a key, channel or user name (Redis keeps all of it).
+ACL_LOG_OBJECT_MAX = 4096
+
+
+def _valid_client_name(name: bytes) -> bool:
+    return all(0x21 <= c <= 0x7E for c in name)
+
+
+class LoginsAndACL:
+    _replay_auth: bool
+    _admin_done: Any
+
+    def _acl_admin(self, name: str, argv: Sequence[bytes], users: dict[str, User]) -> tuple[Any, ...]:
+        """ACL SETUSER/DELUSER/LOAD/SAVE against ``users`` (file I/O included: run off the loop)."""
+        policy = self.policy
+        if name == "acl|setuser":
+            return admin.setuser(users, policy.table, argv[2:])
+        if name == "acl|deluser":
+            return admin.deluser(users, argv[2:])
+        if name == "acl|load":
+            return admin.acl_load(policy.users_file or None, policy.table, require_default=True)
+        reply, err = admin.acl_save(policy.users_file or None, users)
+        return (reply, err)
+
+    def _acl_log(self, reason: str, obj: bytes, username: bytes | None = None) -> None:
+        """An ACL LOG entry, as Redis adds one for each denial and failed AUTH."""
+        info = b"addr=%s laddr=%s user=%s resp=%d" % (
+            self.peer.encode(), self.listener.encode(), self.user.name.encode("utf-8", "surrogateescape"), self.resp)
+        self.policy.acl_log.add(reason, "multi" if self.in_multi else "toplevel",  # type: ignore[arg-type]
+                                obj[:ACL_LOG_OBJECT_MAX], (username if username is not None else
+                                self.user.name.encode("utf-8", "surrogateescape"))[:ACL_LOG_OBJECT_MAX],
+                                info, time.time())  # fmt: skip
+
+    def _throttle_wait(self, username: bytes) -> bool:
+        """AUTH throttling: True if this attempt must wait first (the session pauses and re-runs it).
+
+        A throttled attempt is delayed, never refused unchecked: a client with the right password
+        behind a busy shared address gets in, late; a guesser gets one try per delay per connection."""
+        if self._replay_auth:
+            self._replay_auth = False
+            return False
+        delay = self.policy.throttle.delay(self.source, self._throttle_user(username.decode("utf-8", "surrogateescape")))
+        if delay <= 0:
+            return False
+        self.wait = delay
+        self._paused = self._replay = self._replay_auth = True
+        self.policy.observer.throttled(self, delay)
+        return True
+
+    def _throttle_user(self, name: str) -> str:
+        """The throttle's key for a user name: names that are not users share one key per source, so a
+        client cannot make the throttle hold arbitrary (64 KiB) names."""
+        return name if name in self.policy.users else "\x00unknown"
+
+    def _authenticate(self, username: bytes, password: bytes, word: bytes = b"AUTH", method: str = "password") -> bool:
+        name = username.decode("utf-8", "surrogateescape")
+        user = self.policy.users.get(name)
+        if user is None:
+            reason = "unknown_user"
+        elif not user.enabled:
+            reason = "disabled_user"
+        elif not user.check_password(password):
+            reason = "wrong_password"
+        else:
+            self.user = user
+            self.authenticated = True
+            self.policy.throttle.succeeded(self.source, name)
+            self.policy.observer.auth(self, True, name, "", method)
+            return True
+        self.policy.throttle.failed(self.source, self._throttle_user(name))
+        self.policy.observer.auth(self, False, name if user is not None else "", reason, method)
+        self._acl_log("auth", word, username)  # Redis logs the command word as sent, and the name tried
+        return False
+
+    def _cmd_auth(self, cmd: Command, argv: list[bytes]) -> None:
+        if self.in_multi:
+            self._reject(cmd, b"-ERR redisguard: AUTH inside MULTI is not supported\r\n", "unsupported")
+            return
+        if len(argv) > 3:
+            self._reply(SYNTAX)
+            return
+        if len(argv) == 2:
+            if self.policy.default_user.nopass:
+                self._reply(AUTH_NOPASS)
+                return
+            username, password = b"default", argv[1]
+        else:
+            username, password = argv[1], argv[2]
+        if self._throttle_wait(username):
+            return
+        self._reply(OK if self._authenticate(username, password, argv[0]) else WRONGPASS)
+
+    def _cmd_hello(self, cmd: Command, argv: list[bytes]) -> None:
+        if self.in_multi:
+            self._reject(cmd, b"-ERR redisguard: HELLO inside MULTI is not supported\r\n", "unsupported")
+            return
+        ver = 0
+        i = 1
+        if len(argv) >= 2:
+            v = string2ll(argv[1])
+            if v is None:
+                self._reply(b"-ERR Protocol version is not an integer or out of range\r\n")
+                return
+            if v < 2 or v > 3:
+                self._reply(b"-NOPROTO unsupported protocol version\r\n")
+                return
+            ver, i = v, 2
+        auth: tuple[bytes, bytes] | None = None
+        setname: bytes | None = None
+        while i < len(argv):
+            more = len(argv) - 1 - i
+            opt = argv[i].lower()
+            if opt == b"auth" and more >= 2:
+                auth = (argv[i + 1], argv[i + 2])
+                i += 3
+            elif opt == b"setname" and more:
+                setname = argv[i + 1]
+                if not _valid_client_name(setname):
+                    self._reply(b"-ERR Client names cannot contain spaces, newlines or special characters.\r\n")
+                    return
+                i += 2
+            else:
+                self._reply(b"-ERR Syntax error in HELLO option '%s'\r\n" % argv[i])
+                return
+        if auth is not None:
+            if self._throttle_wait(auth[0]):
+                return
+            if not self._authenticate(*auth, argv[0]):
+                self._reply(WRONGPASS)
+                return
+        if not self.authenticated:
+            self._reply(HELLO_NOAUTH)
+            return
+        fwd = [argv[0]]
+        if ver:
+            fwd.append(argv[1])
+            self.resp = ver
+        if setname is not None:
+            fwd += [b"SETNAME", setname]
+        self._forward(fwd)
+
+    def _cmd_acl(self, cmd: Command, argv: list[bytes]) -> None:
+        users = self.policy.users
+        if self.in_multi and cmd.name in ACL_LOCAL:  # Redis would queue it; the answer is made here
+            sub = cmd.name.split("|", 1)[1].upper()
+            self._reject(cmd, b"-ERR redisguard: ACL %s inside MULTI is not supported\r\n" % sub.encode(), "unsupported")
+            return
+        if cmd.name == "acl|whoami":
+            self._reply(encode_bulk(self.user.name))
+        elif cmd.name == "acl|users":
+            self._reply(self.policy.replies().acl_users())
+        elif cmd.name == "acl|list":
+            self._reply(self.policy.replies().acl_list())
+        elif cmd.name == "acl|getuser":
+            self._reply(self.policy.replies().acl_getuser(argv[2], self.resp))
+        elif cmd.name == "acl|dryrun":
+            decided = self._decided
+            if decided is not None and decided[0] is argv:
+                self._reply(decided[2][0])  # made off the loop with the verdict
+            else:
+                self._reply(dryrun(self.policy, argv[2:]))
+        elif cmd.name == "acl|log":
+            self._reply(self.policy.acl_log.reply(argv[2:], self.resp, time.time(), argv[1]))
+        elif cmd.name in ("acl|setuser", "acl|deluser", "acl|load", "acl|save"):
+            done, self._admin_done = self._admin_done, None
+            if done is None or done[0] is not users:  # not precomputed, or another client changed the users since
+                done = (users, self._acl_admin(cmd.name, argv, users))
+            result = done[1]
+            if cmd.name == "acl|save":
+                self._reply(result[0])
+                return
+            new = result[0]
+            if new is not None:
+                deleted = result[2] if cmd.name == "acl|deluser" else []
+                changed = None if cmd.name == "acl|load" else {argv[2].decode("utf-8", "surrogateescape")}
+                self.policy.swap_users(new, changed, deleted)
+                if self.user.name in new and (changed is None or self.user.name in changed):
+                    self.user = new[self.user.name]
+            self._reply(result[1])
+        else:
+            self._forward(argv)
