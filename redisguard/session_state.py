@@ -1,0 +1,153 @@
+# mypy: disable-error-code="attr-defined"
+# (a mixin of Session: the attributes it uses are Session's, checked there)
+"""The commands that change a session's state: QUIT, RESET, MULTI/EXEC/DISCARD, (P|S)(UN)SUBSCRIBE,
+CLIENT REPLY and MONITOR. A mixin of :class:`~redisguard.session.Session`, split out by job.
+
+Each tells the reply queue what Redis will answer (or that the answer is swallowed), so replies stay in
+request order whatever the mode: transactions (EXEC aborted here sends DISCARD upstream), pub/sub
+(confirmations are pushes, never silenced), CLIENT REPLY SKIP (kept here, never forwarded).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .commands import Command
+from .reply_queue import AUTHCHECK, EXEC_SUBS, MONITOR, PUBSUB
+from .resp import OK
+
+EXECABORT = b"-EXECABORT Transaction discarded because of previous errors.\r\n"
+# Which set of subscriptions each command changes: channels "", patterns "p", shard channels "s".
+SUBSCRIBE_KIND = {"subscribe": "", "unsubscribe": "", "psubscribe": "p", "punsubscribe": "p",
+                  "ssubscribe": "s", "sunsubscribe": "s"}  # fmt: skip
+
+
+class StateCommands:
+    _multi_subs: list[tuple[str, bytes, bool]]
+    _exec_undo: Any
+    _skipping: bool
+    resp: int
+
+    def _cmd_quit(self, cmd: Command, argv: list[bytes]) -> None:
+        self._reply(OK)
+        self._close_after_replies()
+
+    def _cmd_reset(self, cmd: Command, argv: list[bytes]) -> None:
+        # Redis's RESET also logs the connection out; the upstream must log in again as the
+        # service user, and this session goes back to redisguard's default user. It clears
+        # CLIENT REPLY OFF before answering (a SKIP in force still swallows the answer).
+        self.reply_off = False
+        self._silent = self._skipping
+        self._forward(argv)
+        auth = self.policy.upstream_auth()
+        if auth:
+            self.to_upstream.append(auth)
+            self._expect(AUTHCHECK)
+        self.resp = 2
+        # (monitoring ends when RESET's own reply arrives: MONITOR's +OK may still be on its way)
+        self.in_multi = self.multi_dirty = self.reply_off = self._skip_next = False
+        self._multi_subs.clear()
+        for subs in self.subscriptions.values():
+            subs.clear()
+        self._become_default()
+
+    def _cmd_multi(self, cmd: Command, argv: list[bytes]) -> None:
+        self._forward(argv)
+        self.in_multi = True
+
+    def _cmd_exec(self, cmd: Command, argv: list[bytes]) -> None:
+        if self.in_multi and self.multi_dirty:
+            self._abort_exec(EXECABORT)
+            return
+        # Subscriptions queued in the transaction change now (requests pipelined after EXEC see them,
+        # as in Redis); if EXEC's reply says it was aborted (WATCH), the change is undone.
+        undo = []
+        queued = len(self._multi_subs)
+        for kind, channel, unsubscribe in self._multi_subs:
+            subs = self.subscriptions[kind]
+            if unsubscribe and channel in subs:
+                subs.discard(channel)
+                undo.append((kind, channel, False))
+            elif not unsubscribe and channel not in subs:
+                subs.add(channel)
+                undo.append((kind, channel, True))
+        self._multi_subs = []
+        if self.reply_off:
+            # No EXEC reply comes under OFF, but the confirmations inside it are pushes, sent anyway.
+            self._forward(argv)
+            if queued:
+                self._expect(PUBSUB, queued)
+        elif undo and not self._skipping:  # (a skipped EXEC's reply is swallowed whole: no undo then)
+            self._exec_undo.append(undo[::-1])
+            self._forward(argv, 1, EXEC_SUBS)
+        else:
+            self._forward(argv)
+        self.in_multi = self.multi_dirty = False
+
+    def _cmd_discard(self, cmd: Command, argv: list[bytes]) -> None:
+        self._forward(argv)
+        self.in_multi = self.multi_dirty = False
+        self._multi_subs.clear()
+
+    def _exec_done(self, frame: bytes) -> None:
+        """EXEC's reply arrived: if the transaction was aborted (null, EXECABORT), undo its subscriptions."""
+        undo = self._exec_undo.popleft()
+        if not frame.startswith((b"*-1", b"_", b"-")):
+            return
+        for kind, channel, unsubscribe in undo:
+            if unsubscribe:
+                self.subscriptions[kind].discard(channel)
+            else:
+                self.subscriptions[kind].add(channel)
+
+    def _cmd_subscribe(self, cmd: Command, argv: list[bytes]) -> None:
+        kind = SUBSCRIBE_KIND[cmd.name]
+        subs = self.subscriptions[kind]
+        channels = argv[1:]
+        if self.in_multi:
+            # Queued: one +QUEUED now; EXEC's array then carries the confirmations. With more than one
+            # confirmation Redis's EXEC reply holds more frames than its array says: refuse that case.
+            if len(channels) != 1:
+                self._reject(cmd, b"-ERR redisguard: %s inside MULTI takes exactly one channel here\r\n"
+                             % cmd.name.upper().encode(), "unsupported")  # fmt: skip
+                return
+            self._multi_subs.append((kind, channels[0], cmd.name.endswith("unsubscribe")))
+            self._forward(argv)
+            return
+        if cmd.name.endswith("unsubscribe"):
+            # One confirmation per named channel; with none, one per subscription (one if none).
+            n = len(channels) or max(1, len(subs))
+            if channels:
+                subs.difference_update(channels)
+            else:
+                subs.clear()
+        else:
+            n = len(channels)
+            subs.update(channels)
+        self._forward(argv, n, PUBSUB)
+
+    def _cmd_client(self, cmd: Command, argv: list[bytes]) -> None:
+        """CLIENT REPLY. ON and OFF go to Redis too (both sides then agree for good); SKIP stays here,
+        because a request the proxy answers itself would never consume Redis's one-shot SKIP and
+        every later reply would go to the wrong request. The skipped request's upstream reply is
+        swallowed (see _forward)."""
+        if self.in_multi:  # queued, it would change the reply mode at EXEC time, out of our sight
+            self._reject(cmd, b"-ERR redisguard: CLIENT REPLY inside MULTI is not supported\r\n", "unsupported")
+            return
+        mode = argv[2].lower()
+        if mode == b"on":
+            self.reply_off = False
+            self._silent = self._skipping = False  # Redis clears the flags before it replies +OK
+            self._forward(argv)
+        elif mode == b"off":
+            self.reply_off = True
+            self._silent = True
+            self._forward(argv)
+        elif mode == b"skip":
+            self._skip_next = not self.reply_off  # no reply of its own, as in Redis
+        else:
+            self._forward(argv)  # Redis answers the syntax error
+
+    def _cmd_monitor(self, cmd: Command, argv: list[bytes]) -> None:
+        # After its +OK, everything Redis sends is the monitor stream: relayed, never counted.
+        self._forward(argv, 1, MONITOR)
