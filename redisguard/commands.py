@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .resp import string2ll
+from .request import string2ll
 
 # Key-spec access flags that make a key need read / write permission (acl.c ACLSelectorCheckKey).
 READ = 1

@@ -33,11 +33,8 @@ from .commands import Command, get_keys
 from .guards import source_key
 from .policy import Policy, Verdict, decide, dryrun
 from .reply_queue import AUTHCHECK, CONFIRMATIONS, PUBSUB, QUIET, RELAY, SWALLOW, ReplyQueue
-from .resp import (
-    RequestParser,
-    encode_command,
-    encode_command_pieces,
-)
+from .request import RequestParser
+from .resp import encode_command, encode_command_pieces
 from .session_acl import ACL_ADMIN, LoginsAndACL
 from .session_state import StateCommands
 

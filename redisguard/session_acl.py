@@ -17,7 +17,8 @@ from typing import Any
 from .acl import User, admin
 from .commands import Command
 from .policy import dryrun
-from .resp import OK, encode_bulk, string2ll
+from .request import string2ll
+from .resp import OK, encode_bulk
 
 WRONGPASS = b"-WRONGPASS invalid username-password pair or user is disabled.\r\n"
 AUTH_NOPASS = (

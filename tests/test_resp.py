@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from redisguard.resp import ProtocolError, ReplyScanner, RequestParser, encode_command, split_args
+from redisguard.request import RequestParser, split_args
+from redisguard.resp import ProtocolError, ReplyScanner, encode_command
 
 from .redis_model import redis_parse
 

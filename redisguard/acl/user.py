@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from ..commands import READ, WRITE, Command, CommandTable
-from ..resp import split_args as resp_split_args
+from ..request import split_args as resp_split_args
 from .glob import compile_glob
 
 ALL_PERMS = READ | WRITE
