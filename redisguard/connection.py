@@ -14,7 +14,6 @@ import ssl
 import time
 from typing import TYPE_CHECKING, Any
 
-from .acl import User
 from .audit import get_logger
 from .config import ListenerConfig
 from .guards import source_allowed, source_key
@@ -140,12 +139,12 @@ class ClientProtocol(asyncio.Protocol):
         m.connections.labels(lst.name).inc()
         m.connections_active.labels(lst.name).inc()
         transport.set_write_buffer_limits(high=HIGH_WATER)  # type: ignore[attr-defined]
-        identity, cert_user = self._certificate_user(transport, peer)
-        if self.closed:
-            return
-        self.session = Session(self.proxy.policy, lst.name, peer, cert_user, identity, local=_is_local(peername))
+        identity = self._certificate_identity(transport)
+        self.session = Session(self.proxy.policy, lst.name, peer, identity, local=_is_local(peername))
+        if identity and lst.cert_user:
+            self.session.login_certificate(identity)
         self.proxy.events.log(audit.info, "connection_accepted", listener=lst.name, peer=peer, tls_identity=identity,
-                              user=cert_user.name if cert_user else "")  # fmt: skip
+                              user=self.session.user.name if self.session.authenticated else "")  # fmt: skip
         timeout = self.proxy.config.limits.auth_timeout
         if timeout and not self.session.authenticated:  # a client certificate (or nopass default) has logged in
             self.timer = asyncio.get_running_loop().call_later(timeout, self._auth_timeout)
@@ -193,27 +192,14 @@ class ClientProtocol(asyncio.Protocol):
             self.proxy.handshakes.release(self.listener.name, self.handshake_source)
             self.handshake_source = None
 
-    def _certificate_user(self, transport: asyncio.BaseTransport, peer: str) -> tuple[str, User | None]:
+    def _certificate_identity(self, transport: asyncio.BaseTransport) -> str:
+        """The name a verified client certificate gives (per the listener's cert_user), or ""."""
         lst = self.listener
         if lst.type != "tls":
-            return "", None
+            return ""
         sslobj = transport.get_extra_info("ssl_object")
         cert = sslobj.getpeercert() if sslobj is not None else None
-        identity = peer_identity(cert, lst.cert_user or "cn") if cert else ""
-        if not lst.cert_user or not identity:
-            return identity, None
-        user = self.proxy.policy.users.get(identity)
-        m = self.proxy.metrics
-        if user is None or not user.enabled:
-            m.auth_failures.labels(lst.name, "bad_client_cert").inc()
-            audit.warning("auth_failure", user="unknown" if user is None else user.name,
-                          reason="bad_client_cert", method="client_cert", listener=lst.name, peer=peer,
-                          tls_identity=identity)  # fmt: skip
-            return identity, None
-        m.auth_successes.labels(lst.name, "client_cert").inc()
-        audit.info("auth_success", user=user.name, method="client_cert", listener=lst.name, peer=peer,
-                   tls_identity=identity)  # fmt: skip
-        return identity, user
+        return peer_identity(cert, lst.cert_user or "cn") if cert else ""
 
     async def _connect_upstream(self) -> None:
         up = self.proxy.config.upstream

@@ -272,35 +272,18 @@ class Proxy:
         task.add_done_callback(self.background.discard)
 
     def _rebind_sessions(self, users: dict[str, User], changed: set[str] | None = None, deleted: Sequence[str] = ()) -> int:
-        """Move logged-in clients to their new user; disconnect those whose user went, and (ACL LOAD,
-        SIGHUP: ``changed`` None) those whose rules or passwords changed, as Redis's ACL LOAD does.
-        After ACL SETUSER a client keeps its connection with the new rules, as in Redis, unless it is
-        subscribed and its channel rules changed (Redis 7.0 kills such pub/sub clients)."""
+        """Move logged-in clients to their new user, or disconnect them (Session.rebind says which)."""
         dropped = 0
         for client in list(self.clients):
             session = client.session
             if session is None or client.closed:
                 continue
-            name = session.user.name
-            new = users.get(name)
-            if changed is not None and name not in changed and name not in deleted:
-                continue
-            if new is None:
-                why = "user deleted"
-            elif changed is None:
-                if new.fingerprint == session.user.fingerprint:
-                    session.user = new
-                    continue
-                why = "user changed by reload"
-            elif session.subscribed and new.root.channel_rules() != session.user.root.channel_rules():
-                why = "channel permissions changed"
-            else:
-                session.user = new
-                continue
-            dropped += 1
-            self.events.log(audit.info, "connection_closed", listener=client.listener.name, peer=session.peer,
-                            user=name, reason=why)  # fmt: skip
-            client.close()
+            why = session.rebind(users, changed, deleted)
+            if why:
+                dropped += 1
+                self.events.log(audit.info, "connection_closed", listener=client.listener.name, peer=session.peer,
+                                user=session.user.name, reason=why)  # fmt: skip
+                client.close()
         return dropped
 
     async def ready(self) -> tuple[bool, str]:

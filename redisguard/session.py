@@ -60,7 +60,6 @@ class Session(LoginsAndACL, StateCommands):
         policy: Policy,
         listener: str = "",
         peer: str = "",
-        cert_user: User | None = None,
         tls_identity: str = "",
         local: bool = False,
     ) -> None:
@@ -98,11 +97,8 @@ class Session(LoginsAndACL, StateCommands):
         self._replay_auth = False  # ... and it is an AUTH whose throttle delay has been served
         self._decided: tuple[list[bytes], Verdict, list[bytes]] | None = None
         self._admin_done: Any = None  # (users it was computed from, result) of an offloaded ACL admin command
-        if cert_user is not None:
-            self.user: User = cert_user
-            self.authenticated = True
-        else:
-            self._become_default()
+        self.user: User
+        self._become_default()
         self.parser.authenticated = self.authenticated or not self._auth_required()
 
     # -- helpers ----------------------------------------------------------------------------------

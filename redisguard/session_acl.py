@@ -69,6 +69,39 @@ class LoginsAndACL:
                                 self.user.name.encode("utf-8", "surrogateescape"))[:ACL_LOG_OBJECT_MAX],
                                 info, time.time())  # fmt: skip
 
+    def login_certificate(self, identity: str) -> bool:
+        """A verified client certificate names ``identity``: log in as that user, if it is enabled."""
+        self.tls_identity = identity
+        user = self.policy.users.get(identity)
+        if user is None or not user.enabled:
+            self.policy.observer.auth(self, False, identity if user is not None else "", "bad_client_cert", "client_cert")
+            return False
+        self.user = user
+        self.authenticated = self.parser.authenticated = True
+        self.policy.observer.auth(self, True, user.name, "", "client_cert")
+        return True
+
+    def rebind(self, users: dict[str, User], changed: set[str] | None, deleted: Sequence[str]) -> str:
+        """The users changed: move to this session's new user, or say why the client must go ("").
+
+        ACL LOAD and SIGHUP (``changed`` None) disconnect clients whose user went or whose rules or
+        passwords changed, as Redis's ACL LOAD does; after ACL SETUSER a client keeps its connection
+        with the new rules, as in Redis, unless it is subscribed and its channel rules changed
+        (Redis 7.0 kills such pub/sub clients); after ACL DELUSER its clients go."""
+        name = self.user.name
+        if changed is not None and name not in changed and name not in deleted:
+            return ""
+        new = users.get(name)
+        if new is None:
+            return "user deleted"
+        if changed is None:
+            if new.fingerprint != self.user.fingerprint:
+                return "user changed by reload"
+        elif self.subscribed and new.root.channel_rules() != self.user.root.channel_rules():
+            return "channel permissions changed"
+        self.user = new
+        return ""
+
     def _throttle_wait(self, username: bytes) -> bool:
         """AUTH throttling: True if this attempt must wait first (the session pauses and re-runs it).
 

@@ -168,3 +168,17 @@ def test_fuzz_nothing_denied_reaches_redis(pieces: list[bytes], cuts: list[int])
             break  # after RESET the session is `default` (off): the rest was decided for it
         v = decide(s.policy, user, argv, False)
         assert v.error is None, (argv, v)
+
+
+def test_certificate_login_and_rebind_without_sockets() -> None:
+    s = session(None)
+    assert not s.login_certificate("nobody") and not s.authenticated
+    assert s.login_certificate("bob") and s.authenticated and s.user.name == "bob"
+    s.client_data(encode_command([b"GET", b"report:1"]))
+    assert forwarded(s) == [[b"GET", b"report:1"]]
+    # ACL SETUSER of another user: untouched; of bob: moved to the new rules; reload with bob changed: gone
+    new = parse_users("user default off\nuser bob on >bob-pw %R~other:* +get\n", TABLE)
+    assert s.rebind(new, {"alice"}, []) == "" and s.user is USERS["bob"]
+    assert s.rebind(new, {"bob"}, []) == "" and s.user is new["bob"]
+    assert s.rebind(USERS, None, []) == "user changed by reload"
+    assert s.rebind(new, {"bob"}, ["bob"]) == "user deleted" or s.rebind({}, None, []) == "user deleted"
