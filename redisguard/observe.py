@@ -40,10 +40,10 @@ class Observer:
             self.metrics.upstream_reply_seconds.observe(seconds)
 
     def _user(self, name: str) -> str:
-        return name if name in self.users else "unknown"
+        return _printable(name) if name in self.users else "unknown"
 
     def command(self, session: Session, cmd: str, allowed: bool, reason: str) -> None:
-        user = session.user.name
+        user = _printable(session.user.name)
         if reason in _REQUEST_ERRORS:
             if self.count:
                 self.metrics.request_errors.labels(reason).inc()
@@ -73,7 +73,7 @@ class Observer:
     def auth(self, session: Session, ok: bool, username: str, reason: str, method: str) -> None:
         if ok:
             self.metrics.auth_successes.labels(session.listener, method).inc()
-            audit.info("auth_success", user=username, method=method, listener=session.listener,
+            audit.info("auth_success", user=_printable(username), method=method, listener=session.listener,
                        peer=session.peer, tls_identity=session.tls_identity)  # fmt: skip
         else:
             self.metrics.auth_failures.labels(session.listener, reason).inc()
@@ -83,3 +83,9 @@ class Observer:
 
 
 _REQUEST_ERRORS = frozenset({"unknown_command", "arity", "unsupported", "protocol", "context", "protected"})
+
+
+def _printable(name: str) -> str:
+    """A user name as a metric label or log field: names may hold any bytes (surrogate-escaped), which
+    the exposition format cannot carry; those bytes are shown as \\xNN."""
+    return name if name.isascii() else name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

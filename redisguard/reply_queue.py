@@ -18,6 +18,7 @@ and the state both sides read (RESP version, subscriptions); this class owns eve
 
 from __future__ import annotations
 
+import re
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,8 @@ _RELAYED = (RELAY, PUBSUB, MONITOR)
 # One forwarded request in this many is timed until its reply (redisguard_upstream_reply_seconds).
 LATENCY_SAMPLE_EVERY = 64
 _PUSH, _ATTR = ord(">"), ord("|")
+# A line of the MONITOR feed: "+<seconds>.<microseconds> [<db> <client>] <args>" (never a reply).
+_MONITOR_LINE = re.compile(rb"\+\d+\.\d{6} \[\d+ ")
 PUBSUB_MESSAGES = (b"message", b"pmessage", b"smessage")
 CONFIRMATIONS = frozenset((b"subscribe", b"psubscribe", b"ssubscribe", b"unsubscribe", b"punsubscribe", b"sunsubscribe"))
 
@@ -100,7 +103,7 @@ class ReplyQueue:
             seg = buf[cut : fr.end]
             cut = fr.end
             if fr.kind == _ATTR or head is None or self.is_push(fr, head[0]) or (
-                self.monitoring and fr.kind == 0x2B and seg[1:2].isdigit()  # "+<time> [db addr] ..."
+                self.monitoring and fr.kind == 0x2B and _MONITOR_LINE.match(seg) is not None
             ):
                 self.emit(seg)  # attribute (belongs to the next reply), out-of-band push, monitor feed
                 continue

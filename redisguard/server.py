@@ -229,6 +229,7 @@ class Proxy:
             # A full garbage collection over 10,000 users' command sets holds the GIL for ~60 ms,
             # wherever it runs: none while loading, and what is loaded is frozen out of later ones.
             gc.disable()
+            before = self.policy.users
             try:
                 users, acl_replies, contexts = await asyncio.to_thread(load)
             except (UsersFileError, ACLError, TLSConfigError, OSError, ValueError) as e:
@@ -236,6 +237,12 @@ class Proxy:
                 self.metrics.config_reloads.labels("failure").inc()
                 audit.error("config_reload_failed", error=str(e), detail="kept the previous users and certificates")
             else:
+                if self.policy.users is not before:
+                    # ACL SETUSER/DELUSER/LOAD changed the users while the file was being read (and ACL
+                    # SAVE may have rewritten it): what was read may be stale. Read it again.
+                    gc.enable()
+                    self.reload_again = True
+                    continue
                 for lst in tls:
                     self._export_expiry(lst)
                 self.tls_contexts.update(contexts)
@@ -280,6 +287,7 @@ class Proxy:
                 continue
             why = session.rebind(users, changed, deleted)
             if why:
+                session.kill()  # not one more request under the old rules, even before the close completes
                 dropped += 1
                 self.events.log(audit.info, "connection_closed", listener=client.listener.name, peer=session.peer,
                                 user=session.user.name, reason=why)  # fmt: skip

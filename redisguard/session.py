@@ -96,6 +96,9 @@ class Session(LoginsAndACL, StateCommands):
         self._unparsed: list[bytes] = []  # bytes that arrived while requests were waiting
         self._replay_auth = False  # ... and it is an AUTH whose throttle delay has been served
         self._decided: tuple[list[bytes], Verdict, list[bytes]] | None = None
+        self._offload_basis: tuple[User, dict[str, User], bool] = (None, {}, False)  # type: ignore[assignment]
+        self._multi_user: User | None = None
+        self._queued: list[list[bytes]] = []  # the commands queued since MULTI
         self._admin_done: Any = None  # (users it was computed from, result) of an offloaded ACL admin command
         self.user: User
         self._become_default()
@@ -251,8 +254,11 @@ class Session(LoginsAndACL, StateCommands):
         """The transport decided ``self.offload`` off the loop: use that verdict and carry on."""
         argv, self.offload = self.offload, None
         assert argv is not None
-        self._decided = (argv, verdict, encoded)
-        self._admin_done = extra
+        user, users, auth_required = self._offload_basis
+        if user is self.user and users is self.policy.users and auth_required == self._auth_required():
+            self._decided = (argv, verdict, encoded)
+            self._admin_done = extra
+        # else: the users changed meanwhile: _run decides this request again (off the loop again)
         self._paused = False
         self._run()
         self._decided = self._admin_done = None
@@ -299,6 +305,7 @@ class Session(LoginsAndACL, StateCommands):
         if not self.reply_off:  # Redis sends no reply to it either while CLIENT REPLY is OFF
             self._expect(SWALLOW)
         self.in_multi = self.multi_dirty = False
+        self._queued = []
         self._multi_subs.clear()
         self._reply(reply)
 
@@ -321,6 +328,9 @@ class Session(LoginsAndACL, StateCommands):
             verdict = decided[1]
         elif _huge(argv) or (len(argv) > 1 and argv[0].lower() == b"acl" and argv[1].lower() in ACL_ADMIN):
             self.offload = argv  # checking (and encoding) this many arguments is done off the loop
+            # ... against the user and users of this moment: if they change before the verdict is
+            # used (a revocation, ACL LOAD, a reload), the verdict is stale and is made again
+            self._offload_basis = (self.user, self.policy.users, self._auth_required())
             self._paused = self._replay = True
             return
         else:
@@ -339,6 +349,8 @@ class Session(LoginsAndACL, StateCommands):
             return
         if not self._replay_auth:  # a throttled AUTH was counted when it first arrived
             self.policy.observer.command(self, cmd.name, True, "")
+        if self.in_multi and cmd.name not in ("exec", "discard"):
+            self._queued.append(argv)  # EXEC checks them again if the user's rules changed meanwhile
         handler = _HANDLERS.get(cmd.name)
         if handler is not None:
             handler(self, cmd, argv)
@@ -350,16 +362,23 @@ class Session(LoginsAndACL, StateCommands):
         forward if the request is allowed and simply forwarded (or the answer, or the new users, of
         the ACL subcommands that are work of their own)."""
         policy = self.policy
-        verdict = decide(policy, self.user, argv, self._auth_required(), self.local)
+        user, users, auth_required = self._offload_basis
+        verdict = decide(policy, user, argv, auth_required, self.local)
         if verdict.error is not None or self.in_multi:
             return verdict, [], None
         if verdict.name == "acl|dryrun":  # the answer is a decision too: make it here
             return verdict, [dryrun(policy, argv[2:])], None
         if verdict.name in ("acl|setuser", "acl|deluser", "acl|load", "acl|save"):
-            return verdict, [], (policy.users, self._acl_admin(verdict.name, argv, policy.users))
+            return verdict, [], (users, self._acl_admin(verdict.name, argv, users))
         return verdict, encode_command_pieces(argv) if verdict.name not in _HANDLERS else [], None
 
     # -- commands the proxy handles ---------------------------------------------------------------
+    def kill(self) -> None:
+        """The client is being disconnected (its user was deleted or changed): decide nothing more."""
+        self.stopped = True
+        self._pending.clear()
+        self._unparsed.clear()
+
     def end_of_input(self) -> None:
         """The client sent its last byte: close once every reply it is owed has been sent."""
         if not self.stopped and not self.closing:

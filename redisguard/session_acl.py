@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .acl import User, admin
+from .acl.glob import stringmatch
 from .commands import Command
 from .policy import dryrun
 from .request import string2ll
@@ -97,10 +98,20 @@ class LoginsAndACL:
         if changed is None:
             if new.fingerprint != self.user.fingerprint:
                 return "user changed by reload"
-        elif self.subscribed and new.root.channel_rules() != self.user.root.channel_rules():
+        elif self.subscribed and not self._subscriptions_allowed(new):
             return "channel permissions changed"
         self.user = new
         return ""
+
+    def _subscriptions_allowed(self, user: User) -> bool:
+        """Redis 7.0's ACLKillPubsubClientsIfNeeded: every channel this client is subscribed to must still
+        match a channel rule of one of the user's selectors (a pattern subscription: equal one)."""
+        if any(sel.allchannels for sel in user.selectors):
+            return True
+        rules = [p for sel in user.selectors for p in sel.channels]
+        channels = self.subscriptions[""] | self.subscriptions["s"]
+        return all(any(stringmatch(p, ch) for p in rules) for ch in channels) and all(
+            pat in rules for pat in self.subscriptions["p"])
 
     def _throttle_wait(self, username: bytes) -> bool:
         """AUTH throttling: True if this attempt must wait first (the session pauses and re-runs it).

@@ -13,10 +13,15 @@ from __future__ import annotations
 from typing import Any
 
 from .commands import Command
+from .policy import decide
 from .reply_queue import AUTHCHECK, EXEC_SUBS, MONITOR, PUBSUB
 from .resp import OK
 
 EXECABORT = b"-EXECABORT Transaction discarded because of previous errors.\r\n"
+# Redis answers each queued command that lost its permission with this NOPERM inside EXEC's reply and
+# runs the rest; the proxy, which forwarded them when they were queued, discards the whole transaction.
+EXECABORT_ACL = (b"-EXECABORT Transaction discarded because of: NOPERM ACLs rules changed between the moment the "
+                 b"transaction was accumulated and the EXEC call\r\n")  # fmt: skip
 # Which set of subscriptions each command changes: channels "", patterns "p", shard channels "s".
 SUBSCRIBE_KIND = {"subscribe": "", "unsubscribe": "", "psubscribe": "p", "punsubscribe": "p",
                   "ssubscribe": "s", "sunsubscribe": "s"}  # fmt: skip
@@ -24,6 +29,8 @@ SUBSCRIBE_KIND = {"subscribe": "", "unsubscribe": "", "psubscribe": "p", "punsub
 
 class StateCommands:
     _multi_subs: list[tuple[str, bytes, bool]]
+    _multi_user: Any
+    _queued: list[list[bytes]]
     _exec_undo: Any
     _skipping: bool
     resp: int
@@ -54,10 +61,22 @@ class StateCommands:
     def _cmd_multi(self, cmd: Command, argv: list[bytes]) -> None:
         self._forward(argv)
         self.in_multi = True
+        self._multi_user = self.user  # (a User never changes: ACL changes make a new one)
+        self._queued = []
+
+    def _rules_changed_since_multi(self) -> bool:
+        """Redis's EXEC checks every queued command's ACL again: the user's rules may have changed
+        since (ACL SETUSER, LOAD, a reload). If any is no longer allowed here, the transaction goes."""
+        if self.user is self._multi_user:
+            return False
+        return any(decide(self.policy, self.user, q, False, self.local).error is not None for q in self._queued)
 
     def _cmd_exec(self, cmd: Command, argv: list[bytes]) -> None:
         if self.in_multi and self.multi_dirty:
             self._abort_exec(EXECABORT)
+            return
+        if self.in_multi and self._rules_changed_since_multi():
+            self._abort_exec(EXECABORT_ACL)
             return
         # Subscriptions queued in the transaction change now (requests pipelined after EXEC see them,
         # as in Redis); if EXEC's reply says it was aborted (WATCH), the change is undone.
@@ -83,10 +102,12 @@ class StateCommands:
         else:
             self._forward(argv)
         self.in_multi = self.multi_dirty = False
+        self._queued = []
 
     def _cmd_discard(self, cmd: Command, argv: list[bytes]) -> None:
         self._forward(argv)
         self.in_multi = self.multi_dirty = False
+        self._queued = []
         self._multi_subs.clear()
 
     def _exec_done(self, frame: bytes) -> None:

@@ -122,3 +122,34 @@ def test_save_and_load(pair, tmp_path: Path) -> None:  # type: ignore[no-untyped
     users.write_text("user erin on nopass +ping\n")  # no `user default`: refused, nothing changes
     out = raw_exchange(proxy.plain_port, cmds(ADMIN, [b"ACL", b"LOAD"], [b"ACL", b"USERS"]))
     assert out.startswith(b"+OK\r\n-ERR ") and b"no 'user default' line" in out and out.endswith(b"$3\r\nsvc\r\n")
+
+
+def test_subscriber_losing_a_selectors_channels_is_disconnected_as_in_redis(pair) -> None:  # type: ignore[no-untyped-def]
+    mirror, proxy, _ = pair
+    for port in (mirror.port, proxy.plain_port):
+        raw_exchange(port, cmds(ADMIN, [b"ACL", b"SETUSER", b"sub", b"reset", b"on", b">pw", b"+@all", b"resetchannels",
+                                       b"(&news:* +subscribe +publish)", b"&sports:*"]))  # fmt: skip
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(cmds([b"AUTH", b"sub", b"pw"], [b"SUBSCRIBE", b"news:1"]))
+            assert read_until(s, lambda d: d.endswith(b":1\r\n"), timeout=3).endswith(b"$6\r\nnews:1\r\n:1\r\n")
+            raw_exchange(port, cmds(ADMIN, [b"ACL", b"SETUSER", b"sub", b"&more:*"]))  # adds: stays connected
+            s.sendall(cmds([b"PING"]))
+            assert read_until(s, lambda d: len(d) > 0, timeout=3).startswith(b"*2\r\n$4\r\npong\r\n")
+            raw_exchange(port, cmds(ADMIN, [b"ACL", b"SETUSER", b"sub", b"clearselectors"]))  # news:* is gone
+            assert read_until(s, lambda d: False, timeout=2) == b""
+
+
+def test_save_and_load_any_bytes_and_no_line_break_but_lf(pair) -> None:  # type: ignore[no-untyped-def]
+    _, proxy, users = pair
+    out = raw_exchange(proxy.plain_port, cmds(ADMIN, [b"ACL", b"SETUSER", b"caf\xe9", b"on", b"nopass", b"+ping"],
+                                               [b"ACL", b"SAVE"], [b"ACL", b"LOAD"], [b"ACL", b"USERS"]))  # fmt: skip
+    assert out.startswith(b"+OK\r\n+OK\r\n+OK\r\n+OK\r\n") and b"caf\xe9" in out  # what SAVE wrote, LOAD reads
+    # a user whose name is not UTF-8 runs a command: /metrics still renders (the name shown as \\xe9)
+    assert raw_exchange(proxy.plain_port, cmds([b"AUTH", b"caf\xe9", b"x"], [b"PING"])) == b"+OK\r\n+PONG\r\n"
+    import urllib.request
+
+    body = urllib.request.urlopen(f"http://127.0.0.1:{proxy.metrics_port}/metrics", timeout=5).read()
+    assert b'user="caf\\\\xe9"' in body
+    users.write_bytes(users.read_bytes() + b"user u1 on nopass -@all +select|0\ruser evil on nopass ~* &* +@all\n")
+    out = raw_exchange(proxy.plain_port, cmds(ADMIN, [b"ACL", b"LOAD"], [b"AUTH", b"evil", b"x"]))
+    assert out.startswith(b"+OK\r\n-ERR ") and out.endswith(b"-WRONGPASS invalid username-password pair or user is disabled.\r\n")

@@ -182,3 +182,42 @@ def test_certificate_login_and_rebind_without_sockets() -> None:
     assert s.rebind(new, {"bob"}, []) == "" and s.user is new["bob"]
     assert s.rebind(USERS, None, []) == "user changed by reload"
     assert s.rebind(new, {"bob"}, ["bob"]) == "user deleted" or s.rebind({}, None, []) == "user deleted"
+
+
+def test_exec_after_the_users_rules_changed_discards_the_transaction() -> None:
+    """Redis checks every queued command again at EXEC; a revocation in between must not let them run."""
+    s = session("alice")
+    s.client_data(b"MULTI\r\nGET app:1\r\nSET app:1 x\r\n")
+    s.upstream_data(b"+OK\r\n+QUEUED\r\n+QUEUED\r\n")
+    revoked = parse_users("user default off\nuser alice on >alice-pw ~other:* +@all -@dangerous\n", TABLE)
+    s.policy.swap_users(revoked, {"alice"}, [])
+    assert s.rebind(revoked, {"alice"}, []) == ""
+    s.to_upstream.clear()
+    s.client_data(b"EXEC\r\n")
+    assert forwarded(s) == [[b"DISCARD"]]  # the queued GET/SET never run
+    s.upstream_data(b"+OK\r\n")
+    assert s.to_client[-1].startswith(b"-EXECABORT Transaction discarded because of: NOPERM ACLs rules changed")
+
+
+def test_a_verdict_made_off_the_loop_is_not_used_after_a_revocation() -> None:
+    users = parse_users("user default off\nuser ops on >ops-pw ~* +@all\n", TABLE)
+    s = Session(Policy(TABLE, users), "test", "10.0.0.1:5000")
+    s.client_data(encode_command([b"AUTH", b"ops", b"ops-pw"]))
+    big = [b"MGET", *[b"k%d" % i for i in range(OFFLOAD_ARGC + 1)]]
+    s.client_data(encode_command(big))
+    job = s.decide_offloaded(s.offload)  # decided as +@all ...
+    revoked = parse_users("user default off\nuser ops on >ops-pw ~* -@all +ping\n", TABLE)
+    s.policy.swap_users(revoked, {"ops"}, [])
+    s.rebind(revoked, {"ops"}, [])  # ... but ACL SETUSER took +@all away meanwhile
+    s.to_upstream.clear()
+    s.offloaded(*job)
+    assert s.paused and s.offload == big and not s.to_upstream  # decided again, off the loop
+    s.offloaded(*s.decide_offloaded(s.offload))
+    assert not s.to_upstream and s.to_client[-1].startswith(b"-NOPERM this user has no permissions to run the 'mget'")
+
+
+def test_deleted_users_session_decides_nothing_more() -> None:
+    s = session("alice")
+    s.kill()
+    s.client_data(b"GET app:1\r\n")
+    assert not s.to_upstream

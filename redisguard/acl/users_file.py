@@ -89,11 +89,11 @@ def load_users(path: str | os.PathLike[str], table: CommandTable, *, require_def
     """Read and parse a users file (see :func:`parse_users`); safe to run in a worker thread."""
     p = Path(path)
     try:
-        text = p.read_text()
+        # Bytes, as Redis reads it: any byte in a name or pattern round-trips (what ACL SAVE wrote, ACL
+        # LOAD reads), and lines end at LF only (no universal newlines: a lone CR is not a line break).
+        text = p.read_bytes().decode("utf-8", "surrogateescape")
     except OSError as e:
         raise UsersFileError(f"cannot read users file {p}: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise UsersFileError(f"cannot read users file {p}: not UTF-8 ({e.reason} at byte {e.start})") from None
     return parse_users(text, table, str(p), require_default=require_default)
 
 
