@@ -130,6 +130,7 @@ def cmd_acl_check(args: argparse.Namespace) -> int:
     policy = Policy(table, users)
     if acl is not None:
         policy.disabled = frozenset(acl.disabled_commands)
+        # ("upstream" is read from Redis at start; offline it counts as "no", Redis's default)
         policy.enable_debug_command, policy.enable_module_command = acl.enable_debug_command, acl.enable_module_command
     verdict = decide(policy, user, argv, auth_required=False, local=args.local)
     if verdict.error is None:

@@ -78,8 +78,8 @@ class ACLConfig:
     disabled_commands: tuple[str, ...] = ()
     # Redis's enable-debug-command / enable-module-command: "no" | "yes" | "local" (loopback and unix
     # socket clients of redisguard; Redis itself sees every proxied client as local).
-    enable_debug_command: str = "no"
-    enable_module_command: str = "no"
+    enable_debug_command: str = "upstream"  # "upstream": the upstream Redis's own setting (CONFIG GET at start)
+    enable_module_command: str = "upstream"
 
 
 @dataclass(frozen=True)
@@ -320,9 +320,9 @@ def parse_config(data: dict[str, Any], base: Path, source: Path | None = None) -
             raise acl.fail("disabled_commands", f"command names only, got {c!r}")
     protected = {}
     for key in ("enable_debug_command", "enable_module_command"):
-        protected[key] = acl.get(key, str, "no")
-        if protected[key] not in ("no", "yes", "local"):
-            raise acl.fail(key, f'"no", "yes" or "local", got {protected[key]!r}')
+        protected[key] = acl.get(key, str, "upstream")
+        if protected[key] not in ("no", "yes", "local", "upstream"):
+            raise acl.fail(key, f'"no", "yes", "local" or "upstream", got {protected[key]!r}')
     acl_cfg = ACLConfig(users_file, tuple(c.lower() for c in disabled), **protected)
     acl.done()
 

@@ -141,7 +141,7 @@ def decide(policy: Policy, user: User, argv: Sequence[bytes], auth_required: boo
     protected = None if dry else _PROTECTED.get(cmd.name)  # ACL DRYRUN (dry) checks arity and ACL only
     if protected is not None:
         setting = policy.enable_debug_command if protected[0] == "DEBUG" else policy.enable_module_command
-        if setting == "no" or (setting == "local" and not local):
+        if not (setting == "yes" or (setting == "local" and local)):  # "no" (and anything unresolved)
             return Verdict(cmd, b'-ERR %s command not allowed. If the %s option is set to "local", you can run it '
                            b"from a local connection, otherwise you need to set this option in the configuration "
                            b"file, and then restart the server.\r\n" % (protected[0].encode(), protected[1].encode()),

@@ -34,7 +34,7 @@ from .metrics import Metrics, serve_http
 from .observe import Observer
 from .policy import Policy
 from .tls import TLSConfigError, server_context, upstream_context
-from .upstream import fetch_command_table, upstream_request
+from .upstream import fetch_command_table, protected_settings, upstream_request
 
 log = get_logger("redisguard")
 audit = get_logger("redisguard.audit")
@@ -134,6 +134,12 @@ class Proxy:
             cfg.acl.enable_debug_command, cfg.acl.enable_module_command, str(cfg.acl.users_file),
         )  # fmt: skip
         self.policy.on_users_changed = self._users_changed
+        if "upstream" in (cfg.acl.enable_debug_command, cfg.acl.enable_module_command):
+            # Redis sees every proxied client as local, so "local" there means local to redisguard here
+            upstream = await protected_settings(cfg) if cfg.upstream.fetch_command_table else {}
+            for key in ("enable_debug_command", "enable_module_command"):
+                if getattr(cfg.acl, key) == "upstream":
+                    setattr(self.policy, key, upstream.get(key, "no"))
         self.metrics.set_build_info(self.table.redis_version)
 
     async def start(self) -> None:

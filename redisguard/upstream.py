@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 from typing import Any
 
 import hiredis
@@ -44,6 +45,21 @@ async def upstream_request(config: Config, commands: list[list[bytes]], timeout:
         return replies[-len(commands) :]
     finally:
         writer.close()
+
+
+async def protected_settings(config: Config) -> dict[str, str]:
+    """The upstream's enable-debug-command / enable-module-command ("no" where they cannot be read:
+    a service user without CONFIG GET, or a Redis before 7.0)."""
+    out = {"enable_debug_command": "no", "enable_module_command": "no"}
+    for key in out:
+        try:
+            (reply,) = await upstream_request(config, [[b"CONFIG", b"GET", key.replace("_", "-").encode()]],
+                                              config.upstream.connect_timeout)  # fmt: skip
+        except (TimeoutError, OSError, ConnectionError, ssl.SSLError):
+            continue
+        if isinstance(reply, list) and len(reply) == 2 and reply[1] in (b"yes", b"no", b"local"):
+            out[key] = reply[1].decode()
+    return out
 
 
 async def fetch_command_table(config: Config) -> CommandTable:

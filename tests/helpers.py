@@ -164,6 +164,8 @@ def _read(sock: socket.socket, done, timeout: float, quiet: float | None) -> byt
             if quiet is not None:
                 break
             continue
+        except ConnectionResetError:  # the peer closed with bytes of ours unread: a close, for us
+            break
         if not chunk:
             break
         data += chunk

@@ -107,8 +107,9 @@ def test_no_request_stalls_other_clients(proxy: ProxyProc, name: str) -> None:
 def test_unauthenticated_long_line_in_tiny_records_is_refused_at_64k(proxy: ProxyProc) -> None:
     with socket.create_connection(("127.0.0.1", proxy.plain_port), timeout=10) as s:
         t = time.monotonic()
-        for _ in range(65_600 // 50):  # just past 64 KiB, so the proxy has read every byte when it closes
-            s.sendall(b"x" * 50)
+        line = b"x" * (64 * 1024 + 1)  # one byte past the limit: the proxy has read every byte when it closes
+        for i in range(0, len(line), 50):
+            s.sendall(line[i : i + 50])
         out = read_until(s, lambda d: False, timeout=5)
         assert out == b"-ERR Protocol error: too big inline request\r\n"
         assert time.monotonic() - t < 5

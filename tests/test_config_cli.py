@@ -72,10 +72,10 @@ def test_config_errors_name_the_key(tmp_path: Path, snippet: str, message: str) 
 
 def test_protected_command_settings(tmp_path: Path) -> None:
     assert "[acl]\n" in BASE
-    with pytest.raises(ConfigError, match=r'acl.enable_debug_command: "no", "yes" or "local", got \'maybe\''):
+    with pytest.raises(ConfigError, match=r'acl.enable_debug_command: "no", "yes", "local" or "upstream", got \'maybe\''):
         load_config(write(tmp_path, BASE.replace("[acl]\n", '[acl]\nenable_debug_command = "maybe"\n')))
     cfg = load_config(write(tmp_path, BASE.replace("[acl]\n", '[acl]\nenable_module_command = "local"\n')))
-    assert (cfg.acl.enable_debug_command, cfg.acl.enable_module_command) == ("no", "local")
+    assert (cfg.acl.enable_debug_command, cfg.acl.enable_module_command) == ("upstream", "local")
 
 
 def test_plaintext_remote_needs_explicit_opt_in(tmp_path: Path) -> None:

@@ -403,3 +403,15 @@ def start_proxy_from(p: ProxyProc) -> ProxyProc:
     proc = sp.Popen([sys.executable, "-m", "redisguard", "serve", "-c", str(p.config)], stderr=open(p.log, "wb"))
     wait_port(p.plain_port, proc)
     return ProxyProc(proc, p.tls_port, p.plain_port, p.metrics_port, p.config, p.log)
+
+
+def test_protected_commands_follow_the_upstreams_setting(tmp_path: Path, certs: Path, users_file: Path) -> None:
+    """enable_debug_command = "upstream" (the default): Redis's `local` means local to redisguard."""
+    r = start_redis(extra=["--enable-debug-command local"])
+    p = start_proxy(tmp_path, certs, users_file, r.port)
+    try:
+        debug = encode_command([b"AUTH", b"admin", b"admin-pw"]) + encode_command([b"DEBUG", b"SLEEP", b"0"])
+        assert raw_exchange(p.plain_port, debug) == b"+OK\r\n+OK\r\n"  # a loopback client of redisguard
+    finally:
+        p.stop()
+        r.stop()
