@@ -129,8 +129,9 @@ _PROTECTED = {"debug": ("DEBUG", "enable-debug-command"), "module|load": ("MODUL
 def decide(policy: Policy, user: User, argv: Sequence[bytes], auth_required: bool, local: bool = False,
            dry: bool = False) -> Verdict:  # fmt: skip
     """The decision, in Redis's order: unknown or disabled → arity → protected → NOAUTH → ACL. Pure:
-    may run in a worker thread for huge requests."""
-    cmd = policy.resolve(argv)
+    may run in a worker thread for huge requests. ``dry`` is ACL DRYRUN's: Redis's command table (no
+    disabled commands), arity and ACL only."""
+    cmd = policy.table.lookup(argv) if dry else policy.resolve(argv)
     if cmd is None:
         known = policy.table.lookup(argv)
         return Verdict(None, policy.unknown_error(argv), "disabled" if known else "unknown_command",
@@ -168,8 +169,7 @@ def dryrun(policy: Policy, argv: Sequence[bytes]) -> bytes:
     cmd_argv = list(argv[1:])
     if policy.table.lookup(cmd_argv) is None:
         return encode_error("ERR Command '%s' not found" % cmd_argv[0].decode("utf-8", "replace"))
-    # DRYRUN knows no disabled commands (Redis's command table has them all), nor SORT's run-time check
-    verdict = decide(Policy(policy.table, policy.users), user, cmd_argv, False, dry=True)
+    verdict = decide(policy, user, cmd_argv, False, dry=True)
     if verdict.error is None:
         return b"+OK\r\n"
     if verdict.reason == "command" and verdict.cmd is not None:

@@ -53,7 +53,10 @@ OFFLOAD_BYTES = 64 * 1024
 def _huge(argv: Sequence[bytes]) -> bool:
     return len(argv) > OFFLOAD_ARGC or sum(map(len, argv)) > OFFLOAD_BYTES
 
+
 _SUBSCRIBE = {c.decode() for c in CONFIRMATIONS}
+
+
 class Session(LoginsAndACL, StateCommands):
     def __init__(
         self,
@@ -220,19 +223,15 @@ class Session(LoginsAndACL, StateCommands):
                 parser.authenticated = self.authenticated or not self._auth_required()
             if self._paused or self.stopped:
                 return
-            if self._unparsed and parser.error is None and not self.closing:
+            # Bytes that waited behind those requests, and requests the parser held back before AUTH
+            # lifted the pre-auth limits: parsed now, with the limits in force now.
+            if parser.error is None and not self.closing and (self._unparsed or parser.buffered):
                 if budget == 0:
                     self._more = True
                     return
                 data = b"".join(self._unparsed)
                 self._unparsed.clear()
-                pending.extend(parser.feed(data))
-                continue
-            if parser.error is None and parser.buffered and not self.closing:
-                if budget == 0:
-                    self._more = True
-                    return
-                more = parser.feed(b"")  # requests held back before AUTH lifted the pre-auth limits
+                more = parser.feed(data)
                 if more:
                     pending.extend(more)
                     continue
@@ -304,9 +303,7 @@ class Session(LoginsAndACL, StateCommands):
         self.to_upstream.append(encode_command([b"DISCARD" if self.in_multi else b"UNWATCH"]))
         if not self.reply_off:  # Redis sends no reply to it either while CLIENT REPLY is OFF
             self._expect(SWALLOW)
-        self.in_multi = self.multi_dirty = False
-        self._queued = []
-        self._multi_subs.clear()
+        self._end_multi()
         self._reply(reply)
 
     def last_keys(self) -> list[str]:

@@ -52,8 +52,8 @@ class StateCommands:
             self._expect(AUTHCHECK)
         self.resp = 2
         # (monitoring ends when RESET's own reply arrives: MONITOR's +OK may still be on its way)
-        self.in_multi = self.multi_dirty = self.reply_off = self._skip_next = False
-        self._multi_subs.clear()
+        self.reply_off = self._skip_next = False
+        self._end_multi()
         for subs in self.subscriptions.values():
             subs.clear()
         self._become_default()
@@ -62,7 +62,12 @@ class StateCommands:
         self._forward(argv)
         self.in_multi = True
         self._multi_user = self.user  # (a User never changes: ACL changes make a new one)
+
+    def _end_multi(self) -> None:
+        """The transaction is over (EXEC, DISCARD, an aborted EXEC, RESET): forget what it queued."""
+        self.in_multi = self.multi_dirty = False
         self._queued = []
+        self._multi_subs = []
 
     def _rules_changed_since_multi(self) -> bool:
         """Redis's EXEC checks every queued command's ACL again: the user's rules may have changed
@@ -90,7 +95,6 @@ class StateCommands:
             elif not unsubscribe and channel not in subs:
                 subs.add(channel)
                 undo.append((kind, channel, True))
-        self._multi_subs = []
         if self.reply_off:
             # No EXEC reply comes under OFF, but the confirmations inside it are pushes, sent anyway.
             self._forward(argv)
@@ -101,14 +105,11 @@ class StateCommands:
             self._forward(argv, 1, EXEC_SUBS)
         else:
             self._forward(argv)
-        self.in_multi = self.multi_dirty = False
-        self._queued = []
+        self._end_multi()
 
     def _cmd_discard(self, cmd: Command, argv: list[bytes]) -> None:
         self._forward(argv)
-        self.in_multi = self.multi_dirty = False
-        self._queued = []
-        self._multi_subs.clear()
+        self._end_multi()
 
     def _exec_done(self, frame: bytes) -> None:
         """EXEC's reply arrived: if the transaction was aborted (null, EXECABORT), undo its subscriptions."""
