@@ -1,0 +1,314 @@
+"""A selector in Redis 7.0's ACL language (acl.c ``ACLSetSelector``): commands, keys, channels.
+
+A selector's command permissions are kept as a set of command names (``get``, ``config|set``) over
+the command table — Redis's per-selector bitmap — plus the deprecated first-argument allowances
+(``+select|0``). The error texts are Redis's own. Users (passwords, flags, several selectors) are in
+:mod:`.user`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..commands import READ, WRITE, Command, CommandTable
+from .glob import compile_glob
+
+ALL_PERMS = READ | WRITE
+
+
+class ACLError(ValueError):
+    """An invalid rule; ``str()`` is the text Redis puts after "Error in ACL SETUSER modifier"."""
+
+
+E_ENOENT = "Unknown command or category name in ACL"
+E_EINVAL = "Syntax error"
+E_EEXIST = (
+    "Adding a pattern after the * pattern (or the 'allkeys' flag) is not valid and does not have any "
+    "effect. Try 'resetkeys' to start with an empty list of patterns"
+)
+E_EISDIR = (
+    "Adding a pattern after the * pattern (or the 'allchannels' flag) is not valid and does not have "
+    "any effect. Try 'resetchannels' to start with an empty list of channels"
+)
+E_ENODEV = "The password you are trying to remove from the user does not exist"
+E_EBADMSG = "The password hash must be exactly 64 characters and contain only lowercase hexadecimal characters"
+E_ECHILD = "Allowing first-arg of a subcommand is not supported"
+_SPACE = re.compile(rb"[ \t\r\n\v\f\x00]")  # ACLStringHasSpaces: isspace() or NUL
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def _to_bytes(s: str) -> bytes:
+    """A rule as Redis sees it: rules decoded from bytes with surrogateescape go back unchanged."""
+    return s.encode("utf-8", "surrogateescape")
+
+
+def _c_lower(op: str) -> str:
+    """What ``strcasecmp`` compares: the C string (up to a NUL), ASCII-only case folding."""
+    return op.split("\0", 1)[0].translate(_ASCII_LOWER)
+
+
+def _lookup(table: CommandTable, name: str) -> Command | None:
+    """ACLLookupCommand: command names are ASCII (str.lower() would map the Kelvin sign to 'k')."""
+    return table.get(name) if name.isascii() else None
+
+
+@dataclass(eq=False)
+class KeyPattern:
+    pattern: bytes
+    perms: int
+    match: Callable[[bytes], bool] = field(repr=False)
+
+
+@dataclass(eq=False)
+class Selector:
+    table: CommandTable = field(repr=False)
+    root: bool = False
+    allkeys: bool = False
+    allchannels: bool = False
+    allcommands: bool = False  # skip the command check (set by +@all; any '-' rule clears it)
+    future: bool = False  # Redis's reserved bit: +@all was the base, so describe starts "+@all"
+    allowed: set[str] = field(default_factory=set)
+    firstargs: dict[str, list[str]] = field(default_factory=dict)
+    keys: list[KeyPattern] = field(default_factory=list)
+    channels: list[bytes] = field(default_factory=list)
+    _described: str | None = field(default=None, init=False, repr=False)  # describe_commands() memo
+
+    def copy(self) -> Selector:
+        """An independent copy (key patterns too: a repeated pattern ORs its perms in place)."""
+        sel = Selector(
+            self.table, self.root, self.allkeys, self.allchannels, self.allcommands, self.future,
+            set(self.allowed), {k: list(v) for k, v in self.firstargs.items()},
+            [KeyPattern(kp.pattern, kp.perms, kp.match) for kp in self.keys], list(self.channels),
+        )  # fmt: skip
+        sel._described = self._described
+        return sel
+
+    # -- command bits -------------------------------------------------------------------------
+    # The precomputed sets of the table's ACLIndex make each of these a set operation instead of a
+    # walk over the table. They and apply() forget the describe_commands() memo.
+    def _set_names(self, names: frozenset[str], allow: bool) -> None:
+        self._described = None
+        if allow:
+            self.allowed |= names
+        elif names:
+            self.allowed -= names
+            self.allcommands = False
+
+    def change_perm(self, cmd: Command, allow: bool) -> None:
+        """ACLChangeSelectorPerm: a container carries all its subcommands with it."""
+        self._set_names(self.table.acl.family[cmd.name], allow)
+        self.firstargs.pop(cmd.name, None)
+
+    def set_category(self, category: str, allow: bool) -> None:
+        """ACLSetSelectorCommandBitsForCategory: every member, containers with their subcommands."""
+        index = self.table.acl
+        self._set_names(index.closure[category], allow)
+        if self.firstargs:
+            members = index.members[category]
+            for name in [n for n in self.firstargs if n in members]:
+                del self.firstargs[name]
+
+    def set_all(self, allow: bool) -> None:
+        self._described = None
+        if allow:
+            self.allowed = set(self.table.acl.all_names)
+            self.allcommands = self.future = True
+        else:
+            self.allowed = set()
+            self.allcommands = self.future = False
+        self.firstargs = {}
+
+    def count_category(self, category: str) -> tuple[int, int]:
+        members = self.table.acl.members[category]
+        on = len(members & self.allowed)
+        return on, len(members) - on
+
+    # -- one rule -------------------------------------------------------------------------------
+    def apply(self, op: str) -> None:
+        """ACLSetSelector: apply one selector rule or raise ACLError."""
+        self._described = None
+        low = _c_lower(op)
+        if low in ("allkeys", "~*"):
+            self.allkeys = True
+            self.keys = []
+        elif low == "resetkeys":
+            self.allkeys = False
+            self.keys = []
+        elif low in ("allchannels", "&*"):
+            self.allchannels = True
+            self.channels = []
+        elif low == "resetchannels":
+            self.allchannels = False
+            self.channels = []
+        elif low in ("allcommands", "+@all"):
+            self.set_all(True)
+        elif low in ("nocommands", "-@all"):
+            self.set_all(False)
+        elif op[:1] in ("~", "%"):
+            self._add_key_pattern(op)
+        elif op[:1] == "&":
+            if self.allchannels:
+                raise ACLError(E_EISDIR)
+            pat = _to_bytes(op[1:])
+            if _SPACE.search(pat):
+                raise ACLError(E_EINVAL)
+            if pat not in self.channels:
+                self.channels.append(pat)
+        elif op[:2] in ("+@", "-@"):
+            if low[2:] not in self.table.categories:
+                raise ACLError(E_ENOENT)
+            self.set_category(low[2:], op[0] == "+")
+        elif op[:1] in ("+", "-"):
+            self._command_rule(op.split("\0", 1)[0])  # looked up as a C string
+        else:
+            raise ACLError(E_EINVAL)
+
+    def _add_key_pattern(self, op: str) -> None:
+        if self.allkeys:
+            raise ACLError(E_EEXIST)
+        raw = _to_bytes(op)
+        perms = 0
+        offset = 1
+        if raw[:1] == b"%":
+            while offset < len(raw):
+                c = raw[offset : offset + 1].upper()
+                if c == b"R" and not perms & READ:
+                    perms |= READ
+                elif c == b"W" and not perms & WRITE:
+                    perms |= WRITE
+                elif c == b"~":
+                    offset += 1
+                    break
+                else:
+                    raise ACLError(E_EINVAL)
+                offset += 1
+        else:
+            perms = ALL_PERMS
+        if not perms:
+            raise ACLError(E_EINVAL)
+        pat = raw[offset:]
+        if _SPACE.search(pat):
+            raise ACLError(E_EINVAL)
+        for kp in self.keys:
+            if kp.pattern == pat:
+                kp.perms |= perms
+                return
+        self.keys.append(KeyPattern(pat, perms, compile_glob(pat)))
+
+    def _command_rule(self, op: str) -> None:
+        allow = op[0] == "+"
+        body = op[1:]
+        if not allow or "|" not in body:
+            cmd = _lookup(self.table, body) if body.count("|") <= 1 else None
+            if cmd is None:
+                raise ACLError(E_ENOENT)
+            self.change_perm(cmd, allow)
+            return
+        base, _, sub = body.rpartition("|")
+        parent = _lookup(self.table, base) if base.count("|") <= 1 else None
+        if parent is None:
+            raise ACLError(E_ENOENT)
+        if parent.parent is not None:
+            raise ACLError(E_ECHILD)
+        if not sub:
+            raise ACLError(E_EINVAL)
+        if parent.subcommands:
+            cmd = _lookup(self.table, body)
+            if cmd is None:
+                raise ACLError(E_ENOENT)
+            self.change_perm(cmd, True)
+            return
+        # Deprecated "+select|0": allow one first argument of an otherwise blocked command.
+        allowed = self.firstargs.setdefault(parent.name, [])
+        if sub.translate(_ASCII_LOWER) not in (a.translate(_ASCII_LOWER) for a in allowed):
+            allowed.append(sub)
+
+    # -- describe ---------------------------------------------------------------------------------
+    def key_rules(self) -> list[str]:
+        if self.allkeys:
+            return ["~*"]
+        prefix = {ALL_PERMS: "~", READ: "%R~", WRITE: "%W~"}
+        return [prefix[kp.perms] + kp.pattern.decode("utf-8", "surrogateescape") for kp in self.keys]
+
+    def channel_rules(self) -> list[str]:
+        if self.allchannels:
+            return ["&*"]
+        return ["&" + c.decode("utf-8", "surrogateescape") for c in self.channels]
+
+    def describe(self) -> str:
+        parts = self.key_rules()
+        if not self.allchannels:
+            parts.append("resetchannels")
+        parts += self.channel_rules()
+        parts.append(self.describe_commands())
+        return " ".join(parts)
+
+    def describe_commands(self) -> str:
+        """ACLDescribeSelectorCommandRules (7.0): +@all/-@all, greedy categories, then commands.
+
+        Computed once per state of the selector (any change to its command bits forgets it)."""
+        if self._described is None:
+            self._described = self._describe_commands()
+        return self._described
+
+    def _describe_commands(self) -> str:
+        # Redis works on two scratch selectors: ``fake``, what the rules emitted so far grant, and
+        # ``temp``, the user's bits with each chosen category taken out (added back, when the base is
+        # +@all). Here both are bit masks over the table's ACLIndex.
+        index = self.table.acl
+        allowed = index.mask_of(self.allowed)
+        additive = not self.future
+        fake = 0 if additive else index.all_mask
+        temp = allowed
+        rules = ["-@all" if additive else "+@all"]
+        sign = "+@" if additive else "-@"
+        members_mask, members_count, closure_mask = index.members_mask, index.members_count, index.closure_mask
+        pending = list(self.table.categories)
+        while pending:
+            best, mindiff, maxsame = None, 2**31, 0
+            for cat in pending:
+                on = (temp & members_mask[cat]).bit_count()
+                off = members_count[cat] - on
+                diff, same = (off, on) if additive else (on, off)
+                if same > diff and (diff < mindiff or (diff == mindiff and same > maxsame)):
+                    best, mindiff, maxsame = cat, diff, same
+            if best is None:
+                break
+            c = closure_mask[best]
+            if additive:
+                fake |= c
+                temp &= ~c
+            else:
+                fake &= ~c
+                temp |= c
+            rules.append(sign + best)
+            pending.remove(best)
+        # Single commands, in table order: only the top-level commands whose family still differs
+        # from ``fake`` (or that carry first-arg rules) can emit anything.
+        diff_bits = allowed ^ fake
+        tops = set(self.firstargs)
+        top = index.top
+        while diff_bits:
+            low = diff_bits & -diff_bits
+            tops.add(top[low.bit_length() - 1])
+            diff_bits ^= low
+        commands = self.table.commands
+        for name in sorted(tops, key=index.index.__getitem__):
+            fake = self._describe_single(commands[name], fake, allowed, rules)
+        return " ".join(rules)
+
+    def _describe_single(self, cmd: Command, fake: int, allowed: int, rules: list[str]) -> int:
+        index = self.table.acl
+        b = index.bit[cmd.name]
+        userbit = bool(allowed & b)
+        if userbit != bool(fake & b):
+            rules.append(("+" if userbit else "-") + cmd.name)
+            fam = index.family_mask[cmd.name]
+            fake = fake | fam if userbit else fake & ~fam
+        for sub in cmd.subcommands.values():
+            fake = self._describe_single(sub, fake, allowed, rules)
+        if not userbit:
+            rules.extend(f"+{cmd.name}|{arg}" for arg in self.firstargs.get(cmd.name, ()))
+        return fake
