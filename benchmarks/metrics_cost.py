@@ -16,7 +16,7 @@ from redisguard.acl import parse_users  # noqa: E402
 from redisguard.commands import CommandTable  # noqa: E402
 from redisguard.metrics import Metrics  # noqa: E402
 from redisguard.observe import Observer  # noqa: E402
-from redisguard.policy import Policy  # noqa: E402
+from redisguard.policy import Policy, Shared  # noqa: E402
 from redisguard.resp import encode_command  # noqa: E402
 from redisguard.session import Session  # noqa: E402
 
@@ -24,8 +24,7 @@ from redisguard.session import Session  # noqa: E402
 def per_request_us(count: bool, rounds: int = 2000, depth: int = 50) -> float:
     table = CommandTable.snapshot()
     users = parse_users("user default off\nuser app on >pw ~cache:* +@all -@dangerous\n", table)
-    policy = Policy(table, users, observer=Observer(Metrics(), users, count=count))
-    s = Session(policy, "tls", "127.0.0.1:1")
+    s = Session(Shared(Policy(table, users), Observer(Metrics(), users, count=count)), "tls", "127.0.0.1:1")
     s.client_data(encode_command([b"AUTH", b"app", b"pw"]))
     requests = b"".join(encode_command([b"GET", b"cache:%d" % i]) for i in range(depth))
     replies = b"$5\r\nhello\r\n" * depth

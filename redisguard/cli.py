@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from .acl import ACLError, UsersFileError, hash_password, load_users, missing_default_message
@@ -129,9 +130,9 @@ def cmd_acl_check(args: argparse.Namespace) -> int:
         return _die("give the command after --, e.g. -- SET cache:1 x")
     policy = Policy(table, users)
     if acl is not None:
-        policy.disabled = frozenset(acl.disabled_commands)
         # ("upstream" is read from Redis at start; offline it counts as "no", Redis's default)
-        policy.enable_debug_command, policy.enable_module_command = acl.enable_debug_command, acl.enable_module_command
+        policy = replace(policy, disabled=frozenset(acl.disabled_commands), enable_debug_command=acl.enable_debug_command,
+                         enable_module_command=acl.enable_module_command)  # fmt: skip
     verdict = decide(policy, user, argv, auth_required=False, local=args.local)
     if verdict.error is None:
         print(f"allowed: user {user.name!r} may run {verdict.name}")

@@ -11,13 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 from .audit import get_logger
 from .config import ListenerConfig
-from .connection import ClientProtocol, _peer, _source
+from .connection import ClientProtocol
+from .context import peer_name, source_of
 
 audit = get_logger("redisguard.audit")
 
 
 if TYPE_CHECKING:
-    from .server import Proxy
+    from .context import ConnectionContext
 
 
 def _handshake_reason(exc: BaseException) -> str:
@@ -103,8 +104,8 @@ class TLSServer:
     max_connections counting pending handshakes, the handshake budget, the file-descriptor reserve);
     a refused one is closed at once."""
 
-    def __init__(self, proxy: Proxy, listener: ListenerConfig) -> None:
-        self.proxy = proxy
+    def __init__(self, ctx: ConnectionContext, listener: ListenerConfig) -> None:
+        self.ctx = ctx
         self.listener = listener
         sock = socket.create_server((listener.host, listener.port), family=_family(listener.host), backlog=1024,
                                     reuse_port=False)  # fmt: skip
@@ -121,15 +122,15 @@ class TLSServer:
             try:
                 conn, addr = await loop.sock_accept(sock)
             except OSError as e:  # EMFILE and friends: back off instead of spinning
-                self.proxy.accept_failed(lst, e)
+                self.ctx.accept_failed(lst, e)
                 await asyncio.sleep(0.1)
                 continue
-            client = ClientProtocol(self.proxy, lst)
-            reason = client._refusal(addr, handshake=True)  # refuse before spending a handshake on it
-            budget = self.proxy.handshakes
-            source = _source(addr)
+            client = ClientProtocol(self.ctx, lst)
+            reason = self.ctx.refusal(lst, addr, handshake=True)  # refuse before spending a handshake on it
+            budget = self.ctx.handshakes
+            source = source_of(addr)
             if reason.startswith("handshake_limit") and budget.evict(source if reason.endswith("source") else None):
-                self.proxy.metrics.connections_rejected.labels(lst.name, "handshake_evicted").inc()
+                self.ctx.metrics.connections_rejected.labels(lst.name, "handshake_evicted").inc()
                 reason = ""  # an idle socket made room
             if reason:
                 client.reject(conn, addr, reason)
@@ -142,14 +143,14 @@ class TLSServer:
             task.add_done_callback(self._forget)
 
     def _forget(self, task: asyncio.Future[None]) -> None:
-        self.proxy.handshakes.silent.pop(task, None)
+        self.ctx.handshakes.silent.pop(task, None)
 
     async def _handshake(self, client: ClientProtocol, conn: socket.socket, addr: Any) -> None:
         loop = asyncio.get_running_loop()
         lst = self.listener
-        proxy = self.proxy
-        m = proxy.metrics
-        timeout = proxy.config.limits.handshake_timeout
+        ctx = self.ctx
+        m = ctx.metrics
+        timeout = ctx.config.limits.handshake_timeout
         deadline = time.monotonic() + timeout
         try:
             # No TLS state (tens of KiB in OpenSSL and uvloop) until the ClientHello starts to arrive:
@@ -157,9 +158,9 @@ class TLSServer:
             await asyncio.wait_for(_first_bytes(loop, conn), timeout)
             current = asyncio.current_task()
             if current is not None:
-                proxy.handshakes.silent.pop(current, None)  # it spoke: no longer evictable
+                ctx.handshakes.silent.pop(current, None)  # it spoke: no longer evictable
             await loop.connect_accepted_socket(
-                lambda: client, conn, ssl=proxy.tls_contexts[lst.name],
+                lambda: client, conn, ssl=ctx.tls_contexts[lst.name],
                 ssl_handshake_timeout=max(deadline - time.monotonic(), 0.001),
             )  # fmt: skip
         except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as e:
@@ -168,10 +169,10 @@ class TLSServer:
             m.connections_rejected.labels(lst.name, "handshake").inc()
             if why in ("no_client_cert", "bad_client_cert"):
                 m.auth_failures.labels(lst.name, why).inc()
-            proxy.events.log(audit.info, "tls_handshake_failed", listener=lst.name, peer=_peer(addr), reason=why,
+            ctx.events.log(audit.info, "tls_handshake_failed", listener=lst.name, peer=peer_name(addr), reason=why,
                              detail=str(getattr(e, "reason", "") or type(e).__name__))  # fmt: skip
             conn.close()
-            proxy.closed_since_trim += 1
+            ctx.closed_since_trim += 1
         except asyncio.CancelledError:  # the listener is closing
             conn.close()  # a no-op if uvloop took the socket over (it detaches it)
             raise

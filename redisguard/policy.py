@@ -9,7 +9,7 @@ requests are decided in a worker thread.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
 from .acl import ACLReplies, User, admin, check
@@ -47,9 +47,11 @@ class _NullObserver:
         pass
 
 
-@dataclass
+@dataclass(frozen=True)
 class Policy:
-    """Everything sessions share: the command table, the users, the global switches."""
+    """The rules in force: the command table, the users, the global switches. Immutable: a reload or
+    an ACL SETUSER/DELUSER/LOAD makes a new one and :meth:`Shared.swap` puts it in place whole, so a
+    decision made off the loop reads one consistent policy."""
 
     table: CommandTable
     users: dict[str, User]
@@ -57,27 +59,12 @@ class Policy:
     upstream_username: str = ""
     upstream_password: str = field(default="", repr=False)
     max_request_bytes: int = 512 * 1024 * 1024 + 64 * 1024
-    observer: Observer = field(default_factory=_NullObserver)
-    throttle: AuthThrottle = field(default_factory=lambda: AuthThrottle(0))
-    acl_replies: ACLReplies | None = None  # ACL USERS/LIST/GETUSER built once per users load
     enable_debug_command: str = "no"  # Redis's protected commands: "no" | "yes" | "local"
     enable_module_command: str = "no"
     users_file: str = ""  # for ACL SAVE / ACL LOAD
-    acl_log: admin.ACLLog = field(default_factory=admin.ACLLog)
-    # Set by the transport: moves or disconnects other clients when ACL SETUSER/DELUSER/LOAD change
-    # the users (changed=None: compare every user, as ACL LOAD does).
-    on_users_changed: Callable[[dict[str, User], set[str] | None, list[str]], None] | None = field(default=None, repr=False)
 
-    def swap_users(self, users: dict[str, User], changed: set[str] | None, deleted: list[str]) -> None:
-        self.users = users
-        self.acl_replies = None  # rebuilt at first use (or off the loop by the transport)
-        if self.on_users_changed is not None:
-            self.on_users_changed(users, changed, deleted)
-
-    def replies(self) -> ACLReplies:
-        if self.acl_replies is None or self.acl_replies.users is not self.users:
-            self.acl_replies = ACLReplies(self.users)
-        return self.acl_replies
+    def with_users(self, users: dict[str, User]) -> Policy:
+        return replace(self, users=users)
 
     @property
     def default_user(self) -> User:
@@ -109,6 +96,45 @@ class Policy:
         if self.table.lookup(argv) is not None:
             return unknown_command_error(argv)
         return self.table.unknown_error(argv)
+
+
+class Shared:
+    """What every session shares: the policy in force (swapped whole), and the services that outlive
+    a policy — the observer sessions report to, the AUTH throttle, the ACL LOG, the ACL replies."""
+
+    def __init__(self, policy: Policy, observer: Observer | None = None, throttle: AuthThrottle | None = None,
+                 acl_replies: ACLReplies | None = None) -> None:  # fmt: skip
+        self.policy = policy
+        self.observer: Observer = observer or _NullObserver()
+        self.throttle = throttle or AuthThrottle(0)
+        self.acl_log = admin.ACLLog()
+        self.acl_replies = acl_replies  # ACL USERS/LIST/GETUSER, built once per users load
+        # Set by the transport: moves or disconnects clients when the users change (changed=None:
+        # compare every user, as ACL LOAD and a reload do).
+        # Returns how many clients it disconnected.
+        self.on_users_changed: Callable[[Policy, set[str] | None, Sequence[str]], int] | None = None
+
+    def swap(self, policy: Policy, changed: set[str] | None = None, deleted: Sequence[str] = (),
+             acl_replies: ACLReplies | None = None) -> int:  # fmt: skip
+        """Put ``policy`` in force; with new users, tell the transport (which rebinds the sessions and
+        says how many clients it disconnected)."""
+        old, self.policy = self.policy, policy
+        if acl_replies is not None or policy.users is not old.users:
+            self.acl_replies = acl_replies  # else rebuilt at first use (or off the loop by the transport)
+        if policy.users is not old.users and self.on_users_changed is not None:
+            return self.on_users_changed(policy, changed, deleted)
+        return 0
+
+    def replies(self) -> ACLReplies:
+        users = self.policy.users
+        if self.acl_replies is None or self.acl_replies.users is not users:
+            self.acl_replies = ACLReplies(users)
+        return self.acl_replies
+
+    def offer_replies(self, acl_replies: ACLReplies) -> None:
+        """ACL replies prepared off the loop: used if they are still of the users in force."""
+        if acl_replies.users is self.policy.users and self.acl_replies is None:
+            self.acl_replies = acl_replies
 
 
 @dataclass(frozen=True, slots=True)

@@ -117,7 +117,7 @@ class ReplyQueue:
                 self.emit(seg)
                 self.relayed_done += 1
                 if self.sample is not None and self.relayed_done >= self.sample[0]:
-                    self.session.policy.observer.reply_latency(self.clock() - self.sample[1])
+                    self.session.shared.observer.reply_latency(self.clock() - self.sample[1])
                     self.sample = None
                 if kind == MONITOR and seg.startswith(b"+OK"):
                     self.monitoring = True

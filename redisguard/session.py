@@ -20,10 +20,23 @@ request owes nothing and its refusal is dropped, as Redis does.
 
 Transactions: a command refused inside MULTI answers at once and marks the transaction, as Redis
 does; EXEC then answers ``-EXECABORT`` and the proxy sends DISCARD upstream (swallowing its +OK).
+
+Modes (:class:`Mode`, ``Session.mode``): NORMAL → MULTI (MULTI … EXEC/DISCARD/RESET), SUBSCRIBED
+(while any subscription is held), MONITOR (until the connection ends), CLOSING (QUIT, a protocol
+error, end of input: nothing more is read, the owed replies are sent, then the connection closes).
+A RESP3 client may be subscribed and in a transaction at once; ``mode`` names the one that governs
+what the client may send next, in the order CLOSING, MONITOR, MULTI, SUBSCRIBED.
+
+The session is split by job: the request pipeline (:mod:`.session_pipeline`), logins and ACL
+commands (:mod:`.session_acl`), state-changing commands (:mod:`.session_state`), the reply queue
+(:mod:`.reply_queue`). Its outputs are explicit: ``data_for_upstream()``, ``data_for_client()``,
+and for the transport ``paused``/``wait``/``offload`` (run this off the loop), ``backlog`` (call
+``resume()`` next turn) and ``closing``.
 """
 
 from __future__ import annotations
 
+import enum
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -31,52 +44,56 @@ from typing import Any
 from .acl import User
 from .commands import Command, get_keys
 from .guards import source_key
-from .policy import Policy, Verdict, decide, dryrun
+from .policy import Policy, Shared, Verdict, decide
 from .reply_queue import AUTHCHECK, CONFIRMATIONS, PUBSUB, QUIET, RELAY, SWALLOW, ReplyQueue
 from .request import RequestParser
-from .resp import encode_command, encode_command_pieces
-from .session_acl import ACL_ADMIN, LoginsAndACL
+from .resp import encode_command
+from .session_acl import LoginsAndACL
+from .session_pipeline import RequestPipeline
 from .session_state import StateCommands
 
-# Requests decided per call before the session yields to the event loop (the transport calls
-# resume() on the next turn): a write of 100,000 tiny requests must not hold the loop.
-BATCH = 256
 # In RESP2 pub/sub mode Redis runs only these (processCommand), refusing the rest after the ACL check.
 _SUBSCRIBED_CONTEXT = frozenset({"ping", "quit", "reset", "subscribe", "psubscribe", "ssubscribe",
                                  "unsubscribe", "punsubscribe", "sunsubscribe"})
-# Requests with more arguments or bytes than this are decided (and re-encoded) off the event loop,
-# so one huge MGET, DEL or 1 MB key name matched against `*x*` patterns cannot stall other clients.
-OFFLOAD_ARGC = 4096
-OFFLOAD_BYTES = 64 * 1024
-
-
-def _huge(argv: Sequence[bytes]) -> bool:
-    return len(argv) > OFFLOAD_ARGC or sum(map(len, argv)) > OFFLOAD_BYTES
-
-
 _SUBSCRIBE = {c.decode() for c in CONFIRMATIONS}
 
 
-class Session(LoginsAndACL, StateCommands):
+class Mode(enum.Enum):
+    NORMAL = "normal"
+    MULTI = "multi"
+    SUBSCRIBED = "subscribed"
+    MONITOR = "monitor"
+    CLOSING = "closing"
+
+
+def _take(out: list[bytes]) -> bytes:
+    data = out[0] if len(out) == 1 else b"".join(out)
+    out.clear()
+    return data
+
+
+class Session(RequestPipeline, LoginsAndACL, StateCommands):
     def __init__(
         self,
-        policy: Policy,
+        shared: Shared,
         listener: str = "",
         peer: str = "",
         tls_identity: str = "",
         local: bool = False,
+        source: str = "",
     ) -> None:
-        self.policy = policy
+        self.shared = shared  # the policy in force and the services every session reports to
         self.local = local  # a loopback or unix-socket client (Redis's "local" for protected commands)
         self.listener = listener
         self.peer = peer
-        self.source = source_key(peer.rpartition(":")[0] or peer)  # the address AUTH throttling keys on
+        # the address AUTH throttling keys on (the transport's; else read off the peer string)
+        self.source = source or source_key(peer.rpartition(":")[0] or peer)
         self.tls_identity = tls_identity
         self.to_upstream: list[bytes] = []
         self.replies = ReplyQueue(self)  # what the client is owed, in order
         self.stopped = False
         self.upstream_opened = False
-        self.parser = RequestParser(policy.max_request_bytes)
+        self.parser = RequestParser(shared.policy.max_request_bytes)
         self.resp = 2
         self.in_multi = False
         self.multi_dirty = False
@@ -99,7 +116,7 @@ class Session(LoginsAndACL, StateCommands):
         self._unparsed: list[bytes] = []  # bytes that arrived while requests were waiting
         self._replay_auth = False  # ... and it is an AUTH whose throttle delay has been served
         self._decided: tuple[list[bytes], Verdict, list[bytes]] | None = None
-        self._offload_basis: tuple[User, dict[str, User], bool] = (None, {}, False)  # type: ignore[assignment]
+        self._offload_basis: tuple[User, Policy, bool] | None = None  # whom and what offload is decided for
         self._multi_user: User | None = None
         self._queued: list[list[bytes]] = []  # the commands queued since MULTI
         self._admin_done: Any = None  # (users it was computed from, result) of an offloaded ACL admin command
@@ -118,23 +135,28 @@ class Session(LoginsAndACL, StateCommands):
         return (not d.nopass or not d.enabled) and not self.authenticated
 
     @property
+    def policy(self) -> Policy:
+        return self.shared.policy
+
+    @property
     def username(self) -> str:
         return self.user.name
 
     @property
+    def mode(self) -> Mode:
+        if self.stopped or self.closing:
+            return Mode.CLOSING
+        if self.monitoring:
+            return Mode.MONITOR
+        if self.in_multi:
+            return Mode.MULTI
+        return Mode.SUBSCRIBED if self.subscribed else Mode.NORMAL
+
+    @property
     def idle(self) -> bool:
-        """Nothing owed to the client (not blocked, not waiting for replies) and not subscribed."""
-        return not self.replies.slots and not self._pending and not self.subscribed and not self.monitoring
-
-    @property
-    def backlog(self) -> bool:
-        """Requests are waiting for the next event-loop turn (the transport calls resume())."""
-        return (self._more or bool(self._pending) or bool(self._unparsed)) and not self._paused and not self.stopped
-
-    @property
-    def paused(self) -> bool:
-        """Waiting for resume() or offloaded(): the transport should not read from the client."""
-        return self._paused
+        """Nothing owed to the client (not blocked, not waiting for replies), not subscribed nor
+        monitoring: Redis's `timeout` may close it."""
+        return not self.replies.slots and not self._pending and self.mode not in (Mode.SUBSCRIBED, Mode.MONITOR)
 
     @property
     def subscribed(self) -> bool:
@@ -182,113 +204,10 @@ class Session(LoginsAndACL, StateCommands):
         self.stopped = True  # nothing the client sends after this is read
         self.replies.close_after()
 
-    # -- client → upstream ------------------------------------------------------------------------
-    def client_data(self, data: bytes) -> None:
-        if self.stopped or self.closing:
-            return
-        if self._pending or self._paused or self._unparsed:
-            # Requests are waiting (a throttled AUTH, a decision off the loop, the next batch): parse
-            # these bytes only once those are done, with the limits (pre-auth or not) in force then.
-            self._unparsed.append(data)
-            return
-        requests = self.parser.feed(data)
-        raw = self.parser.raw
-        if raw is not None and requests and self._all_plain(requests):
-            # The fast path: the bytes are exactly the canonical encoding of requests that are all
-            # simply forwarded, so they go upstream as sent.
-            self._open_upstream()
-            self.to_upstream.append(raw)
-            self._expect(RELAY, len(requests))
-            return
-        self._pending.extend(requests)
-        self._run()
-
-    def _run(self) -> None:
-        """Decide the pending requests in order, until done or paused; then a protocol error, if any."""
-        pending = self._pending
-        parser = self.parser
-        budget = BATCH
-        while True:
-            while pending and not self._paused:
-                if self.stopped:
-                    pending.clear()
-                    return
-                if budget == 0:
-                    self._more = True  # more next turn: the transport sees ``backlog`` and calls resume()
-                    return
-                budget -= 1
-                self._command(pending[0])
-                if not self._replay:
-                    pending.popleft()
-                parser.authenticated = self.authenticated or not self._auth_required()
-            if self._paused or self.stopped:
-                return
-            # Bytes that waited behind those requests, and requests the parser held back before AUTH
-            # lifted the pre-auth limits: parsed now, with the limits in force now.
-            if parser.error is None and not self.closing and (self._unparsed or parser.buffered):
-                if budget == 0:
-                    self._more = True
-                    return
-                data = b"".join(self._unparsed)
-                self._unparsed.clear()
-                more = parser.feed(data)
-                if more:
-                    pending.extend(more)
-                    continue
-            break
-        if parser.error is not None and not self.stopped:
-            self.policy.observer.command(self, "unknown", False, "protocol")
-            self._skipping = self._skip_next  # CLIENT REPLY OFF/SKIP silence this error too, as in Redis
-            self._silent = self.reply_off or self._skipping
-            self._reply(parser.error.reply())
-            self._close_after_replies()
-
-    def resume(self) -> None:
-        """The transport's timer fired (a throttled AUTH): carry on with the pending requests."""
-        self.wait = 0.0
-        self._paused = self._more = False
-        self._run()
-
-    def offloaded(self, verdict: Verdict, encoded: list[bytes], extra: Any = None) -> None:
-        """The transport decided ``self.offload`` off the loop: use that verdict and carry on."""
-        argv, self.offload = self.offload, None
-        assert argv is not None
-        user, users, auth_required = self._offload_basis
-        if user is self.user and users is self.policy.users and auth_required == self._auth_required():
-            self._decided = (argv, verdict, encoded)
-            self._admin_done = extra
-        # else: the users changed meanwhile: _run decides this request again (off the loop again)
-        self._paused = False
-        self._run()
-        self._decided = self._admin_done = None
-
-    def _all_plain(self, requests: list[list[bytes]]) -> bool:
-        """True if every request is simply forwarded (then their verdicts are recorded)."""
-        names = []
-        for argv in requests:
-            cmd = self._plain(argv)
-            if cmd is None:
-                return False
-            names.append(cmd.name)
-        for name in names:
-            self.policy.observer.command(self, name, True, "")
-        return True
-
-    def _plain(self, argv: list[bytes]) -> Command | None:
-        """The command, if this request needs nothing but forwarding (allowed, no state change)."""
-        if not self.authenticated or self.in_multi or self.subscribed or self.reply_off or self._skip_next:
-            return None
-        if _huge(argv):
-            return None
-        verdict = decide(self.policy, self.user, argv, False, self.local)
-        if verdict.error is not None or verdict.name in _SPECIAL:
-            return None
-        return verdict.cmd
-
     def _reject(self, cmd: Command | None, error: bytes, reason: str, name: str = "") -> None:
         """Refuse a request the way Redis's rejectCommand does."""
         name = name or (cmd.name if cmd is not None else "unknown")
-        self.policy.observer.command(self, name, False, reason)
+        self.shared.observer.command(self, name, False, reason)
         if cmd is not None and cmd.name == "exec":
             msg = error[5:] if error.startswith(b"-ERR ") else error[1:]
             self._abort_exec(b"-EXECABORT Transaction discarded because of: " + msg)
@@ -323,11 +242,11 @@ class Session(LoginsAndACL, StateCommands):
         decided = self._decided
         if decided is not None and decided[0] is argv:
             verdict = decided[1]
-        elif _huge(argv) or (len(argv) > 1 and argv[0].lower() == b"acl" and argv[1].lower() in ACL_ADMIN):
+        elif self._offloads(argv):
             self.offload = argv  # checking (and encoding) this many arguments is done off the loop
             # ... against the user and users of this moment: if they change before the verdict is
             # used (a revocation, ACL LOAD, a reload), the verdict is stale and is made again
-            self._offload_basis = (self.user, self.policy.users, self._auth_required())
+            self._offload_basis = (self.user, self.policy, self._auth_required())
             self._paused = self._replay = True
             return
         else:
@@ -345,7 +264,7 @@ class Session(LoginsAndACL, StateCommands):
                          b"RESET are allowed in this context\r\n" % cmd.name.encode(), "context")  # fmt: skip
             return
         if not self._replay_auth:  # a throttled AUTH was counted when it first arrived
-            self.policy.observer.command(self, cmd.name, True, "")
+            self.shared.observer.command(self, cmd.name, True, "")
         if self.in_multi and cmd.name not in ("exec", "discard"):
             self._queued.append(argv)  # EXEC checks them again if the user's rules changed meanwhile
         handler = _HANDLERS.get(cmd.name)
@@ -354,33 +273,7 @@ class Session(LoginsAndACL, StateCommands):
         else:
             self._forward(argv)
 
-    def decide_offloaded(self, argv: list[bytes]) -> tuple[Verdict, list[bytes], Any]:
-        """The work behind ``offload``, safe in a worker thread: the verdict, and the encoding to
-        forward if the request is allowed and simply forwarded (or the answer, or the new users, of
-        the ACL subcommands that are work of their own)."""
-        policy = self.policy
-        user, users, auth_required = self._offload_basis
-        verdict = decide(policy, user, argv, auth_required, self.local)
-        if verdict.error is not None or self.in_multi:
-            return verdict, [], None
-        if verdict.name == "acl|dryrun":  # the answer is a decision too: make it here
-            return verdict, [dryrun(policy, argv[2:])], None
-        if verdict.name in ("acl|setuser", "acl|deluser", "acl|load", "acl|save"):
-            return verdict, [], (users, self._acl_admin(verdict.name, argv, users))
-        return verdict, encode_command_pieces(argv) if verdict.name not in _HANDLERS else [], None
-
     # -- commands the proxy handles ---------------------------------------------------------------
-    def kill(self) -> None:
-        """The client is being disconnected (its user was deleted or changed): decide nothing more."""
-        self.stopped = True
-        self._pending.clear()
-        self._unparsed.clear()
-
-    def end_of_input(self) -> None:
-        """The client sent its last byte: close once every reply it is owed has been sent."""
-        if not self.stopped and not self.closing:
-            self._close_after_replies()
-
     # -- upstream → client: the reply queue ------------------------------------------------------
     def upstream_data(self, data: bytes) -> None:
         self.replies.data(data)
@@ -393,6 +286,14 @@ class Session(LoginsAndACL, StateCommands):
     @property
     def to_client(self) -> list[bytes]:
         return self.replies.to_client
+
+    def data_for_client(self) -> bytes:
+        """What to send the client now (and forget it)."""
+        return _take(self.replies.to_client)
+
+    def data_for_upstream(self) -> bytes:
+        """What to send Redis now (and forget it)."""
+        return _take(self.to_upstream)
 
     @property
     def closing(self) -> bool:
@@ -418,4 +319,4 @@ _HANDLERS: dict[str, Callable[[Session, Command, list[bytes]], None]] = {
     "monitor": Session._cmd_monitor,
     **{name: Session._cmd_subscribe for name in _SUBSCRIBE},
 }  # fmt: skip
-_SPECIAL = frozenset(_HANDLERS)
+Session.special = frozenset(_HANDLERS)

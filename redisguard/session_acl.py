@@ -17,7 +17,7 @@ from typing import Any
 from .acl import User, admin
 from .acl.glob import stringmatch
 from .commands import Command
-from .policy import dryrun
+from .policy import Policy, dryrun
 from .request import string2ll
 from .resp import OK, encode_bulk
 
@@ -49,9 +49,9 @@ class LoginsAndACL:
     _replay_auth: bool
     _admin_done: Any
 
-    def _acl_admin(self, name: str, argv: Sequence[bytes], users: dict[str, User]) -> tuple[Any, ...]:
-        """ACL SETUSER/DELUSER/LOAD/SAVE against ``users`` (file I/O included: run off the loop)."""
-        policy = self.policy
+    def _acl_admin(self, name: str, argv: Sequence[bytes], policy: Policy) -> tuple[Any, ...]:
+        """ACL SETUSER/DELUSER/LOAD/SAVE against ``policy`` (file I/O included: run off the loop)."""
+        users = policy.users
         if name == "acl|setuser":
             return admin.setuser(users, policy.table, argv[2:])
         if name == "acl|deluser":
@@ -65,7 +65,7 @@ class LoginsAndACL:
         """An ACL LOG entry, as Redis adds one for each denial and failed AUTH."""
         info = b"addr=%s laddr=%s user=%s resp=%d" % (
             self.peer.encode(), self.listener.encode(), self.user.name.encode("utf-8", "surrogateescape"), self.resp)
-        self.policy.acl_log.add(reason, "multi" if self.in_multi else "toplevel",  # type: ignore[arg-type]
+        self.shared.acl_log.add(reason, "multi" if self.in_multi else "toplevel",  # type: ignore[arg-type]
                                 obj[:ACL_LOG_OBJECT_MAX], (username if username is not None else
                                 self.user.name.encode("utf-8", "surrogateescape"))[:ACL_LOG_OBJECT_MAX],
                                 info, time.time())  # fmt: skip
@@ -75,11 +75,11 @@ class LoginsAndACL:
         self.tls_identity = identity
         user = self.policy.users.get(identity)
         if user is None or not user.enabled:
-            self.policy.observer.auth(self, False, identity if user is not None else "", "bad_client_cert", "client_cert")
+            self.shared.observer.auth(self, False, identity if user is not None else "", "bad_client_cert", "client_cert")
             return False
         self.user = user
         self.authenticated = self.parser.authenticated = True
-        self.policy.observer.auth(self, True, user.name, "", "client_cert")
+        self.shared.observer.auth(self, True, user.name, "", "client_cert")
         return True
 
     def rebind(self, users: dict[str, User], changed: set[str] | None, deleted: Sequence[str]) -> str:
@@ -121,12 +121,12 @@ class LoginsAndACL:
         if self._replay_auth:
             self._replay_auth = False
             return False
-        delay = self.policy.throttle.delay(self.source, self._throttle_user(username.decode("utf-8", "surrogateescape")))
+        delay = self.shared.throttle.delay(self.source, self._throttle_user(username.decode("utf-8", "surrogateescape")))
         if delay <= 0:
             return False
         self.wait = delay
         self._paused = self._replay = self._replay_auth = True
-        self.policy.observer.throttled(self, delay)
+        self.shared.observer.throttled(self, delay)
         return True
 
     def _throttle_user(self, name: str) -> str:
@@ -146,11 +146,11 @@ class LoginsAndACL:
         else:
             self.user = user
             self.authenticated = True
-            self.policy.throttle.succeeded(self.source, name)
-            self.policy.observer.auth(self, True, name, "", method)
+            self.shared.throttle.succeeded(self.source, name)
+            self.shared.observer.auth(self, True, name, "", method)
             return True
-        self.policy.throttle.failed(self.source, self._throttle_user(name))
-        self.policy.observer.auth(self, False, name if user is not None else "", reason, method)
+        self.shared.throttle.failed(self.source, self._throttle_user(name))
+        self.shared.observer.auth(self, False, name if user is not None else "", reason, method)
         self._acl_log("auth", word, username)  # Redis logs the command word as sent, and the name tried
         return False
 
@@ -230,11 +230,11 @@ class LoginsAndACL:
         if cmd.name == "acl|whoami":
             self._reply(encode_bulk(self.user.name))
         elif cmd.name == "acl|users":
-            self._reply(self.policy.replies().acl_users())
+            self._reply(self.shared.replies().acl_users())
         elif cmd.name == "acl|list":
-            self._reply(self.policy.replies().acl_list())
+            self._reply(self.shared.replies().acl_list())
         elif cmd.name == "acl|getuser":
-            self._reply(self.policy.replies().acl_getuser(argv[2], self.resp))
+            self._reply(self.shared.replies().acl_getuser(argv[2], self.resp))
         elif cmd.name == "acl|dryrun":
             decided = self._decided
             if decided is not None and decided[0] is argv:
@@ -242,11 +242,11 @@ class LoginsAndACL:
             else:
                 self._reply(dryrun(self.policy, argv[2:]))
         elif cmd.name == "acl|log":
-            self._reply(self.policy.acl_log.reply(argv[2:], self.resp, time.time(), argv[1]))
+            self._reply(self.shared.acl_log.reply(argv[2:], self.resp, time.time(), argv[1]))
         elif cmd.name in ("acl|setuser", "acl|deluser", "acl|load", "acl|save"):
             done, self._admin_done = self._admin_done, None
             if done is None or done[0] is not users:  # not precomputed, or another client changed the users since
-                done = (users, self._acl_admin(cmd.name, argv, users))
+                done = (users, self._acl_admin(cmd.name, argv, self.policy))
             result = done[1]
             if cmd.name == "acl|save":
                 self._reply(result[0])
@@ -255,7 +255,7 @@ class LoginsAndACL:
             if new is not None:
                 deleted = result[2] if cmd.name == "acl|deluser" else []
                 changed = None if cmd.name == "acl|load" else {argv[2].decode("utf-8", "surrogateescape")}
-                self.policy.swap_users(new, changed, deleted)
+                self.shared.swap(self.policy.with_users(new), changed, deleted)
                 if self.user.name in new and (changed is None or self.user.name in changed):
                     self.user = new[self.user.name]
             self._reply(result[1])

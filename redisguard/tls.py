@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from typing import Any
 
@@ -63,3 +64,12 @@ def peer_identity(cert: dict[str, Any] | None, kind: str) -> str:
         if key == want:
             return str(value)
     return ""
+
+
+def certificate_identity(transport: asyncio.BaseTransport, lst: ListenerConfig) -> str:
+    """The name a verified client certificate gives (per the listener's cert_user), or ""."""
+    if lst.type != "tls":
+        return ""
+    sslobj = transport.get_extra_info("ssl_object")
+    cert = sslobj.getpeercert() if sslobj is not None else None
+    return peer_identity(cert, lst.cert_user or "cn") if cert else ""

@@ -20,9 +20,8 @@ from redisguard.acl import User, parse_users
 from redisguard.acl.admin import ACLLog, acl_load, acl_save, deluser, render_acl_file, save_users_file, setuser
 from redisguard.acl.replies import ACLReplies, acl_list
 from redisguard.commands import CommandTable
-from redisguard.demo import free_port
 
-from .helpers import UPSTREAM_PASSWORD, UPSTREAM_USER, RedisProc, redis_server_binary, start_redis
+from .helpers import UPSTREAM_PASSWORD, UPSTREAM_USER, RedisProc, free_port, redis_server_binary, start_redis
 
 HASH = "5e884898da28047151d0e56f8dc6292773603d0d6aba4b3fb9e0faa1e9ea3b5f"  # sha256("password")
 INITIAL = f"user default on nopass ~* &* +@all\nuser {UPSTREAM_USER} on >{UPSTREAM_PASSWORD} ~* &* +@all\n"

@@ -18,10 +18,9 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from redisguard.config import ConfigError, LimitsConfig, parse_config
-from redisguard.demo import free_port, wait_port
 from redisguard.metrics import parse_samples
 
-from .helpers import USERS_ACL, ProxyProc, read_until, start_proxy
+from .helpers import USERS_ACL, ProxyProc, free_port, read_until, start_proxy, wait_port
 
 PENDING = 'redisguard_tls_handshakes_pending{listener="tls"}'
 

@@ -236,7 +236,7 @@ def test_guards_sources_limits_throttle_idle(tmp_path: Path, certs: Path, redis_
     cfg = cfg.replace("auth_failures_per_minute = 100000.0", "auth_failures_per_minute = 3.0")
     p.stop()
     # fixed ports for the two extra listeners
-    from redisguard.demo import free_port
+    from .helpers import free_port
 
     fenced, one = free_port(), free_port()
     cfg = cfg.replace('address = "127.0.0.1:0"\nallowed', f'address = "127.0.0.1:{fenced}"\nallowed', 1)
@@ -246,7 +246,7 @@ def test_guards_sources_limits_throttle_idle(tmp_path: Path, certs: Path, redis_
                             stderr=open(p.log, "wb"))  # fmt: skip
     p.proc = proc
     try:
-        from redisguard.demo import wait_port
+        from .helpers import wait_port
 
         wait_port(one, proc)
         assert refused(fenced)

@@ -362,7 +362,7 @@ def test_unix_socket_listener(tmp_path: Path, certs: Path, users_file: Path, red
 @pytest.mark.parametrize("mode", ["unix", "tls"])
 def test_upstream_over_unix_socket_and_tls(tmp_path: Path, certs: Path, users_file: Path, mode: str) -> None:
     """[upstream] path = unix socket (the sidecar setup), and tls = true (wrapping a remote Redis)."""
-    from redisguard.demo import free_port
+    from .helpers import free_port
 
     sock = tmp_path / "redis.sock"
     tls_port = free_port()
@@ -398,7 +398,7 @@ def start_proxy_from(p: ProxyProc) -> ProxyProc:
     import subprocess as sp
     import sys
 
-    from redisguard.demo import wait_port
+    from .helpers import wait_port
 
     proc = sp.Popen([sys.executable, "-m", "redisguard", "serve", "-c", str(p.config)], stderr=open(p.log, "wb"))
     wait_port(p.plain_port, proc)

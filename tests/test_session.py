@@ -10,9 +10,10 @@ from hypothesis import strategies as st
 from redisguard.acl import parse_users
 from redisguard.commands import CommandTable
 from redisguard.guards import AuthThrottle
-from redisguard.policy import Policy, decide
+from redisguard.policy import Policy, Shared, decide
 from redisguard.resp import encode_command
-from redisguard.session import OFFLOAD_ARGC, Session
+from redisguard.session import Mode, Session
+from redisguard.session_pipeline import OFFLOAD_ARGC
 
 from .redis_model import redis_parse
 
@@ -20,14 +21,13 @@ TABLE = CommandTable.snapshot()
 USERS = parse_users(
     "user default off\n"
     "user bob on >bob-pw %R~report:* +get +mget +ping +client|reply +echo\n"
-    "user alice on >alice-pw ~app:* +@all -@dangerous\n",
+    "user alice on >alice-pw ~app:* &news +@all -@dangerous +monitor\n",
     TABLE,
 )
 
 
 def session(user: str | None = "bob", throttle: AuthThrottle | None = None) -> Session:
-    policy = Policy(TABLE, USERS, throttle=throttle or AuthThrottle(0))
-    s = Session(policy, "test", "10.0.0.1:5000")
+    s = Session(Shared(Policy(TABLE, USERS), throttle=throttle), "test", "10.0.0.1:5000")
     if user:
         s.client_data(encode_command([b"AUTH", user.encode(), user.encode() + b"-pw"]))
         assert s.to_client == [b"+OK\r\n"]
@@ -117,7 +117,7 @@ def test_throttle_holds_no_client_chosen_names() -> None:
         s.client_data(encode_command([b"AUTH", b"%d" % i + b"u" * 16000, b"x"]))
         while s.paused:
             s.resume()
-    assert len(s.policy.throttle._pairs) == 1  # every unknown name shares one key per source
+    assert len(s.shared.throttle._pairs) == 1  # every unknown name shares one key per source
 
 
 def test_throttled_auth_then_a_big_request_in_the_same_write() -> None:
@@ -190,7 +190,7 @@ def test_exec_after_the_users_rules_changed_discards_the_transaction() -> None:
     s.client_data(b"MULTI\r\nGET app:1\r\nSET app:1 x\r\n")
     s.upstream_data(b"+OK\r\n+QUEUED\r\n+QUEUED\r\n")
     revoked = parse_users("user default off\nuser alice on >alice-pw ~other:* +@all -@dangerous\n", TABLE)
-    s.policy.swap_users(revoked, {"alice"}, [])
+    s.shared.swap(s.policy.with_users(revoked), {"alice"}, [])
     assert s.rebind(revoked, {"alice"}, []) == ""
     s.to_upstream.clear()
     s.client_data(b"EXEC\r\n")
@@ -201,13 +201,13 @@ def test_exec_after_the_users_rules_changed_discards_the_transaction() -> None:
 
 def test_a_verdict_made_off_the_loop_is_not_used_after_a_revocation() -> None:
     users = parse_users("user default off\nuser ops on >ops-pw ~* +@all\n", TABLE)
-    s = Session(Policy(TABLE, users), "test", "10.0.0.1:5000")
+    s = Session(Shared(Policy(TABLE, users)), "test", "10.0.0.1:5000")
     s.client_data(encode_command([b"AUTH", b"ops", b"ops-pw"]))
     big = [b"MGET", *[b"k%d" % i for i in range(OFFLOAD_ARGC + 1)]]
     s.client_data(encode_command(big))
     job = s.decide_offloaded(s.offload)  # decided as +@all ...
     revoked = parse_users("user default off\nuser ops on >ops-pw ~* -@all +ping\n", TABLE)
-    s.policy.swap_users(revoked, {"ops"}, [])
+    s.shared.swap(s.policy.with_users(revoked), {"ops"}, [])
     s.rebind(revoked, {"ops"}, [])  # ... but ACL SETUSER took +@all away meanwhile
     s.to_upstream.clear()
     s.offloaded(*job)
@@ -221,3 +221,55 @@ def test_deleted_users_session_decides_nothing_more() -> None:
     s.kill()
     s.client_data(b"GET app:1\r\n")
     assert not s.to_upstream
+
+
+def test_modes_follow_the_commands() -> None:
+    s = session("alice")
+    assert s.mode is Mode.NORMAL
+    s.client_data(b"MULTI\r\n")
+    assert s.mode is Mode.MULTI
+    s.client_data(b"DISCARD\r\n")
+    assert s.mode is Mode.NORMAL
+    s.client_data(b"SUBSCRIBE news\r\n")
+    assert s.mode is Mode.SUBSCRIBED and not s.idle
+    s.upstream_data(b"*3\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n:1\r\n")
+    s.client_data(b"UNSUBSCRIBE news\r\n")
+    assert s.mode is Mode.NORMAL
+    s.client_data(b"QUIT\r\n")
+    assert s.mode is Mode.CLOSING
+    m = session("alice")
+    m.client_data(b"MONITOR\r\n")
+    m.upstream_data(b"+OK\r\n")
+    assert m.mode is Mode.MONITOR and not m.idle
+
+
+def test_a_refusal_mid_pipeline_stays_in_place_whatever_the_reply_split() -> None:
+    """GET / refused / GET / pub-sub message interleaved (RESP3 push): every split of Redis's bytes
+    gives the client the same bytes, in request order."""
+    replies = b"$2\r\nv1\r\n>3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$2\r\nhi\r\n$2\r\nv2\r\n"
+    want = None
+    for cut in range(len(replies) + 1):
+        s = session("alice")
+        s.client_data(b"HELLO 3\r\n")
+        s.upstream_data(b"%1\r\n$6\r\nserver\r\n$5\r\nredis\r\n")
+        s.data_for_client()
+        s.client_data(b"GET app:1\r\nGET victim\r\nGET app:2\r\n")
+        assert forwarded(s)[-2:] == [[b"GET", b"app:1"], [b"GET", b"app:2"]]
+        s.upstream_data(replies[:cut])
+        first = s.data_for_client()
+        s.upstream_data(replies[cut:])
+        got = first + s.data_for_client()
+        want = want or got
+        assert got == want
+    assert want is not None
+    assert want.startswith(b"$2\r\nv1\r\n-NOPERM this user has no permissions to access one of the keys used as "
+                           b"arguments\r\n>3\r\n")
+    assert want.endswith(b"$2\r\nv2\r\n")
+
+
+def test_outputs_are_taken_once() -> None:
+    s = session("alice")
+    s.client_data(b"GET app:1\r\n")
+    assert s.data_for_upstream() == b"*2\r\n$3\r\nGET\r\n$5\r\napp:1\r\n" and s.data_for_upstream() == b""
+    s.upstream_data(b"$1\r\nx\r\n")
+    assert s.data_for_client() == b"$1\r\nx\r\n" and s.data_for_client() == b""

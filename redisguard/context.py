@@ -1,0 +1,99 @@
+"""What every connection shares, and nothing more: the narrow state the transports read and count.
+
+:class:`~redisguard.server.Proxy` owns one and hands it to each listener and connection, so a
+connection cannot start, stop or reload anything; it admits, counts and relays.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import errno
+import ipaddress
+import resource
+import ssl
+from typing import TYPE_CHECKING, Any
+
+from .audit import EventLimiter, get_logger
+from .config import Config, ListenerConfig
+from .guards import source_allowed, source_key
+from .metrics import Metrics
+from .policy import Shared
+
+if TYPE_CHECKING:
+    from .connection import ClientProtocol
+    from .listeners import HandshakeBudget
+
+log = get_logger("redisguard")
+
+
+def peer_name(addr: Any) -> str:
+    return f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else "unix"
+
+
+def source_of(peername: Any) -> str:
+    """The source a per-source limit counts: the address (an IPv6 client by its /64)."""
+    return source_key(str(peername[0])) if isinstance(peername, tuple) else ""
+
+
+def is_local(peername: Any) -> bool:
+    """A unix-socket or loopback client: what Redis calls local (for DEBUG and MODULE LOAD)."""
+    if not isinstance(peername, tuple):
+        return True
+    try:
+        addr = ipaddress.ip_address(str(peername[0]).split("%")[0])
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
+
+
+class ConnectionContext:
+    def __init__(self, config: Config, shared: Shared, metrics: Metrics, handshakes: HandshakeBudget,
+                 upstream_ssl: ssl.SSLContext | None) -> None:  # fmt: skip
+        self.config = config
+        self.shared = shared  # the policy in force, swapped whole on reload
+        self.metrics = metrics
+        self.handshakes = handshakes
+        self.upstream_ssl = upstream_ssl
+        self.clients: set[ClientProtocol] = set()
+        self.active = {lst.name: 0 for lst in config.listeners}
+        self.tls_contexts: dict[str, ssl.SSLContext] = {}  # per TLS listener; a reload replaces them
+        # Connection events are rate-limited per event name; what is dropped is counted.
+        self.events = EventLimiter(config.log.audit_connections_per_second, metrics.audit_suppressed.inc)
+        # Decisions on huge requests run here, one at a time, so they never stall the event loop.
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="redisguard-decide")
+        self.fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.fd_base = 0  # descriptors open before the first client: listeners, logs, the loop's own
+        self.closed_since_trim = 0  # connections closed since memory was last given back
+        self.last_upstream_error = ""
+
+    def fds_left(self) -> int:
+        """File descriptors not yet used or promised. Each client counts two, its own and the upstream
+        connection it may open at its first command, so logged-in clients never find the table full."""
+        return self.fd_limit - self.fd_base - 2 * len(self.clients) - self.handshakes.count
+
+    def accept_failed(self, lst: ListenerConfig, e: OSError) -> None:
+        self.metrics.accept_failures.labels(lst.name, errno.errorcode.get(e.errno or 0, "other")).inc()
+        self.events.log(log.warning, "accept_failed", listener=lst.name, error=str(e))
+
+    def upstream_error(self, e: BaseException) -> None:
+        """An upstream connection failed: logged once per distinct error, not once per client."""
+        msg = f"{type(e).__name__}: {e}"
+        if msg != self.last_upstream_error:
+            log.warning("upstream_unavailable", upstream=self.config.upstream.where, error=msg)
+        self.last_upstream_error = msg
+
+    def refusal(self, lst: ListenerConfig, peername: Any, handshake: bool = False) -> str:
+        """Why this connection must be refused ("" = accept). ``handshake``: a TLS socket about to start
+        its handshake, which must also fit the pending-handshake budget."""
+        ctx = self
+        if lst.allowed_sources and isinstance(peername, tuple) and not source_allowed(peername[0], lst.allowed_sources):
+            return "source_not_allowed"
+        if ctx.active[lst.name] + ctx.handshakes.by_listener.get(lst.name, 0) >= lst.max_connections:
+            return "limit"
+        if ctx.fds_left() < ctx.config.limits.fd_reserve:
+            return "fd_reserve"
+        if handshake:
+            return ctx.handshakes.refusal(source_of(peername))
+        return ""

@@ -1,0 +1,190 @@
+# mypy: disable-error-code="attr-defined"
+# (a mixin of Session: the attributes it uses are Session's, checked there)
+"""The request side of a session: parse, decide in order, in bounded batches, some off the loop.
+
+A mixin of :class:`~redisguard.session.Session`, split out by job. ``client_data`` parses what
+arrived; when the bytes are exactly the canonical encoding of requests that are all simply forwarded,
+they go upstream as sent (the fast path); otherwise each request is decided in order by
+``Session._command``, at most ``BATCH`` per event-loop turn. A request that waits (a throttled AUTH,
+a huge request decided in a worker thread) pauses the session: the transport stops reading until
+``resume()`` or ``offloaded()``, and bytes that arrive meanwhile are parsed only after it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+from .commands import Command
+from .policy import Verdict, decide, dryrun
+from .reply_queue import RELAY
+from .resp import encode_command_pieces
+from .session_acl import ACL_ADMIN
+
+# Requests decided per call before the session yields to the event loop (the transport calls
+# resume() on the next turn): a write of 100,000 tiny requests must not hold the loop.
+BATCH = 256
+# Requests with more arguments or bytes than this are decided (and re-encoded) off the event loop,
+# so one huge MGET, DEL or 1 MB key name matched against `*x*` patterns cannot stall other clients.
+OFFLOAD_ARGC = 4096
+OFFLOAD_BYTES = 64 * 1024
+
+
+def _huge(argv: Sequence[bytes]) -> bool:
+    return len(argv) > OFFLOAD_ARGC or sum(map(len, argv)) > OFFLOAD_BYTES
+
+
+class RequestPipeline:
+    special: frozenset[str]  # commands Session handles itself (never on the fast path)
+    _pending: deque[list[bytes]]
+    _unparsed: list[bytes]
+    _paused: bool
+    _more: bool
+    stopped: bool
+    offload: list[bytes] | None
+    _decided: tuple[list[bytes], Verdict, list[bytes]] | None
+    _offload_basis: Any
+
+    @staticmethod
+    def _offloads(argv: Sequence[bytes]) -> bool:
+        """Decided in a worker thread: huge requests, and the ACL subcommands that are work of their own."""
+        return _huge(argv) or (len(argv) > 1 and argv[0].lower() == b"acl" and argv[1].lower() in ACL_ADMIN)
+
+    @property
+    def backlog(self) -> bool:
+        """Requests are waiting for the next event-loop turn (the transport calls resume())."""
+        return (self._more or bool(self._pending) or bool(self._unparsed)) and not self._paused and not self.stopped
+
+    @property
+    def paused(self) -> bool:
+        """Waiting for resume() or offloaded(): the transport should not read from the client."""
+        return self._paused
+
+    def client_data(self, data: bytes) -> None:
+        if self.stopped or self.closing:
+            return
+        if self._pending or self._paused or self._unparsed:
+            # Requests are waiting (a throttled AUTH, a decision off the loop, the next batch): parse
+            # these bytes only once those are done, with the limits (pre-auth or not) in force then.
+            self._unparsed.append(data)
+            return
+        requests = self.parser.feed(data)
+        raw = self.parser.raw
+        if raw is not None and requests and self._all_plain(requests):
+            # The fast path: the bytes are exactly the canonical encoding of requests that are all
+            # simply forwarded, so they go upstream as sent.
+            self._open_upstream()
+            self.to_upstream.append(raw)
+            self._expect(RELAY, len(requests))
+            return
+        self._pending.extend(requests)
+        self._run()
+
+    def _run(self) -> None:
+        """Decide the pending requests in order, until done or paused; then a protocol error, if any."""
+        pending = self._pending
+        parser = self.parser
+        budget = BATCH
+        while True:
+            while pending and not self._paused:
+                if self.stopped:
+                    pending.clear()
+                    return
+                if budget == 0:
+                    self._more = True  # more next turn: the transport sees ``backlog`` and calls resume()
+                    return
+                budget -= 1
+                self._command(pending[0])
+                if not self._replay:
+                    pending.popleft()
+                parser.authenticated = self.authenticated or not self._auth_required()
+            if self._paused or self.stopped:
+                return
+            # Bytes that waited behind those requests, and requests the parser held back before AUTH
+            # lifted the pre-auth limits: parsed now, with the limits in force now.
+            if parser.error is None and not self.closing and (self._unparsed or parser.buffered):
+                if budget == 0:
+                    self._more = True
+                    return
+                data = b"".join(self._unparsed)
+                self._unparsed.clear()
+                more = parser.feed(data)
+                if more:
+                    pending.extend(more)
+                    continue
+            break
+        if parser.error is not None and not self.stopped:
+            self.shared.observer.command(self, "unknown", False, "protocol")
+            self._skipping = self._skip_next  # CLIENT REPLY OFF/SKIP silence this error too, as in Redis
+            self._silent = self.reply_off or self._skipping
+            self._reply(parser.error.reply())
+            self._close_after_replies()
+
+    def resume(self) -> None:
+        """The transport's timer fired (a throttled AUTH): carry on with the pending requests."""
+        self.wait = 0.0
+        self._paused = self._more = False
+        self._run()
+
+    def offloaded(self, verdict: Verdict, encoded: list[bytes], extra: Any = None) -> None:
+        """The transport decided ``self.offload`` off the loop: use that verdict and carry on."""
+        argv, self.offload = self.offload, None
+        assert argv is not None and self._offload_basis is not None
+        user, policy, auth_required = self._offload_basis
+        if user is self.user and policy is self.policy and auth_required == self._auth_required():
+            self._decided = (argv, verdict, encoded)
+            self._admin_done = extra
+        # else: the users changed meanwhile: _run decides this request again (off the loop again)
+        self._paused = False
+        self._run()
+        self._decided = self._admin_done = None
+
+    def _all_plain(self, requests: list[list[bytes]]) -> bool:
+        """True if every request is simply forwarded (then their verdicts are recorded)."""
+        names = []
+        for argv in requests:
+            cmd = self._plain(argv)
+            if cmd is None:
+                return False
+            names.append(cmd.name)
+        for name in names:
+            self.shared.observer.command(self, name, True, "")
+        return True
+
+    def _plain(self, argv: list[bytes]) -> Command | None:
+        """The command, if this request needs nothing but forwarding (allowed, no state change)."""
+        if not self.authenticated or self.in_multi or self.subscribed or self.reply_off or self._skip_next:
+            return None
+        if _huge(argv):
+            return None
+        verdict = decide(self.policy, self.user, argv, False, self.local)
+        if verdict.error is not None or verdict.name in self.special:
+            return None
+        return verdict.cmd
+
+    def decide_offloaded(self, argv: list[bytes]) -> tuple[Verdict, list[bytes], Any]:
+        """The work behind ``offload``, safe in a worker thread: the verdict, and the encoding to
+        forward if the request is allowed and simply forwarded (or the answer, or the new users, of
+        the ACL subcommands that are work of their own)."""
+        assert self._offload_basis is not None
+        user, policy, auth_required = self._offload_basis
+        verdict = decide(policy, user, argv, auth_required, self.local)
+        if verdict.error is not None or self.in_multi:
+            return verdict, [], None
+        if verdict.name == "acl|dryrun":  # the answer is a decision too: make it here
+            return verdict, [dryrun(policy, argv[2:])], None
+        if verdict.name in ("acl|setuser", "acl|deluser", "acl|load", "acl|save"):
+            return verdict, [], (policy.users, self._acl_admin(verdict.name, argv, policy))
+        return verdict, encode_command_pieces(argv) if verdict.name not in self.special else [], None
+
+    def kill(self) -> None:
+        """The client is being disconnected (its user was deleted or changed): decide nothing more."""
+        self.stopped = True
+        self._pending.clear()
+        self._unparsed.clear()
+
+    def end_of_input(self) -> None:
+        """The client sent its last byte: close once every reply it is owed has been sent."""
+        if not self.stopped and not self.closing:
+            self._close_after_replies()
