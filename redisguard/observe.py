@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .acl import User
+from .acl.user import printable_name
 from .audit import RateLimiter, get_logger
 from .metrics import Metrics
 from .session import Session
@@ -40,10 +41,10 @@ class Observer:
             self.metrics.upstream_reply_seconds.observe(seconds)
 
     def _user(self, name: str) -> str:
-        return _printable(name) if name in self.users else "unknown"
+        return printable_name(name) if name in self.users else "unknown"
 
     def command(self, session: Session, cmd: str, allowed: bool, reason: str) -> None:
-        user = _printable(session.user.name)
+        user = printable_name(session.user.name)
         if reason in _REQUEST_ERRORS:
             if self.count:
                 self.metrics.request_errors.labels(reason).inc()
@@ -62,6 +63,13 @@ class Observer:
         self.metrics.denied.labels(user, cmd, reason).inc()
         self.limiter.log(self._audit_denied, "command_denied", session=session, user=user, cmd=cmd, reason=reason)
 
+    def allowed(self, labels: list[tuple[str, str]]) -> None:
+        """A batch of allowed requests, by (user, command) labels (the session's fast path)."""
+        if self.count:
+            counts = self._allowed
+            for key in labels:
+                counts[key] = counts.get(key, 0) + 1
+
     def _audit_denied(self, event: str, session: Session, user: str, cmd: str, reason: str) -> None:
         extra = {"keys": session.last_keys()} if self.audit_keys else {}  # only for the lines that are written
         audit.warning(event, user=user, command=cmd, reason=reason, listener=session.listener,
@@ -73,7 +81,7 @@ class Observer:
     def auth(self, session: Session, ok: bool, username: str, reason: str, method: str) -> None:
         if ok:
             self.metrics.auth_successes.labels(session.listener, method).inc()
-            audit.info("auth_success", user=_printable(username), method=method, listener=session.listener,
+            audit.info("auth_success", user=printable_name(username), method=method, listener=session.listener,
                        peer=session.peer, tls_identity=session.tls_identity)  # fmt: skip
         else:
             self.metrics.auth_failures.labels(session.listener, reason).inc()
@@ -83,9 +91,3 @@ class Observer:
 
 
 _REQUEST_ERRORS = frozenset({"unknown_command", "arity", "unsupported", "protocol", "context", "protected"})
-
-
-def _printable(name: str) -> str:
-    """A user name as a metric label or log field: names may hold any bytes (surrogate-escaped), which
-    the exposition format cannot carry; those bytes are shown as \\xNN."""
-    return name if name.isascii() else name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Protocol
 
 from .acl import ACLReplies, User, admin, check
 from .acl.check import sort_restriction
+from .acl.user import printable_name
 from .commands import Command, CommandTable, unknown_command_error
+from .fastpath import Plan
 from .guards import AuthThrottle
 from .resp import encode_bulk, encode_command, encode_error
 
@@ -28,6 +30,7 @@ class Observer(Protocol):
     """What a session reports; metrics and audit implement it (no-ops by default)."""
 
     def command(self, session: Session, cmd: str, allowed: bool, reason: str) -> None: ...
+    def allowed(self, labels: list[tuple[str, str]]) -> None: ...
     def auth(self, session: Session, ok: bool, username: str, reason: str, method: str) -> None: ...
     def reply_latency(self, seconds: float) -> None: ...
     def throttled(self, session: Session, delay: float) -> None: ...
@@ -35,6 +38,9 @@ class Observer(Protocol):
 
 class _NullObserver:
     def command(self, session: Session, cmd: str, allowed: bool, reason: str) -> None:
+        pass
+
+    def allowed(self, labels: list[tuple[str, str]]) -> None:
         pass
 
     def auth(self, session: Session, ok: bool, username: str, reason: str, method: str) -> None:
@@ -62,9 +68,17 @@ class Policy:
     enable_debug_command: str = "no"  # Redis's protected commands: "no" | "yes" | "local"
     enable_module_command: str = "no"
     users_file: str = ""  # for ACL SAVE / ACL LOAD
+    # Per user, the precomputed decisions of the fast path (fastpath.Plan); a new policy starts empty.
+    plans: dict[User, Plan] = field(default_factory=dict, compare=False, repr=False)
 
     def with_users(self, users: dict[str, User]) -> Policy:
-        return replace(self, users=users)
+        return replace(self, users=users, plans={})
+
+    def plan(self, user: User, special: frozenset[str]) -> Plan:
+        plan = self.plans.get(user)
+        if plan is None:
+            plan = self.plans[user] = Plan(self, user, printable_name(user.name), special)
+        return plan
 
     @property
     def default_user(self) -> User:

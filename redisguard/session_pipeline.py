@@ -16,7 +16,6 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-from .commands import Command
 from .policy import Verdict, decide, dryrun
 from .reply_queue import RELAY
 from .resp import encode_command_pieces
@@ -29,6 +28,8 @@ BATCH = 256
 # so one huge MGET, DEL or 1 MB key name matched against `*x*` patterns cannot stall other clients.
 OFFLOAD_ARGC = 4096
 OFFLOAD_BYTES = 64 * 1024
+# No request in fewer bytes than this can be huge (each argument takes at least 6 bytes: "$0\r\n\r\n").
+_NEVER_HUGE = min(OFFLOAD_BYTES, 6 * OFFLOAD_ARGC)
 
 
 def _huge(argv: Sequence[bytes]) -> bool:
@@ -71,7 +72,7 @@ class RequestPipeline:
             return
         requests = self.parser.feed(data)
         raw = self.parser.raw
-        if raw is not None and requests and self._all_plain(requests):
+        if raw is not None and requests and self._all_plain(requests, len(raw)):
             # The fast path: the bytes are exactly the canonical encoding of requests that are all
             # simply forwarded, so they go upstream as sent.
             self._open_upstream()
@@ -140,28 +141,25 @@ class RequestPipeline:
         self._run()
         self._decided = self._admin_done = None
 
-    def _all_plain(self, requests: list[list[bytes]]) -> bool:
-        """True if every request is simply forwarded (then their verdicts are recorded)."""
-        names = []
-        for argv in requests:
-            cmd = self._plain(argv)
-            if cmd is None:
-                return False
-            names.append(cmd.name)
-        for name in names:
-            self.shared.observer.command(self, name, True, "")
-        return True
+    def _all_plain(self, requests: list[list[bytes]], size: int) -> bool:
+        """True if every request is allowed and simply forwarded (then they are counted as allowed).
 
-    def _plain(self, argv: list[bytes]) -> Command | None:
-        """The command, if this request needs nothing but forwarding (allowed, no state change)."""
-        if not self.authenticated or self.in_multi or self.subscribed or self.reply_off or self._skip_next:
-            return None
-        if _huge(argv):
-            return None
-        verdict = decide(self.policy, self.user, argv, False, self.local)
-        if verdict.error is not None or verdict.name in self.special:
-            return None
-        return verdict.cmd
+        Per request this is the user's precomputed :class:`~redisguard.fastpath.Plan` (arity and one
+        pattern match per key); anything else is left to ``decide``, request by request."""
+        if not self.authenticated or self.in_multi or self.reply_off or self._skip_next or self.subscribed:
+            return False
+        allowed = self.policy.plan(self.user, self.special).allowed
+        check_size = size > _NEVER_HUGE
+        labels = []
+        for argv in requests:
+            if check_size and _huge(argv):
+                return False
+            label = allowed(argv)
+            if label is None:
+                return False
+            labels.append(label)
+        self.shared.observer.allowed(labels)
+        return True
 
     def decide_offloaded(self, argv: list[bytes]) -> tuple[Verdict, list[bytes], Any]:
         """The work behind ``offload``, safe in a worker thread: the verdict, and the encoding to

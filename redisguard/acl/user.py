@@ -31,6 +31,12 @@ def split_args(line: str) -> list[str]:
     return [] if args is None else [a.decode("utf-8", "surrogateescape") for a in args]
 
 
+def printable_name(name: str) -> str:
+    """A user name as a metric label or log field: names may hold any bytes (surrogate-escaped), which
+    the exposition format cannot carry; those bytes are shown as \\xNN."""
+    return name if name.isascii() else name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def hash_password(password: bytes) -> str:
     return hashlib.sha256(password).hexdigest()
 
