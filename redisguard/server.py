@@ -29,10 +29,12 @@ from .commands import CommandTable
 from .config import Config, ListenerConfig
 from .connection import ClientProtocol
 from .guards import AuthThrottle
+from .health import UpstreamMonitor
 from .listeners import HandshakeBudget, TLSServer
 from .metrics import Metrics, serve_http
 from .observe import Observer
 from .policy import Policy
+from .reconfigure import reread
 from .tls import TLSConfigError, server_context, upstream_context
 from .upstream import fetch_command_table, protected_settings, upstream_request
 
@@ -82,6 +84,7 @@ class Proxy:
         self.next_trim = 0.0
         self.tick_due = 0.0
         self.tick_handle: asyncio.TimerHandle | None = None
+        self.monitor = UpstreamMonitor(config, self.metrics)  # redisguard_upstream_up on a quiet host
 
     def fds_left(self) -> int:
         """File descriptors not yet used or promised. Each client counts two, its own and the upstream
@@ -170,12 +173,13 @@ class Proxy:
         self.fd_base = _open_fds()
         self.tick_due = time.monotonic() + TICK
         self.tick_handle = loop.call_later(TICK, self._tick)
+        self.monitor.start()
         log.info(
             "redisguard_started",
             listeners=[f"{lst.name}={lst.type}://{self.bound(i)}" for i, lst in enumerate(self.config.listeners)],
             upstream=self.config.upstream.where,
             redis_version=self.table.redis_version,
-            users=sorted(self.policy.users),
+            users=len(self.policy.users),
             metrics=f"http://{self.config.metrics.host}:{self.metrics_port()}/metrics"
             if self.config.metrics.enabled else "off",
             fd_limit=self.fd_limit, malloc_trim=self.trim is not None,
@@ -226,9 +230,10 @@ class Proxy:
         cfg = self.config
         tls = [lst for lst in cfg.listeners if lst.type == "tls"]
 
-        def load() -> tuple[dict[str, User], ACLReplies, dict[str, ssl.SSLContext]]:
+        def load() -> tuple[dict[str, User], ACLReplies, dict[str, ssl.SSLContext], Any]:
+            changes = reread(cfg)  # the TOML too: what changed is applied or logged as needing a restart
             users = load_users(cfg.acl.users_file, self.table, require_default=True)
-            return users, ACLReplies(users).prepare(), {lst.name: server_context(lst) for lst in tls}
+            return users, ACLReplies(users).prepare(), {lst.name: server_context(lst) for lst in tls}, changes
 
         while True:
             self.reload_again = False
@@ -237,10 +242,10 @@ class Proxy:
             gc.disable()
             before = self.policy.users
             try:
-                users, acl_replies, contexts = await asyncio.to_thread(load)
+                users, acl_replies, contexts, changes = await asyncio.to_thread(load)
             except (UsersFileError, ACLError, TLSConfigError, OSError, ValueError) as e:
                 gc.enable()
-                self.metrics.config_reloads.labels("failure").inc()
+                self.metrics.reload_result(False)
                 audit.error("config_reload_failed", error=str(e), detail="kept the previous users and certificates")
             else:
                 if self.policy.users is not before:
@@ -263,8 +268,10 @@ class Proxy:
                 # thread, so no offloaded decision can be reading the old users meanwhile.
                 await asyncio.get_running_loop().run_in_executor(self.executor, _release, old[0])
                 del old
-                self.metrics.config_reloads.labels("success").inc()
-                audit.info("config_reloaded", users=len(users), listeners=sorted(contexts), disconnected=dropped)
+                self.metrics.reload_result(True)
+                changes.apply(self)
+                audit.info("config_reloaded", users=len(users), listeners=sorted(contexts), disconnected=dropped,
+                           applied=changes.applied, restart_required=changes.restart)  # fmt: skip
             if not self.reload_again:
                 return
 
@@ -327,6 +334,7 @@ class Proxy:
         if self.tick_handle is not None:
             self.tick_handle.cancel()
             self.tick_handle = None
+        await self.monitor.stop()
         for srv in self.servers:
             srv.close()
         deadline = time.monotonic() + grace
