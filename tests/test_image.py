@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import urllib.request
@@ -163,6 +162,3 @@ def descendants(pid: int) -> list[int]:
             todo.append(child)
     return out
 
-
-def test_buildah_is_installed() -> None:
-    assert shutil.which("buildah"), ".ci/image installs buildah"
