@@ -1,17 +1,23 @@
-"""``redisguard serve | check-config | certs init | acl check | acl hash | demo``."""
+"""``redisguard serve | check-config | audit-upstream | firewall | certs init | acl check | acl hash | demo``."""
 
 from __future__ import annotations
 
 import argparse
 import getpass
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
 
+from . import __version__
 from .acl import ACLError, UsersFileError, hash_password, load_users, missing_default_message
 from .commands import CommandTable
-from .config import ConfigError, load_config
+from .config import Config, ConfigError, load_config
 from .policy import Policy, decide
+from .preflight import preflight
+
+# -c/--config when not given: $REDISGUARD_CONFIG, else the packaged location (the container image's too).
+SYSTEM_CONFIG = "/etc/redisguard/redisguard.toml"
 
 SCRIPTING = ("eval", "evalsha", "eval_ro", "evalsha_ro", "fcall", "fcall_ro", "script", "function", "module")
 
@@ -21,14 +27,30 @@ def _die(msg: str, code: int = 2) -> int:
     return code
 
 
+def default_config() -> str:
+    return os.environ.get("REDISGUARD_CONFIG") or SYSTEM_CONFIG
+
+
+def _load(path: str) -> Config:
+    """The config, or a ConfigError that says how to point at one when the file is missing."""
+    if not Path(path).exists():
+        raise ConfigError(f"config file not found: {path} (pass -c/--config PATH or set REDISGUARD_CONFIG)")
+    return load_config(path)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .audit import configure_logging
     from .server import run
 
     try:
-        config = load_config(args.config)
+        config = _load(args.config)
     except ConfigError as e:
         return _die(str(e))
+    problems = preflight(config)
+    if problems:
+        for problem in problems:
+            print(f"redisguard: {problem}", file=sys.stderr)
+        return 2
     configure_logging(config.log.format, config.log.level)
     try:
         import uvloop
@@ -41,14 +63,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def config_warnings(config_path: str) -> tuple[list[str], list[str]]:
-    """(errors, warnings) for a config and its users file."""
-    errors: list[str] = []
+def config_warnings(config_path: str, bind: bool = True) -> tuple[list[str], list[str]]:
+    """(errors, warnings) for a config, its users file and certificates, and (``bind``) its addresses."""
     warnings: list[str] = []
     try:
-        config = load_config(config_path)
+        config = _load(config_path)
     except ConfigError as e:
         return [str(e)], []
+    errors = preflight(config, bind=bind)
+    if any(e.startswith("acl.users_file:") for e in errors):
+        return errors, warnings
     table = CommandTable.snapshot()
     for c in config.acl.disabled_commands:
         if table.get(c) is None:
@@ -56,12 +80,7 @@ def config_warnings(config_path: str) -> tuple[list[str], list[str]]:
     try:
         users = load_users(config.acl.users_file, table)
     except UsersFileError as e:
-        return [str(e)], warnings
-    for lst in config.listeners:
-        if lst.tls is not None:
-            for f in (lst.tls.cert_file, lst.tls.key_file, lst.tls.ca_file):
-                if f is not None and not Path(f).exists():
-                    errors.append(f"listener {lst.name!r}: file not found: {f} (run: redisguard certs init)")
+        return [*errors, str(e)], warnings
     d = users["default"]
     if d.implicit:
         warnings.append(missing_default_message(str(config.acl.users_file)) + " (a reload refuses such a file)")
@@ -87,7 +106,7 @@ def config_warnings(config_path: str) -> tuple[list[str], list[str]]:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    errors, warnings = config_warnings(args.config)
+    errors, warnings = config_warnings(args.config, bind=not args.skip_bind)
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     for e in errors:
@@ -114,7 +133,7 @@ def cmd_acl_check(args: argparse.Namespace) -> int:
     acl = None
     if args.config:  # the proxy's own verdict: its users file, disabled and protected commands
         try:
-            acl = load_config(args.config).acl
+            acl = _load(args.config).acl
         except ConfigError as e:
             return _die(str(e))
     users_path = args.users or (acl.users_file if acl else "config/users.acl")
@@ -156,30 +175,75 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo_main(args)
 
 
+def cmd_audit_upstream(args: argparse.Namespace) -> int:
+    from .posture import main as posture_main
+
+    try:
+        config = _load(args.config)
+    except ConfigError as e:
+        return _die(str(e))
+    return posture_main(config, as_json=args.json)
+
+
+def cmd_firewall(args: argparse.Namespace) -> int:
+    from .firewall import rules
+
+    try:
+        config = _load(args.config)
+    except ConfigError as e:
+        return _die(str(e))
+    print(rules(config, args.format), end="")
+    return 0
+
+
+def _config_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", default=default_config(),
+                   help="the TOML config (default: $REDISGUARD_CONFIG, else %(default)s)")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="redisguard", description="TLS + ACL proxy in front of Redis")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--version", action="version", version=f"redisguard {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("serve", help="run the proxy")
-    s.add_argument("--config", "-c", default="config/redisguard.toml")
+    def command(parent: argparse._SubParsersAction, name: str, text: str) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+        """A subcommand whose one-line help is also the first line of its --help description."""
+        return parent.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")  # type: ignore[no-any-return]
+
+    s = command(sub, "serve", "run the proxy (SIGHUP reloads users and certificates, SIGTERM drains and stops)")
+    _config_option(s)
     s.set_defaults(func=cmd_serve)
 
-    s = sub.add_parser("check-config", help="validate a config and its users file")
-    s.add_argument("--config", "-c", default="config/redisguard.toml")
+    s = command(sub, "check-config", "validate a config without starting: its users file, certificates and keys, "
+                "and that every listener and the metrics port can be bound")  # fmt: skip
+    _config_option(s)
+    s.add_argument("--skip-bind", action="store_true", help="do not test-bind addresses (a config for another host)")
     s.set_defaults(func=cmd_check_config)
 
-    s = sub.add_parser("certs", help="development certificates")
-    csub = s.add_subparsers(dest="certs_command", required=True)
-    c = csub.add_parser("init", help="create a dev CA, server and client certificate")
+    s = command(sub, "audit-upstream", "connect to Redis as the configured upstream user and report its hardening "
+                "checklist item by item (exit 1 on any failure)")  # fmt: skip
+    _config_option(s)
+    s.add_argument("--json", action="store_true", help="one JSON document instead of text")
+    s.set_defaults(func=cmd_audit_upstream)
+
+    s = command(sub, "firewall", "print firewall rules: listener ports only from their allowed_sources, the Redis "
+                "port loopback-only")  # fmt: skip
+    _config_option(s)
+    s.add_argument("--format", choices=("nftables", "iptables"), default="nftables", help="rule syntax (default: %(default)s)")
+    s.set_defaults(func=cmd_firewall)
+
+    s = command(sub, "certs", "development certificates")
+    csub = s.add_subparsers(dest="certs_command", required=True, metavar="COMMAND")
+    c = command(csub, "init", "create a dev CA, a server and a client certificate (keys mode 0600)")
     c.add_argument("--dir", default="certs")
     c.add_argument("--san", action="append", default=[], help="extra server name or IP (repeatable)")
     c.add_argument("--client-name", default="alice")
     c.add_argument("--force", action="store_true")
     c.set_defaults(func=cmd_certs_init)
 
-    s = sub.add_parser("acl", help="policy tools")
-    asub = s.add_subparsers(dest="acl_command", required=True)
-    a = asub.add_parser("check", help="would this user be allowed this command?")
+    s = command(sub, "acl", "policy tools: check a command against the users file, hash a password")
+    asub = s.add_subparsers(dest="acl_command", required=True, metavar="COMMAND")
+    a = command(asub, "check", "would this user be allowed this command? (exit 0 allowed, 1 denied)")
     a.add_argument("--users", default="", help="the users file (default: the config's, else config/users.acl)")
     a.add_argument("--config", "-c", default="", help="take disabled and protected commands from this config, "
                    "to print exactly the proxy's verdict")  # fmt: skip
@@ -187,10 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--user", required=True)
     a.add_argument("argv", nargs=argparse.REMAINDER)
     a.set_defaults(func=cmd_acl_check)
-    a = asub.add_parser("hash", help="read a password on stdin, print its #<sha256> rule")
+    a = command(asub, "hash", "read a password on stdin, print its #<sha256> rule for the users file")
     a.set_defaults(func=cmd_acl_hash)
 
-    s = sub.add_parser("demo", help="redis-server + redisguard + a scripted session")
+    s = command(sub, "demo", "start redis-server and redisguard on free loopback ports and run a scripted session")
     s.add_argument("--dir", default="run/demo")
     s.set_defaults(func=cmd_demo)
 

@@ -7,8 +7,10 @@ can move together.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +68,7 @@ class UpstreamConfig:
     tls_server_name: str = ""
     connect_timeout: float = 2.0
     fetch_command_table: bool = True
+    health_check_interval: float = 5.0  # seconds between PINGs that keep redisguard_upstream_up current; 0 = off
 
     @property
     def where(self) -> str:
@@ -124,6 +127,33 @@ class Config:
 
 # --------------------------------------------------------------------------------------------------
 
+# Every key each table accepts: an unknown key (a typo like ``cert_fiel``) is reported as such before
+# anything else, so it is never mistaken for a missing one. (``_Section.done`` double-checks.)
+KNOWN_KEYS: dict[str, tuple[str, ...]] = {
+    "": ("listener", "upstream", "acl", "limits", "metrics", "log"),
+    "listener": ("name", "type", "address", "path", "socket_mode", "cert_file", "key_file", "ca_file", "client_auth",
+                 "cert_user", "allow_insecure_remote", "allowed_sources", "max_connections"),
+    "upstream": ("address", "path", "username", "password", "password_file", "password_env", "tls", "tls_ca_file",
+                 "tls_cert_file", "tls_key_file", "tls_server_name", "connect_timeout", "fetch_command_table",
+                 "health_check_interval"),
+    "acl": ("users_file", "disabled_commands", "enable_debug_command", "enable_module_command"),
+    "limits": tuple(LimitsConfig.__dataclass_fields__),
+    "metrics": ("enabled", "address"),
+    "log": tuple(LogConfig.__dataclass_fields__),
+}  # fmt: skip
+
+
+def _table_name(kind: str) -> str:
+    return "[[listener]]" if kind == "listener" else f"[{kind}]" if kind else "the top level"
+
+
+def unknown_key_message(kind: str, key: str) -> str:
+    """``unknown option in [[listener]] (did you mean cert_file?)`` for a key the table does not have."""
+    known = KNOWN_KEYS[kind]
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}?" if close else f"known: {', '.join(known)}"
+    return f"unknown option in {_table_name(kind)} ({hint})"
+
 
 class _Section:
     """Typed access to one TOML table that remembers its key path and rejects unknown keys."""
@@ -135,6 +165,10 @@ class _Section:
         self.where = where
         self.base = base
         self.used: set[str] = set()
+        kind = re.sub(r"\[\d+\]$", "", where)
+        for key in data:
+            if kind in KNOWN_KEYS and key not in KNOWN_KEYS[kind]:
+                raise ConfigError(f"{self._key(key)}: {unknown_key_message(kind, key)}")
 
     def _key(self, key: str) -> str:
         return f"{self.where}.{key}" if self.where else key
@@ -301,12 +335,16 @@ def parse_config(data: dict[str, Any], base: Path, source: Path | None = None) -
     timeout = up.get("connect_timeout", float, 2.0)
     if timeout <= 0:
         raise up.fail("connect_timeout", "must be > 0 seconds")
+    health = up.get("health_check_interval", float, UpstreamConfig.health_check_interval)
+    if health < 0:
+        raise up.fail("health_check_interval", "must not be negative (0 turns the periodic check off)")
     upstream = UpstreamConfig(
         host=host, port=port, path=path, username=up.get("username", str, ""),
         password=_secret(up, "password"), tls=up.get("tls", bool, False),
         tls_ca_file=up.path("tls_ca_file"), tls_cert_file=up.path("tls_cert_file"),
         tls_key_file=up.path("tls_key_file"), tls_server_name=up.get("tls_server_name", str, ""),
         connect_timeout=timeout, fetch_command_table=up.get("fetch_command_table", bool, True),
+        health_check_interval=health,
     )  # fmt: skip
     up.done()
 

@@ -15,6 +15,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from . import __version__
 
+# redisguard_upstream_errors_total{reason}: every value exists from the start (at 0), for increase() in alerts.
+UPSTREAM_ERROR_REASONS = ("auth", "noperm", "timeout", "refused", "tls", "connect", "error")
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -41,6 +44,12 @@ class Metrics:
                                               ["listener", "reason"], registry=r)  # fmt: skip
         self.upstream_up = Gauge("redisguard_upstream_up", "1 if the last upstream connection succeeded.",
                                  registry=r)  # fmt: skip
+        self.upstream_errors = Counter("redisguard_upstream_errors", "Failed upstream health checks (a PING as the "
+                                       "service user every [upstream] health_check_interval), by reason: auth (the "
+                                       "service user's AUTH was refused), noperm, timeout, refused, tls, connect, error.",
+                                       ["reason"], registry=r)  # fmt: skip
+        for reason in UPSTREAM_ERROR_REASONS:
+            self.upstream_errors.labels(reason)
         self.upstream_connect_failures = Counter("redisguard_upstream_connect_failures",
                                                  "Failed connections to the upstream Redis.", registry=r)  # fmt: skip
         self.upstream_connect_seconds = Histogram("redisguard_upstream_connect_seconds",
@@ -60,6 +69,10 @@ class Metrics:
         )
         self.config_reloads = Counter("redisguard_config_reload", "Reloads of users and certificates (SIGHUP).",
                                       ["result"], registry=r)  # fmt: skip
+        self.config_last_reload_ok = Gauge("redisguard_config_last_reload_successful", "0 if the last reload "
+                                           "(SIGHUP) failed and the previous users and certificates are still in use; "
+                                           "1 if it succeeded or none was tried.", registry=r)  # fmt: skip
+        self.config_last_reload_ok.set(1)
         self.audit_suppressed = Counter("redisguard_audit_events_suppressed",
                                         "Audit events dropped by the rate limit.", registry=r)  # fmt: skip
         self.tls_handshakes_pending = Gauge("redisguard_tls_handshakes_pending",
@@ -80,6 +93,10 @@ class Metrics:
         )
         self.malloc_trims = Counter("redisguard_malloc_trims", "Calls of malloc_trim(0) after connections closed.",
                                     registry=r)  # fmt: skip
+
+    def reload_result(self, ok: bool) -> None:
+        self.config_reloads.labels("success" if ok else "failure").inc()
+        self.config_last_reload_ok.set(1 if ok else 0)
 
     def set_build_info(self, redis_version: str) -> None:
         self.build_info.labels(__version__, platform.python_version(), redis_version).set(1)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 from . import certs
 from .acl import ACLError, ACLReplies, User, UsersFileError, load_users
@@ -18,6 +19,7 @@ from .config import Config, ListenerConfig
 from .context import ConnectionContext
 from .metrics import Metrics
 from .policy import Policy, Shared
+from .reconfigure import Reconfiguration, reread
 from .tls import TLSConfigError, server_context
 
 audit = get_logger("redisguard.audit")
@@ -37,8 +39,10 @@ def _release(users: dict[str, User]) -> None:
 
 
 class Reloader:
-    def __init__(self, config: Config, table: CommandTable, shared: Shared, ctx: ConnectionContext) -> None:
+    def __init__(self, config: Config, table: CommandTable, shared: Shared, ctx: ConnectionContext,
+                 set_config: Callable[[Config], None]) -> None:  # fmt: skip
         self.config = config
+        self.set_config = set_config  # the proxy's: every holder of the running config gets the new one
         self.table = table
         self.shared = shared
         self.ctx = ctx
@@ -70,9 +74,10 @@ class Reloader:
         cfg = self.config
         tls = [lst for lst in cfg.listeners if lst.type == "tls"]
 
-        def load() -> tuple[dict[str, User], ACLReplies, dict[str, ssl.SSLContext]]:
+        def load() -> tuple[dict[str, User], ACLReplies, dict[str, ssl.SSLContext], Reconfiguration]:
+            changes = reread(cfg)  # the TOML too: what changed is applied or logged as needing a restart
             users = load_users(cfg.acl.users_file, self.table, require_default=True)
-            return users, ACLReplies(users).prepare(), {lst.name: server_context(lst) for lst in tls}
+            return users, ACLReplies(users).prepare(), {lst.name: server_context(lst) for lst in tls}, changes
 
         while True:
             self.reload_again = False
@@ -81,10 +86,10 @@ class Reloader:
             gc.disable()
             before = self.policy.users
             try:
-                users, acl_replies, contexts = await asyncio.to_thread(load)
+                users, acl_replies, contexts, changes = await asyncio.to_thread(load)
             except (UsersFileError, ACLError, TLSConfigError, OSError, ValueError) as e:
                 gc.enable()
-                self.metrics.config_reloads.labels("failure").inc()
+                self.metrics.reload_result(False)
                 audit.error("config_reload_failed", error=str(e), detail="kept the previous users and certificates")
             else:
                 if self.policy.users is not before:
@@ -97,15 +102,21 @@ class Reloader:
                     export_expiry(self.metrics, lst)
                 self.ctx.tls_contexts.update(contexts)
                 old = self.policy.users
-                dropped = self.shared.swap(self.policy.with_users(users), None, (), acl_replies)
+                new_cfg = changes.merged(cfg)
+                self.set_config(new_cfg)
+                self.shared.observer.audit_keys = new_cfg.log.audit_keys  # type: ignore[attr-defined]
+                policy = replace(self.policy, users=users, disabled=frozenset(new_cfg.acl.disabled_commands), plans={})
+                dropped = self.shared.swap(policy, None, (), acl_replies)
                 gc.freeze()
                 gc.enable()
                 # Freeing 10,000 users is ~20 ms: not on the loop, and on the decisions' own worker
                 # thread, so no offloaded decision can be reading the old users meanwhile.
                 await asyncio.get_running_loop().run_in_executor(self.ctx.executor, _release, old)
                 del old
-                self.metrics.config_reloads.labels("success").inc()
-                audit.info("config_reloaded", users=len(users), listeners=sorted(contexts), disconnected=dropped)
+                self.metrics.reload_result(True)
+                changes.log()
+                audit.info("config_reloaded", users=len(users), listeners=sorted(contexts), disconnected=dropped,
+                           applied=changes.applied, restart_required=changes.restart)  # fmt: skip
             if not self.reload_again:
                 return
 

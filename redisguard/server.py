@@ -28,6 +28,7 @@ from .config import Config, ListenerConfig
 from .connection import ClientProtocol
 from .context import ConnectionContext
 from .guards import AuthThrottle
+from .health import UpstreamMonitor
 from .listeners import HandshakeBudget, TLSServer
 from .metrics import Metrics, serve_http
 from .observe import Observer
@@ -59,6 +60,7 @@ class Proxy:
         self.next_trim = 0.0
         self.tick_due = 0.0
         self.tick_handle: asyncio.TimerHandle | None = None
+        self.monitor = UpstreamMonitor(config, self.metrics)  # redisguard_upstream_up on a quiet host
 
     @property
     def policy(self) -> Policy:
@@ -112,7 +114,7 @@ class Proxy:
         handshakes = HandshakeBudget(lim.max_pending_handshakes, lim.max_handshakes_per_source,
                                      self.metrics.tls_handshakes_pending)  # fmt: skip
         self.ctx = ConnectionContext(cfg, self.shared, self.metrics, handshakes, upstream_context(cfg.upstream))
-        self.reloader = Reloader(cfg, self.table, self.shared, self.ctx)
+        self.reloader = Reloader(cfg, self.table, self.shared, self.ctx, self._set_config)
         self.metrics.fd_accounted.set_function(lambda: self.ctx.fd_limit - self.ctx.fds_left())
         self.metrics.set_build_info(self.table.redis_version)
 
@@ -145,6 +147,7 @@ class Proxy:
         self.ctx.fd_base = _open_fds()
         self.tick_due = time.monotonic() + TICK
         self.tick_handle = loop.call_later(TICK, self._tick)
+        self.monitor.start()
         log.info(
             "redisguard_started",
             listeners=[f"{lst.name}={lst.type}://{self.bound(i)}" for i, lst in enumerate(self.config.listeners)],
@@ -177,6 +180,10 @@ class Proxy:
         self.ctx.tls_contexts[lst.name] = server_context(lst)
         export_expiry(self.metrics, lst)
 
+    def _set_config(self, config: Config) -> None:
+        """A reload applied settings that may change live (reconfigure.LIVE)."""
+        self.config = self.ctx.config = self.reloader.config = config
+
     def reload(self) -> None:
         """SIGHUP: re-read the users file and every listener's certificates (see :mod:`.reload`)."""
         self.reloader.reload()
@@ -208,6 +215,7 @@ class Proxy:
         if self.tick_handle is not None:
             self.tick_handle.cancel()
             self.tick_handle = None
+        await self.monitor.stop()
         for srv in self.servers:
             srv.close()
         deadline = time.monotonic() + grace

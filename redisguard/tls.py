@@ -7,6 +7,7 @@ import ssl
 from typing import Any
 
 from .config import ListenerConfig, UpstreamConfig
+from .paths import file_problem
 
 
 class TLSConfigError(ValueError):
@@ -22,18 +23,23 @@ def server_context(listener: ListenerConfig) -> ssl.SSLContext:
     where = f"listener {listener.name!r}"
     try:
         ctx.load_cert_chain(listener.tls.cert_file, listener.tls.key_file)
-    except FileNotFoundError as e:
-        raise TLSConfigError(f"{where}: certificate or key not found: {e.filename}") from None
     except ssl.SSLError as e:
         raise TLSConfigError(
             f"{where}: cannot load {listener.tls.cert_file} / {listener.tls.key_file}: {e.reason or e}"
             " (do the certificate and key match? are they PEM?)"
         ) from None
+    except OSError as e:  # (ssl gives no file name: find which one)
+        problems = [p for p in (file_problem(listener.tls.cert_file, "certificate"),
+                                file_problem(listener.tls.key_file, "key")) if p]  # fmt: skip
+        raise TLSConfigError(f"{where}: {'; '.join(problems) or e}") from None
     if listener.client_auth != "none":
         try:
             ctx.load_verify_locations(cafile=listener.tls.ca_file)
-        except (FileNotFoundError, ssl.SSLError) as e:
-            raise TLSConfigError(f"{where}: cannot load client CA {listener.tls.ca_file}: {e}") from None
+        except ssl.SSLError as e:
+            raise TLSConfigError(f"{where}: cannot load client CA {listener.tls.ca_file}: {e.reason or e} (is it PEM?)") from None
+        except OSError as e:
+            assert listener.tls.ca_file is not None
+            raise TLSConfigError(f"{where}: {file_problem(listener.tls.ca_file, 'client CA') or e}") from None
         ctx.verify_mode = ssl.CERT_REQUIRED if listener.client_auth == "required" else ssl.CERT_OPTIONAL
     return ctx
 

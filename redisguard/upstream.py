@@ -15,8 +15,28 @@ from .resp import encode_command
 from .tls import upstream_context
 
 
+class UpstreamReplyError(ConnectionError):
+    """Redis answered one of our commands with an error (``reply``: its text, e.g. ``WRONGPASS ...``)."""
+
+    def __init__(self, reply: str) -> None:
+        super().__init__(reply)
+        self.reply = reply
+
+
 async def upstream_request(config: Config, commands: list[list[bytes]], timeout: float) -> list[Any]:
-    """Open a connection to the upstream as the service user, run ``commands``, return the replies."""
+    """Open a connection to the upstream as the service user, run ``commands``, return the replies
+    (UpstreamReplyError for the first error among them)."""
+    replies = await upstream_replies(config, commands, timeout)
+    for r in replies:
+        if isinstance(r, hiredis.ReplyError):
+            raise UpstreamReplyError(str(r))
+    return replies
+
+
+async def upstream_replies(config: Config, commands: list[list[bytes]], timeout: float, login: bool = True) -> list[Any]:
+    """The replies to ``commands`` as hiredis reads them (errors as ``hiredis.ReplyError`` values), on
+    a connection of their own: logged in as the service user (UpstreamReplyError if Redis refuses that
+    AUTH), or with ``login=False`` as whoever connects without AUTH."""
     up = config.upstream
     ctx = upstream_context(up)
     if up.path:
@@ -27,7 +47,7 @@ async def upstream_request(config: Config, commands: list[list[bytes]], timeout:
         )
     reader, writer = await asyncio.wait_for(opening, up.connect_timeout)
     try:
-        auth = Policy.auth_command(up.username, up.password)
+        auth = Policy.auth_command(up.username, up.password) if login else b""
         writer.write(auth + b"".join(encode_command(c) for c in commands))
         want = len(commands) + (1 if auth else 0)
         rd = hiredis.Reader()
@@ -39,10 +59,9 @@ async def upstream_request(config: Config, commands: list[list[bytes]], timeout:
             rd.feed(data)
             while (r := rd.gets()) is not False:
                 replies.append(r)
-        for r in replies:
-            if isinstance(r, hiredis.ReplyError):
-                raise ConnectionError(str(r))
-        return replies[-len(commands) :]
+        if auth and isinstance(replies[0], hiredis.ReplyError):
+            raise UpstreamReplyError(str(replies[0]))
+        return replies[1:] if auth else replies
     finally:
         writer.close()
 

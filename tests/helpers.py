@@ -87,6 +87,8 @@ def proxy_config(
 
     ``extra`` adds lines at the end (the [log] table), ``limits`` to [limits] (later keys win)."""
     (d / "upstream.pw").write_text(UPSTREAM_PASSWORD + "\n")
+    if "health_check_interval" not in upstream_extra:  # no PINGs of its own in the shared Redis's MONITOR feed
+        upstream_extra += "\nhealth_check_interval = 0.0"
     return write_config(
         d, tls_port, plain_port, redis_port, metrics_port, users, certs, disabled=disabled,
         upstream=f'username = "{UPSTREAM_USER}"\npassword_file = "upstream.pw"\n{upstream_extra}',

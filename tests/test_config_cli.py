@@ -31,7 +31,7 @@ def write(tmp_path: Path, text: str, users: str = "user default off\n") -> Path:
 BASE = """
 [[listener]]
 type = "tcp"
-address = "127.0.0.1:6381"
+address = "127.0.0.1:0"
 [acl]
 users_file = "users.acl"
 """
