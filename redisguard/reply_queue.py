@@ -23,7 +23,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from .resp import Frame, ProtocolError, ReplyScanner
+from .resp import Frame, ProtocolError, ReplyScanner, whole_frames
 
 if TYPE_CHECKING:
     from .session import Session
@@ -89,6 +89,22 @@ class ReplyQueue:
         """Bytes from Redis: relay them in order, slot the replies made here in between."""
         if self.closing:
             return
+        slots = self.slots
+        if len(slots) == 1 and slots[0][0] == RELAY and not self.carry and not self.held and self._plain():
+            # The common case: only relayed replies are owed and the chunk is whole RESP2 replies:
+            # count them and pass the chunk on as it came.
+            owed = slots[0]
+            try:
+                n = whole_frames(data, owed[1])
+            except ValueError:
+                n = -1
+            if n >= 0:
+                self.to_client.append(data)
+                self._relayed(n)
+                owed[1] -= n
+                if owed[1] == 0:
+                    slots.popleft()
+                return
         buf = self.carry + data if self.carry else data
         try:
             frames, consumed = self.scanner.scan(buf)
@@ -97,7 +113,6 @@ class ReplyQueue:
             return
         self.carry = buf[consumed:]
         cut = 0
-        slots = self.slots
         for fr in frames:
             head = slots[0] if slots else None
             seg = buf[cut : fr.end]
@@ -115,10 +130,7 @@ class ReplyQueue:
                 self.pubsub_owed -= 1
             if kind in _RELAYED:
                 self.emit(seg)
-                self.relayed_done += 1
-                if self.sample is not None and self.relayed_done >= self.sample[0]:
-                    self.session.shared.observer.reply_latency(self.clock() - self.sample[1])
-                    self.sample = None
+                self._relayed(1)
                 if kind == MONITOR and seg.startswith(b"+OK"):
                     self.monitoring = True
                 elif self.monitoring and seg == b"+RESET\r\n":  # RESET ends the monitor feed, in order
@@ -150,6 +162,18 @@ class ReplyQueue:
                 self.emit(buf[cut:consumed])
             else:
                 self.held.append(buf[cut:consumed])
+
+    def _plain(self) -> bool:
+        """No reply can be out of band: RESP2, not subscribed (nor confirmations owed), no MONITOR feed,
+        and the scanner between frames."""
+        s = self.session
+        return s.resp == 2 and not self.monitoring and not self.pubsub_owed and not s.subscribed and self.scanner.idle
+
+    def _relayed(self, n: int) -> None:
+        self.relayed_done += n
+        if self.sample is not None and self.relayed_done >= self.sample[0]:
+            self.session.shared.observer.reply_latency(self.clock() - self.sample[1])
+            self.sample = None
 
     def is_push(self, fr: Frame, slot: int) -> bool:
         """Out-of-band: not the answer to a request. Subscribe confirmations answer (P|S)(UN)SUBSCRIBE

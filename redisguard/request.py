@@ -16,7 +16,7 @@ from .resp import (
     UNAUTH_MAX_BULK,
     UNAUTH_MAX_MULTIBULK,
     ProtocolError,
-    encode_command,
+    encode_requests,
 )
 
 
@@ -200,7 +200,7 @@ class RequestParser:
             reader.feed(data)
             while (req := reader.gets()) is not False:
                 out.append(req)
-            canonical = b"".join([encode_command(r) for r in out])
+            canonical = encode_requests(out)
         except Exception:  # hiredis's view is not a request stream (RESP3 types, nesting, a bad map key)
             self._reader = hiredis.Reader()
             return None

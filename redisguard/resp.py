@@ -47,6 +47,23 @@ def encode_command(argv: Sequence[bytes]) -> bytes:
     return b"".join(parts)
 
 
+_ARRAY_HEADERS = tuple(b"*%d\r\n" % i for i in range(64))
+_BULK_HEADERS = tuple(b"$%d\r\n" % i for i in range(512))
+
+
+def encode_requests(requests: Sequence[Sequence[bytes]]) -> bytes:
+    """``encode_command`` of each request, joined (the canonical bytes of a pipeline), in one pass."""
+    out: list[bytes] = []
+    add = out.append
+    for argv in requests:
+        add(_ARRAY_HEADERS[len(argv)] if len(argv) < 64 else b"*%d\r\n" % len(argv))
+        for arg in argv:
+            add(_BULK_HEADERS[len(arg)] if len(arg) < 512 else b"$%d\r\n" % len(arg))
+            add(arg)
+            add(b"\r\n")
+    return b"".join(out)
+
+
 def encode_command_pieces(argv: Sequence[bytes], step: int = 1024) -> list[bytes]:
     """``encode_command`` in pieces of ``step`` arguments, for huge requests encoded in a worker
     thread: each join is short, so the thread never holds the GIL long enough to stall the loop."""
@@ -60,6 +77,51 @@ OK = b"+OK\r\n"
 
 # --------------------------------------------------------------------------------------------------
 # Replies
+
+
+def whole_frames(buf: bytes, limit: int) -> int:
+    """How many RESP2 replies ``buf`` holds, if it is exactly whole replies (no partial one at the end),
+    at most ``limit`` of them, and none nested deeper than an array of strings/integers/errors (the
+    common shapes: GET, SET, INCR, MGET, HGETALL); else -1, and the caller scans it frame by frame."""
+    n = len(buf)
+    pos = count = 0
+    find = buf.find
+    while pos < n:
+        if count == limit:
+            return -1
+        t = buf[pos]
+        cr = find(b"\r\n", pos)
+        if cr < 0:
+            return -1
+        if t == 0x24:  # $
+            size = int(buf[pos + 1 : cr])
+            pos = cr + 2 if size < 0 else cr + size + 4
+        elif t == 0x2A:  # *: an array of bulk strings (or simple lines) only
+            items = int(buf[pos + 1 : cr])
+            pos = cr + 2
+            for _ in range(items):
+                if pos >= n:
+                    return -1
+                t = buf[pos]
+                cr = find(b"\r\n", pos)
+                if cr < 0:
+                    return -1
+                if t == 0x24:
+                    size = int(buf[pos + 1 : cr])
+                    pos = cr + 2 if size < 0 else cr + size + 4
+                elif t in _SIMPLE:
+                    pos = cr + 2
+                else:
+                    return -1
+        elif t in _SIMPLE:
+            pos = cr + 2
+        else:
+            return -1
+        count += 1
+    return count if pos == n else -1
+
+
+_SIMPLE = frozenset(b"+-:")
 
 
 @dataclass(slots=True)

@@ -271,3 +271,47 @@ def test_fuzz_parser_reads_as_redis_does(stream: bytes, cuts: list[int], authent
             got += more
     assert got == want_reqs
     assert (str(p.error) if p.error else None) == want_err
+
+
+# -- the fast paths' helpers agree with the general ones ------------------------------------------
+_args = st.lists(st.binary(max_size=600), min_size=1, max_size=70)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_args, min_size=1, max_size=4))
+def test_encode_requests_is_encode_command_joined(requests: list[list[bytes]]) -> None:
+    from redisguard.resp import encode_requests
+
+    assert encode_requests(requests) == b"".join(encode_command(r) for r in requests)
+
+
+_element = st.one_of(
+    st.binary(max_size=40).map(lambda b: b"$%d\r\n%s\r\n" % (len(b), b)),
+    st.just(b"$-1\r\n"), st.just(b"+OK\r\n"), st.just(b":42\r\n"), st.just(b"-ERR x\r\n"),
+)  # fmt: skip
+_simple_reply = st.one_of(_element, st.just(b"*-1\r\n"))
+_reply = st.one_of(  # (bytes, nested deeper than whole_frames reads)
+    _simple_reply.map(lambda r: (r, False)),
+    st.lists(_element, max_size=5).map(lambda xs: (b"*%d\r\n" % len(xs) + b"".join(xs), False)),
+    st.lists(st.lists(_element, max_size=2), min_size=1, max_size=3).map(
+        lambda xss: (b"*%d\r\n" % len(xss) + b"".join(b"*%d\r\n" % len(xs) + b"".join(xs) for xs in xss), True)),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(_reply, max_size=8), st.integers(0, 400), st.integers(0, 9))
+def test_whole_frames_agrees_with_the_scanner(replies: list[tuple[bytes, bool]], cut: int, limit: int) -> None:
+    """whole_frames says n only when the scanner finds exactly n frames ending at the chunk's end; it
+    declines only nesting, a partial reply or more than ``limit`` replies."""
+    from redisguard.resp import whole_frames
+
+    full = b"".join(r for r, _ in replies)
+    buf = full[:cut]
+    n = whole_frames(buf, limit)
+    scanner = ReplyScanner()
+    frames, consumed = scanner.scan(buf)
+    whole = consumed == len(buf) and scanner.idle
+    if n >= 0:
+        assert whole and n == len(frames) <= limit
+    elif whole and len(frames) <= limit:
+        assert any(nested for _, nested in replies), (buf, frames)
