@@ -162,7 +162,7 @@ class RequestParser:
             return []
         if (
             self.authenticated
-            and data[:1] == b"*"
+            and data.startswith(b"*")
             and not self._buf
             and not self._mbulk
             and not self._parts
@@ -206,7 +206,7 @@ class RequestParser:
             return None
         if canonical == data:
             self.raw = data
-            return [r for r in out if r]  # "*0\r\n": Redis skips it
+            return [r for r in out if r] if b"*0\r\n" in data else out  # "*0\r\n": Redis skips it
         # A partial request, or bytes whose meaning differs for Redis: the exact parser reads them all.
         self._reader = hiredis.Reader()
         return None
@@ -319,7 +319,8 @@ def _hiredis_unsafe(data: bytes) -> bool:
 
     hiredis allocates a declared array/set/map/push size at its header; canonical requests only have
     ``*N`` headers, and with N < 100 the allocation stays small. Anything else takes the exact path."""
-    return b"~" in data or b"%" in data or b"|" in data or b">" in data or _BIG_ARRAY.search(data) is not None
+    return _UNSAFE.search(data) is not None
 
 
-_BIG_ARRAY = re.compile(rb"\*[1-9][0-9]{2}")
+# RESP3 aggregate type bytes anywhere, or an array header of 100 elements or more.
+_UNSAFE = re.compile(rb"[~%|>]|\*[1-9][0-9]{2}")

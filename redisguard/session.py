@@ -91,6 +91,7 @@ class Session(RequestPipeline, LoginsAndACL, StateCommands):
         self.tls_identity = tls_identity
         self.to_upstream: list[bytes] = []
         self.replies = ReplyQueue(self)  # what the client is owed, in order
+        self.to_client = self.replies.to_client  # the queue's output list (the same list, never replaced)
         self.stopped = False
         self.upstream_opened = False
         self.parser = RequestParser(shared.policy.max_request_bytes)
@@ -161,7 +162,8 @@ class Session(RequestPipeline, LoginsAndACL, StateCommands):
     @property
     def subscribed(self) -> bool:
         """In RESP2 pub/sub mode, where replies and messages are both plain arrays."""
-        return any(self.subscriptions.values())
+        subs = self.subscriptions
+        return bool(subs[""] or subs["p"] or subs["s"])
 
     def _open_upstream(self) -> None:
         """Before the first request goes upstream: the service user's AUTH goes first.
@@ -283,13 +285,9 @@ class Session(RequestPipeline, LoginsAndACL, StateCommands):
         self._exec_undo.clear()
         self.replies.failed(message)
 
-    @property
-    def to_client(self) -> list[bytes]:
-        return self.replies.to_client
-
     def data_for_client(self) -> bytes:
         """What to send the client now (and forget it)."""
-        return _take(self.replies.to_client)
+        return _take(self.to_client)
 
     def data_for_upstream(self) -> bytes:
         """What to send Redis now (and forget it)."""
