@@ -23,7 +23,19 @@ log = get_logger("redisguard")
 audit = get_logger("redisguard.audit")
 
 
-class ClientProtocol(asyncio.Protocol):
+# One read buffer for every client connection. uvloop fills it and calls buffer_updated() at once,
+# one connection at a time (one thread, one loop), so sharing it is safe. A plain Protocol would make
+# uvloop's TLS path allocate 256 KiB per read (SSLObject.read) and shrink it: an mmap, mremap and munmap
+# per read with glibc, ~25 µs of CPU per request at pipeline depth 1.
+READ_BUFFER = memoryview(bytearray(256 * 1024))
+
+
+class ClientProtocol(asyncio.BufferedProtocol):
+    __slots__ = (
+        "closed", "counted", "ctx", "eof", "handshake_source", "idle_timer", "last_active", "link",
+        "listener", "paused_by", "session", "slicer", "timer", "transport", "waiting", "wake",
+    )  # fmt: skip
+
     def __init__(self, ctx: ConnectionContext, listener: ListenerConfig) -> None:
         self.ctx = ctx
         self.listener = listener
@@ -46,6 +58,8 @@ class ClientProtocol(asyncio.Protocol):
 
     # -- lifecycle --------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.handshake_source is not None:
+            self.ctx.churn_since_trim += 1  # a TLS handshake's buffers were just freed
         self.end_handshake()
         if self.closed:
             return
@@ -90,7 +104,7 @@ class ClientProtocol(asyncio.Protocol):
             transport.close()
         else:
             transport.abort()
-        self.ctx.closed_since_trim += 1
+        self.ctx.churn_since_trim += 1
 
     def start_handshake(self, peername: Any) -> None:
         """Take a pending-handshake slot (TLSServer, after _refusal said yes)."""
@@ -115,6 +129,12 @@ class ClientProtocol(asyncio.Protocol):
             self.close()
             return
         self.idle_timer = asyncio.get_running_loop().call_later(max(limit - quiet, 0.1), self._check_idle)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return READ_BUFFER
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(bytes(READ_BUFFER[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
@@ -242,7 +262,7 @@ class ClientProtocol(asyncio.Protocol):
             self.ctx.active[self.listener.name] -= 1
             self.ctx.metrics.connections_active.labels(self.listener.name).dec()
         self.ctx.clients.discard(self)
-        self.ctx.closed_since_trim += 1
+        self.ctx.churn_since_trim += 1
 
     # -- backpressure -----------------------------------------------------------------------------
     # Reading from one side stops while the other side's write buffer is over HIGH_WATER, so memory

@@ -65,7 +65,7 @@ class ConnectionContext:
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="redisguard-decide")
         self.fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self.fd_base = 0  # descriptors open before the first client: listeners, logs, the loop's own
-        self.closed_since_trim = 0  # connections closed since memory was last given back
+        self.churn_since_trim = 0  # TLS handshakes done and connections closed since memory was last given back
         self.last_upstream_error = ""
 
     def fds_left(self) -> int:

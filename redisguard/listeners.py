@@ -172,7 +172,7 @@ class TLSServer:
             ctx.events.log(audit.info, "tls_handshake_failed", listener=lst.name, peer=peer_name(addr), reason=why,
                              detail=str(getattr(e, "reason", "") or type(e).__name__))  # fmt: skip
             conn.close()
-            ctx.closed_since_trim += 1
+            ctx.churn_since_trim += 1
         except asyncio.CancelledError:  # the listener is closing
             conn.close()  # a no-op if uvloop took the socket over (it detaches it)
             raise

@@ -41,6 +41,11 @@ CONFIRMATIONS = frozenset((b"subscribe", b"psubscribe", b"ssubscribe", b"unsubsc
 
 
 class ReplyQueue:
+    __slots__ = (
+        "carry", "clock", "closing", "held", "monitoring", "pubsub_owed", "relayed_done", "relayed_owed",
+        "sample", "scanner", "session", "slots", "to_client",
+    )  # fmt: skip
+
     def __init__(self, session: Session) -> None:
         self.session = session
         self.to_client: list[bytes] = []

@@ -126,6 +126,11 @@ class RequestParser:
     Before authentication (``authenticated = False``) Redis's pre-auth limits apply and at most one
     request is returned per call; the caller lifts the limits after AUTH and calls ``feed(b"")``.
     """
+    __slots__ = (
+        "_argv", "_buf", "_bulklen", "_cost", "_have", "_hidden", "_mbulk", "_parts", "_reader", "_scanned",
+        "authenticated", "error", "max_request_bytes", "raw",
+    )  # fmt: skip
+
 
     # Per-argument bookkeeping counted against max_request_bytes, so a request of empty arguments
     # cannot hold many times its size in memory.

@@ -43,8 +43,10 @@ audit = get_logger("redisguard.audit")
 
 # The housekeeping timer: event-loop lag is how late it fires; it also decides when to trim memory.
 TICK = 0.25
-# malloc_trim(0) only after at least this many connections closed since the last trim.
-TRIM_AFTER_CLOSES = 64
+# malloc_trim(0) only after at least this many TLS handshakes or closed connections since the last
+# trim: a handshake's transient buffers (tens of KiB) stay in glibc's free lists otherwise, and a burst of
+# handshakes would leave the resident size far above what the connections hold.
+TRIM_AFTER_CHURN = 64
 
 
 class Proxy:
@@ -79,12 +81,12 @@ class Proxy:
         self.tick_handle = asyncio.get_running_loop().call_later(TICK, self._tick)
         interval = self.config.limits.memory_trim_interval
         ctx = self.ctx
-        if interval and self.trim is not None and now >= self.next_trim and ctx.closed_since_trim >= TRIM_AFTER_CLOSES:
+        if interval and self.trim is not None and now >= self.next_trim and ctx.churn_since_trim >= TRIM_AFTER_CHURN:
             self.next_trim = now + interval
-            closed, ctx.closed_since_trim = ctx.closed_since_trim, 0
+            churn, ctx.churn_since_trim = ctx.churn_since_trim, 0
             self.trim()
             self.metrics.malloc_trims.inc()
-            log.debug("malloc_trim", closed=closed, seconds=round(time.monotonic() - now, 4))
+            log.debug("malloc_trim", churn=churn, seconds=round(time.monotonic() - now, 4))
 
     async def load_policy(self) -> None:
         cfg = self.config
@@ -261,30 +263,7 @@ def _malloc_trim() -> Callable[[], int] | None:
     return lambda: int(fn(0))
 
 
-# glibc's mallopt parameters (malloc.h) and the values set at start (see _tune_malloc).
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-MMAP_THRESHOLD = 1024 * 1024
-TRIM_THRESHOLD = 4 * 1024 * 1024
-
-
-def _tune_malloc() -> bool:
-    """Keep TLS reads off mmap. uvloop reads TLS records with SSLObject.read(256 KiB): CPython
-    allocates 256 KiB, then shrinks the bytes to what was read. Above glibc's mmap threshold that is
-    an mmap, an mremap and a munmap per read, and the shrink means glibc never raises the threshold
-    itself; measured here it cost ~25 µs of CPU per request at pipeline depth 1. A fixed 1 MiB
-    threshold serves those buffers from the heap; the trim threshold keeps glibc from giving the top
-    of the heap back after every read (malloc_trim after closed connections still returns it)."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
-
-
 async def run(config: Config) -> None:
-    _tune_malloc()
     proxy = Proxy(config)
     await proxy.start()
     loop = asyncio.get_running_loop()

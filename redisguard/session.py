@@ -73,6 +73,15 @@ def _take(out: list[bytes]) -> bytes:
 
 
 class Session(RequestPipeline, LoginsAndACL, StateCommands):
+    __slots__ = (
+        "_admin_done", "_decided", "_exec_undo", "_last", "_more", "_multi_subs", "_multi_user",
+        "_offload_basis", "_paused", "_pending", "_queued", "_replay", "_replay_auth", "_silent",
+        "_skip_next", "_skipping", "_unparsed", "authenticated", "in_multi", "listener", "local",
+        "multi_dirty", "offload", "parser", "peer", "replies", "reply_off", "resp", "shared", "source",
+        "stopped", "subscriptions", "tls_identity", "to_client", "to_upstream", "upstream_opened", "user",
+        "wait",
+    )  # fmt: skip
+
     def __init__(
         self,
         shared: Shared,

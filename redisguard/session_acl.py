@@ -1,4 +1,4 @@
-# mypy: disable-error-code="attr-defined"
+# mypy: disable-error-code="attr-defined,misc"
 # (a mixin of Session: the attributes it uses are Session's, checked there)
 """Logins and ACL, the session's commands answered from redisguard's own users.
 
@@ -46,6 +46,8 @@ def _valid_client_name(name: bytes) -> bool:
 
 
 class LoginsAndACL:
+    __slots__ = ()
+
     _replay_auth: bool
     _admin_done: Any
 

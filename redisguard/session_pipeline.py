@@ -1,4 +1,4 @@
-# mypy: disable-error-code="attr-defined"
+# mypy: disable-error-code="attr-defined,misc"
 # (a mixin of Session: the attributes it uses are Session's, checked there)
 """The request side of a session: parse, decide in order, in bounded batches, some off the loop.
 
@@ -37,6 +37,8 @@ def _huge(argv: Sequence[bytes]) -> bool:
 
 
 class RequestPipeline:
+    __slots__ = ()
+
     special: frozenset[str]  # commands Session handles itself (never on the fast path)
     _pending: deque[list[bytes]]
     _unparsed: list[bytes]

@@ -1,4 +1,4 @@
-# mypy: disable-error-code="attr-defined"
+# mypy: disable-error-code="attr-defined,misc"
 # (a mixin of Session: the attributes it uses are Session's, checked there)
 """The commands that change a session's state: QUIT, RESET, MULTI/EXEC/DISCARD, (P|S)(UN)SUBSCRIBE,
 CLIENT REPLY and MONITOR. A mixin of :class:`~redisguard.session.Session`, split out by job.
@@ -28,6 +28,8 @@ SUBSCRIBE_KIND = {"subscribe": "", "unsubscribe": "", "psubscribe": "p", "punsub
 
 
 class StateCommands:
+    __slots__ = ()
+
     _multi_subs: list[tuple[str, bytes, bool]]
     _multi_user: Any
     _queued: list[list[bytes]]

@@ -25,6 +25,10 @@ HIGH_WATER = 1024 * 1024
 
 
 class UpstreamProtocol(asyncio.Protocol):
+    __slots__ = (
+        "client", "paused_by", "slicer", "transport",
+    )  # fmt: skip
+
     def __init__(self, client: ClientProtocol) -> None:
         self.client = client
         self.transport: asyncio.Transport | None = None
@@ -68,6 +72,10 @@ class UpstreamProtocol(asyncio.Protocol):
 
 
 class UpstreamLink:
+    __slots__ = (
+        "client", "ctx", "pending", "pending_bytes", "protocol", "task",
+    )  # fmt: skip
+
     def __init__(self, client: ClientProtocol, ctx: ConnectionContext) -> None:
         self.client = client
         self.ctx = ctx
