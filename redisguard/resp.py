@@ -56,9 +56,11 @@ def encode_requests(requests: Sequence[Sequence[bytes]]) -> bytes:
     out: list[bytes] = []
     add = out.append
     for argv in requests:
-        add(_ARRAY_HEADERS[len(argv)] if len(argv) < 64 else b"*%d\r\n" % len(argv))
+        n = len(argv)
+        add(_ARRAY_HEADERS[n] if n < 64 else b"*%d\r\n" % n)
         for arg in argv:
-            add(_BULK_HEADERS[len(arg)] if len(arg) < 512 else b"$%d\r\n" % len(arg))
+            n = len(arg)
+            add(_BULK_HEADERS[n] if n < 512 else b"$%d\r\n" % n)
             add(arg)
             add(b"\r\n")
     return b"".join(out)
