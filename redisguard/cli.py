@@ -9,7 +9,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from . import __version__
+from . import __version__, cli_acl
 from .acl import ACLError, UsersFileError, hash_password, load_users, missing_default_message
 from .commands import CommandTable
 from .config import Config, ConfigError, load_config
@@ -253,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     a.set_defaults(func=cmd_acl_check)
     a = command(asub, "hash", "read a password on stdin, print its #<sha256> rule for the users file")
     a.set_defaults(func=cmd_acl_hash)
+    cli_acl.add_commands(asub, command)
 
     s = command(sub, "demo", "start redis-server and redisguard on free loopback ports and run a scripted session")
     s.add_argument("--dir", default="run/demo")

@@ -83,6 +83,19 @@ class ACLConfig:
     # socket clients of redisguard; Redis itself sees every proxied client as local).
     enable_debug_command: str = "upstream"  # "upstream": the upstream Redis's own setting (CONFIG GET at start)
     enable_module_command: str = "upstream"
+    # "audit": what the policy would deny is forwarded anyway, logged as would_deny and counted with
+    # mode="audit" (least-privilege roll-out); audit_users: the users (Redis globs) in audit mode when
+    # the mode is "enforce".
+    mode: str = "enforce"
+    audit_users: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """The traffic profile (commands, key patterns, channels per user) behind `redisguard acl suggest`."""
+
+    file: Path | None = None  # None: no profile is kept
+    interval: float = 60.0  # seconds between writes of the file (and at shutdown)
 
 
 @dataclass(frozen=True)
@@ -122,6 +135,7 @@ class Config:
     limits: LimitsConfig = LimitsConfig()
     metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()
+    profile: ProfileConfig = ProfileConfig()
     source: Path | None = None
 
 
@@ -130,13 +144,14 @@ class Config:
 # Every key each table accepts: an unknown key (a typo like ``cert_fiel``) is reported as such before
 # anything else, so it is never mistaken for a missing one. (``_Section.done`` double-checks.)
 KNOWN_KEYS: dict[str, tuple[str, ...]] = {
-    "": ("listener", "upstream", "acl", "limits", "metrics", "log"),
+    "": ("listener", "upstream", "acl", "limits", "metrics", "log", "profile"),
     "listener": ("name", "type", "address", "path", "socket_mode", "cert_file", "key_file", "ca_file", "client_auth",
                  "cert_user", "allow_insecure_remote", "allowed_sources", "max_connections"),
     "upstream": ("address", "path", "username", "password", "password_file", "password_env", "tls", "tls_ca_file",
                  "tls_cert_file", "tls_key_file", "tls_server_name", "connect_timeout", "fetch_command_table",
                  "health_check_interval"),
-    "acl": ("users_file", "disabled_commands", "enable_debug_command", "enable_module_command"),
+    "acl": ("users_file", "disabled_commands", "enable_debug_command", "enable_module_command", "mode", "audit_users"),
+    "profile": ("file", "interval"),
     "limits": tuple(LimitsConfig.__dataclass_fields__),
     "metrics": ("enabled", "address"),
     "log": tuple(LogConfig.__dataclass_fields__),
@@ -361,8 +376,18 @@ def parse_config(data: dict[str, Any], base: Path, source: Path | None = None) -
         protected[key] = acl.get(key, str, "upstream")
         if protected[key] not in ("no", "yes", "local", "upstream"):
             raise acl.fail(key, f'"no", "yes", "local" or "upstream", got {protected[key]!r}')
-    acl_cfg = ACLConfig(users_file, tuple(c.lower() for c in disabled), **protected)
+    audit_users = acl.get("audit_users", list, [])
+    if not all(isinstance(u, str) and u for u in audit_users):
+        raise acl.fail("audit_users", f"user names or Redis glob patterns, got {audit_users!r}")
+    acl_cfg = ACLConfig(users_file, tuple(c.lower() for c in disabled), **protected,
+                        mode=acl.choice("mode", ("enforce", "audit"), "enforce"), audit_users=tuple(audit_users))  # fmt: skip
     acl.done()
+
+    pr = root.section("profile")
+    profile = ProfileConfig(pr.path("file"), pr.get("interval", float, 60.0))
+    if profile.interval <= 0:
+        raise pr.fail("interval", "must be positive (seconds)")
+    pr.done()
 
     lim = root.section("limits")
     limits = LimitsConfig(
@@ -403,7 +428,7 @@ def parse_config(data: dict[str, Any], base: Path, source: Path | None = None) -
             raise lg.fail(k, "must be > 0")
     lg.done()
     root.done()
-    return Config(listeners, upstream, acl_cfg, limits, metrics, log, source)
+    return Config(listeners, upstream, acl_cfg, limits, metrics, log, profile, source)
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

@@ -26,8 +26,9 @@ class Metrics:
         r = self.registry = CollectorRegistry()
         self.commands = Counter("redisguard_commands", "Commands decided, by verdict.",
                                 ["user", "command", "result"], registry=r)  # fmt: skip
-        self.denied = Counter("redisguard_denied_commands", "Commands refused, by reason.",
-                              ["user", "command", "reason"], registry=r)  # fmt: skip
+        self.denied = Counter("redisguard_denied_commands", "Commands refused, by reason (mode=\"audit\": "
+                              "forwarded anyway, the policy would have refused them).",
+                              ["user", "command", "reason", "mode"], registry=r)  # fmt: skip
         self.auth_failures = Counter("redisguard_auth_failures", "Failed authentications.",
                                      ["listener", "reason"], registry=r)  # fmt: skip
         self.auth_throttled = Counter("redisguard_auth_throttled", "AUTH attempts delayed by the brute-force "

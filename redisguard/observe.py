@@ -60,7 +60,7 @@ class Observer:
             allowed_counts[key] = allowed_counts.get(key, 0) + 1
             return
         self.metrics.commands.labels(user, cmd, "denied").inc()
-        self.metrics.denied.labels(user, cmd, reason).inc()
+        self.metrics.denied.labels(user, cmd, reason, "enforce").inc()
         self.limiter.log(self._audit_denied, "command_denied", session=session, user=user, cmd=cmd, reason=reason)
 
     def allowed(self, labels: list[tuple[str, str]]) -> None:
@@ -69,6 +69,13 @@ class Observer:
             counts = self._allowed
             for key in labels:
                 counts[key] = counts.get(key, 0) + 1
+
+    def would_deny(self, session: Session, cmd: str, reason: str) -> None:
+        """Audit mode: the policy would refuse this request; it is forwarded."""
+        user = printable_name(session.user.name)
+        if self.count:
+            self.metrics.denied.labels(user, cmd, reason, "audit").inc()
+        self.limiter.log(self._audit_denied, "would_deny", session=session, user=user, cmd=cmd, reason=reason)
 
     def _audit_denied(self, event: str, session: Session, user: str, cmd: str, reason: str) -> None:
         extra = {"keys": session.last_keys()} if self.audit_keys else {}  # only for the lines that are written

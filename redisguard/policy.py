@@ -14,10 +14,12 @@ from typing import TYPE_CHECKING, Protocol
 
 from .acl import ACLReplies, User, admin, check
 from .acl.check import sort_restriction
+from .acl.glob import stringmatch
 from .acl.user import printable_name
 from .commands import Command, CommandTable, unknown_command_error
 from .fastpath import Plan
 from .guards import AuthThrottle
+from .profile import TrafficProfile
 from .resp import encode_bulk, encode_command, encode_error
 
 if TYPE_CHECKING:
@@ -31,6 +33,7 @@ class Observer(Protocol):
 
     def command(self, session: Session, cmd: str, allowed: bool, reason: str) -> None: ...
     def allowed(self, labels: list[tuple[str, str]]) -> None: ...
+    def would_deny(self, session: Session, cmd: str, reason: str) -> None: ...
     def auth(self, session: Session, ok: bool, username: str, reason: str, method: str) -> None: ...
     def reply_latency(self, seconds: float) -> None: ...
     def throttled(self, session: Session, delay: float) -> None: ...
@@ -41,6 +44,9 @@ class _NullObserver:
         pass
 
     def allowed(self, labels: list[tuple[str, str]]) -> None:
+        pass
+
+    def would_deny(self, session: Session, cmd: str, reason: str) -> None:
         pass
 
     def auth(self, session: Session, ok: bool, username: str, reason: str, method: str) -> None:
@@ -68,11 +74,20 @@ class Policy:
     enable_debug_command: str = "no"  # Redis's protected commands: "no" | "yes" | "local"
     enable_module_command: str = "no"
     users_file: str = ""  # for ACL SAVE / ACL LOAD
+    audit_all: bool = False  # [acl] mode = "audit": ACL denials are forwarded, logged as would_deny
+    audit_users: tuple[bytes, ...] = ()  # ... for these users (Redis glob patterns) only
     # Per user, the precomputed decisions of the fast path (fastpath.Plan); a new policy starts empty.
     plans: dict[User, Plan] = field(default_factory=dict, compare=False, repr=False)
 
     def with_users(self, users: dict[str, User]) -> Policy:
         return replace(self, users=users, plans={})
+
+    def audits(self, user: User) -> bool:
+        """Is ``user`` in audit mode (its ACL denials forwarded, not enforced)?"""
+        if self.audit_all:
+            return True
+        name = user.name.encode("utf-8", "surrogateescape")
+        return any(stringmatch(p, name) for p in self.audit_users)
 
     def plan(self, user: User, special: frozenset[str]) -> Plan:
         plan = self.plans.get(user)
@@ -123,6 +138,7 @@ class Shared:
         self.throttle = throttle or AuthThrottle(0)
         self.acl_log = admin.ACLLog()
         self.acl_replies = acl_replies  # ACL USERS/LIST/GETUSER, built once per users load
+        self.profile: TrafficProfile | None = None  # what each user used ([profile] file), if kept
         # Set by the transport: moves or disconnects clients when the users change (changed=None:
         # compare every user, as ACL LOAD and a reload do).
         # Returns how many clients it disconnected.

@@ -125,6 +125,8 @@ class Reloader:
         clients (how many were disconnected), and build the ACL replies off the loop if need be."""
         users = policy.users
         self.shared.observer.users = users  # type: ignore[attr-defined]
+        if self.shared.profile is not None:  # the profile of users that are gone goes with them
+            self.shared.profile.forget([name for name in self.shared.profile.users if name not in users])
         dropped = self._rebind_sessions(users, changed, deleted)
         audit.info("users_changed", users=len(users), changed=sorted(changed) if changed is not None else "all",
                    deleted=list(deleted), disconnected=dropped)  # fmt: skip

@@ -33,6 +33,8 @@ from .listeners import HandshakeBudget, TLSServer
 from .metrics import Metrics, serve_http
 from .observe import Observer
 from .policy import Policy, Shared
+from .profile import TrafficProfile
+from .profile_store import ProfileStore
 from .reload import Reloader, export_expiry
 from .tls import server_context, upstream_context
 from .upstream import fetch_command_table, protected_settings, upstream_request
@@ -63,6 +65,7 @@ class Proxy:
         self.tick_due = 0.0
         self.tick_handle: asyncio.TimerHandle | None = None
         self.monitor = UpstreamMonitor(config, self.metrics)  # redisguard_upstream_up on a quiet host
+        self.profile_store: ProfileStore | None = None  # the traffic profile's file ([profile])
 
     @property
     def policy(self) -> Policy:
@@ -109,6 +112,8 @@ class Proxy:
             protected = {k: upstream.get(k, "no") if v == "upstream" else v for k, v in protected.items()}
         policy = Policy(self.table, users, frozenset(cfg.acl.disabled_commands), cfg.upstream.username,
                         cfg.upstream.password, cfg.limits.max_request_bytes, users_file=str(cfg.acl.users_file),
+                        audit_all=cfg.acl.mode == "audit",
+                        audit_users=tuple(u.encode("utf-8", "surrogateescape") for u in cfg.acl.audit_users),
                         **protected)  # fmt: skip
         observer = Observer(self.metrics, users, cfg.metrics.enabled, cfg.log.audit_keys, cfg.log.audit_denied_per_second)
         self.shared = Shared(policy, observer, AuthThrottle(cfg.limits.auth_failures_per_minute), ACLReplies(users).prepare())
@@ -116,6 +121,10 @@ class Proxy:
         handshakes = HandshakeBudget(lim.max_pending_handshakes, lim.max_handshakes_per_source,
                                      self.metrics.tls_handshakes_pending)  # fmt: skip
         self.ctx = ConnectionContext(cfg, self.shared, self.metrics, handshakes, upstream_context(cfg.upstream))
+        if cfg.profile.file is not None:
+            self.shared.profile = TrafficProfile()
+            self.profile_store = ProfileStore(self.shared.profile, cfg.profile.file, cfg.profile.interval)
+            self.profile_store.load()
         self.reloader = Reloader(cfg, self.table, self.shared, self.ctx, self._set_config)
         self.metrics.fd_accounted.set_function(lambda: self.ctx.fd_limit - self.ctx.fds_left())
         self.metrics.set_build_info(self.table.redis_version)
@@ -150,6 +159,8 @@ class Proxy:
         self.tick_due = time.monotonic() + TICK
         self.tick_handle = loop.call_later(TICK, self._tick)
         self.monitor.start()
+        if self.profile_store is not None:
+            self.profile_store.start()
         log.info(
             "redisguard_started",
             listeners=[f"{lst.name}={lst.type}://{self.bound(i)}" for i, lst in enumerate(self.config.listeners)],
@@ -218,6 +229,8 @@ class Proxy:
             self.tick_handle.cancel()
             self.tick_handle = None
         await self.monitor.stop()
+        if self.profile_store is not None:
+            await self.profile_store.stop()
         for srv in self.servers:
             srv.close()
         deadline = time.monotonic() + grace

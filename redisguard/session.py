@@ -42,7 +42,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .acl import User
-from .commands import Command, get_keys
+from .commands import Command, get_channels, get_keys
 from .guards import source_key
 from .policy import Policy, Shared, Verdict, decide
 from .reply_queue import AUTHCHECK, CONFIRMATIONS, PUBSUB, QUIET, RELAY, SWALLOW, ReplyQueue
@@ -52,6 +52,8 @@ from .session_acl import LoginsAndACL
 from .session_pipeline import RequestPipeline
 from .session_state import StateCommands
 
+# The verdicts that are the ACL's (audit mode forwards these; the others are Redis's own answers).
+ACL_REASONS = frozenset({"command", "key", "channel"})
 # In RESP2 pub/sub mode Redis runs only these (processCommand), refusing the rest after the ACL check.
 _SUBSCRIBED_CONTEXT = frozenset({"ping", "quit", "reset", "subscribe", "psubscribe", "ssubscribe",
                                  "unsubscribe", "punsubscribe", "sunsubscribe"})
@@ -265,10 +267,14 @@ class Session(RequestPipeline, LoginsAndACL, StateCommands):
         cmd = verdict.cmd
         self._last = (cmd, argv)
         if verdict.error is not None:
-            if verdict.reason in ("command", "key", "channel"):
-                self._acl_log(verdict.reason, verdict.name.encode() if verdict.reason == "command" else argv[verdict.index])
-            self._reject(cmd, verdict.error, verdict.reason, verdict.name)
-            return
+            if verdict.reason in ACL_REASONS and self.policy.audits(self.user):
+                # audit mode: what the policy would deny is forwarded, and logged and counted as such
+                self.shared.observer.would_deny(self, verdict.name, verdict.reason)
+            else:
+                if verdict.reason in ACL_REASONS:
+                    self._acl_log(verdict.reason, verdict.name.encode() if verdict.reason == "command" else argv[verdict.index])
+                self._reject(cmd, verdict.error, verdict.reason, verdict.name)
+                return
         assert cmd is not None
         if self.resp == 2 and self.subscribed and cmd.name not in _SUBSCRIBED_CONTEXT:
             self._reject(cmd, b"-ERR Can't execute '%s': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / "
@@ -276,6 +282,8 @@ class Session(RequestPipeline, LoginsAndACL, StateCommands):
             return
         if not self._replay_auth:  # a throttled AUTH was counted when it first arrived
             self.shared.observer.command(self, cmd.name, True, "")
+            if self.shared.profile is not None and self.authenticated:
+                self.shared.profile.record(self.user.name, cmd, argv, get_keys(cmd, argv), get_channels(cmd, argv))
         if self.in_multi and cmd.name not in ("exec", "discard"):
             self._queued.append(argv)  # EXEC checks them again if the user's rules changed meanwhile
         handler = _HANDLERS.get(cmd.name)

@@ -150,6 +150,8 @@ class RequestPipeline:
         pattern match per key); anything else is left to ``decide``, request by request."""
         if not self.authenticated or self.in_multi or self.reply_off or self._skip_next or self.subscribed:
             return False
+        if self.shared.profile is not None:
+            return False  # every request is recorded on the way through decide()
         allowed = self.policy.plan(self.user, self.special).allowed
         check_size = size > _NEVER_HUGE
         labels = []

@@ -76,7 +76,9 @@ class StateCommands:
         since (ACL SETUSER, LOAD, a reload). If any is no longer allowed here, the transaction goes."""
         if self.user is self._multi_user:
             return False
-        return any(decide(self.policy, self.user, q, False, self.local).error is not None for q in self._queued)
+        audit = self.policy.audits(self.user)  # audit mode: ACL verdicts do not stop anything
+        return any((v := decide(self.policy, self.user, q, False, self.local)).error is not None
+                   and not (audit and v.reason in ("command", "key", "channel")) for q in self._queued)  # fmt: skip
 
     def _cmd_exec(self, cmd: Command, argv: list[bytes]) -> None:
         if self.in_multi and self.multi_dirty:

@@ -65,7 +65,7 @@ def test_exact_counters_after_scripted_traffic(fresh, certs: Path) -> None:  # t
     raw_exchange(p.tls_port, b"GET x\r\n", expect_close=True)  # plaintext on TLS → handshake failure
     s = samples(scrape(p))
     want = {
-        'redisguard_denied_commands_total{command="ping",reason="noauth",user="default"}': 1,
+        'redisguard_denied_commands_total{command="ping",mode="enforce",reason="noauth",user="default"}': 1,
         'redisguard_auth_failures_total{listener="local",reason="wrong_password"}': 1,
         'redisguard_auth_failures_total{listener="local",reason="unknown_user"}': 1,
         'redisguard_auth_failures_total{listener="local",reason="disabled_user"}': 1,
@@ -73,10 +73,10 @@ def test_exact_counters_after_scripted_traffic(fresh, certs: Path) -> None:  # t
         'redisguard_commands_total{command="set",result="allowed",user="alice"}': 5,
         'redisguard_commands_total{command="get",result="allowed",user="alice"}': 3,
         'redisguard_commands_total{command="get",result="denied",user="alice"}': 4,
-        'redisguard_denied_commands_total{command="get",reason="key",user="alice"}': 4,
-        'redisguard_denied_commands_total{command="client|kill",reason="command",user="alice"}': 1,
-        'redisguard_denied_commands_total{command="publish",reason="channel",user="alice"}': 1,
-        'redisguard_denied_commands_total{command="flushall",reason="disabled",user="alice"}': 1,
+        'redisguard_denied_commands_total{command="get",mode="enforce",reason="key",user="alice"}': 4,
+        'redisguard_denied_commands_total{command="client|kill",mode="enforce",reason="command",user="alice"}': 1,
+        'redisguard_denied_commands_total{command="publish",mode="enforce",reason="channel",user="alice"}': 1,
+        'redisguard_denied_commands_total{command="flushall",mode="enforce",reason="disabled",user="alice"}': 1,
         'redisguard_request_errors_total{reason="unknown_command"}': 1,
         'redisguard_request_errors_total{reason="arity"}': 1,
         'redisguard_connections_total{listener="local"}': 2,  # ours + start_proxy's readiness probe

@@ -1,0 +1,165 @@
+"""The traffic profile: per user, what was used — commands, key patterns, channels — never values.
+
+It is what `redisguard acl suggest` turns into the tightest ACL rules that would have allowed all of
+it, and what `redisguard acl diff --against` checks a new users file against.
+
+Key names are collapsed into patterns as they are recorded (the heuristic, stated once):
+
+* a key with a separator (``:``, ``/``, ``.``, ``|``, ``-``, ``_``, ``#``) keeps its text up to and
+  including the first one, plus ``*`` — ``session:ab12`` → ``session:*``, ``cache/img/1`` → ``cache/*``;
+* a key without one is kept as a literal pattern (glob characters escaped) — ``counter`` → ``counter``;
+* a user holds at most ``MAX_PATTERNS`` key patterns (and channel patterns): past that, the user's
+  keys (channels) collapse to ``*`` and the profile says so (``keys_truncated``).
+
+Each key pattern remembers whether it was read, written or both, so the suggestion can use ``%R~``,
+``%W~`` or ``~``. Channels are collapsed the same way. Memory is bounded: users × (commands in the
+command table × MAX_PATTERNS), whatever the traffic. ``uses`` (which command touched which key
+pattern) lets ``acl diff --against`` probe exactly the pairs that were seen.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from .commands import READ, WRITE, Command
+
+MAX_PATTERNS = 256
+_SEPARATOR = re.compile(rb"[:/.|\-_#]")
+_GLOB_SPECIAL = re.compile(rb"([*?\[\]\\])")
+FORMAT = 1
+
+
+def key_pattern(key: bytes) -> bytes:
+    """The pattern a key is recorded under (see the module's heuristic)."""
+    m = _SEPARATOR.search(key)
+    if m is not None:
+        return _GLOB_SPECIAL.sub(rb"\\\1", key[: m.end()]) + b"*"
+    return _GLOB_SPECIAL.sub(rb"\\\1", key)
+
+
+class UserProfile:
+    __slots__ = ("commands", "keys", "channels", "uses", "keys_truncated", "channels_truncated")
+
+    def __init__(self) -> None:
+        self.commands: dict[str, int] = {}  # command name ("get", "config|get") -> count
+        self.keys: dict[bytes, int] = {}  # key pattern -> READ|WRITE bits seen
+        self.channels: set[bytes] = set()
+        self.uses: dict[str, set[bytes]] = {}  # command -> the key patterns it touched (for acl diff)
+        self.keys_truncated = False
+        self.channels_truncated = False
+
+    def add_key(self, cmd: str, key: bytes, access: int) -> None:
+        if self.keys_truncated:
+            pattern = b"*"
+        else:
+            pattern = key_pattern(key)
+            if pattern not in self.keys and len(self.keys) >= MAX_PATTERNS:
+                merged = 0
+                for bits in self.keys.values():
+                    merged |= bits
+                self.keys = {b"*": merged}
+                self.uses = {c: {b"*"} for c in self.uses}
+                self.keys_truncated = True
+                pattern = b"*"
+        self.keys[pattern] = self.keys.get(pattern, 0) | access
+        self.uses.setdefault(cmd, set()).add(pattern)  # bounded: commands x MAX_PATTERNS
+
+    def add_channel(self, channel: bytes, is_pattern: bool) -> None:
+        if self.channels_truncated:
+            return
+        name = channel if is_pattern else key_pattern(channel)  # a PSUBSCRIBE pattern must be allowed literally
+        if name not in self.channels and len(self.channels) >= MAX_PATTERNS:
+            self.channels = {b"*"}
+            self.channels_truncated = True
+            return
+        self.channels.add(name)
+
+
+class TrafficProfile:
+    """What each user did, bounded (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.users: dict[str, UserProfile] = {}
+        self.changed = False
+
+    def record(self, user: str, cmd: Command, argv: Sequence[bytes], keys: Iterable[tuple[int, int]],
+               channels: Iterable[tuple[int, bool]]) -> None:  # fmt: skip
+        """One request ``user`` made (allowed, or forwarded in audit mode); ``user`` is a configured name."""
+        up = self.users.get(user)
+        if up is None:
+            up = self.users[user] = UserProfile()
+        up.commands[cmd.name] = up.commands.get(cmd.name, 0) + 1
+        for idx, access in keys:
+            up.add_key(cmd.name, argv[idx], access or READ)
+        for idx, is_pattern in channels:
+            up.add_channel(argv[idx], is_pattern)
+        self.changed = True
+
+    def forget(self, names: Iterable[str]) -> None:
+        """Users that no longer exist (a reload, ACL DELUSER): their profile goes with them."""
+        for name in names:
+            self.users.pop(name, None)
+
+    # -- the file ---------------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        users = {}
+        for name, up in sorted(self.users.items()):
+            users[name] = {
+                "commands": dict(sorted(up.commands.items())),
+                "keys": {_text(p): _access(bits) for p, bits in sorted(up.keys.items())},
+                "channels": sorted(_text(c) for c in up.channels),
+                "uses": {c: sorted(_text(p) for p in ps) for c, ps in sorted(up.uses.items())},
+                "keys_truncated": up.keys_truncated,
+                "channels_truncated": up.channels_truncated,
+            }
+        return {"format": FORMAT, "users": users}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrafficProfile:
+        if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("users"), dict):
+            raise ValueError("not a redisguard traffic profile (format 1)")
+        prof = cls()
+        for name, u in data["users"].items():
+            up = prof.users[name] = UserProfile()
+            up.commands = {str(k): int(v) for k, v in u.get("commands", {}).items()}
+            up.keys = {_bytes(p): _ACCESS[a] for p, a in u.get("keys", {}).items()}
+            up.channels = {_bytes(c) for c in u.get("channels", [])}
+            up.uses = {str(c): {_bytes(p) for p in ps} for c, ps in u.get("uses", {}).items()}
+            up.keys_truncated = bool(u.get("keys_truncated"))
+            up.channels_truncated = bool(u.get("channels_truncated"))
+        return prof
+
+    def merge(self, other: TrafficProfile) -> None:
+        """Add another profile (the file written by an earlier run) to this one."""
+        for name, o in other.users.items():
+            up = self.users.setdefault(name, UserProfile())
+            for c, n in o.commands.items():
+                up.commands[c] = up.commands.get(c, 0) + n
+            for p, bits in o.keys.items():
+                up.keys[p] = up.keys.get(p, 0) | bits
+            up.channels |= o.channels
+            for c, ps in o.uses.items():
+                up.uses.setdefault(c, set()).update(ps)
+            up.keys_truncated |= o.keys_truncated
+            up.channels_truncated |= o.channels_truncated
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n"
+
+
+_ACCESS = {"read": READ, "write": WRITE, "readwrite": READ | WRITE}
+
+
+def _access(bits: int) -> str:
+    return {READ: "read", WRITE: "write"}.get(bits, "readwrite")
+
+
+def _text(b: bytes) -> str:
+    return b.decode("utf-8", "surrogateescape")
+
+
+def _bytes(s: str) -> bytes:
+    return s.encode("utf-8", "surrogateescape")
