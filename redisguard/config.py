@@ -88,6 +88,7 @@ class ACLConfig:
     # the mode is "enforce".
     mode: str = "enforce"
     audit_users: tuple[str, ...] = ()
+    reload_guard: bool = False  # refuse a reload whose users would deny traffic in the [profile]
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,8 @@ KNOWN_KEYS: dict[str, tuple[str, ...]] = {
     "upstream": ("address", "path", "username", "password", "password_file", "password_env", "tls", "tls_ca_file",
                  "tls_cert_file", "tls_key_file", "tls_server_name", "connect_timeout", "fetch_command_table",
                  "health_check_interval"),
-    "acl": ("users_file", "disabled_commands", "enable_debug_command", "enable_module_command", "mode", "audit_users"),
+    "acl": ("users_file", "disabled_commands", "enable_debug_command", "enable_module_command", "mode", "audit_users",
+            "reload_guard"),
     "profile": ("file", "interval"),
     "limits": tuple(LimitsConfig.__dataclass_fields__),
     "metrics": ("enabled", "address"),
@@ -380,7 +382,8 @@ def parse_config(data: dict[str, Any], base: Path, source: Path | None = None) -
     if not all(isinstance(u, str) and u for u in audit_users):
         raise acl.fail("audit_users", f"user names or Redis glob patterns, got {audit_users!r}")
     acl_cfg = ACLConfig(users_file, tuple(c.lower() for c in disabled), **protected,
-                        mode=acl.choice("mode", ("enforce", "audit"), "enforce"), audit_users=tuple(audit_users))  # fmt: skip
+                        mode=acl.choice("mode", ("enforce", "audit"), "enforce"), audit_users=tuple(audit_users),
+                        reload_guard=acl.get("reload_guard", bool, False))  # fmt: skip
     acl.done()
 
     pr = root.section("profile")

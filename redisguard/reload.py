@@ -17,8 +17,10 @@ from .audit import get_logger
 from .commands import CommandTable
 from .config import Config, ListenerConfig
 from .context import ConnectionContext
+from .least_privilege import breakage
 from .metrics import Metrics
 from .policy import Policy, Shared
+from .profile import TrafficProfile
 from .reconfigure import Reconfiguration, reread
 from .tls import TLSConfigError, server_context
 
@@ -74,9 +76,16 @@ class Reloader:
         cfg = self.config
         tls = [lst for lst in cfg.listeners if lst.type == "tls"]
 
-        def load() -> tuple[dict[str, User], ACLReplies, dict[str, ssl.SSLContext], Reconfiguration]:
+        def load(seen: TrafficProfile | None) -> tuple[dict[str, User], ACLReplies, dict[str, ssl.SSLContext],
+                                                       Reconfiguration]:  # fmt: skip
             changes = reread(cfg)  # the TOML too: what changed is applied or logged as needing a restart
             users = load_users(cfg.acl.users_file, self.table, require_default=True)
+            if seen is not None:  # [acl] reload_guard: refuse a policy that breaks observed traffic
+                breaks = breakage(seen, users, self.table)
+                if breaks:
+                    b = breaks[0]
+                    raise ValueError(f"reload_guard: the new users file would deny {len(breaks)} observed "
+                                     f"command(s), e.g. user {b.user}: {b.what}")  # fmt: skip
             return users, ACLReplies(users).prepare(), {lst.name: server_context(lst) for lst in tls}, changes
 
         while True:
@@ -86,7 +95,10 @@ class Reloader:
             gc.disable()
             before = self.policy.users
             try:
-                users, acl_replies, contexts, changes = await asyncio.to_thread(load)
+                profile = self.shared.profile
+                # a copy made here, on the loop (the live profile changes under a worker thread)
+                seen = TrafficProfile.from_json(profile.to_json()) if cfg.acl.reload_guard and profile else None
+                users, acl_replies, contexts, changes = await asyncio.to_thread(load, seen)
             except (UsersFileError, ACLError, TLSConfigError, OSError, ValueError) as e:
                 gc.enable()
                 self.metrics.reload_result(False)

@@ -178,3 +178,33 @@ def test_profile_memory_is_bounded(table: CommandTable) -> None:
     assert len(up.keys) <= MAX_PATTERNS + 1 and up.keys_truncated and b"*" in up.keys
     assert time.perf_counter() - start < 60
     assert key_pattern(b"session:ab") == b"session:*" and key_pattern(b"a*b") == b"a\\*b"
+
+
+def test_reload_guard_refuses_a_policy_that_breaks_observed_traffic(tmp_path: Path, certs: Path,
+                                                                    redis_server: RedisProc) -> None:  # fmt: skip
+    import signal
+
+    users = tmp_path / "users.acl"
+    users.write_text(f"user default off\nuser app on >{PASSWORD} ~session:* +get +set\n")
+    p = start_proxy(tmp_path, certs, users, redis_server.port, disabled="[]\nreload_guard = true",
+                    extra=f'[profile]\nfile = "{tmp_path / "profile.json"}"\ninterval = 60')  # fmt: skip
+    try:
+        r = _client(p)
+        r.set("session:1", "v")
+        assert r.get("session:1") == b"v"
+        users.write_text(f"user default off\nuser app on >{PASSWORD} ~session:* +get\n")  # SET taken away
+        p.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "config_reload_failed" not in p.log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "reload_guard: the new users file would deny 1 observed command(s), e.g. user app: set session:*" \
+            in p.log.read_text()  # fmt: skip
+        assert r.set("session:2", "v")  # the old users stay in force
+        users.write_text(f"user default off\nuser app on >{PASSWORD} ~session:* +get +set +del\n")
+        p.proc.send_signal(signal.SIGHUP)
+        while "config_reloaded" not in p.log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "config_reloaded" in p.log.read_text()
+        r.close()
+    finally:
+        p.stop()
