@@ -14,7 +14,7 @@ from typing import Any
 from .audit import get_logger
 from .config import ListenerConfig
 from .context import ConnectionContext, is_local, peer_name, source_of
-from .session import Session
+from .session import Session, take
 from .slicer import Slicer
 from .tls import certificate_identity
 from .upstream_link import HIGH_WATER, UpstreamLink
@@ -139,7 +139,8 @@ class ClientProtocol(asyncio.BufferedProtocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
-        self.last_active = time.monotonic()
+        if self.idle_timer is not None:
+            self.last_active = time.monotonic()
         self.slicer.feed(data)
 
     def _received(self, data: bytes) -> None:
@@ -200,9 +201,9 @@ class ClientProtocol(asyncio.BufferedProtocol):
     def flush(self) -> None:
         s = self.session
         if s.to_upstream:
-            self.link.send(s.data_for_upstream())
+            self.link.send(take(s.to_upstream))
         if s.to_client and self.transport is not None and not self.closed:
-            self.transport.write(s.data_for_client())
+            self.transport.write(take(s.to_client))
         if s.closing:
             self.close()
 

@@ -68,7 +68,8 @@ class Mode(enum.Enum):
     CLOSING = "closing"
 
 
-def _take(out: list[bytes]) -> bytes:
+def take(out: list[bytes]) -> bytes:
+    """The bytes queued in ``out``, joined (and ``out`` emptied)."""
     data = out[0] if len(out) == 1 else b"".join(out)
     out.clear()
     return data
@@ -304,11 +305,11 @@ class Session(RequestPipeline, LoginsAndACL, StateCommands):
 
     def data_for_client(self) -> bytes:
         """What to send the client now (and forget it)."""
-        return _take(self.to_client)
+        return take(self.to_client)
 
     def data_for_upstream(self) -> bytes:
         """What to send Redis now (and forget it)."""
-        return _take(self.to_upstream)
+        return take(self.to_upstream)
 
     @property
     def closing(self) -> bool:

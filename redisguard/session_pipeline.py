@@ -77,9 +77,10 @@ class RequestPipeline:
         if raw is not None and requests and self._all_plain(requests, len(raw)):
             # The fast path: the bytes are exactly the canonical encoding of requests that are all
             # simply forwarded, so they go upstream as sent.
-            self._open_upstream()
+            if not self.upstream_opened:
+                self._open_upstream()
             self.to_upstream.append(raw)
-            self._expect(RELAY, len(requests))
+            self.replies.expect(RELAY, len(requests))
             return
         self._pending.extend(requests)
         self._run()
