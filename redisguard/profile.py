@@ -13,7 +13,7 @@ Key names are collapsed into patterns as they are recorded (the heuristic, state
 
 Each key pattern remembers whether it was read, written or both, so the suggestion can use ``%R~``,
 ``%W~`` or ``~``. Channels are collapsed the same way. Memory is bounded: users × (commands in the
-command table × MAX_PATTERNS), whatever the traffic. ``uses`` (which command touched which key
+command table + MAX_PATTERNS + MAX_USES), whatever the traffic. ``uses`` (which command touched which key
 pattern) lets ``acl diff --against`` probe exactly the pairs that were seen.
 """
 
@@ -27,6 +27,7 @@ from typing import Any
 from .commands import READ, WRITE, Command
 
 MAX_PATTERNS = 256
+MAX_USES = 4096  # (command, key pattern) pairs kept per user; past it acl diff falls back to the access bits
 _SEPARATOR = re.compile(rb"[:/.|\-_#]")
 _GLOB_SPECIAL = re.compile(rb"([*?\[\]\\])")
 FORMAT = 1
@@ -41,13 +42,14 @@ def key_pattern(key: bytes) -> bytes:
 
 
 class UserProfile:
-    __slots__ = ("commands", "keys", "channels", "uses", "keys_truncated", "channels_truncated")
+    __slots__ = ("commands", "keys", "channels", "uses", "n_uses", "keys_truncated", "channels_truncated")
 
     def __init__(self) -> None:
         self.commands: dict[str, int] = {}  # command name ("get", "config|get") -> count
         self.keys: dict[bytes, int] = {}  # key pattern -> READ|WRITE bits seen
         self.channels: set[bytes] = set()
         self.uses: dict[str, set[bytes]] = {}  # command -> the key patterns it touched (for acl diff)
+        self.n_uses = 0
         self.keys_truncated = False
         self.channels_truncated = False
 
@@ -62,10 +64,16 @@ class UserProfile:
                     merged |= bits
                 self.keys = {b"*": merged}
                 self.uses = {c: {b"*"} for c in self.uses}
+                self.n_uses = len(self.uses)
                 self.keys_truncated = True
                 pattern = b"*"
         self.keys[pattern] = self.keys.get(pattern, 0) | access
-        self.uses.setdefault(cmd, set()).add(pattern)  # bounded: commands x MAX_PATTERNS
+        seen = self.uses.get(cmd)
+        if seen is None:
+            seen = self.uses[cmd] = set()
+        if pattern not in seen and self.n_uses < MAX_USES:
+            seen.add(pattern)
+            self.n_uses += 1
 
     def add_channel(self, channel: bytes, is_pattern: bool) -> None:
         if self.channels_truncated:
@@ -105,17 +113,8 @@ class TrafficProfile:
 
     # -- the file ---------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
-        users = {}
-        for name, up in sorted(self.users.items()):
-            users[name] = {
-                "commands": dict(sorted(up.commands.items())),
-                "keys": {_text(p): _access(bits) for p, bits in sorted(up.keys.items())},
-                "channels": sorted(_text(c) for c in up.channels),
-                "uses": {c: sorted(_text(p) for p in ps) for c, ps in sorted(up.uses.items())},
-                "keys_truncated": up.keys_truncated,
-                "channels_truncated": up.channels_truncated,
-            }
-        return {"format": FORMAT, "users": users}
+        """All of it as JSON-able data (see ProfileStore.snapshot for the event loop's way)."""
+        return {"format": FORMAT, "users": {name: user_json(up) for name, up in sorted(self.users.items())}}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> TrafficProfile:
@@ -128,6 +127,7 @@ class TrafficProfile:
             up.keys = {_bytes(p): _ACCESS[a] for p, a in u.get("keys", {}).items()}
             up.channels = {_bytes(c) for c in u.get("channels", [])}
             up.uses = {str(c): {_bytes(p) for p in ps} for c, ps in u.get("uses", {}).items()}
+            up.n_uses = sum(map(len, up.uses.values()))
             up.keys_truncated = bool(u.get("keys_truncated"))
             up.channels_truncated = bool(u.get("channels_truncated"))
         return prof
@@ -143,11 +143,24 @@ class TrafficProfile:
             up.channels |= o.channels
             for c, ps in o.uses.items():
                 up.uses.setdefault(c, set()).update(ps)
+            up.n_uses = sum(map(len, up.uses.values()))
             up.keys_truncated |= o.keys_truncated
             up.channels_truncated |= o.channels_truncated
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n"
+
+
+def user_json(up: UserProfile) -> dict[str, Any]:
+    """One user's profile as JSON-able data (a copy: at most MAX_PATTERNS keys and MAX_USES uses)."""
+    return {
+        "commands": dict(sorted(up.commands.items())),
+        "keys": {_text(p): _access(bits) for p, bits in sorted(up.keys.items())},
+        "channels": sorted(_text(c) for c in up.channels),
+        "uses": {c: sorted(_text(p) for p in ps) for c, ps in sorted(up.uses.items())},
+        "keys_truncated": up.keys_truncated,
+        "channels_truncated": up.channels_truncated,
+    }
 
 
 _ACCESS = {"read": READ, "write": WRITE, "readwrite": READ | WRITE}

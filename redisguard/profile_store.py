@@ -1,6 +1,7 @@
 """The traffic profile's file: loaded at start (so restarts add up), written every ``interval`` seconds
-when something changed, and at shutdown. Writes are atomic (a temporary file renamed over the old one)
-and happen in a worker thread; the JSON text itself is made on the loop from a bounded profile."""
+when something changed, and at shutdown. The profile is copied on the loop a slice at a time (so a big
+one never stalls clients), serialized and written in a worker thread, atomically (a temporary file
+renamed over the old one)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,33 @@ import contextlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from .audit import get_logger
-from .profile import TrafficProfile
+from .profile import FORMAT, TrafficProfile, user_json
 
 log = get_logger("redisguard")
+
+
+# Profile entries copied per event-loop turn: a profile of 10,000 users is copied in slices.
+SLICE_ENTRIES = 4096
+
+
+async def snapshot(profile: TrafficProfile) -> dict[str, Any]:
+    """A JSON-able copy of ``profile``, made on the loop a slice at a time (records go on meanwhile;
+    the copy of each user is consistent)."""
+    users: dict[str, Any] = {}
+    budget = SLICE_ENTRIES
+    for name in sorted(profile.users):
+        up = profile.users.get(name)
+        if up is None:
+            continue
+        users[name] = user_json(up)
+        budget -= len(up.keys) + up.n_uses + len(up.commands) + len(up.channels)
+        if budget <= 0:
+            budget = SLICE_ENTRIES
+            await asyncio.sleep(0)
+    return {"format": FORMAT, "users": users}
 
 
 def _write(path: Path, text: str) -> None:
@@ -53,8 +76,9 @@ class ProfileStore:
     async def save(self) -> None:
         if not self.profile.changed:
             return
-        text = self.profile.dumps()
         self.profile.changed = False
+        data = await snapshot(self.profile)
+        text = json.dumps(data, indent=1, sort_keys=True) + "\n"  # of the copy: safe off the loop too
         try:
             await asyncio.to_thread(_write, self.path, text)
         except OSError as e:

@@ -21,6 +21,7 @@ from .least_privilege import breakage
 from .metrics import Metrics
 from .policy import Policy, Shared
 from .profile import TrafficProfile
+from .profile_store import snapshot
 from .reconfigure import Reconfiguration, reread
 from .tls import TLSConfigError, server_context
 
@@ -96,8 +97,8 @@ class Reloader:
             before = self.policy.users
             try:
                 profile = self.shared.profile
-                # a copy made here, on the loop (the live profile changes under a worker thread)
-                seen = TrafficProfile.from_json(profile.to_json()) if cfg.acl.reload_guard and profile else None
+                # a copy (made on the loop a slice at a time: the live profile changes meanwhile)
+                seen = TrafficProfile.from_json(await snapshot(profile)) if cfg.acl.reload_guard and profile else None
                 users, acl_replies, contexts, changes = await asyncio.to_thread(load, seen)
             except (UsersFileError, ACLError, TLSConfigError, OSError, ValueError) as e:
                 gc.enable()

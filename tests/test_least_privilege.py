@@ -18,7 +18,7 @@ import redis
 
 from redisguard.commands import CommandTable
 from redisguard.metrics import parse_samples
-from redisguard.profile import MAX_PATTERNS, TrafficProfile, key_pattern
+from redisguard.profile import MAX_PATTERNS, MAX_USES, TrafficProfile, key_pattern
 
 from .helpers import ProxyProc, RedisProc, start_proxy
 
@@ -177,6 +177,10 @@ def test_profile_memory_is_bounded(table: CommandTable) -> None:
     up = prof.users["app"]
     assert len(up.keys) <= MAX_PATTERNS + 1 and up.keys_truncated and b"*" in up.keys
     assert time.perf_counter() - start < 60
+    for n, cmd in enumerate(c for c in table.commands.values() if c.has_keys):  # (command, pattern) pairs
+        for k in range(40):
+            prof.record("pairs", cmd, [cmd.name.encode(), b"p%d:x" % (k * 7 + n)], [(1, 1)], [])
+    assert prof.users["pairs"].n_uses <= MAX_USES
     assert key_pattern(b"session:ab") == b"session:*" and key_pattern(b"a*b") == b"a\\*b"
 
 
