@@ -51,6 +51,9 @@ class Metrics:
                                        ["reason"], registry=r)  # fmt: skip
         for reason in UPSTREAM_ERROR_REASONS:
             self.upstream_errors.labels(reason)
+        self.upstream_auth_failures = Counter("redisguard_upstream_auth_failures", "Client upstream connections "
+                                              "on which Redis refused the service user's AUTH (the client was told "
+                                              "and closed).", registry=r)  # fmt: skip
         self.upstream_connect_failures = Counter("redisguard_upstream_connect_failures",
                                                  "Failed connections to the upstream Redis.", registry=r)  # fmt: skip
         self.upstream_connect_seconds = Histogram("redisguard_upstream_connect_seconds",

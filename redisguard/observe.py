@@ -77,6 +77,12 @@ class Observer:
             self.metrics.denied.labels(user, cmd, reason, "audit").inc()
         self.limiter.log(self._audit_denied, "would_deny", session=session, user=user, cmd=cmd, reason=reason)
 
+    def upstream_auth_failed(self, session: Session) -> None:
+        """Redis refused the service user's AUTH on a client's upstream connection."""
+        self.metrics.upstream_auth_failures.inc()
+        self.limiter.log(audit.error, "upstream_auth_failed", listener=session.listener, peer=session.peer,
+                         detail="Redis refused the service user's AUTH: check [upstream] username and password")  # fmt: skip
+
     def _audit_denied(self, event: str, session: Session, user: str, cmd: str, reason: str) -> None:
         extra = {"keys": session.last_keys()} if self.audit_keys else {}  # only for the lines that are written
         audit.warning(event, user=user, command=cmd, reason=reason, listener=session.listener,

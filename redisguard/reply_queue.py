@@ -149,6 +149,7 @@ class ReplyQueue:
                 frame = b"".join(self.held) + seg
                 self.held.clear()
                 if frame.startswith(b"-"):
+                    self.session.shared.observer.upstream_auth_failed(self.session)
                     self.failed("redisguard: upstream authentication failed; check [upstream] username and password")
                     return
             else:  # SWALLOW*: a reply the client must not see (aborted EXEC's DISCARD, CLIENT REPLY SKIP)

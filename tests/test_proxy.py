@@ -298,6 +298,10 @@ def test_upstream_bad_credentials_is_a_clear_error(tmp_path: Path, certs: Path, 
         admin.close()
         out = raw_exchange(p.plain_port, b"AUTH alice alice-pw\r\nPING\r\n", expect_close=True)
         assert out == b"+OK\r\n-ERR redisguard: upstream authentication failed; check [upstream] username and password\r\n"
+        # counted, and audit-logged (rate-limited), so a rotated password shows up without a client's help
+        body = urllib.request.urlopen(f"http://127.0.0.1:{p.metrics_port}/metrics", timeout=5).read().decode()
+        assert "redisguard_upstream_auth_failures_total 1.0" in body
+        assert "upstream_auth_failed" in p.log.read_text()
     finally:
         p.stop()
         r.stop()
