@@ -136,12 +136,11 @@ def allowed_rps(report: Report, name: str, pipeline: int) -> float | None:
     return sum(r.rps for r in rates if r) / 2 if all(rates) else None
 
 
-def redisguard_tickets(cfg_dir: Path) -> str:
+def redisguard_tickets(cfg: Path) -> str:
     """How redisguard's TLS server context handles resumption, read from the context it would build."""
     from redisguard.config import load_config
     from redisguard.tls import server_context
 
-    cfg = next(cfg_dir.glob("redisguard-*.toml"))
     ctx = server_context(next(lst for lst in load_config(cfg).listeners if lst.type == "tls"))
     tickets = "off (OP_NO_TICKET)" if ctx.options & ssl.OP_NO_TICKET else f"on, {ctx.num_tickets} per handshake"
     return (f"redisguard's TLS server context (redisguard/tls.py): OpenSSL's defaults for resumption: session tickets "
@@ -216,7 +215,8 @@ def run(a: argparse.Namespace, work: Path, ps: Processes, report: Report) -> Non
             if full and resumed:
                 report.handshakes[t.name] = (full[t.name], resumed[t.name])
         if guards:
-            report.notes.append(redisguard_tickets(work))
+            assert guards[0].config is not None
+            report.notes.append(redisguard_tickets(guards[0].config))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with stopped_on_signals():
             run(a, work, ps, report)
+    except KeyboardInterrupt:
+        log("interrupted: stopping every process the suite started")
+        return 130
     finally:
         ps.stop_all()
         if a.keep:

@@ -35,6 +35,7 @@ class Target:
     tls: bool = True
     auth: tuple[str, str] | None = None  # (user, password) for the targets that enforce ACLs
     kind: str = ""  # "redis", "stunnel", "haproxy", "relay", "redisguard"
+    config: Path | None = None  # redisguard's
 
     def pids(self) -> list[int]:
         """The process and its descendants (redisguard's workers): whose memory a connection costs."""
@@ -223,7 +224,7 @@ def start_redisguard(ps: Processes, certs: Path, redis_port: int, name: str, use
     users_file = write_users(ps.workdir / f"users-{users}.acl", users)
     cfg = redisguard_config(ps.workdir, certs, redis_port, port, users_file, workers)
     p = ps.start(f"redisguard-{port}", redisguard_cmd("serve", "-c", str(cfg)), port)
-    return Target(name, port, p, auth=(BENCH_USER, BENCH_PASSWORD), kind="redisguard")
+    return Target(name, port, p, auth=(BENCH_USER, BENCH_PASSWORD), kind="redisguard", config=cfg)
 
 
 def wait_ready(targets: list[Target], settle: float = 0.5) -> None:
