@@ -36,6 +36,7 @@ def measure(n: int = 200_000) -> list[tuple[str, str, str, dict[str, float]]]:
         plan = policy.plan(user, frozenset())
         for argv in CASES:
             cmd = t.lookup(argv)
+            assert cmd is not None
             calls = {
                 "check": lambda: check(user, cmd, argv),  # noqa: B023
                 "decide": lambda: decide(policy, user, argv, False),  # noqa: B023

@@ -29,12 +29,11 @@ CLIENTS = 50
 
 @dataclass(frozen=True)
 class Workload:
-    """One redis-benchmark invocation: ``-t tests`` or a custom command line."""
+    """One redis-benchmark invocation (``-t tests``)."""
 
     label: str
     pipeline: int = 1
     tests: str = ""  # "get" / "set"
-    command: tuple[str, ...] = ()  # e.g. ("GET", "secret:__rand_int__")
     datasize: int = 3
 
 
@@ -81,7 +80,7 @@ def benchmark_argv(t: Target, ca: Path, w: Workload, requests: int, clients: int
         argv += ["--tls", "--cacert", str(ca)]
     if t.auth:
         argv += ["--user", t.auth[0], "-a", t.auth[1]]
-    return argv + (list(w.command) if w.command else ["-t", w.tests])
+    return argv + ["-t", w.tests]
 
 
 def parse_csv(out: str) -> Result:
@@ -332,7 +331,7 @@ def handshakes(t: Target, ca: Path, seconds: float, resume: bool, threads: int =
                     if not s.recv(256):
                         raise RuntimeError("closed before replying")
                     done += 1
-                    reused += s.session_reused
+                    reused += bool(s.session_reused)
                     if resume:
                         session = s.session  # the newest ticket
         except BaseException as e:  # (reported in the main thread)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 import re
@@ -33,10 +34,8 @@ def machine(repo: Path) -> list[tuple[str, str]]:
     mem = re.search(r"^MemTotal:\s*(\d+)", Path("/proc/meminfo").read_text(), re.M)
     commit = _first_line(["git", "-C", str(repo), "describe", "--always", "--dirty"])
     try:
-        import uvloop
-
-        uv = uvloop.__version__
-    except ImportError:
+        uv = importlib.metadata.version("uvloop")
+    except importlib.metadata.PackageNotFoundError:
         uv = "not installed"
     return [
         ("date", time.strftime("%Y-%m-%d %H:%M %Z")),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import resource
 import shlex
 import shutil
@@ -35,7 +36,7 @@ from typing import TypeVar
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import acl_decision  # noqa: E402
-from benchmarks.measure import Workload, benchmark, handshakes, idle_memory, mixed  # noqa: E402
+from benchmarks.measure import MixedResult, Workload, benchmark, handshakes, idle_memory, mixed  # noqa: E402
 from benchmarks.report import Report, machine, update_readme  # noqa: E402
 from benchmarks.targets import (  # noqa: E402
     INSTALL_HINT,
@@ -182,15 +183,18 @@ def run(a: argparse.Namespace, work: Path, ps: Processes, report: Report) -> Non
     tls_targets = [t for t in targets if t.tls]
     time.sleep(1.0)  # everyone listening and settled (redisguard fetches COMMAND INFO at start)
 
+    def mix(pipeline: int, t: Target) -> MixedResult:
+        return mixed(t, ca, pipeline, a.requests, allowed_rps(report, t.name, pipeline))
+
     if "throughput" not in a.skip:
         for w in WORKLOADS:
             log(f"{w.label}:")
-            report.throughput[w.label] = each(targets, w.label, lambda t, w=w: benchmark(t, ca, w, a.requests))
+            report.throughput[w.label] = each(targets, w.label, functools.partial(benchmark, ca=ca, w=w, requests=a.requests))
     if "mixed" not in a.skip:
         for p in MIXED_PIPELINES:
             label = f"GET+SET with ~5% denied, P={p}"
             log(f"{label}:")
-            res = each(targets, label, lambda t, p=p: mixed(t, ca, p, a.requests, allowed_rps(report, t.name, p)))
+            res = each(targets, label, functools.partial(mix, p))
             report.throughput[label] = {n: m.allowed for n, m in res.items()}
             report.denied_share[label] = {n: m.denied_share for n, m in res.items()}
     if "users" not in a.skip and guards and 1 in a.workers:

@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -225,9 +224,3 @@ def start_redisguard(ps: Processes, certs: Path, redis_port: int, name: str, use
     cfg = redisguard_config(ps.workdir, certs, redis_port, port, users_file, workers)
     p = ps.start(f"redisguard-{port}", redisguard_cmd("serve", "-c", str(cfg)), port)
     return Target(name, port, p, auth=(BENCH_USER, BENCH_PASSWORD), kind="redisguard", config=cfg)
-
-
-def wait_ready(targets: list[Target], settle: float = 0.5) -> None:
-    for t in targets:
-        wait_port(t.port, t.proc)
-    time.sleep(settle)
