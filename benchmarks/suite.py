@@ -186,6 +186,9 @@ def run(a: argparse.Namespace, work: Path, ps: Processes, report: Report) -> Non
     def mix(pipeline: int, t: Target) -> MixedResult:
         return mixed(t, ca, pipeline, a.requests, allowed_rps(report, t.name, pipeline))
 
+    if "idle" not in a.skip:  # first: on fresh processes, no target reuses memory earlier connections freed
+        log(f"{a.idle} idle TLS connections per target:")
+        report.idle = each(tls_targets, "idle", lambda t: idle_memory(t, ca, a.idle))
     if "throughput" not in a.skip:
         for w in WORKLOADS:
             log(f"{w.label}:")
@@ -207,9 +210,6 @@ def run(a: argparse.Namespace, work: Path, ps: Processes, report: Report) -> Non
     if "acl" not in a.skip:
         log("ACL decision cost (in process)...")
         report.acl = acl_decision.measure(a.acl_iterations)
-    if "idle" not in a.skip:
-        log(f"{a.idle} idle TLS connections per target:")
-        report.idle = each(tls_targets, "idle", lambda t: idle_memory(t, ca, a.idle))
     if "handshakes" not in a.skip:
         log(f"TLS handshakes, {a.handshake_seconds:g} s per target and mode:")
         secs = a.handshake_seconds
