@@ -63,8 +63,8 @@ def num(x: float, digits: int = 0) -> str:
     return f"{x:,.{digits}f}"
 
 
-def cpu(us: float | None) -> str:
-    return "—" if us is None else num(us, 1)
+def cpu(us: float | None, digits: int = 1) -> str:
+    return "—" if us is None else num(us, digits)
 
 
 def ratio(x: float, ref: float | None) -> str:
@@ -138,11 +138,11 @@ class Report:
     def _users(self) -> list[str]:
         if not self.users_scale:
             return []
-        base = next(iter(self.users_scale.values())).rps
-        rows = [[n, num(r.rps), num(r.p50_ms, 3), ratio(r.rps, base)] for n, r in self.users_scale.items()]
+        first, base = next(iter(self.users_scale.items()))
+        rows = [[n, num(r.rps), num(r.p50_ms, 3), cpu(r.cpu_us), ratio(r.rps, base.rps)] for n, r in self.users_scale.items()]
         return ["### redisguard with 10 vs 10,000 users (GET, P=16)", "",
                 "The same user and workload; only the size of the users file changes.", "",
-                *table(["users file", "rps", "p50 ms", "× first"], rows)]  # fmt: skip
+                *table(["users file", "rps", "p50 ms", "CPU µs / req", f"× {first}"], rows)]  # fmt: skip
 
     def _acl(self) -> list[str]:
         if not self.acl:
@@ -172,7 +172,7 @@ class Report:
         if not self.handshakes:
             return []
         figures = {n: new.per_second for n, (new, _) in self.handshakes.items()}
-        rows = [[n, num(new.per_second), cpu(new.cpu_us), num(res.per_second), cpu(res.cpu_us), f"{res.reused:.0%}",
+        rows = [[n, num(new.per_second), cpu(new.cpu_us, 0), num(res.per_second), cpu(res.cpu_us, 0), f"{res.reused:.0%}",
                  *self._ratio_cells(n, new.per_second, figures)] for n, (new, res) in self.handshakes.items()]  # fmt: skip
         return ["### TLS handshakes per second", "",
                 "Connect, handshake, PING, close, from 4 client threads on the same machine (so the rate is partly "
