@@ -36,7 +36,10 @@ def _users(path: str, table: CommandTable):  # type: ignore[no-untyped-def]
 def cmd_suggest(args: argparse.Namespace) -> int:
     table = CommandTable.snapshot()
     current = _users(args.users, table) if args.users else None
-    text = suggest_file(_profile(args.profile), current)
+    try:
+        text = suggest_file(_profile(args.profile), current)
+    except ValueError as e:
+        return _die(str(e))
     if args.diff:
         if current is None:
             return _die("--diff needs --users (the current users file)")

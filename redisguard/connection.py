@@ -167,8 +167,9 @@ class ClientProtocol(asyncio.BufferedProtocol):
             if s.offload is not None:
                 job = loop.run_in_executor(self.ctx.executor, s.decide_offloaded, s.offload)
                 job.add_done_callback(self._offload_done)
-            else:
+            elif s.wait > 0:
                 self.wake = loop.call_later(s.wait, self._resume)
+            # else: held until an upstream reply (an EXEC's outcome): upstream_received() resumes it
         self.flush()
 
     def _continue(self) -> None:
@@ -206,6 +207,14 @@ class ClientProtocol(asyncio.BufferedProtocol):
             self.transport.write(take(s.to_client))
         if s.closing:
             self.close()
+
+    def upstream_received(self) -> None:
+        """Redis's bytes were handled: a session held for one of its replies may go on now."""
+        s = self.session
+        if self.waiting and self.wake is None and not s.paused and s.offload is None and not self.closed:
+            self._resume()
+        else:
+            self.flush()
 
     def upstream_failed(self, message: str) -> None:
         """The upstream connection could not be made: the client is told so, and closed."""

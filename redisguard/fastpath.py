@@ -95,6 +95,8 @@ class Plan:
         low = name.lower()
         if low in self.entries:
             e = self.entries[low]
+        elif self.policy.table.lookup([low]) is None:
+            return None  # unknown to Redis: never stored, so a client cannot grow the table with names
         else:
             e = self.entries[low] = self._build(low)
         if name == low.upper():
@@ -120,5 +122,6 @@ class Plan:
 
 
 # Commands whose verdict needs more than command, arity and keys: protected settings (DEBUG, MODULE)
-# and SORT's own BY/GET check.
-_DECIDED_ELSEWHERE = frozenset({"debug", "module", "sort", "sort_ro"})
+# and SORT's own BY/GET check; and WATCH/UNWATCH, whose state the session tracks (a WATCH can make
+# EXEC abort).
+_DECIDED_ELSEWHERE = frozenset({"debug", "module", "sort", "sort_ro", "watch", "unwatch"})

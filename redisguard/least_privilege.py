@@ -23,7 +23,7 @@ from .acl.user import split_args
 from .commands import READ, WRITE, CommandTable
 from .getkeys import get_channels, get_keys
 from .policy import Policy, decide
-from .profile import TrafficProfile, UserProfile
+from .profile import TrafficProfile, UserProfile, rule_safe
 
 # Verdict names of `acl test` files, from decide()'s reasons.
 VERDICTS = {"": "allowed", "command": "denied-command", "key": "denied-key", "channel": "denied-channel",
@@ -142,7 +142,11 @@ def _sample(pattern: bytes) -> bytes:
 
 
 def _rule_text(b: bytes) -> str:
-    return b.decode("utf-8", "surrogateescape")
+    """A recorded pattern as rule text: refused unless it is one plain token (the recorder only makes
+    such patterns; anything else came from an edited file and could inject rules)."""
+    if not rule_safe(b):
+        raise ValueError(f"profile pattern {b!r} cannot be written as a rule (edited profile file?)")
+    return b.decode("ascii")
 
 
 # -- acl test -------------------------------------------------------------------------------------

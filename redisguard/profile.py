@@ -8,6 +8,9 @@ Key names are collapsed into patterns as they are recorded (the heuristic, state
 * a key with a separator (``:``, ``/``, ``.``, ``|``, ``-``, ``_``, ``#``) keeps its text up to and
   including the first one, plus ``*`` — ``session:ab12`` → ``session:*``, ``cache/img/1`` → ``cache/*``;
 * a key without one is kept as a literal pattern (glob characters escaped) — ``counter`` → ``counter``;
+* a key is also cut, and ends in ``*``, at its first byte that a users-file rule cannot carry as is
+  (anything but printable ASCII, a space, a quote) and after ``MAX_PATTERN_BYTES`` bytes — so a key name
+  can never become a rule of its own in what ``acl suggest`` prints (``"zz +@all"`` → ``zz*``);
 * a user holds at most ``MAX_PATTERNS`` key patterns (and channel patterns): past that, the user's
   keys (channels) collapse to ``*`` and the profile says so (``keys_truncated``).
 
@@ -27,18 +30,32 @@ from typing import Any
 from .commands import READ, WRITE, Command
 
 MAX_PATTERNS = 256
-MAX_USES = 4096  # (command, key pattern) pairs kept per user; past it acl diff falls back to the access bits
+MAX_USES = 1024  # (command, key pattern) pairs kept per user (acl diff probes these)
+MAX_PATTERN_BYTES = 64
+# Over all users: new patterns past these collapse to "*" (bounds the profile whatever the user count).
+MAX_TOTAL_PATTERNS = 65536
+MAX_TOTAL_USES = 262144
 _SEPARATOR = re.compile(rb"[:/.|\-_#]")
+_UNSAFE = re.compile(rb"[^!#-&(-~]")  # bytes a rule token cannot hold: not printable ASCII, space, " and '
 _GLOB_SPECIAL = re.compile(rb"([*?\[\]\\])")
 FORMAT = 1
+
+
+def rule_safe(pattern: bytes) -> bool:
+    """Can this pattern follow ``~``/``&`` in a users-file rule as one token, meaning what it says?"""
+    return _UNSAFE.search(pattern) is None
 
 
 def key_pattern(key: bytes) -> bytes:
     """The pattern a key is recorded under (see the module's heuristic)."""
     m = _SEPARATOR.search(key)
-    if m is not None:
-        return _GLOB_SPECIAL.sub(rb"\\\1", key[: m.end()]) + b"*"
-    return _GLOB_SPECIAL.sub(rb"\\\1", key)
+    cut = m.end() if m is not None else len(key)
+    bad = _UNSAFE.search(key, 0, cut)
+    if bad is not None:
+        cut = bad.start()
+    cut = min(cut, MAX_PATTERN_BYTES)
+    literal = _GLOB_SPECIAL.sub(rb"\\\1", key[:cut])
+    return literal + b"*" if cut < len(key) else literal
 
 
 class UserProfile:
@@ -53,37 +70,60 @@ class UserProfile:
         self.keys_truncated = False
         self.channels_truncated = False
 
-    def add_key(self, cmd: str, key: bytes, access: int) -> None:
-        if self.keys_truncated:
+    def add_key(self, cmd: str, key: bytes, access: int, budget: Budget) -> None:
+        pattern = b"*" if self.keys_truncated else key_pattern(key)
+        if pattern not in self.keys and (len(self.keys) >= MAX_PATTERNS or not budget.take_pattern()):
+            self._collapse_keys()
             pattern = b"*"
-        else:
-            pattern = key_pattern(key)
-            if pattern not in self.keys and len(self.keys) >= MAX_PATTERNS:
-                merged = 0
-                for bits in self.keys.values():
-                    merged |= bits
-                self.keys = {b"*": merged}
-                self.uses = {c: {b"*"} for c in self.uses}
-                self.n_uses = len(self.uses)
-                self.keys_truncated = True
-                pattern = b"*"
         self.keys[pattern] = self.keys.get(pattern, 0) | access
         seen = self.uses.get(cmd)
         if seen is None:
             seen = self.uses[cmd] = set()
-        if pattern not in seen and self.n_uses < MAX_USES:
+        if pattern not in seen and self.n_uses < MAX_USES and budget.take_use():
             seen.add(pattern)
             self.n_uses += 1
 
-    def add_channel(self, channel: bytes, is_pattern: bool) -> None:
+    def _collapse_keys(self) -> None:
+        """Too many patterns (this user's, or all users'): the user's keys become ``*``."""
+        if self.keys_truncated:
+            return
+        merged = 0
+        for bits in self.keys.values():
+            merged |= bits
+        self.keys = {b"*": merged}
+        self.uses = {c: {b"*"} for c in self.uses}
+        self.n_uses = len(self.uses)
+        self.keys_truncated = True
+
+    def add_channel(self, channel: bytes, is_pattern: bool, budget: Budget) -> None:
         if self.channels_truncated:
             return
-        name = channel if is_pattern else key_pattern(channel)  # a PSUBSCRIBE pattern must be allowed literally
-        if name not in self.channels and len(self.channels) >= MAX_PATTERNS:
+        # a PSUBSCRIBE pattern must be allowed literally: kept as sent when a rule can carry it
+        literal = is_pattern and len(channel) <= MAX_PATTERN_BYTES and _UNSAFE.search(channel) is None
+        name = channel if literal else key_pattern(channel)
+        if name not in self.channels and (len(self.channels) >= MAX_PATTERNS or not budget.take_pattern()):
             self.channels = {b"*"}
             self.channels_truncated = True
             return
         self.channels.add(name)
+
+
+class Budget:
+    """Patterns and (command, pattern) pairs left for all users together."""
+
+    __slots__ = ("patterns", "uses")
+
+    def __init__(self) -> None:
+        self.patterns = MAX_TOTAL_PATTERNS
+        self.uses = MAX_TOTAL_USES
+
+    def take_pattern(self) -> bool:
+        self.patterns -= 1
+        return self.patterns >= 0
+
+    def take_use(self) -> bool:
+        self.uses -= 1
+        return self.uses >= 0
 
 
 class TrafficProfile:
@@ -92,6 +132,7 @@ class TrafficProfile:
     def __init__(self) -> None:
         self.users: dict[str, UserProfile] = {}
         self.changed = False
+        self.budget = Budget()
 
     def record(self, user: str, cmd: Command, argv: Sequence[bytes], keys: Iterable[tuple[int, int]],
                channels: Iterable[tuple[int, bool]]) -> None:  # fmt: skip
@@ -101,15 +142,23 @@ class TrafficProfile:
             up = self.users[user] = UserProfile()
         up.commands[cmd.name] = up.commands.get(cmd.name, 0) + 1
         for idx, access in keys:
-            up.add_key(cmd.name, argv[idx], access or READ)
+            up.add_key(cmd.name, argv[idx], access or READ, self.budget)
         for idx, is_pattern in channels:
-            up.add_channel(argv[idx], is_pattern)
+            up.add_channel(argv[idx], is_pattern, self.budget)
         self.changed = True
 
     def forget(self, names: Iterable[str]) -> None:
         """Users that no longer exist (a reload, ACL DELUSER): their profile goes with them."""
         for name in names:
             self.users.pop(name, None)
+        self._recount()
+
+    def _recount(self) -> None:
+        """The global budget from what is held now (after users went, or a file was merged in)."""
+        self.budget = Budget()
+        for up in self.users.values():
+            self.budget.patterns -= len(up.keys) + len(up.channels)
+            self.budget.uses -= up.n_uses
 
     # -- the file ---------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
@@ -146,6 +195,7 @@ class TrafficProfile:
             up.n_uses = sum(map(len, up.uses.values()))
             up.keys_truncated |= o.keys_truncated
             up.channels_truncated |= o.channels_truncated
+        self._recount()
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n"

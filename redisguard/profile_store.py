@@ -40,12 +40,15 @@ async def snapshot(profile: TrafficProfile) -> dict[str, Any]:
 
 
 def _write(path: Path, text: str) -> None:
+    """Atomically, mode 0600 from the start (key names can be sensitive), never through a symlink."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)  # a leftover (or a planted symlink): O_EXCL below refuses anything in the way
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with open(fd, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-    os.chmod(tmp, 0o600)  # key names can be sensitive
     os.replace(tmp, path)
 
 

@@ -10,6 +10,7 @@ import gc
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from typing import Any
 
 from . import certs
 from .acl import ACLError, ACLReplies, User, UsersFileError, load_users
@@ -77,12 +78,12 @@ class Reloader:
         cfg = self.config
         tls = [lst for lst in cfg.listeners if lst.type == "tls"]
 
-        def load(seen: TrafficProfile | None) -> tuple[dict[str, User], ACLReplies, dict[str, ssl.SSLContext],
+        def load(seen_data: dict[str, Any] | None) -> tuple[dict[str, User], ACLReplies, dict[str, ssl.SSLContext],
                                                        Reconfiguration]:  # fmt: skip
             changes = reread(cfg)  # the TOML too: what changed is applied or logged as needing a restart
             users = load_users(cfg.acl.users_file, self.table, require_default=True)
-            if seen is not None:  # [acl] reload_guard: refuse a policy that breaks observed traffic
-                breaks = breakage(seen, users, self.table)
+            if seen_data is not None:  # [acl] reload_guard: refuse a policy that breaks observed traffic
+                breaks = breakage(TrafficProfile.from_json(seen_data), users, self.table)
                 if breaks:
                     b = breaks[0]
                     raise ValueError(f"reload_guard: the new users file would deny {len(breaks)} observed "
@@ -98,7 +99,7 @@ class Reloader:
             try:
                 profile = self.shared.profile
                 # a copy (made on the loop a slice at a time: the live profile changes meanwhile)
-                seen = TrafficProfile.from_json(await snapshot(profile)) if cfg.acl.reload_guard and profile else None
+                seen = await snapshot(profile) if cfg.acl.reload_guard and profile else None
                 users, acl_replies, contexts, changes = await asyncio.to_thread(load, seen)
             except (UsersFileError, ACLError, TLSConfigError, OSError, ValueError) as e:
                 gc.enable()

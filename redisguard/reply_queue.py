@@ -8,7 +8,8 @@ never asked for: the DISCARD behind an aborted EXEC, a reply silenced by CLIENT 
 ``AUTHCHECK`` (the service user's AUTH: an error closes the session), ``PUBSUB n`` (n
 subscribe/unsubscribe confirmations, which RESP3 sends as push frames), ``MONITOR`` (its +OK, after
 which the feed's lines are out of band), ``EXEC_SUBS`` (an EXEC whose transaction (un)subscribed:
-undone if it was aborted), ``CLOSE`` (QUIT or a protocol error: close once flushed).
+undone if it was aborted; ``SWALLOW_EXEC_SUBS`` the same, silenced by CLIENT REPLY), ``CLOSE``
+(QUIT or a protocol error: close once flushed).
 
 Upstream bytes are scanned for frame ends (:class:`~redisguard.resp.ReplyScanner`), never decoded;
 push frames, RESP2 pub/sub messages and the monitor feed are out of band and relayed as they come.
@@ -28,8 +29,8 @@ from .resp import Frame, ProtocolError, ReplyScanner, whole_frames
 if TYPE_CHECKING:
     from .session import Session
 
-RELAY, SYNTH, SWALLOW, AUTHCHECK, CLOSE, PUBSUB, MONITOR, SWALLOW_MONITOR, EXEC_SUBS = range(9)
-QUIET = {RELAY: SWALLOW, MONITOR: SWALLOW_MONITOR, EXEC_SUBS: SWALLOW}  # the same reply, silenced
+RELAY, SYNTH, SWALLOW, AUTHCHECK, CLOSE, PUBSUB, MONITOR, SWALLOW_MONITOR, EXEC_SUBS, SWALLOW_EXEC_SUBS = range(10)
+QUIET = {RELAY: SWALLOW, MONITOR: SWALLOW_MONITOR, EXEC_SUBS: SWALLOW_EXEC_SUBS}  # the same reply, silenced
 _RELAYED = (RELAY, PUBSUB, MONITOR)
 # One forwarded request in this many is timed until its reply (redisguard_upstream_reply_seconds).
 LATENCY_SAMPLE_EVERY = 64
@@ -140,11 +141,12 @@ class ReplyQueue:
                     self.monitoring = True
                 elif self.monitoring and seg == b"+RESET\r\n":  # RESET ends the monitor feed, in order
                     self.monitoring = False
-            elif kind == EXEC_SUBS:
+            elif kind in (EXEC_SUBS, SWALLOW_EXEC_SUBS):
                 frame = b"".join(self.held) + seg
                 self.held.clear()
                 self.session._exec_done(frame)
-                self.to_client.append(frame)
+                if kind == EXEC_SUBS:
+                    self.to_client.append(frame)
             elif kind == AUTHCHECK:
                 frame = b"".join(self.held) + seg
                 self.held.clear()

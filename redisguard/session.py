@@ -77,12 +77,12 @@ def take(out: list[bytes]) -> bytes:
 
 class Session(RequestPipeline, LoginsAndACL, StateCommands):
     __slots__ = (
-        "_admin_done", "_decided", "_exec_undo", "_last", "_more", "_multi_subs", "_multi_user",
+        "_admin_done", "_decided", "_exec_changes", "_last", "_more", "_multi_subs", "_multi_user",
         "_offload_basis", "_paused", "_pending", "_queued", "_replay", "_replay_auth", "_silent",
         "_skip_next", "_skipping", "_unparsed", "authenticated", "in_multi", "listener", "local",
         "multi_dirty", "offload", "parser", "peer", "replies", "reply_off", "resp", "shared", "source",
         "stopped", "subscriptions", "tls_identity", "to_client", "to_upstream", "upstream_opened", "user",
-        "wait",
+        "wait", "_watching",
     )  # fmt: skip
 
     def __init__(
@@ -109,10 +109,12 @@ class Session(RequestPipeline, LoginsAndACL, StateCommands):
         self.parser = RequestParser(shared.policy.max_request_bytes)
         self.resp = 2
         self.in_multi = False
+        self._watching = False  # a WATCH is in force (it can make EXEC abort)
         self.multi_dirty = False
         self.subscriptions: dict[str, set[bytes]] = {"": set(), "p": set(), "s": set()}
         self._multi_subs: list[tuple[str, bytes, bool]] = []  # queued in MULTI: (kind, channel, unsubscribe)
-        self._exec_undo: deque[list[tuple[str, bytes, bool]]] = deque()  # per EXEC_SUBS slot: undo if aborted
+        # per EXEC_SUBS slot: the subscription changes of its transaction, made if it was not aborted
+        self._exec_changes: deque[list[tuple[str, bytes, bool]]] = deque()
         self.reply_off = False  # CLIENT REPLY OFF
         self._skip_next = False  # CLIENT REPLY SKIP: the next command gets no reply
         self._silent = False  # the command being handled gets no reply (OFF or SKIP)
@@ -268,8 +270,11 @@ class Session(RequestPipeline, LoginsAndACL, StateCommands):
         cmd = verdict.cmd
         self._last = (cmd, argv)
         if verdict.error is not None:
-            if verdict.reason in ACL_REASONS and self.policy.audits(self.user):
-                # audit mode: what the policy would deny is forwarded, and logged and counted as such
+            if verdict.reason in ACL_REASONS and cmd is not None and cmd.name not in self.special \
+                    and self.policy.audits(self.user):  # fmt: skip
+                # audit mode: what the policy would deny is forwarded to Redis, and logged and counted
+                # as such. Never the commands redisguard answers itself (ACL SETUSER, ACL LIST, AUTH,
+                # ...): those act on redisguard's own users, beyond the audited user.
                 self.shared.observer.would_deny(self, verdict.name, verdict.reason)
             else:
                 if verdict.reason in ACL_REASONS:
@@ -281,10 +286,17 @@ class Session(RequestPipeline, LoginsAndACL, StateCommands):
             self._reject(cmd, b"-ERR Can't execute '%s': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / "
                          b"RESET are allowed in this context\r\n" % cmd.name.encode(), "context")  # fmt: skip
             return
+        if self.in_multi and "no_multi" in cmd.flags:  # Redis refuses it at queueing (and EXEC aborts)
+            self._reject(cmd, b"-ERR Command not allowed inside a transaction\r\n", "context")
+            return
         if not self._replay_auth:  # a throttled AUTH was counted when it first arrived
             self.shared.observer.command(self, cmd.name, True, "")
             if self.shared.profile is not None and self.authenticated:
                 self.shared.profile.record(self.user.name, cmd, argv, get_keys(cmd, argv), get_channels(cmd, argv))
+        if cmd.name == "watch" and not self.in_multi:
+            self._watching = True
+        elif cmd.name == "unwatch":
+            self._watching = False
         if self.in_multi and cmd.name not in ("exec", "discard"):
             self._queued.append(argv)  # EXEC checks them again if the user's rules changed meanwhile
         handler = _HANDLERS.get(cmd.name)
@@ -300,7 +312,7 @@ class Session(RequestPipeline, LoginsAndACL, StateCommands):
 
     def upstream_failed(self, message: str) -> None:
         """The upstream is gone or unusable: say so in one line and close."""
-        self._exec_undo.clear()
+        self._exec_changes.clear()
         self.replies.failed(message)
 
     def data_for_client(self) -> bytes:

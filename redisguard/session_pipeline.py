@@ -47,6 +47,7 @@ class RequestPipeline:
     stopped: bool
     offload: list[bytes] | None
     _decided: tuple[list[bytes], Verdict, list[bytes]] | None
+    _exec_changes: Any
     _offload_basis: Any
 
     @staticmethod
@@ -128,7 +129,8 @@ class RequestPipeline:
     def resume(self) -> None:
         """The transport's timer fired (a throttled AUTH): carry on with the pending requests."""
         self.wait = 0.0
-        self._paused = self._more = False
+        self._more = False
+        self._paused = bool(self._exec_changes)  # an EXEC whose outcome is not known yet still holds it
         self._run()
 
     def offloaded(self, verdict: Verdict, encoded: list[bytes], extra: Any = None) -> None:

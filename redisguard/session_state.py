@@ -33,7 +33,8 @@ class StateCommands:
     _multi_subs: list[tuple[str, bytes, bool]]
     _multi_user: Any
     _queued: list[list[bytes]]
-    _exec_undo: Any
+    _exec_changes: Any
+    _watching: bool
     _skipping: bool
     resp: int
 
@@ -67,7 +68,7 @@ class StateCommands:
 
     def _end_multi(self) -> None:
         """The transaction is over (EXEC, DISCARD, an aborted EXEC, RESET): forget what it queued."""
-        self.in_multi = self.multi_dirty = False
+        self.in_multi = self.multi_dirty = self._watching = False  # (each of these also ends a WATCH)
         self._queued = []
         self._multi_subs = []
 
@@ -76,9 +77,10 @@ class StateCommands:
         since (ACL SETUSER, LOAD, a reload). If any is no longer allowed here, the transaction goes."""
         if self.user is self._multi_user:
             return False
-        audit = self.policy.audits(self.user)  # audit mode: ACL verdicts do not stop anything
+        audit = self.policy.audits(self.user)  # audit mode: ACL verdicts on forwarded commands stop nothing
         return any((v := decide(self.policy, self.user, q, False, self.local)).error is not None
-                   and not (audit and v.reason in ("command", "key", "channel")) for q in self._queued)  # fmt: skip
+                   and not (audit and v.reason in ("command", "key", "channel") and v.name not in self.special)
+                   for q in self._queued)  # fmt: skip
 
     def _cmd_exec(self, cmd: Command, argv: list[bytes]) -> None:
         if self.in_multi and self.multi_dirty:
@@ -87,25 +89,20 @@ class StateCommands:
         if self.in_multi and self._rules_changed_since_multi():
             self._abort_exec(EXECABORT_ACL)
             return
-        # Subscriptions queued in the transaction change now (requests pipelined after EXEC see them,
-        # as in Redis); if EXEC's reply says it was aborted (WATCH), the change is undone.
-        undo = []
-        queued = len(self._multi_subs)
-        for kind, channel, unsubscribe in self._multi_subs:
-            subs = self.subscriptions[kind]
-            if unsubscribe and channel in subs:
-                subs.discard(channel)
-                undo.append((kind, channel, False))
-            elif not unsubscribe and channel not in subs:
-                subs.add(channel)
-                undo.append((kind, channel, True))
-        if self.reply_off:
-            # No EXEC reply comes under OFF, but the confirmations inside it are pushes, sent anyway.
+        # Subscriptions queued in the transaction change only if EXEC runs (WATCH can abort it), which
+        # only EXEC's reply tells: they are applied when it arrives (_exec_done), and until then the
+        # session decides nothing more (in RESP2 whether it is subscribed changes what Redis accepts
+        # and how its replies read).
+        changes = list(self._multi_subs)
+        if changes and self.reply_off:
+            # No reply to EXEC under OFF. No WATCH is in force (SUBSCRIBE after one was refused), so it
+            # runs, and the confirmations inside it are pushes, sent anyway.
+            self._apply_subscriptions(changes)
             self._forward(argv)
-            if queued:
-                self._expect(PUBSUB, queued)
-        elif undo and not self._skipping:  # (a skipped EXEC's reply is swallowed whole: no undo then)
-            self._exec_undo.append(undo[::-1])
+            self._expect(PUBSUB, len(changes))
+        elif changes:  # (a SKIP hides EXEC's reply from the client: the proxy still reads it)
+            self._exec_changes.append(changes)
+            self._paused = True  # (held, not started: the next request is decided after the reply)
             self._forward(argv, 1, EXEC_SUBS)
         else:
             self._forward(argv)
@@ -116,11 +113,16 @@ class StateCommands:
         self._end_multi()
 
     def _exec_done(self, frame: bytes) -> None:
-        """EXEC's reply arrived: if the transaction was aborted (null, EXECABORT), undo its subscriptions."""
-        undo = self._exec_undo.popleft()
+        """EXEC's reply arrived: unless the transaction was aborted (null, EXECABORT), its subscription
+        changes happen now; and the requests held behind it are decided."""
+        changes = self._exec_changes.popleft()
         if not frame.startswith((b"*-1", b"_", b"-")):
-            return
-        for kind, channel, unsubscribe in undo:
+            self._apply_subscriptions(changes)
+        if not self._exec_changes and self.offload is None and not self.wait:
+            self._paused = False  # the transport sees it and resumes the pipeline
+
+    def _apply_subscriptions(self, changes: list[tuple[str, bytes, bool]]) -> None:
+        for kind, channel, unsubscribe in changes:
             if unsubscribe:
                 self.subscriptions[kind].discard(channel)
             else:
@@ -133,6 +135,12 @@ class StateCommands:
         if self.in_multi:
             # Queued: one +QUEUED now; EXEC's array then carries the confirmations. With more than one
             # confirmation Redis's EXEC reply holds more frames than its array says: refuse that case.
+            if self.reply_off and self._watching:
+                # Under OFF nothing would tell whether EXEC ran (a WATCH can abort it), so whether the
+                # client ends up subscribed: refused rather than guessed (replies would go astray).
+                self._reject(cmd, b"-ERR redisguard: %s inside MULTI after WATCH while CLIENT REPLY is OFF is not supported\r\n"
+                             % cmd.name.upper().encode(), "unsupported")  # fmt: skip
+                return
             if len(channels) != 1:
                 self._reject(cmd, b"-ERR redisguard: %s inside MULTI takes exactly one channel here\r\n"
                              % cmd.name.upper().encode(), "unsupported")  # fmt: skip

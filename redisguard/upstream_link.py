@@ -46,7 +46,7 @@ class UpstreamProtocol(asyncio.Protocol):
         if self.client.link.protocol is not self:
             return
         self.client.session.upstream_data(data)
-        self.client.flush()
+        self.client.upstream_received()
 
     def pause(self, why: str) -> None:
         if self.transport is not None and not self.paused_by:
