@@ -12,6 +12,8 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -204,6 +206,41 @@ def test_sighup_and_acl_admin_reach_every_worker(two) -> None:  # type: ignore[n
     admin.close()
 
 
+def admin_on(p: ProxyProc, worker: int) -> redis.Redis:
+    """An admin connection served by ``worker`` (connect until one lands there)."""
+    for _ in range(100):
+        c = redis.Redis(port=p.plain_port, username="admin", password="admin-pw", single_connection_client=True)
+        port = c.connection._sock.getsockname()[1]  # type: ignore[union-attr]
+        if served_by(p, "auth_success", peer=f"127.0.0.1:{port}") == {worker}:
+            return c
+        c.close()
+    raise AssertionError(f"no connection landed on worker {worker}")
+
+
+def test_concurrent_setuser_on_two_workers_converges(two) -> None:  # type: ignore[no-untyped-def]
+    p, _ = two
+    a, b = admin_on(p, 0), admin_on(p, 1)
+    # Read your writes: the echo of an earlier change of one's own never undoes a later one.
+    for i in range(40):
+        a.execute_command("ACL", "SETUSER", "erin", "resetpass", f"#{i:064x}")
+        assert f"{i:064x}".encode() in str(a.execute_command("ACL", "GETUSER", "erin")).encode()
+    pa, pb = a.pipeline(transaction=False), b.pipeline(transaction=False)
+    for i in range(30):
+        pa.execute_command("ACL", "SETUSER", "erin", "reset", "on", f">a{i}", "~a:*", "+get")
+        pb.execute_command("ACL", "SETUSER", "erin", "reset", "on", f">b{i}", "~b:*", "+set")
+    pa.execute_command("ACL", "SETUSER", "erin", "reset", "on", ">last", "~x:*", "+@read")
+    pb.execute_command("ACL", "SETUSER", "frank", "on", ">frank-pw", "+ping")
+    pa.execute(), pb.execute()
+
+    def getuser(c: redis.Redis, name: str) -> object:
+        return c.execute_command("ACL", "GETUSER", name)
+
+    wait_for(lambda: getuser(a, "erin") == getuser(b, "erin") and getuser(a, "frank") == getuser(b, "frank") is not None)
+    time.sleep(0.3)  # nothing still in flight changes it again
+    assert getuser(a, "erin") == getuser(b, "erin")
+    a.close(), b.close()
+
+
 def test_a_killed_worker_is_restarted_and_counts_are_kept(two) -> None:  # type: ignore[no-untyped-def]
     p, _ = two
     before = metrics(p)
@@ -238,6 +275,20 @@ def test_sigterm_drains_and_stops_everything(tmp_path: Path, certs: Path, redis_
         p.stop()
 
 
+def test_workers_die_with_the_supervisor(tmp_path: Path, certs: Path, redis_server: RedisProc) -> None:
+    users = tmp_path / "users.acl"
+    users.write_text(USERS_ACL)
+    p = start_proxy(tmp_path, certs, users, redis_server.port, extra=WORKERS)
+    try:
+        wait_for(lambda: len(children(p.proc.pid)) == 2)
+        pids = children(p.proc.pid)
+        p.proc.kill()  # SIGKILL: no chance to stop them itself
+        p.proc.wait(5)
+        wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in pids))
+    finally:
+        p.stop()
+
+
 def test_workers_setting_is_validated(tmp_path: Path) -> None:
     base = '[[listener]]\ntype = "tcp"\naddress = "127.0.0.1:{port}"\n[acl]\nusers_file = "u.acl"\n[server]\n'
     cfg = tmp_path / "c.toml"
@@ -255,6 +306,14 @@ def test_workers_setting_is_validated(tmp_path: Path) -> None:
             load(bad)
     with pytest.raises(ConfigError, match=r"listener\[0\].address: port 0 .* 2 workers"):
         load("2", port=0)
+    (tmp_path / "u.acl").write_text(USERS_ACL)
+    for workers, code in (("4", 0), ("0", 1)):  # check-config: the same one line, exit 1
+        cfg.write_text(base.format(port=7000) + f"workers = {workers}\n")
+        out = subprocess.run([sys.executable, "-m", "redisguard", "check-config", "--skip-bind", "-c", str(cfg)],
+                             capture_output=True, text=True, timeout=30)  # fmt: skip
+        assert out.returncode == code, out.stderr
+        if code:
+            assert out.stderr == f"error: {cfg}: server.workers: must be 1 to 64 (or \"auto\": one per CPU), got 0\n"
 
 
 def test_merge_rules() -> None:
