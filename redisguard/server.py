@@ -167,8 +167,8 @@ class Proxy:
             upstream=self.config.upstream.where,
             redis_version=self.table.redis_version,
             users=len(self.policy.users),
-            metrics=f"http://{self.config.metrics.host}:{self.metrics_port()}/metrics"
-            if self.config.metrics.enabled and self.worker is None else "supervisor" if self.worker else "off",
+            metrics="off" if not self.config.metrics.enabled else "the supervisor's" if self.worker is not None
+            else f"http://{self.config.metrics.host}:{self.metrics_port()}/metrics",
             fd_limit=fd_limit, malloc_trim=self.trim is not None,
         )  # fmt: skip
 
@@ -310,9 +310,9 @@ async def run(config: Config, worker: WorkerLink | None = None) -> None:
     loop.add_signal_handler(signal.SIGHUP, proxy.reload)
     link = asyncio.ensure_future(worker.run(stop)) if worker is not None else None
     await stop.wait()
-    if link is not None:
-        link.cancel()
     log.info("redisguard_stopping", clients=len(proxy.clients))
     await proxy.stop()
+    if link is not None:  # answered the supervisor's scrapes while draining
+        link.cancel()
     log.info("redisguard_stopped")
 
