@@ -52,6 +52,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"redisguard: {problem}", file=sys.stderr)
         return 2
     configure_logging(config.log.format, config.log.level)
+    if config.server.workers > 1:
+        from .supervisor import serve
+
+        try:
+            return serve(config)
+        except OSError as e:
+            return _die(str(e))
     try:
         import uvloop
 

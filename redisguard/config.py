@@ -128,6 +128,15 @@ class LogConfig:
     audit_connections_per_second: float = 100.0  # rate limit per connection event (accepted, rejected, ...)
 
 
+MAX_WORKERS = 64
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    # Worker processes (see redisguard.supervisor): 1 = today's single process, no supervisor.
+    workers: int = 1
+
+
 @dataclass(frozen=True)
 class Config:
     listeners: tuple[ListenerConfig, ...]
@@ -138,6 +147,7 @@ class Config:
     log: LogConfig = LogConfig()
     profile: ProfileConfig = ProfileConfig()
     source: Path | None = None
+    server: ServerConfig = ServerConfig()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -145,7 +155,8 @@ class Config:
 # Every key each table accepts: an unknown key (a typo like ``cert_fiel``) is reported as such before
 # anything else, so it is never mistaken for a missing one. (``_Section.done`` double-checks.)
 KNOWN_KEYS: dict[str, tuple[str, ...]] = {
-    "": ("listener", "upstream", "acl", "limits", "metrics", "log", "profile"),
+    "": ("server", "listener", "upstream", "acl", "limits", "metrics", "log", "profile"),
+    "server": ("workers",),
     "listener": ("name", "type", "address", "path", "socket_mode", "cert_file", "key_file", "ca_file", "client_auth",
                  "cert_user", "allow_insecure_remote", "allowed_sources", "max_connections"),
     "upstream": ("address", "path", "username", "password", "password_file", "password_env", "tls", "tls_ca_file",
@@ -430,8 +441,26 @@ def parse_config(data: dict[str, Any], base: Path, source: Path | None = None) -
         if getattr(log, k) <= 0:
             raise lg.fail(k, "must be > 0")
     lg.done()
+    server = _server(root.section("server"), listeners)
     root.done()
-    return Config(listeners, upstream, acl_cfg, limits, metrics, log, profile, source)
+    return Config(listeners, upstream, acl_cfg, limits, metrics, log, profile, source, server)
+
+
+def _server(sec: _Section, listeners: tuple[ListenerConfig, ...]) -> ServerConfig:
+    workers = sec.get("workers", (int, str), 1)
+    if workers == "auto":
+        workers = min(os.cpu_count() or 1, MAX_WORKERS)
+    if isinstance(workers, bool) or not isinstance(workers, int):
+        raise sec.fail("workers", f'a number of processes (1 to {MAX_WORKERS}) or "auto", got {workers!r}')
+    if not 1 <= workers <= MAX_WORKERS:
+        raise sec.fail("workers", f'must be 1 to {MAX_WORKERS} (or "auto": one per CPU), got {workers}')
+    if workers > 1:
+        for i, lst in enumerate(listeners):
+            if lst.type != "unix" and lst.port == 0:
+                raise ConfigError(f"listener[{i}].address: port 0 (any free port) cannot be shared by {workers} "
+                                  "workers; give a port number")  # fmt: skip
+    sec.done()
+    return ServerConfig(workers)
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

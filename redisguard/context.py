@@ -35,6 +35,11 @@ def source_of(peername: Any) -> str:
     return source_key(str(peername[0])) if isinstance(peername, tuple) else ""
 
 
+def share(limit: int, workers: int) -> int:
+    """One worker's part of a limit the config sets for the whole proxy (rounded up)."""
+    return -(-limit // workers)
+
+
 def is_local(peername: Any) -> bool:
     """A unix-socket or loopback client: what Redis calls local (for DEBUG and MODULE LOAD)."""
     if not isinstance(peername, tuple):
@@ -58,6 +63,8 @@ class ConnectionContext:
         self.upstream_ssl = upstream_ssl
         self.clients: set[ClientProtocol] = set()
         self.active = {lst.name: 0 for lst in config.listeners}
+        # Each listener's max_connections (with [server] workers, this worker's share: rounded up).
+        self.max_connections = {lst.name: share(lst.max_connections, config.server.workers) for lst in config.listeners}
         self.tls_contexts: dict[str, ssl.SSLContext] = {}  # per TLS listener; a reload replaces them
         # Connection events are rate-limited per event name; what is dropped is counted.
         self.events = EventLimiter(config.log.audit_connections_per_second, metrics.audit_suppressed.inc)
@@ -90,7 +97,7 @@ class ConnectionContext:
         ctx = self
         if lst.allowed_sources and isinstance(peername, tuple) and not source_allowed(peername[0], lst.allowed_sources):
             return "source_not_allowed"
-        if ctx.active[lst.name] + ctx.handshakes.by_listener.get(lst.name, 0) >= lst.max_connections:
+        if ctx.active[lst.name] + ctx.handshakes.by_listener.get(lst.name, 0) >= ctx.max_connections[lst.name]:
             return "limit"
         if ctx.fds_left() < ctx.config.limits.fd_reserve:
             return "fd_reserve"

@@ -104,11 +104,12 @@ class TLSServer:
     max_connections counting pending handshakes, the handshake budget, the file-descriptor reserve);
     a refused one is closed at once."""
 
-    def __init__(self, ctx: ConnectionContext, listener: ListenerConfig) -> None:
+    def __init__(self, ctx: ConnectionContext, listener: ListenerConfig, reuse_port: bool = False) -> None:
         self.ctx = ctx
         self.listener = listener
+        # reuse_port: each of [server] workers binds its own socket; the kernel spreads connections over them
         sock = socket.create_server((listener.host, listener.port), family=_family(listener.host), backlog=1024,
-                                    reuse_port=False)  # fmt: skip
+                                    reuse_port=reuse_port)  # fmt: skip
         sock.setblocking(False)
         self.sockets = [sock]
         self.pending: set[asyncio.Task[None]] = set()

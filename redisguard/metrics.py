@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import platform
+import socket
 from collections.abc import Awaitable, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
@@ -122,9 +123,13 @@ def parse_samples(text: str) -> dict[str, float]:
 
 
 async def serve_http(
-    metrics: Metrics, host: str, port: int, ready: Callable[[], Awaitable[tuple[bool, str]]]
-) -> asyncio.AbstractServer:
-    """/metrics, /healthz (alive), /readyz (listeners up, certs loaded, upstream answers)."""
+    metrics: Metrics | Callable[[], Awaitable[bytes]], host: str, port: int,
+    ready: Callable[[], Awaitable[tuple[bool, str]]], sock: socket.socket | None = None,
+) -> asyncio.AbstractServer:  # fmt: skip
+    """/metrics, /healthz (alive), /readyz (listeners up, certs loaded, upstream answers).
+
+    ``metrics``: this process's, or (the supervisor of workers) a coroutine that renders the text;
+    ``sock``: an already bound socket instead of ``host`` and ``port``."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -134,7 +139,8 @@ async def serve_http(
             parts = line.split()
             path = parts[1].split(b"?")[0] if len(parts) >= 2 else b""
             if path == b"/metrics":
-                status, ctype, body = b"200 OK", CONTENT_TYPE_LATEST.encode(), metrics.render()
+                body = metrics.render() if isinstance(metrics, Metrics) else await metrics()
+                status, ctype = b"200 OK", CONTENT_TYPE_LATEST.encode()
             elif path == b"/healthz":
                 status, ctype, body = b"200 OK", b"text/plain", b"ok\n"
             elif path == b"/readyz":
@@ -151,4 +157,6 @@ async def serve_http(
         finally:
             writer.close()
 
+    if sock is not None:
+        return await asyncio.start_server(handle, sock=sock)
     return await asyncio.start_server(handle, host, port)

@@ -14,6 +14,7 @@ from typing import Any
 
 from . import certs
 from .acl import ACLError, ACLReplies, User, UsersFileError, load_users
+from .acl.users_file import parse_users
 from .audit import get_logger
 from .commands import CommandTable
 from .config import Config, ListenerConfig
@@ -55,6 +56,11 @@ class Reloader:
         self.reload_again = False
         self.background: set[asyncio.Future[None]] = set()
         shared.on_users_changed = self.users_changed
+        # With workers: told of the users changes made here by ACL SETUSER / DELUSER / LOAD (not of
+        # reloads, nor of changes replicated from other workers) — see worker_link.
+        self.on_local_change: Callable[[dict[str, User], set[str] | None, Sequence[str]], None] | None = None
+        self._not_local = False  # set while this module swaps users itself
+        self.deferred: list[tuple[dict[str, str], Sequence[str]]] = []  # replicated during a reload
 
     @property
     def policy(self) -> Policy:
@@ -120,7 +126,7 @@ class Reloader:
                 self.set_config(new_cfg)
                 self.shared.observer.audit_keys = new_cfg.log.audit_keys  # type: ignore[attr-defined]
                 policy = replace(self.policy, users=users, disabled=frozenset(new_cfg.acl.disabled_commands), plans={})
-                dropped = self.shared.swap(policy, None, (), acl_replies)
+                dropped = self._swap(policy, None, (), acl_replies)
                 gc.freeze()
                 gc.enable()
                 # Freeing 10,000 users is ~20 ms: not on the loop, and on the decisions' own worker
@@ -132,7 +138,44 @@ class Reloader:
                 audit.info("config_reloaded", users=len(users), listeners=sorted(contexts), disconnected=dropped,
                            applied=changes.applied, restart_required=changes.restart)  # fmt: skip
             if not self.reload_again:
+                while self.deferred:
+                    self._replicate(*self.deferred.pop(0))
                 return
+
+    def _swap(self, policy: Policy, changed: set[str] | None, deleted: Sequence[str],
+              acl_replies: ACLReplies | None = None) -> int:  # fmt: skip
+        """Put new users in force from here (a reload, a replicated change): not a local ACL change."""
+        self._not_local = True
+        try:
+            return self.shared.swap(policy, changed, deleted, acl_replies)
+        finally:
+            self._not_local = False
+
+    def replicate(self, lines: dict[str, str], deleted: Sequence[str]) -> None:
+        """ACL SETUSER / DELUSER made on another worker (each changed user as its users-file line):
+        put in force as they were there, as if run here (unchanged users are left alone). The
+        supervisor sent them after any reload it asked for, so during a reload they wait for its end."""
+        if self.reloading is not None and not self.reloading.done():
+            self.deferred.append((lines, deleted))
+        else:
+            self._replicate(lines, deleted)
+
+    def _replicate(self, lines: dict[str, str], deleted: Sequence[str]) -> None:
+        users = dict(self.policy.users)
+        try:
+            parsed = parse_users("\n".join(lines.values()), self.table) if lines else {}
+        except UsersFileError as e:  # cannot happen for lines another worker rendered; never crash on it
+            audit.error("users_replication_failed", error=str(e))
+            return
+        changed = set()
+        for name in lines:
+            old = users.get(name)
+            if old is None or old.fingerprint != parsed[name].fingerprint:
+                users[name] = parsed[name]
+                changed.add(name)
+        gone = [n for n in deleted if users.pop(n, None) is not None]
+        if changed or gone:
+            self._swap(self.policy.with_users(users), changed | set(gone), gone)
 
     def users_changed(self, policy: Policy, changed: set[str] | None, deleted: Sequence[str]) -> int:
         """A reload or ACL SETUSER / DELUSER / LOAD changed the users: move or disconnect the other
@@ -151,6 +194,8 @@ class Reloader:
 
             self.background.add(task := asyncio.ensure_future(rebuild()))
             task.add_done_callback(self.background.discard)
+        if self.on_local_change is not None and not self._not_local:
+            self.on_local_change(users, changed, deleted)
         return dropped
 
     def _rebind_sessions(self, users: dict[str, User], changed: set[str] | None = None, deleted: Sequence[str] = ()) -> int:

@@ -18,7 +18,7 @@ import signal
 import ssl
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .acl import ACLReplies, load_users
 from .acl.users_file import missing_default_message
@@ -26,7 +26,7 @@ from .audit import get_logger
 from .commands import CommandTable
 from .config import Config, ListenerConfig
 from .connection import ClientProtocol
-from .context import ConnectionContext
+from .context import ConnectionContext, share
 from .guards import AuthThrottle
 from .health import UpstreamMonitor
 from .listeners import HandshakeBudget, TLSServer
@@ -38,6 +38,9 @@ from .profile_store import ProfileStore
 from .reload import Reloader, export_expiry
 from .tls import server_context, upstream_context
 from .upstream import fetch_command_table, protected_settings, upstream_request
+
+if TYPE_CHECKING:
+    from .worker_link import WorkerLink
 
 log = get_logger("redisguard")
 audit = get_logger("redisguard.audit")
@@ -52,8 +55,12 @@ TRIM_AFTER_CHURN = 64
 
 
 class Proxy:
-    def __init__(self, config: Config) -> None:
+    """One event loop serving every listener: the whole proxy, or one of ``[server] workers`` processes
+    (``worker``: its channel to the supervisor, see :mod:`.supervisor`)."""
+
+    def __init__(self, config: Config, worker: WorkerLink | None = None) -> None:
         self.config = config
+        self.worker = worker
         self.metrics = Metrics()
         self.servers: list[asyncio.AbstractServer | TLSServer] = []
         self.shared: Shared = None  # type: ignore[assignment]  # load_policy sets it
@@ -116,9 +123,9 @@ class Proxy:
                         audit_users=tuple(u.encode("utf-8", "surrogateescape") for u in cfg.acl.audit_users),
                         **protected)  # fmt: skip
         observer = Observer(self.metrics, users, cfg.metrics.enabled, cfg.log.audit_keys, cfg.log.audit_denied_per_second)
-        self.shared = Shared(policy, observer, AuthThrottle(cfg.limits.auth_failures_per_minute), ACLReplies(users).prepare())
-        lim = cfg.limits
-        handshakes = HandshakeBudget(lim.max_pending_handshakes, lim.max_handshakes_per_source,
+        lim, n = cfg.limits, cfg.server.workers  # with workers, each has its share of the proxy's limits
+        self.shared = Shared(policy, observer, AuthThrottle(lim.auth_failures_per_minute / n), ACLReplies(users).prepare())
+        handshakes = HandshakeBudget(share(lim.max_pending_handshakes, n), share(lim.max_handshakes_per_source, n),
                                      self.metrics.tls_handshakes_pending)  # fmt: skip
         self.ctx = ConnectionContext(cfg, self.shared, self.metrics, handshakes, upstream_context(cfg.upstream))
         if cfg.profile.file is not None:
@@ -128,6 +135,8 @@ class Proxy:
         self.reloader = Reloader(cfg, self.table, self.shared, self.ctx, self._set_config)
         self.metrics.fd_accounted.set_function(lambda: self.ctx.fd_limit - self.ctx.fds_left())
         self.metrics.set_build_info(self.table.redis_version)
+        if self.worker is not None:
+            self.worker.attach(self)
 
     async def start(self) -> None:
         fd_limit = _raise_fd_limit()
@@ -138,9 +147,12 @@ class Proxy:
         gc.freeze()  # the users and the command table live as long as the process: keep them out of GC passes
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(self._exception_handler)
+        workers = self.worker is not None  # TCP: one SO_REUSEPORT socket per worker; unix: the supervisor's
         for lst in self.config.listeners:
             factory = self._factory(lst)
-            if lst.type == "unix":
+            if lst.type == "unix" and self.worker is not None:
+                srv = await loop.create_unix_server(factory, sock=self.worker.inherited[lst.name])
+            elif lst.type == "unix":
                 assert lst.path is not None
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(lst.path)
@@ -148,11 +160,12 @@ class Proxy:
                 os.chmod(lst.path, lst.socket_mode)
             elif lst.type == "tls":
                 self._load_certificates(lst)
-                srv = TLSServer(self.ctx, lst)  # type: ignore[assignment]
+                srv = TLSServer(self.ctx, lst, reuse_port=workers)  # type: ignore[assignment]
             else:
-                srv = await loop.create_server(factory, lst.host, lst.port, reuse_address=True, backlog=1024)
+                srv = await loop.create_server(factory, lst.host, lst.port, reuse_address=True, reuse_port=workers,
+                                               backlog=1024)  # fmt: skip
             self.servers.append(srv)
-        if self.config.metrics.enabled:
+        if self.config.metrics.enabled and self.worker is None:  # with workers, the supervisor serves it
             m = self.config.metrics
             self.servers.append(await serve_http(self.metrics, m.host, m.port, self.ready))
         self.ctx.fd_base = _open_fds()
@@ -167,8 +180,8 @@ class Proxy:
             upstream=self.config.upstream.where,
             redis_version=self.table.redis_version,
             users=len(self.policy.users),
-            metrics=f"http://{self.config.metrics.host}:{self.metrics_port()}/metrics"
-            if self.config.metrics.enabled else "off",
+            metrics="off" if not self.config.metrics.enabled else "the supervisor's" if self.worker is not None
+            else f"http://{self.config.metrics.host}:{self.metrics_port()}/metrics",
             fd_limit=fd_limit, malloc_trim=self.trim is not None,
         )  # fmt: skip
 
@@ -181,7 +194,7 @@ class Proxy:
         return f"{host}:{port}"
 
     def metrics_port(self) -> int:
-        if not self.config.metrics.enabled:
+        if not self.config.metrics.enabled or self.worker is not None:
             return 0
         return int(self.servers[len(self.config.listeners)].sockets[0].getsockname()[1])
 
@@ -238,6 +251,8 @@ class Proxy:
             await asyncio.sleep(0.05)
         for c in list(self.ctx.clients):
             c.close()
+        if self.worker is not None:
+            return  # the supervisor owns the unix socket paths
         for lst in self.config.listeners:
             if lst.type == "unix" and lst.path:
                 with contextlib.suppress(FileNotFoundError):
@@ -276,16 +291,20 @@ def _malloc_trim() -> Callable[[], int] | None:
     return lambda: int(fn(0))
 
 
-async def run(config: Config) -> None:
-    proxy = Proxy(config)
+async def run(config: Config, worker: WorkerLink | None = None) -> None:
+    """Serve until SIGTERM/SIGINT (or, for a worker, until the supervisor's channel closes)."""
+    proxy = Proxy(config, worker)
     await proxy.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, proxy.reload)
+    link = asyncio.ensure_future(worker.run(stop)) if worker is not None else None
     await stop.wait()
     log.info("redisguard_stopping", clients=len(proxy.clients))
     await proxy.stop()
+    if link is not None:  # answered the supervisor's scrapes while draining
+        link.cancel()
     log.info("redisguard_stopped")
 
