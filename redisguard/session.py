@@ -145,6 +145,11 @@ class Session(RequestPipeline, LoginsAndACL, StateCommands):
         return (not d.nopass or not d.enabled) and not self.authenticated
 
     @property
+    def address(self) -> str:
+        """The client's IP address without the port, or "unix" (what [acl.user_sources] matches)."""
+        return self.peer.rpartition(":")[0].strip("[]") if ":" in self.peer else self.peer or "unix"
+
+    @property
     def policy(self) -> Policy:
         return self.shared.policy
 
@@ -183,10 +188,20 @@ class Session(RequestPipeline, LoginsAndACL, StateCommands):
         if self.upstream_opened:
             return
         self.upstream_opened = True
-        auth = self.policy.upstream_auth()
+        self._upstream_login(self.user)
+
+    def _upstream_login(self, user: User) -> None:
+        """The upstream connection logs in: as the service user, or (mirror mode) as ``user``'s mirror."""
+        auth = self.policy.upstream_auth(user)
         if auth:
             self.to_upstream.append(auth)
-            self.replies.expect(AUTHCHECK)
+            if not self.reply_off:  # (Redis answers nothing under CLIENT REPLY OFF, AUTH included)
+                self.replies.expect(AUTHCHECK)
+
+    def _user_changed(self) -> None:
+        """The client logged in as another user: in mirror mode its open upstream connection follows."""
+        if self.upstream_opened and self.policy.mirror is not None:
+            self._upstream_login(self.user)
 
     def _reply(self, data: bytes) -> None:
         """A reply made here, in order behind whatever upstream replies are still owed."""
