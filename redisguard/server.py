@@ -29,6 +29,7 @@ from .connection import ClientProtocol
 from .context import ConnectionContext
 from .guards import AuthThrottle
 from .health import UpstreamMonitor
+from .identity import install as install_identity
 from .listeners import HandshakeBudget, TLSServer
 from .metrics import Metrics, serve_http
 from .observe import Observer
@@ -112,6 +113,7 @@ class Proxy:
                         **protected)  # fmt: skip
         observer = Observer(self.metrics, users, cfg.metrics.enabled, cfg.log.audit_keys, cfg.log.audit_denied_per_second)
         self.shared = Shared(policy, observer, AuthThrottle(cfg.limits.auth_failures_per_minute), ACLReplies(users).prepare())
+        await install_identity(self.shared, cfg)  # login rules; [upstream] identity = "mirror": the mirror users
         lim = cfg.limits
         handshakes = HandshakeBudget(lim.max_pending_handshakes, lim.max_handshakes_per_source,
                                      self.metrics.tls_handshakes_pending)  # fmt: skip
