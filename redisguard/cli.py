@@ -14,7 +14,7 @@ from .acl import ACLError, UsersFileError, hash_password, load_users, missing_de
 from .commands import CommandTable
 from .config import Config, ConfigError, load_config
 from .policy import Policy, decide
-from .preflight import preflight
+from .preflight import preflight, root_warning
 
 # -c/--config when not given: $REDISGUARD_CONFIG, else the packaged location (the container image's too).
 SYSTEM_CONFIG = "/etc/redisguard/redisguard.toml"
@@ -52,6 +52,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"redisguard: {problem}", file=sys.stderr)
         return 2
     configure_logging(config.log.format, config.log.level)
+    if warning := root_warning():
+        from .audit import get_logger
+
+        get_logger("redisguard").warning("running_as_root", detail=warning)
     try:
         import uvloop
 
@@ -71,6 +75,8 @@ def config_warnings(config_path: str, bind: bool = True) -> tuple[list[str], lis
     except ConfigError as e:
         return [str(e)], []
     errors = preflight(config, bind=bind)
+    if warning := root_warning():
+        warnings.append(warning)
     if any(e.startswith("acl.users_file:") for e in errors):
         return errors, warnings
     table = CommandTable.snapshot()
@@ -89,7 +95,8 @@ def config_warnings(config_path: str, bind: bool = True) -> tuple[list[str], lis
             "users file: the 'default' user is on with nopass: any client that connects can run what "
             "it allows without AUTH (add 'user default off' to require authentication)"
         )
-    for u in users.values():
+    mirror = config.upstream.identity == "mirror"  # Redis itself then enforces each user's rules in scripts
+    for u in users.values() if not mirror else ():
         for sel in u.selectors:
             if sel.allkeys and sel.allchannels:
                 continue
@@ -98,8 +105,8 @@ def config_warnings(config_path: str, bind: bool = True) -> tuple[list[str], lis
                 warnings.append(
                     f"user {u.name!r} has key or channel restrictions but may run "
                     f"{', '.join(c.upper() for c in risky)}: scripts run as the proxy's upstream user, "
-                    "so redisguard cannot enforce those patterns inside them (deny @scripting for this user, "
-                    "or restrict the upstream user too)"
+                    "so redisguard cannot enforce those patterns inside them (set [upstream] identity = "
+                    "\"mirror\", deny @scripting for this user, or restrict the upstream user too)"
                 )
                 break
     return errors, warnings
