@@ -3,6 +3,8 @@ client certificates refused — through the real proxy, real TLS and a real Redi
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
 import ssl
 import time
@@ -10,6 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from redisguard.config import ConfigError, load_config
 from redisguard.demo import scrape
@@ -85,25 +91,47 @@ def test_user_sources(guarded: ProxyProc, certs: Path, tmp_path: Path) -> None:
 
 
 def test_unmapped_certificate_is_refused(guarded: ProxyProc, proxy: ProxyProc, certs: Path, tmp_path: Path) -> None:
+    def closed_after_handshake(cert: tuple[Path, Path]) -> list[dict[str, object]]:
+        """The proxy closes the connection before anything is sent; the audit events it logged."""
+        before = len(audit(guarded, "auth_failure"))
+        with tls_connect(guarded.tls_port, certs, cert, ssl.TLSVersion.TLSv1_2) as s, \
+                contextlib.suppress(ConnectionError, ssl.SSLError):  # fmt: skip
+            s.settimeout(5)
+            assert s.recv(100) == b""
+        deadline = time.monotonic() + 5
+        while len(audit(guarded, "auth_failure")) == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return [e for e in audit(guarded, "auth_failure")[before:] if e["reason"] == "unmapped_cert"]
+
     cert = client_cert(certs, "nobody", tmp_path)
-    with tls_connect(guarded.tls_port, certs, cert[:2], ssl.TLSVersion.TLSv1_2) as s:
-        s.settimeout(5)
-        try:
-            data = s.recv(100)  # closed by the proxy after the handshake, before anything is sent
-        except (ConnectionError, ssl.SSLError):
-            data = b""
-        assert data == b""
-    deadline = time.monotonic() + 5
-    while not any(e["reason"] == "unmapped_cert" for e in audit(guarded, "auth_failure")) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    (event,) = [e for e in audit(guarded, "auth_failure") if e["reason"] == "unmapped_cert"]
+    (event,) = closed_after_handshake(cert[:2])
     assert event["tls_identity"] == "nobody" and event["listener"] == "tls"
+    (event,) = closed_after_handshake(nameless_cert(certs, tmp_path))  # a verified certificate with no CN at all
+    assert event["tls_identity"] == ""
     # without a client certificate the listener still lets the client AUTH
     with tls_connect(guarded.tls_port, certs) as s:
         assert ask(s, b"AUTH bob bob-pw\r\n") == b"+OK\r\n"
     # the default, unmapped_cert = "default": the connection goes on as the default user
     with tls_connect(proxy.tls_port, certs, cert[:2]) as s:
         assert ask(s, b"PING\r\n") == b"-NOAUTH Authentication required.\r\n"
+
+
+def nameless_cert(certs: Path, out: Path) -> tuple[Path, Path]:
+    """A client certificate from the dev CA whose subject has no common name."""
+    ca = x509.load_pem_x509_certificate((certs / "ca.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((certs / "ca.key").read_bytes(), None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "no cn")]))
+            .issuer_name(ca.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256()))  # type: ignore[arg-type]  # fmt: skip
+    pem, key_path = out / "nameless.pem", out / "nameless.key"
+    pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))  # fmt: skip
+    return pem, key_path
 
 
 def test_login_rules_sources_pure() -> None:
