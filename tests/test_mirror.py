@@ -159,3 +159,40 @@ def test_mirror_rules_are_the_acl_list_form(table) -> None:  # type: ignore[no-u
     assert rules == ["skip-sanitize-payload", "~a:*", "%R~r:*", "resetchannels", "&ch", "-@all", "+get",
                      "(~s:* resetchannels -@all +set)"]
     assert not any(r in ("on", "off", "nopass") or r.startswith(("#", ">")) for r in rules)
+
+
+# The least the upstream user needs in mirror mode (docs/security.md): the mirror users' admin, the
+# command table and settings at start, PING for /readyz and the health check. No data commands.
+LEAST = "reset on >{pw} -@all +acl|setuser +acl|deluser +acl|users +acl|cat +command|info +info +config|get +ping"
+
+
+def test_mirror_mode_with_a_least_privilege_upstream_user(tmp_path: Path, certs: Path) -> None:
+    r = start_redis()
+    try:
+        direct = redis.Redis(port=r.port, username=UPSTREAM_USER, password=UPSTREAM_PASSWORD, decode_responses=True)
+        direct.set("secret", "s")
+        direct.execute_command("ACL", "SETUSER", UPSTREAM_USER, *LEAST.format(pw=UPSTREAM_PASSWORD).split())
+        users = tmp_path / "users.acl"
+        users.write_text(USERS)
+        p = start_proxy(tmp_path, certs, users, r.port, upstream_extra='identity = "mirror"')
+        try:
+            alice = client(p, "alice")
+            assert alice.set("app:2", "two") and alice.get("app:2") == "two"
+            with pytest.raises(redis.ResponseError):
+                alice.eval(SCRIPT, 0)
+            log = p.log.read_text()
+            assert "mirror_sync_failed" not in log and "command_table_fallback" not in log
+        finally:
+            p.stop()
+        # without the ACL grants: said once at start, and clients get an error rather than the wrong identity
+        direct.execute_command("ACL", "SETUSER", UPSTREAM_USER, "-acl")
+        p = start_proxy(tmp_path, certs, users, r.port, upstream_extra='identity = "mirror"')
+        try:
+            with pytest.raises(redis.RedisError, match="upstream authentication failed"):
+                client(p, "alice").get("app:2")
+            (line,) = [x for x in p.log.read_text().splitlines() if "mirror_sync_failed" in x]
+            assert "NOPERM" in line and "+acl|setuser +acl|deluser +acl|users" in line
+        finally:
+            p.stop()
+    finally:
+        r.stop()
