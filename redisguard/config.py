@@ -49,7 +49,7 @@ class TLSPolicy:
     min_version: str = "1.2"  # "1.2" | "1.3"
     ciphers: str = ""  # OpenSSL cipher string for TLS 1.2 ("" = Python's default)
     ciphersuites: tuple[str, ...] = ()  # TLS 1.3: validated only (Python's ssl cannot choose them)
-    ecdh_curve: str = ""  # the one key-exchange group (Python's set_ecdh_curve); "" = OpenSSL's list
+    ecdh_curves: tuple[str, ...] = ()  # at most one key-exchange group (Python's set_ecdh_curve); () = OpenSSL's list
     session_tickets: bool = True
 
 
@@ -402,7 +402,7 @@ def _tls_policy(sec: _Section) -> TLSPolicy:
             probe.set_ecdh_curve(name)
         except (ValueError, TypeError):
             raise sec.fail("ecdh_curves", f"unknown elliptic curve {name!r} (e.g. prime256v1, secp384r1)") from None
-    return TLSPolicy(version, ciphers, tuple(suites), curves[0] if curves else "",
+    return TLSPolicy(version, ciphers, tuple(suites), tuple(curves),
                      sec.get("session_tickets", bool, True))  # fmt: skip
 
 

@@ -34,8 +34,8 @@ def server_context(listener: ListenerConfig) -> ssl.SSLContext:
     try:
         if pol.ciphers:
             ctx.set_ciphers(pol.ciphers)
-        if pol.ecdh_curve:
-            ctx.set_ecdh_curve(pol.ecdh_curve)
+        for curve in pol.ecdh_curves:  # (config.py allows one)
+            ctx.set_ecdh_curve(curve)
     except (ssl.SSLError, ValueError) as e:
         raise TLSConfigError(f"{where}: ciphers / ecdh_curves: {e}") from None
     if not pol.session_tickets:

@@ -210,8 +210,16 @@ def test_tls_policy_parsed_and_tcp_listeners_refuse_it(tmp_path: Path) -> None:
     cfg = load_config(_config(tmp_path, f'min_version = "1.3"\nciphersuites = [{suites}]\nsession_tickets = false\n'
                               'ecdh_curves = ["secp384r1"]'))  # fmt: skip
     pol = cfg.listeners[0].tls_policy
-    assert (pol.min_version, pol.session_tickets, pol.ecdh_curve) == ("1.3", False, "secp384r1")
+    assert (pol.min_version, pol.session_tickets, pol.ecdh_curves) == ("1.3", False, ("secp384r1",))
     tcp = tmp_path / "tcp.toml"
     tcp.write_text('[[listener]]\ntype = "tcp"\naddress = "127.0.0.1:0"\nmin_version = "1.3"\n[acl]\nusers_file = "users.acl"\n')
     with pytest.raises(ConfigError, match=r"listener\[0\].min_version: only for a tls listener"):
         load_config(tcp)
+
+
+def test_changed_tls_policy_is_named_by_its_keys(tmp_path: Path) -> None:
+    from redisguard.reconfigure import changed_settings
+
+    old = load_config(_config(tmp_path, ""))
+    new = load_config(_config(tmp_path, 'min_version = "1.3"\necdh_curves = ["secp384r1"]', acl='cert_only = ["svc-*"]'))
+    assert changed_settings(old, new) == ["listener[0].min_version", "listener[0].ecdh_curves", "acl.cert_only"]
