@@ -190,18 +190,19 @@ class Session(RequestPipeline, LoginsAndACL, StateCommands):
         self.upstream_opened = True
         self._upstream_login(self.user)
 
-    def _upstream_login(self, user: User) -> None:
-        """The upstream connection logs in: as the service user, or (mirror mode) as ``user``'s mirror."""
+    def _upstream_login(self, user: User, answered: bool = True) -> None:
+        """The upstream connection logs in: as the service user, or (mirror mode) as ``user``'s mirror.
+        ``answered``: Redis will reply (not under a CLIENT REPLY OFF it has already been sent)."""
         auth = self.policy.upstream_auth(user)
         if auth:
             self.to_upstream.append(auth)
-            if not self.reply_off:  # (Redis answers nothing under CLIENT REPLY OFF, AUTH included)
+            if answered:
                 self.replies.expect(AUTHCHECK)
 
     def _user_changed(self) -> None:
         """The client logged in as another user: in mirror mode its open upstream connection follows."""
         if self.upstream_opened and self.policy.mirror is not None:
-            self._upstream_login(self.user)
+            self._upstream_login(self.user, answered=not self.reply_off)
 
     def _reply(self, data: bytes) -> None:
         """A reply made here, in order behind whatever upstream replies are still owed."""

@@ -23,8 +23,8 @@ from .helpers import UPSTREAM_PASSWORD, UPSTREAM_USER, ProxyProc, RedisProc, raw
 
 USERS = """\
 user default off
-user alice on >alice-pw ~app:* +@scripting +get +set +client|info +client|list
-user bob on >bob-pw ~bob:* +get +client|info
+user alice on >alice-pw ~app:* +@scripting +get +set +client|info +client|list +client|reply
+user bob on >bob-pw ~bob:* +get +client|info +client|reply
 user admin on >admin-pw ~* &* +@all
 """
 SCRIPT = "return redis.call('GET','secret')"
@@ -141,6 +141,14 @@ def test_mirror_relogin_and_reset(mirror: ProxyProc) -> None:
                                                           for u in (b"rg:alice", b"rg:bob", b"rg:admin")]  # fmt: skip
     assert out.startswith(b"+OK\r\n") and b"-NOPERM this user has no permissions to run the 'set' command\r\n+RESET\r\n" \
         b"-NOAUTH Authentication required.\r\n+OK\r\n" in out
+
+
+def test_mirror_relogin_under_client_reply_off(mirror: ProxyProc) -> None:
+    """The upstream AUTH is answered, or not, as Redis will: its first one goes before CLIENT REPLY OFF."""
+    out = raw_exchange(mirror.plain_port, b"AUTH alice alice-pw\r\nCLIENT REPLY OFF\r\nAUTH bob bob-pw\r\nGET bob:1\r\n"
+                       b"CLIENT REPLY ON\r\nCLIENT INFO\r\nGET bob:1\r\n")  # fmt: skip
+    assert out.startswith(b"+OK\r\n+OK\r\n$") and out.endswith(b"\r\n$-1\r\n"), out
+    assert b" user=rg:bob " in out
 
 
 def test_mirror_follows_a_reload(mirror: ProxyProc, upstream: redis.Redis) -> None:
