@@ -8,6 +8,7 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .acl import ACLError, UsersFileError, hash_password, load_users, missing_default_message
@@ -95,6 +96,7 @@ def config_warnings(config_path: str, bind: bool = True) -> tuple[list[str], lis
             "users file: the 'default' user is on with nopass: any client that connects can run what "
             "it allows without AUTH (add 'user default off' to require authentication)"
         )
+    warnings += login_warnings(config, users)
     mirror = config.upstream.identity == "mirror"  # Redis itself then enforces each user's rules in scripts
     for u in users.values() if not mirror else ():
         for sel in u.selectors:
@@ -110,6 +112,23 @@ def config_warnings(config_path: str, bind: bool = True) -> tuple[list[str], lis
                 )
                 break
     return errors, warnings
+
+
+def login_warnings(config: Config, users: dict[str, Any]) -> list[str]:
+    """[acl] cert_only and user_sources that name nobody, and certificate-only users with no way in."""
+    from .policy import LoginRules
+
+    out = [f"acl.user_sources: no user {name!r} in the users file" for name, _ in config.acl.user_sources if name not in users]
+    cert_login = any(lst.cert_user for lst in config.listeners)
+    for pattern in config.acl.cert_only:
+        rule = LoginRules(cert_only=(pattern.encode("utf-8", "surrogateescape"),))
+        matched = [u for u in users if rule.refusal(u, "", "password") == "cert_only"]
+        if not matched:
+            out.append(f"acl.cert_only: {pattern!r} matches no user in the users file")
+        elif not cert_login:
+            out.append(f"acl.cert_only: {', '.join(map(repr, matched[:5]))} may log in only with a client certificate, "
+                       "but no tls listener has cert_user set: they cannot log in at all")  # fmt: skip
+    return out
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

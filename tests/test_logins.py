@@ -166,3 +166,17 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
         load_config(_config(tmp_path, "", acl="cert_only = [1]"))
     with pytest.raises(ConfigError, match=r"upstream.identity: must be one of service, mirror; got 'proxy'"):
         load_config(_config(tmp_path, "", upstream='identity = "proxy"'))
+
+
+def test_check_config_warns_about_login_rules_that_name_nobody(tmp_path: Path) -> None:
+    from redisguard.cli import config_warnings
+
+    p = _config(tmp_path, "", acl='cert_only = ["svc-*", "ops-*"]\nuser_sources = { ghost = ["10.0.0.0/8"], alice = ["unix"] }')
+    _, warnings = config_warnings(str(p), bind=False)
+    assert "acl.user_sources: no user 'ghost' in the users file" in warnings
+    assert "acl.cert_only: 'svc-*' matches no user in the users file" in warnings
+    (users_file := tmp_path / "users.acl").write_text(users_file.read_text() + "user svc-a on nopass ~* +get\n")
+    _, warnings = config_warnings(str(p), bind=False)
+    no_way_in = "acl.cert_only: 'svc-a' may log in only with a client certificate, but no tls listener has cert_user"
+    assert any(w.startswith(no_way_in) for w in warnings)
+    assert not any("alice" in w for w in warnings if w.startswith("acl."))
