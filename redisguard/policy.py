@@ -98,7 +98,7 @@ class Policy:
     # Per user, the precomputed decisions of the fast path (fastpath.Plan); a new policy starts empty.
     plans: dict[User, Plan] = field(default_factory=dict, compare=False, repr=False)
     logins: LoginRules = field(default_factory=LoginRules)  # who may log in how and from where
-    # [upstream] identity = "mirror": each session logs in upstream as its user's mirror (mirror.py)
+    # [upstream] identity = "mirror": each session logs in upstream as its user's mirror (identity.py)
     mirror: MirrorIdentity | None = field(default=None, compare=False, repr=False)
 
     def with_users(self, users: dict[str, User]) -> Policy:
