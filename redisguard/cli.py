@@ -8,13 +8,14 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from . import __version__, cli_acl
 from .acl import ACLError, UsersFileError, hash_password, load_users, missing_default_message
 from .commands import CommandTable
 from .config import Config, ConfigError, load_config
 from .policy import Policy, decide
-from .preflight import preflight
+from .preflight import preflight, root_warning
 
 # -c/--config when not given: $REDISGUARD_CONFIG, else the packaged location (the container image's too).
 SYSTEM_CONFIG = "/etc/redisguard/redisguard.toml"
@@ -52,6 +53,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"redisguard: {problem}", file=sys.stderr)
         return 2
     configure_logging(config.log.format, config.log.level)
+    if warning := root_warning():
+        from .audit import get_logger
+
+        get_logger("redisguard").warning("running_as_root", detail=warning)
     if config.server.workers > 1:
         from .supervisor import serve
 
@@ -78,6 +83,8 @@ def config_warnings(config_path: str, bind: bool = True) -> tuple[list[str], lis
     except ConfigError as e:
         return [str(e)], []
     errors = preflight(config, bind=bind)
+    if warning := root_warning():
+        warnings.append(warning)
     if any(e.startswith("acl.users_file:") for e in errors):
         return errors, warnings
     table = CommandTable.snapshot()
@@ -96,7 +103,9 @@ def config_warnings(config_path: str, bind: bool = True) -> tuple[list[str], lis
             "users file: the 'default' user is on with nopass: any client that connects can run what "
             "it allows without AUTH (add 'user default off' to require authentication)"
         )
-    for u in users.values():
+    warnings += login_warnings(config, users)
+    mirror = config.upstream.identity == "mirror"  # Redis itself then enforces each user's rules in scripts
+    for u in users.values() if not mirror else ():
         for sel in u.selectors:
             if sel.allkeys and sel.allchannels:
                 continue
@@ -105,11 +114,28 @@ def config_warnings(config_path: str, bind: bool = True) -> tuple[list[str], lis
                 warnings.append(
                     f"user {u.name!r} has key or channel restrictions but may run "
                     f"{', '.join(c.upper() for c in risky)}: scripts run as the proxy's upstream user, "
-                    "so redisguard cannot enforce those patterns inside them (deny @scripting for this user, "
-                    "or restrict the upstream user too)"
+                    "so redisguard cannot enforce those patterns inside them (set [upstream] identity = "
+                    "\"mirror\", deny @scripting for this user, or restrict the upstream user too)"
                 )
                 break
     return errors, warnings
+
+
+def login_warnings(config: Config, users: dict[str, Any]) -> list[str]:
+    """[acl] cert_only and user_sources that name nobody, and certificate-only users with no way in."""
+    from .policy import LoginRules
+
+    out = [f"acl.user_sources: no user {name!r} in the users file" for name, _ in config.acl.user_sources if name not in users]
+    cert_login = any(lst.cert_user for lst in config.listeners)
+    for pattern in config.acl.cert_only:
+        rule = LoginRules(cert_only=(pattern.encode("utf-8", "surrogateescape"),))
+        matched = [u for u in users if rule.refusal(u, "", "password") == "cert_only"]
+        if not matched:
+            out.append(f"acl.cert_only: {pattern!r} matches no user in the users file")
+        elif not cert_login:
+            out.append(f"acl.cert_only: {', '.join(map(repr, matched[:5]))} may log in only with a client certificate, "
+                       "but no tls listener has cert_user set: they cannot log in at all")  # fmt: skip
+    return out
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

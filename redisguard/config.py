@@ -11,6 +11,7 @@ import difflib
 import ipaddress
 import os
 import re
+import ssl
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,13 @@ class ConfigError(ValueError):
 LISTENER_TYPES = ("tls", "tcp", "unix")
 CLIENT_AUTH = ("none", "optional", "required")
 CERT_IDENTITIES = ("cn", "san_dns", "san_uri")
+TLS_VERSIONS = ("1.2", "1.3")
+UNMAPPED_CERT = ("default", "refuse")
+UPSTREAM_IDENTITIES = ("service", "mirror")
+# The TLS 1.3 cipher suites (RFC 8446) by their OpenSSL/IANA names.
+TLS13_SUITES = ("TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256", "TLS_AES_128_GCM_SHA256",
+                "TLS_AES_128_CCM_SHA256", "TLS_AES_128_CCM_8_SHA256")  # fmt: skip
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True)
@@ -31,6 +39,18 @@ class TLSFiles:
     cert_file: Path
     key_file: Path
     ca_file: Path | None = None
+    crl_file: Path | None = None  # PEM CRL(s) of the client CA: revoked client certificates fail the handshake
+
+
+@dataclass(frozen=True)
+class TLSPolicy:
+    """A TLS listener's protocol policy (see tls.server_context for what each one sets)."""
+
+    min_version: str = "1.2"  # "1.2" | "1.3"
+    ciphers: str = ""  # OpenSSL cipher string for TLS 1.2 ("" = Python's default)
+    ciphersuites: tuple[str, ...] = ()  # TLS 1.3: validated only (Python's ssl cannot choose them)
+    ecdh_curves: tuple[str, ...] = ()  # at most one key-exchange group (Python's set_ecdh_curve); () = OpenSSL's list
+    session_tickets: bool = True
 
 
 @dataclass(frozen=True)
@@ -46,8 +66,12 @@ class ListenerConfig:
     # How a verified client certificate names a user: "cn", "san_dns" or "san_uri"; "" = no mapping.
     cert_user: str = ""
     allow_insecure_remote: bool = False
-    allowed_sources: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    allowed_sources: tuple[Network, ...] = ()
     max_connections: int = 10000
+    tls_policy: TLSPolicy = TLSPolicy()
+    # A verified client certificate that logs in as no user: "default" (the connection goes on as
+    # the default user) or "refuse" (it is closed after the handshake).
+    unmapped_cert: str = "default"
 
     @property
     def where(self) -> str:
@@ -69,6 +93,10 @@ class UpstreamConfig:
     connect_timeout: float = 2.0
     fetch_command_table: bool = True
     health_check_interval: float = 5.0  # seconds between PINGs that keep redisguard_upstream_up current; 0 = off
+    # "service": every client's upstream connection logs in as `username`; "mirror": as the Redis ACL
+    # user redisguard keeps for its user (<mirror_prefix><name>, same rules), so Redis enforces them too.
+    identity: str = "service"
+    mirror_prefix: str = "rg:"
 
     @property
     def where(self) -> str:
@@ -83,6 +111,10 @@ class ACLConfig:
     # socket clients of redisguard; Redis itself sees every proxied client as local).
     enable_debug_command: str = "upstream"  # "upstream": the upstream Redis's own setting (CONFIG GET at start)
     enable_module_command: str = "upstream"
+    # Users (Redis glob patterns) who may log in only with a client certificate: AUTH as them is refused.
+    cert_only: tuple[str, ...] = ()
+    # Per user, the networks a login (password or certificate) may come from ("unix": unix-socket clients).
+    user_sources: tuple[tuple[str, tuple[Network | str, ...]], ...] = ()
     # "audit": what the policy would deny is forwarded anyway, logged as would_deny and counted with
     # mode="audit" (least-privilege roll-out); audit_users: the users (Redis globs) in audit mode when
     # the mode is "enforce".
@@ -158,12 +190,13 @@ KNOWN_KEYS: dict[str, tuple[str, ...]] = {
     "": ("server", "listener", "upstream", "acl", "limits", "metrics", "log", "profile"),
     "server": ("workers",),
     "listener": ("name", "type", "address", "path", "socket_mode", "cert_file", "key_file", "ca_file", "client_auth",
-                 "cert_user", "allow_insecure_remote", "allowed_sources", "max_connections"),
+                 "cert_user", "allow_insecure_remote", "allowed_sources", "max_connections", "min_version", "ciphers",
+                 "ciphersuites", "ecdh_curves", "session_tickets", "crl_file", "unmapped_cert"),
     "upstream": ("address", "path", "username", "password", "password_file", "password_env", "tls", "tls_ca_file",
                  "tls_cert_file", "tls_key_file", "tls_server_name", "connect_timeout", "fetch_command_table",
-                 "health_check_interval"),
-    "acl": ("users_file", "disabled_commands", "enable_debug_command", "enable_module_command", "mode", "audit_users",
-            "reload_guard"),
+                 "health_check_interval", "identity", "mirror_prefix"),
+    "acl": ("users_file", "disabled_commands", "enable_debug_command", "enable_module_command", "cert_only",
+            "user_sources", "mode", "audit_users", "reload_guard"),
     "profile": ("file", "interval"),
     "limits": tuple(LimitsConfig.__dataclass_fields__),
     "metrics": ("enabled", "address"),
@@ -314,12 +347,23 @@ def _listener(sec: _Section, index: int) -> ListenerConfig:
         ca = sec.path("ca_file")
         if client_auth != "none" and ca is None:
             raise sec.fail("ca_file", f"client_auth = {client_auth!r} needs ca_file (the client CA)")
-        tls = TLSFiles(cert, key, ca)
+        crl = sec.path("crl_file")
+        if crl is not None and client_auth == "none":
+            raise sec.fail("crl_file", 'a CRL checks client certificates: it needs client_auth = "optional" or "required"')
+        tls = TLSFiles(cert, key, ca, crl)
+        tls_policy = _tls_policy(sec)
+        unmapped = sec.choice("unmapped_cert", UNMAPPED_CERT, "default")
+        if unmapped != "default" and not cert_user:
+            raise sec.fail("unmapped_cert", "only means something with cert_user set (certificates that name a user)")
     else:
         for k in ("cert_file", "key_file", "ca_file"):
             sec.get(k, str)
+        for k in (*TLS_POLICY_KEYS, "crl_file", "unmapped_cert"):
+            if k in sec.data:
+                raise sec.fail(k, "only for a tls listener")
         if client_auth != "none" or cert_user:
             raise sec.fail("client_auth", "client certificates need a tls listener")
+        tls_policy, unmapped = TLSPolicy(), "default"
     insecure = sec.get("allow_insecure_remote", bool, False)
     if typ == "tcp" and not _is_loopback(host) and not insecure:
         raise sec.fail(
@@ -340,8 +384,73 @@ def _listener(sec: _Section, index: int) -> ListenerConfig:
     return ListenerConfig(
         name=name, type=typ, host=host, port=port, path=path, socket_mode=socket_mode, tls=tls,
         client_auth=client_auth, cert_user=cert_user, allow_insecure_remote=insecure,
-        allowed_sources=tuple(sources), max_connections=max_conn,
+        allowed_sources=tuple(sources), max_connections=max_conn, tls_policy=tls_policy, unmapped_cert=unmapped,
     )  # fmt: skip
+
+
+TLS_POLICY_KEYS = ("min_version", "ciphers", "ciphersuites", "ecdh_curves", "session_tickets")
+
+
+def offered_tls13_suites() -> tuple[str, ...]:
+    """The TLS 1.3 suites a server context of this Python offers: OpenSSL's defaults, or what OpenSSL's
+    own config (OPENSSL_CONF, ``Ciphersuites =``) sets for the process. Python's ssl cannot change them."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    return tuple(c["name"] for c in ctx.get_ciphers() if c["protocol"] == "TLSv1.3")
+
+
+def _tls_policy(sec: _Section) -> TLSPolicy:
+    """min_version, ciphers, ciphersuites, ecdh_curves, session_tickets: each checked against this
+    Python's OpenSSL now, so a typo fails at start (and in check-config), naming the key."""
+    version = sec.choice("min_version", TLS_VERSIONS, "1.2")
+    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ciphers = sec.get("ciphers", str, "")
+    if ciphers:
+        try:
+            probe.set_ciphers(ciphers)
+        except ssl.SSLError:
+            raise sec.fail("ciphers", f"OpenSSL selects no cipher from {ciphers!r} (an OpenSSL cipher string for "
+                           'TLS 1.2, e.g. "ECDHE+AESGCM:ECDHE+CHACHA20")') from None  # fmt: skip
+    suites = sec.get("ciphersuites", list, [])
+    for name in suites:
+        if name not in TLS13_SUITES:
+            raise sec.fail("ciphersuites", f"not a TLS 1.3 cipher suite: {name!r} (known: {', '.join(TLS13_SUITES)})")
+    offered = offered_tls13_suites()
+    if suites and sorted(set(suites)) != sorted(offered):
+        raise sec.fail("ciphersuites", "Python's ssl module cannot choose TLS 1.3 cipher suites: this build always "
+                       f"offers exactly {', '.join(offered)}. List those (to assert them) or leave ciphersuites out; "
+                       "to restrict them for the whole process use OpenSSL's own config (OPENSSL_CONF with "
+                       "`Ciphersuites = ...` in its system_default section; see docs/security.md)")  # fmt: skip
+    curves = sec.get("ecdh_curves", list, [])
+    if len(curves) > 1:
+        raise sec.fail("ecdh_curves", "Python's ssl module can set one curve (set_ecdh_curve); list exactly one, "
+                       'e.g. ["prime256v1"], or leave it out for OpenSSL\'s default list')  # fmt: skip
+    for name in curves:
+        try:
+            probe.set_ecdh_curve(name)
+        except (ValueError, TypeError):
+            raise sec.fail("ecdh_curves", f"unknown elliptic curve {name!r} (e.g. prime256v1, secp384r1)") from None
+    return TLSPolicy(version, ciphers, tuple(suites), tuple(curves),
+                     sec.get("session_tickets", bool, True))  # fmt: skip
+
+
+def _user_sources(acl: _Section) -> tuple[tuple[str, tuple[Network | str, ...]], ...]:
+    """[acl.user_sources]: ``alice = ["10.0.0.0/8", "unix"]`` per user."""
+    out = []
+    for user, nets in acl.get("user_sources", dict, {}).items():
+        key = f"user_sources.{user}"
+        if not isinstance(nets, list) or not nets:
+            raise acl.fail(key, 'a non-empty list of CIDR networks (or "unix"), e.g. ["10.0.0.0/8"]')
+        parsed: list[Network | str] = []
+        for s in nets:
+            if s == "unix":
+                parsed.append(s)
+                continue
+            try:
+                parsed.append(ipaddress.ip_network(s, strict=False))
+            except (ValueError, TypeError):
+                raise acl.fail(key, f'not a CIDR network (or "unix"): {s!r}') from None
+        out.append((user, tuple(parsed)))
+    return tuple(out)
 
 
 def parse_config(data: dict[str, Any], base: Path, source: Path | None = None) -> Config:
@@ -372,8 +481,11 @@ def parse_config(data: dict[str, Any], base: Path, source: Path | None = None) -
         tls_ca_file=up.path("tls_ca_file"), tls_cert_file=up.path("tls_cert_file"),
         tls_key_file=up.path("tls_key_file"), tls_server_name=up.get("tls_server_name", str, ""),
         connect_timeout=timeout, fetch_command_table=up.get("fetch_command_table", bool, True),
-        health_check_interval=health,
+        health_check_interval=health, identity=up.choice("identity", UPSTREAM_IDENTITIES, "service"),
+        mirror_prefix=up.get("mirror_prefix", str, "rg:"),
     )  # fmt: skip
+    if upstream.identity == "mirror" and not re.fullmatch(r"[!-~]{1,64}", upstream.mirror_prefix):
+        raise up.fail("mirror_prefix", f"1 to 64 printable characters without spaces, got {upstream.mirror_prefix!r}")
     up.done()
 
     acl = root.section("acl")
@@ -389,12 +501,16 @@ def parse_config(data: dict[str, Any], base: Path, source: Path | None = None) -
         protected[key] = acl.get(key, str, "upstream")
         if protected[key] not in ("no", "yes", "local", "upstream"):
             raise acl.fail(key, f'"no", "yes", "local" or "upstream", got {protected[key]!r}')
+    cert_only = acl.get("cert_only", list, [])
+    for pattern in cert_only:
+        if not isinstance(pattern, str) or not pattern:
+            raise acl.fail("cert_only", f"user name patterns (Redis glob, e.g. \"svc-*\"), got {pattern!r}")
     audit_users = acl.get("audit_users", list, [])
     if not all(isinstance(u, str) and u for u in audit_users):
         raise acl.fail("audit_users", f"user names or Redis glob patterns, got {audit_users!r}")
-    acl_cfg = ACLConfig(users_file, tuple(c.lower() for c in disabled), **protected,
-                        mode=acl.choice("mode", ("enforce", "audit"), "enforce"), audit_users=tuple(audit_users),
-                        reload_guard=acl.get("reload_guard", bool, False))  # fmt: skip
+    acl_cfg = ACLConfig(users_file, tuple(c.lower() for c in disabled), **protected, cert_only=tuple(cert_only),
+                        user_sources=_user_sources(acl), mode=acl.choice("mode", ("enforce", "audit"), "enforce"),
+                        audit_users=tuple(audit_users), reload_guard=acl.get("reload_guard", bool, False))  # fmt: skip
     acl.done()
 
     pr = root.section("profile")

@@ -81,8 +81,10 @@ class ClientProtocol(asyncio.BufferedProtocol):
         identity = certificate_identity(transport, lst)
         self.session = Session(self.ctx.shared, lst.name, peer, identity, local=is_local(peername),
                                source=source_of(peername) or peer)  # fmt: skip
-        if identity and lst.cert_user:
+        if lst.cert_user and (identity or transport.get_extra_info("peercert")):
             self.session.login_certificate(identity)
+            if self.session.closing:  # unmapped_cert = "refuse": a verified certificate that names no user
+                return self.close()
         self.ctx.events.log(audit.info, "connection_accepted", listener=lst.name, peer=peer, tls_identity=identity,
                               user=self.session.user.name if self.session.authenticated else "")  # fmt: skip
         timeout = self.ctx.config.limits.auth_timeout

@@ -18,11 +18,12 @@ from .acl.glob import stringmatch
 from .acl.user import printable_name
 from .commands import Command, CommandTable, unknown_command_error
 from .fastpath import Plan
-from .guards import AuthThrottle
+from .guards import AuthThrottle, Network, source_allowed
 from .profile import TrafficProfile
 from .resp import encode_bulk, encode_command, encode_error
 
 if TYPE_CHECKING:
+    from .identity import MirrorIdentity
     from .session import Session
 
 NOAUTH = b"-NOAUTH Authentication required.\r\n"
@@ -64,6 +65,31 @@ class _NullObserver:
 
 
 @dataclass(frozen=True)
+class LoginRules:
+    """[acl] cert_only and user_sources, and the listeners whose unmapped client certificates are refused."""
+
+    cert_only: tuple[bytes, ...] = ()  # Redis glob patterns of user names
+    user_sources: dict[str, tuple[Network | str, ...]] = field(default_factory=dict)
+    refuse_unmapped: frozenset[str] = frozenset()  # listener names with unmapped_cert = "refuse"
+
+    def refusal(self, name: str, address: str, method: str) -> str:
+        """Why a login as user ``name`` from ``address`` (an IP, or "unix") is refused whatever its
+        credentials ("" = it is not): "cert_only" (a password login as a certificate-only user) or
+        "source_not_allowed"."""
+        if method == "password" and self.cert_only:
+            raw = name.encode("utf-8", "surrogateescape")
+            if any(stringmatch(p, raw) for p in self.cert_only):
+                return "cert_only"
+        allowed = self.user_sources.get(name)
+        if allowed is not None:
+            if address == "unix":
+                return "" if "unix" in allowed else "source_not_allowed"
+            if not source_allowed(address, [n for n in allowed if not isinstance(n, str)]):
+                return "source_not_allowed"
+        return ""
+
+
+@dataclass(frozen=True)
 class Policy:
     """The rules in force: the command table, the users, the global switches. Immutable: a reload or
     an ACL SETUSER/DELUSER/LOAD makes a new one and :meth:`Shared.swap` puts it in place whole, so a
@@ -82,6 +108,9 @@ class Policy:
     audit_users: tuple[bytes, ...] = ()  # ... for these users (Redis glob patterns) only
     # Per user, the precomputed decisions of the fast path (fastpath.Plan); a new policy starts empty.
     plans: dict[User, Plan] = field(default_factory=dict, compare=False, repr=False)
+    logins: LoginRules = field(default_factory=LoginRules)  # who may log in how and from where
+    # [upstream] identity = "mirror": each session logs in upstream as its user's mirror (identity.py)
+    mirror: MirrorIdentity | None = field(default=None, compare=False, repr=False)
 
     def with_users(self, users: dict[str, User]) -> Policy:
         return replace(self, users=users, plans={})
@@ -103,7 +132,11 @@ class Policy:
     def default_user(self) -> User:
         return self.users["default"]
 
-    def upstream_auth(self) -> bytes:
+    def upstream_auth(self, user: User | None = None) -> bytes:
+        """The AUTH a session's upstream connection sends first: as ``user``'s mirror in mirror mode,
+        else as the service user."""
+        if self.mirror is not None and user is not None:
+            return self.mirror.auth(user.name)
         return self.auth_command(self.upstream_username, self.upstream_password)
 
     @staticmethod
@@ -155,6 +188,8 @@ class Shared:
         old, self.policy = self.policy, policy
         if acl_replies is not None or policy.users is not old.users:
             self.acl_replies = acl_replies  # else rebuilt at first use (or off the loop by the transport)
+        if policy.users is not old.users and policy.mirror is not None:
+            policy.mirror.users_changed(policy.users)  # the mirror users in Redis follow (in the background)
         if policy.users is not old.users and self.on_users_changed is not None:
             return self.on_users_changed(policy, changed, deleted)
         return 0

@@ -10,6 +10,7 @@ that names the listener or key, the path, and the fix — never ``[Errno 13]`` o
 from __future__ import annotations
 
 import contextlib
+import datetime
 import errno
 import os
 import socket
@@ -46,6 +47,8 @@ def files_and_tls(config: Config) -> list[str]:
         files = [(lst.tls.cert_file, "certificate", "cert_file"), (lst.tls.key_file, "key", "key_file")]
         if lst.tls.ca_file is not None and lst.client_auth != "none":
             files.append((lst.tls.ca_file, "client CA", "ca_file"))
+        if lst.tls.crl_file is not None:
+            files.append((lst.tls.crl_file, "CRL", "crl_file"))
         problems = [f"{where}: {key}: {p}" for path, what, key in files if (p := file_problem(path, what))]
         if problems:
             errors += [p + ("; run: redisguard certs init, or fix the path" if "not found" in p else "") for p in problems]
@@ -54,6 +57,9 @@ def files_and_tls(config: Config) -> list[str]:
             server_context(lst)
         except TLSConfigError as e:
             errors.append(str(e))
+            continue
+        if lst.tls.crl_file is not None and (p := crl_problem(lst.tls.crl_file)):
+            errors.append(f"{where}: crl_file: {p}")
     up = config.upstream
     if up.tls:
         for path, what, key in ((up.tls_ca_file, "CA", "tls_ca_file"), (up.tls_cert_file, "certificate", "tls_cert_file"),
@@ -67,6 +73,32 @@ def files_and_tls(config: Config) -> list[str]:
                 errors.append(f"upstream: cannot load the upstream TLS files: {getattr(e, 'reason', None) or e} "
                               "(do tls_cert_file and tls_key_file match? are they PEM?)")  # fmt: skip
     return errors
+
+
+def crl_problem(path: Path, now: datetime.datetime | None = None) -> str | None:
+    """A CRL past its nextUpdate makes OpenSSL refuse every client certificate of its CA."""
+    from cryptography import x509
+
+    now = now or datetime.datetime.now(datetime.UTC)
+    for block in path.read_bytes().split(b"-----END X509 CRL-----")[:-1]:
+        try:
+            crl = x509.load_pem_x509_crl(block + b"-----END X509 CRL-----\n")
+        except ValueError as e:
+            return f"{path}: not a valid PEM CRL ({e})"
+        nxt = crl.next_update_utc
+        if nxt is not None and nxt < now:
+            return (f"{path}: the CRL of {crl.issuer.rfc4514_string()} expired at {nxt:%Y-%m-%d %H:%M} UTC: every "
+                    "client certificate of that CA would be refused; publish a fresh CRL")  # fmt: skip
+    return None
+
+
+def root_warning(euid: int | None = None) -> str | None:
+    """redisguard needs no privileges: running as root turns any bug into a root compromise."""
+    if (os.geteuid() if euid is None else euid) != 0:
+        return None
+    return ("running as root (uid 0): redisguard needs no privileges; run it as a dedicated user (the container "
+            "image uses uid 10001, the systemd example DynamicUser=yes; a port below 1024 needs only "
+            "CAP_NET_BIND_SERVICE)")  # fmt: skip
 
 
 def bind_all(config: Config) -> list[str]:

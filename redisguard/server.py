@@ -29,6 +29,7 @@ from .connection import ClientProtocol
 from .context import ConnectionContext, share
 from .guards import AuthThrottle
 from .health import UpstreamMonitor
+from .identity import install as install_identity
 from .listeners import HandshakeBudget, TLSServer
 from .metrics import Metrics, serve_http
 from .observe import Observer
@@ -125,6 +126,7 @@ class Proxy:
         observer = Observer(self.metrics, users, cfg.metrics.enabled, cfg.log.audit_keys, cfg.log.audit_denied_per_second)
         lim, n = cfg.limits, cfg.server.workers  # with workers, each has its share of the proxy's limits
         self.shared = Shared(policy, observer, AuthThrottle(lim.auth_failures_per_minute / n), ACLReplies(users).prepare())
+        await install_identity(self.shared, cfg)  # login rules; [upstream] identity = "mirror": the mirror users
         handshakes = HandshakeBudget(share(lim.max_pending_handshakes, n), share(lim.max_handshakes_per_source, n),
                                      self.metrics.tls_handshakes_pending)  # fmt: skip
         self.ctx = ConnectionContext(cfg, self.shared, self.metrics, handshakes, upstream_context(cfg.upstream))

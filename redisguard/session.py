@@ -150,6 +150,11 @@ class Session(RequestPipeline, LoginsAndACL, StateCommands):
         return (not d.nopass or not d.enabled) and not self.authenticated
 
     @property
+    def address(self) -> str:
+        """The client's IP address without the port, or "unix" (what [acl.user_sources] matches)."""
+        return self.peer.rpartition(":")[0].strip("[]") if ":" in self.peer else self.peer or "unix"
+
+    @property
     def policy(self) -> Policy:
         return self.shared.policy
 
@@ -188,10 +193,21 @@ class Session(RequestPipeline, LoginsAndACL, StateCommands):
         if self.upstream_opened:
             return
         self.upstream_opened = True
-        auth = self.policy.upstream_auth()
+        self._upstream_login(self.user)
+
+    def _upstream_login(self, user: User, answered: bool = True) -> None:
+        """The upstream connection logs in: as the service user, or (mirror mode) as ``user``'s mirror.
+        ``answered``: Redis will reply (not under a CLIENT REPLY OFF it has already been sent)."""
+        auth = self.policy.upstream_auth(user)
         if auth:
             self.to_upstream.append(auth)
-            self.replies.expect(AUTHCHECK)
+            if answered:
+                self.replies.expect(AUTHCHECK)
+
+    def _user_changed(self) -> None:
+        """The client logged in as another user: in mirror mode its open upstream connection follows."""
+        if self.upstream_opened and self.policy.mirror is not None:
+            self._upstream_login(self.user, answered=not self.reply_off)
 
     def _reply(self, data: bytes) -> None:
         """A reply made here, in order behind whatever upstream replies are still owed."""

@@ -73,12 +73,21 @@ class LoginsAndACL:
                                 info, time.time())  # fmt: skip
 
     def login_certificate(self, identity: str) -> bool:
-        """A verified client certificate names ``identity``: log in as that user, if it is enabled."""
+        """A verified client certificate names ``identity``: log in as that user, if it is enabled and may
+        log in from here. If not, and the listener has ``unmapped_cert = "refuse"``, the session closes
+        (``closing``: the transport closes the connection before reading anything)."""
         self.tls_identity = identity
         user = self.policy.users.get(identity)
-        if user is None or not user.enabled:
-            self.shared.observer.auth(self, False, identity if user is not None else "", "bad_client_cert", "client_cert")
+        reason = "bad_client_cert" if user is None or not user.enabled else self._login_refusal(identity, "client_cert")
+        if reason:
+            logins = self.policy.logins
+            refuse = self.listener in logins.refuse_unmapped and reason == "bad_client_cert"
+            self.shared.observer.auth(self, False, identity if user is not None else "",
+                                      "unmapped_cert" if refuse else reason, "client_cert")  # fmt: skip
+            if refuse:
+                self._close_after_replies()
             return False
+        assert user is not None
         self.user = user
         self.authenticated = self.parser.authenticated = True
         self.shared.observer.auth(self, True, user.name, "", "client_cert")
@@ -115,6 +124,10 @@ class LoginsAndACL:
         return all(any(stringmatch(p, ch) for p in rules) for ch in channels) and all(
             pat in rules for pat in self.subscriptions["p"])
 
+    def _login_refusal(self, name: str, method: str) -> str:
+        """[acl] cert_only and user_sources: why this login is refused whatever its credentials ("")."""
+        return self.policy.logins.refusal(name, self.address, method)
+
     def _throttle_wait(self, username: bytes) -> bool:
         """AUTH throttling: True if this attempt must wait first (the session pauses and re-runs it).
 
@@ -143,11 +156,15 @@ class LoginsAndACL:
             reason = "unknown_user"
         elif not user.enabled:
             reason = "disabled_user"
+        elif reason := self._login_refusal(name, method):  # the password is not even checked
+            pass
         elif not user.check_password(password):
             reason = "wrong_password"
         else:
-            self.user = user
+            before, self.user = self.user, user
             self.authenticated = True
+            if user.name != before.name:
+                self._user_changed()
             self.shared.throttle.succeeded(self.source, name)
             self.shared.observer.auth(self, True, name, "", method)
             return True

@@ -14,7 +14,7 @@ from typing import Any
 
 from .commands import Command
 from .policy import decide
-from .reply_queue import AUTHCHECK, EXEC_SUBS, MONITOR, PUBSUB
+from .reply_queue import EXEC_SUBS, MONITOR, PUBSUB
 from .resp import OK
 
 EXECABORT = b"-EXECABORT Transaction discarded because of previous errors.\r\n"
@@ -49,10 +49,7 @@ class StateCommands:
         self.reply_off = False
         self._silent = self._skipping
         self._forward(argv)
-        auth = self.policy.upstream_auth()
-        if auth:
-            self.to_upstream.append(auth)
-            self._expect(AUTHCHECK)
+        self._upstream_login(self.policy.default_user)  # (reply_off was cleared above)
         self.resp = 2
         # (monitoring ends when RESET's own reply arrives: MONITOR's +OK may still be on its way)
         self.reply_off = self._skip_next = False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from pathlib import Path
 from typing import Any
 
 from .config import ListenerConfig, UpstreamConfig
@@ -14,13 +15,32 @@ class TLSConfigError(ValueError):
     pass
 
 
+_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
 def server_context(listener: ListenerConfig) -> ssl.SSLContext:
-    """The context for a ``tls`` listener: TLS 1.2+, client certificates as configured."""
+    """The context for a ``tls`` listener: its TLS policy, certificate, and client certificates
+    (CA, CRL) as configured. Called at start and by every reload, so a new CRL is read with the certs.
+
+    What Python's ssl can set: the minimum version, the TLS 1.2 cipher string, one ECDH group, and
+    session tickets (off: ``OP_NO_TICKET`` for TLS 1.2 and no TLS 1.3 tickets). TLS 1.3 suites are
+    only validated (config.py); OCSP stapling is not supported (see docs/security.md)."""
     assert listener.tls is not None
+    pol = listener.tls_policy
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.minimum_version = _VERSIONS[pol.min_version]
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     where = f"listener {listener.name!r}"
+    try:
+        if pol.ciphers:
+            ctx.set_ciphers(pol.ciphers)
+        for curve in pol.ecdh_curves:  # (config.py allows one)
+            ctx.set_ecdh_curve(curve)
+    except (ssl.SSLError, ValueError) as e:
+        raise TLSConfigError(f"{where}: ciphers / ecdh_curves: {e}") from None
+    if not pol.session_tickets:
+        ctx.options |= ssl.OP_NO_TICKET  # TLS 1.2 (and stateful-only tickets in TLS 1.3) ...
+        ctx.num_tickets = 0  # ... and no TLS 1.3 NewSessionTicket at all
     try:
         ctx.load_cert_chain(listener.tls.cert_file, listener.tls.key_file)
     except ssl.SSLError as e:
@@ -41,7 +61,24 @@ def server_context(listener: ListenerConfig) -> ssl.SSLContext:
             assert listener.tls.ca_file is not None
             raise TLSConfigError(f"{where}: {file_problem(listener.tls.ca_file, 'client CA') or e}") from None
         ctx.verify_mode = ssl.CERT_REQUIRED if listener.client_auth == "required" else ssl.CERT_OPTIONAL
+        if listener.tls.crl_file is not None:
+            _load_crl(ctx, listener.tls.crl_file, where)
     return ctx
+
+
+def _load_crl(ctx: ssl.SSLContext, path: Path, where: str) -> None:
+    """Client certificates are checked against the CRL (the leaf only: VERIFY_CRL_CHECK_LEAF). OpenSSL
+    then needs a CRL from the client certificate's issuer, current (not past its nextUpdate), or every
+    client certificate of that CA is refused; check-config and a reload read it here first."""
+    try:
+        ctx.load_verify_locations(cafile=str(path))
+    except ssl.SSLError as e:
+        raise TLSConfigError(f"{where}: cannot load crl_file {path}: {e.reason or e} (is it a PEM CRL?)") from None
+    except OSError as e:
+        raise TLSConfigError(f"{where}: crl_file: {file_problem(path, 'CRL') or e}") from None
+    if not any(b"-----BEGIN X509 CRL-----" in line for line in path.read_bytes().splitlines()):
+        raise TLSConfigError(f"{where}: crl_file {path} holds no PEM CRL (-----BEGIN X509 CRL-----)")
+    ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
 
 
 def upstream_context(up: UpstreamConfig) -> ssl.SSLContext | None:

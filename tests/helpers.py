@@ -82,14 +82,16 @@ class ProxyProc:
 def proxy_config(
     d: Path, certs: Path, users: Path, redis_port: int, tls_port: int, plain_port: int, metrics_port: int,
     extra: str = "", disabled: str = '["FLUSHALL", "CONFIG"]', upstream_extra: str = "", limits: str = "",
+    tls_listener: str = "", acl: str = "",
 ) -> Path:  # fmt: skip
     """The demo's config, logging in upstream as the service user, with short test timeouts.
 
-    ``extra`` adds lines at the end (the [log] table), ``limits`` to [limits] (later keys win)."""
+    ``extra`` adds lines at the end (the [log] table), ``limits`` to [limits] (later keys win),
+    ``tls_listener`` to the TLS listener, ``acl`` to [acl]."""
     (d / "upstream.pw").write_text(UPSTREAM_PASSWORD + "\n")
     if "health_check_interval" not in upstream_extra:  # no PINGs of its own in the shared Redis's MONITOR feed
         upstream_extra += "\nhealth_check_interval = 0.0"
-    return write_config(
+    cfg = write_config(
         d, tls_port, plain_port, redis_port, metrics_port, users, certs, disabled=disabled,
         upstream=f'username = "{UPSTREAM_USER}"\npassword_file = "upstream.pw"\n{upstream_extra}',
         limits=_limits({"auth_timeout": "3.0", "handshake_timeout": "3.0",
@@ -97,6 +99,9 @@ def proxy_config(
                        limits),
         log='level = "debug"', extra=extra,
     )  # fmt: skip
+    text = cfg.read_text().replace('cert_user = "cn"\n', f'cert_user = "cn"\n{tls_listener}\n', 1)
+    cfg.write_text(text.replace("\ndisabled_commands = ", f"\n{acl}\ndisabled_commands = ", 1))
+    return cfg
 
 
 def _limits(defaults: dict[str, str], override: str) -> str:
