@@ -71,6 +71,11 @@ def config_warnings(config_path: str, bind: bool = True) -> tuple[list[str], lis
     except ConfigError as e:
         return [str(e)], []
     errors = preflight(config, bind=bind)
+    if bind:  # a config for this host: is its Redis a cluster node announcing this sidecar?
+        from .cluster import config_check
+
+        cluster_errors, warnings = config_check(config)
+        errors += cluster_errors
     if any(e.startswith("acl.users_file:") for e in errors):
         return errors, warnings
     table = CommandTable.snapshot()
