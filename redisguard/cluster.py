@@ -52,7 +52,8 @@ class Node:
 
     @property
     def address(self) -> str:
-        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
+        """``ip:port``; a node that has met no other node does not know its IP yet (``?:port``)."""
+        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip or '?'}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -114,13 +115,13 @@ def announce_finding(config: Config, me: Node) -> Finding:
             return Finding("cluster-announce", PASS, f"Redis Cluster node {me.id[:8]} announces {me.address}: listener "
                            f"{lst.name!r} ({lst.where}), so CLUSTER SLOTS and MOVED/ASK lead clients to redisguard")  # fmt: skip
     lst = tls[0]
-    ip = me.ip if lst.host in WILDCARD else lst.host
+    ip = (me.ip or "<this host's address>") if lst.host in WILDCARD else lst.host
     settings = [f"cluster-announce-ip {ip}", f"cluster-announce-port {lst.port}"]
     if me.bus_port:
         settings.append(f"cluster-announce-bus-port {me.bus_port}")
     if lst.host in WILDCARD:
         where = f"{lst.name!r} (port {lst.port} on every interface)"
-        ip_note = f" (cluster-announce-ip: the address clients reach this host at; {me.ip} now)"
+        ip_note = f" (cluster-announce-ip: the address clients reach this host at; {me.ip or 'not known yet'} now)"
     else:
         where, ip_note = f"{lst.name!r} ({lst.where})", ""
     return Finding(

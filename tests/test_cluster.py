@@ -324,3 +324,23 @@ def test_check_config_and_audit_upstream_on_announce(cluster: list[ClusterNode],
     finally:
         node.direct().config_set("cluster-announce-port", node.proxy.tls_port)
     wait_healthy(cluster)
+
+
+def test_audit_upstream_on_a_node_with_default_announce_and_plaintext_links(tmp_path: Path, certs: Path) -> None:
+    """A cluster node as Redis starts it (no announce settings, no tls-cluster): both items say what to set."""
+    from .helpers import start_redis
+
+    r = start_redis(extra=["--cluster-enabled yes", f"--cluster-config-file {tmp_path / 'nodes.conf'}", f"--dir {tmp_path}"])
+    try:
+        cfg = proxy_config(tmp_path, certs, tmp_path / "users.acl", r.port, 6380, 6381, 9187)
+        res = subprocess.run([sys.executable, "-m", "redisguard", "audit-upstream", "--json", "-c", str(cfg)],
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+    finally:
+        r.stop()
+    checks = {c["id"]: c for c in json.loads(res.stdout)["checks"]}
+    announce, links = checks["cluster-announce"], checks["cluster-links"]
+    assert res.returncode == 1
+    assert announce["status"] == "fail" and f"announces ?:{r.port}" in announce["detail"]  # (no IP before it meets a node)
+    assert "cluster-announce-ip 127.0.0.1, cluster-announce-port 6380, cluster-announce-bus-port" in announce["fix"]
+    assert links["status"] == "warn" and "cannot carry replication" in links["detail"]
+    assert "tls-cluster yes, tls-replication yes, cluster-announce-tls-port" in links["fix"]
