@@ -344,3 +344,14 @@ def test_audit_upstream_on_a_node_with_default_announce_and_plaintext_links(tmp_
     assert "cluster-announce-ip 127.0.0.1, cluster-announce-port 6380, cluster-announce-bus-port" in announce["fix"]
     assert links["status"] == "warn" and "cannot carry replication" in links["detail"]
     assert "tls-cluster yes, tls-replication yes, cluster-announce-tls-port" in links["fix"]
+
+
+def test_cluster_example_sets_what_the_check_asks_for() -> None:
+    """config/examples/cluster/cluster.sh: valid bash, and every setting the cluster check names is in it."""
+    script = Path(__file__).resolve().parent.parent / "config" / "examples" / "cluster" / "cluster.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    for setting in ("--cluster-announce-ip", '--cluster-announce-port "$sidecar"', '--cluster-announce-bus-port "$bus"',
+                    '--cluster-announce-tls-port "$tls"', '--tls-port "$tls"', "--tls-cluster yes", "--tls-replication yes",
+                    '--masteruser repl', 'address = "127.0.0.1:$sidecar"', 'address = "127.0.0.1:$port"'):  # fmt: skip
+        assert setting in text, setting
