@@ -83,6 +83,12 @@ def config_warnings(config_path: str, bind: bool = True) -> tuple[list[str], lis
     except ConfigError as e:
         return [str(e)], []
     errors = preflight(config, bind=bind)
+    if bind:  # a config for this host: is its Redis a cluster node announcing this sidecar?
+        from .cluster import config_check
+
+        cluster_errors, cluster_warnings = config_check(config)
+        errors += cluster_errors
+        warnings += cluster_warnings
     if warning := root_warning():
         warnings.append(warning)
     if any(e.startswith("acl.users_file:") for e in errors):

@@ -149,6 +149,7 @@ class MetricsConfig:
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = 9187
+    node: str = ""  # a `node` label on every series (one sidecar per Redis Cluster node); "" = none
 
 
 @dataclass(frozen=True)
@@ -199,7 +200,7 @@ KNOWN_KEYS: dict[str, tuple[str, ...]] = {
             "user_sources", "mode", "audit_users", "reload_guard"),
     "profile": ("file", "interval"),
     "limits": tuple(LimitsConfig.__dataclass_fields__),
-    "metrics": ("enabled", "address"),
+    "metrics": ("enabled", "address", "node"),
     "log": tuple(LogConfig.__dataclass_fields__),
 }  # fmt: skip
 
@@ -542,7 +543,9 @@ def parse_config(data: dict[str, Any], base: Path, source: Path | None = None) -
 
     met = root.section("metrics")
     mhost, mport = _host_port(met, "address") if "address" in met.data else ("127.0.0.1", 9187)
-    metrics = MetricsConfig(enabled=met.get("enabled", bool, True), host=mhost, port=mport)
+    metrics = MetricsConfig(enabled=met.get("enabled", bool, True), host=mhost, port=mport, node=met.get("node", str, ""))
+    if metrics.node and not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", metrics.node):
+        raise met.fail("node", f"1 to 64 letters, digits or _.:- (a label value), got {metrics.node!r}")
     met.done()
 
     lg = root.section("log")

@@ -10,6 +10,7 @@ import asyncio
 import platform
 import socket
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -20,8 +21,22 @@ from . import __version__
 UPSTREAM_ERROR_REASONS = ("auth", "noperm", "timeout", "refused", "tls", "connect", "error")
 
 
+class _WithNode:
+    """The registry's samples with a constant ``node`` label (a sidecar per Redis Cluster node)."""
+
+    def __init__(self, registry: CollectorRegistry, node: str) -> None:
+        self.registry = registry
+        self.node = node
+
+    def collect(self) -> Any:
+        for family in self.registry.collect():
+            family.samples = [s._replace(labels={**s.labels, "node": self.node}) for s in family.samples]
+            yield family
+
+
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, node: str = "") -> None:
+        self.node = node
         disable_created_metrics()  # *_created series double the scrape and say nothing useful here
         self.before_render: list[Callable[[], None]] = []
         r = self.registry = CollectorRegistry()
@@ -109,7 +124,7 @@ class Metrics:
     def render(self) -> bytes:
         for hook in self.before_render:
             hook()
-        return generate_latest(self.registry)
+        return generate_latest(_WithNode(self.registry, self.node) if self.node else self.registry)  # type: ignore[arg-type]
 
 
 def parse_samples(text: str) -> dict[str, float]:

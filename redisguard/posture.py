@@ -20,6 +20,7 @@ from typing import Any
 
 import hiredis
 
+from . import cluster
 from .config import Config, _is_loopback
 from .upstream import upstream_replies
 
@@ -188,7 +189,8 @@ async def audit(config: Config) -> list[Check]:
     dry = [["ACL", "DRYRUN", user, *cmd] for cmd in DANGEROUS]
     ask = [["INFO", "server"], ["CONFIG", "GET", "bind"], ["CONFIG", "GET", "port"], ["CONFIG", "GET", "protected-mode"],
            ["ACL", "GETUSER", "default"], ["CONFIG", "GET", "dir"], ["CONFIG", "GET", "enable-debug-command"],
-           ["CONFIG", "GET", "enable-module-command"], ["COMMAND", "INFO", *RENAMED], *dry]  # fmt: skip
+           ["CONFIG", "GET", "enable-module-command"], ["COMMAND", "INFO", *RENAMED], *dry,
+           *map(list, cluster.QUERIES)]  # fmt: skip
     timeout = up.connect_timeout * 5
     r = await upstream_replies(config, [[a.encode() for a in c] for c in ask], timeout)
     stranger = await upstream_replies(config, [[b"PING"], *([b"AUTH", b"default", w.encode()] for w in WEAK)], timeout,
@@ -200,9 +202,10 @@ async def audit(config: Config) -> list[Check]:
         check_bind(bind, port, user),
         check_protected_mode(pmode, user),
         check_default_user(getuser, stranger, user),
-        check_upstream_user(r[9:], user),
+        check_upstream_user(r[9:9 + len(dry)], user),
         check_named_commands(cmdinfo, debug, module, user),
         check_dir(pdir, local, user),
+        *(Check(f.id, f.status, f.detail, f.fix) for f in cluster.findings(config, r[9 + len(dry):])),
     ]
 
 

@@ -62,7 +62,7 @@ class Proxy:
     def __init__(self, config: Config, worker: WorkerLink | None = None) -> None:
         self.config = config
         self.worker = worker
-        self.metrics = Metrics()
+        self.metrics = Metrics(node=config.metrics.node)
         self.servers: list[asyncio.AbstractServer | TLSServer] = []
         self.shared: Shared = None  # type: ignore[assignment]  # load_policy sets it
         self.ctx: ConnectionContext = None  # type: ignore[assignment]

@@ -111,9 +111,11 @@ def _limits(defaults: dict[str, str], override: str) -> str:
     return "\n".join([*(f"{k} = {v}" for k, v in defaults.items() if k not in given), *lines])
 
 
-def start_proxy(d: Path, certs: Path, users: Path, redis_port: int, nofile: int | None = None, **kw: str) -> ProxyProc:
-    """``nofile``: start redisguard with RLIMIT_NOFILE soft = hard = that (it cannot raise it)."""
-    tls_port, plain_port, metrics_port = free_port(), free_port(), free_port()
+def start_proxy(d: Path, certs: Path, users: Path, redis_port: int, nofile: int | None = None,
+                ports: tuple[int, int, int] | None = None, **kw: str) -> ProxyProc:  # fmt: skip
+    """``nofile``: start redisguard with RLIMIT_NOFILE soft = hard = that (it cannot raise it); ``ports``:
+    its (TLS, plaintext, metrics) ports, else free ones."""
+    tls_port, plain_port, metrics_port = ports or (free_port(), free_port(), free_port())
     cfg = proxy_config(d, certs, users, redis_port, tls_port, plain_port, metrics_port, **kw)
     log = d / f"redisguard-{tls_port}.log"
     limit = None if nofile is None else lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))

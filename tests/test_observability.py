@@ -311,3 +311,25 @@ def test_sighup_reloads_certificates(tmp_path: Path, redis_server) -> None:  # t
         assert '"config_reloaded"' in p.log.read_text()
     finally:
         p.stop()
+
+
+def test_node_label_when_configured(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """[metrics] node: every series carries it (one sidecar per cluster node); without it, none does."""
+    from redisguard.config import ConfigError, parse_config
+    from redisguard.metrics import Metrics, parse_samples
+
+    m = Metrics(node="node-1")
+    m.commands.labels("alice", "get", "allowed").inc()
+    samples = parse_samples(m.render().decode())
+    assert samples['redisguard_commands_total{command="get",node="node-1",result="allowed",user="alice"}'] == 1
+    assert all('node="node-1"' in k for k in samples)
+    assert not any("node=" in k for k in parse_samples(Metrics().render().decode()))
+    base = {"listener": [{"name": "p", "type": "tcp", "address": "127.0.0.1:6390"}],
+            "upstream": {"address": "127.0.0.1:6379"}, "acl": {"users_file": "users.acl"}}  # fmt: skip
+    assert parse_config({**base, "metrics": {"node": "n1"}}, tmp_path).metrics.node == "n1"
+    try:
+        parse_config({**base, "metrics": {"node": "a b"}}, tmp_path)
+    except ConfigError as e:
+        assert str(e).startswith("metrics.node:")
+    else:
+        raise AssertionError("a bad node label was accepted")
