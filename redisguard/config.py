@@ -168,6 +168,12 @@ MAX_WORKERS = 64
 class ServerConfig:
     # Worker processes (see redisguard.supervisor): 1 = today's single process, no supervisor.
     workers: int = 1
+    # SIGTERM/SIGINT: /readyz turns unready, listeners close, clients finish what they sent and are
+    # closed once answered and quiet; whoever is still there after this many seconds is cut.
+    drain_timeout: float = 25.0
+    # Reload (as SIGHUP does) when the users file, a certificate, key, CA or CRL, or the config changes
+    # (checked every reload_interval seconds; 0 = only on SIGHUP).
+    reload_interval: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -189,7 +195,7 @@ class Config:
 # anything else, so it is never mistaken for a missing one. (``_Section.done`` double-checks.)
 KNOWN_KEYS: dict[str, tuple[str, ...]] = {
     "": ("server", "listener", "upstream", "acl", "limits", "metrics", "log", "profile"),
-    "server": ("workers",),
+    "server": ("workers", "drain_timeout", "reload_interval"),
     "listener": ("name", "type", "address", "path", "socket_mode", "cert_file", "key_file", "ca_file", "client_auth",
                  "cert_user", "allow_insecure_remote", "allowed_sources", "max_connections", "min_version", "ciphers",
                  "ciphersuites", "ecdh_curves", "session_tickets", "crl_file", "unmapped_cert"),
@@ -578,8 +584,14 @@ def _server(sec: _Section, listeners: tuple[ListenerConfig, ...]) -> ServerConfi
             if lst.type != "unix" and lst.port == 0:
                 raise ConfigError(f"listener[{i}].address: port 0 (any free port) cannot be shared by {workers} "
                                   "workers; give a port number")  # fmt: skip
+    drain = sec.get("drain_timeout", float, ServerConfig.drain_timeout)
+    if not 0 <= drain <= 3600:
+        raise sec.fail("drain_timeout", f"seconds, 0 to 3600, got {drain}")
+    interval = sec.get("reload_interval", float, 0.0)
+    if interval < 0 or 0 < interval < 0.5:
+        raise sec.fail("reload_interval", f"0 (off) or at least 0.5 seconds, got {interval}")
     sec.done()
-    return ServerConfig(workers)
+    return ServerConfig(workers, drain, interval)
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

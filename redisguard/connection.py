@@ -20,6 +20,8 @@ from .tls import certificate_identity
 from .upstream_link import HIGH_WATER, UpstreamLink
 
 log = get_logger("redisguard")
+# A draining client is closed once it has been at rest and silent this long.
+DRAIN_QUIET = 0.1
 audit = get_logger("redisguard.audit")
 
 
@@ -32,7 +34,7 @@ READ_BUFFER = memoryview(bytearray(256 * 1024))
 
 class ClientProtocol(asyncio.BufferedProtocol):
     __slots__ = (
-        "closed", "counted", "ctx", "eof", "handshake_source", "idle_timer", "last_active", "link",
+        "closed", "counted", "ctx", "draining", "drain_seen", "eof", "handshake_source", "idle_timer", "last_active", "link",
         "listener", "paused_by", "session", "slicer", "timer", "transport", "waiting", "wake",
     )  # fmt: skip
 
@@ -55,6 +57,8 @@ class ClientProtocol(asyncio.BufferedProtocol):
                              before=self._continue)  # fmt: skip
         self.handshake_source: str | None = None  # set while this connection holds a pending-handshake slot
         self.eof = False  # the client half-closed: close once its requests are answered
+        self.draining = False  # the proxy is stopping: close once answered and quiet (drain())
+        self.drain_seen = False  # bytes arrived since the last drain check
 
     # -- lifecycle --------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -141,6 +145,8 @@ class ClientProtocol(asyncio.BufferedProtocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
+        if self.draining:
+            self.drain_seen = True
         if self.idle_timer is not None:
             self.last_active = time.monotonic()
         self.slicer.feed(data)
@@ -223,6 +229,29 @@ class ClientProtocol(asyncio.BufferedProtocol):
         if not self.closed:
             self.session.upstream_failed(message)
             self.flush()
+
+    def drain(self) -> None:
+        """The proxy is stopping: answer what the client sends, and close it once it is at rest (nothing
+        owed, no reply half sent) and has sent nothing for DRAIN_QUIET seconds, so a pipeline still
+        arriving is served whole."""
+        self.draining = True
+        self.drain_seen = False
+        asyncio.get_running_loop().call_later(DRAIN_QUIET, self._drain_check)
+
+    def _drain_check(self) -> None:
+        if self.closed:
+            return
+        if self.session.at_rest and not self.drain_seen and not self.slicer.queue and not self.session.to_client:
+            self.close()  # (what the transport still buffers is flushed before it closes)
+            return
+        self.drain_seen = False
+        asyncio.get_running_loop().call_later(DRAIN_QUIET, self._drain_check)
+
+    def abort(self) -> None:
+        """The drain's time is up: cut the connection."""
+        if self.transport is not None:
+            self.transport.abort()
+        self.link.close()
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():

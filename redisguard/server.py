@@ -39,6 +39,7 @@ from .profile_store import ProfileStore
 from .reload import Reloader, export_expiry
 from .tls import server_context, upstream_context
 from .upstream import fetch_command_table, protected_settings, upstream_request
+from .watch import FileWatch
 
 if TYPE_CHECKING:
     from .worker_link import WorkerLink
@@ -74,6 +75,8 @@ class Proxy:
         self.tick_handle: asyncio.TimerHandle | None = None
         self.monitor = UpstreamMonitor(config, self.metrics)  # redisguard_upstream_up on a quiet host
         self.profile_store: ProfileStore | None = None  # the traffic profile's file ([profile])
+        self.draining = False
+        self.watch: FileWatch | None = None  # [server] reload_interval
 
     @property
     def policy(self) -> Policy:
@@ -174,6 +177,9 @@ class Proxy:
         self.tick_due = time.monotonic() + TICK
         self.tick_handle = loop.call_later(TICK, self._tick)
         self.monitor.start()
+        if self.config.server.reload_interval:
+            self.watch = FileWatch(self.config, self.config.server.reload_interval, self.reload)
+            self.watch.start()
         if self.profile_store is not None:
             self.profile_store.start()
         log.info(
@@ -218,6 +224,8 @@ class Proxy:
 
     async def ready(self) -> tuple[bool, str]:
         """Listeners up, certificates loaded, and the upstream answers PING as the service user."""
+        if self.draining:
+            return False, "draining: shutting down"
         if len(self.servers) < len(self.config.listeners):
             return False, "listeners not started"
         missing = [lst.name for lst in self.config.listeners if lst.type == "tls" and lst.name not in self.ctx.tls_contexts]
@@ -239,20 +247,29 @@ class Proxy:
             return
         log.error("internal_error", message=context.get("message", ""), error=repr(exc))
 
-    async def stop(self, grace: float = 5.0) -> None:
+    async def stop(self) -> None:
+        """The drain: unready at once, no new connections, every client answered for what it sent and
+        closed once quiet (ClientProtocol.drain), the rest cut after [server] drain_timeout."""
+        self.draining = True
         if self.tick_handle is not None:
             self.tick_handle.cancel()
             self.tick_handle = None
         await self.monitor.stop()
-        if self.profile_store is not None:
-            await self.profile_store.stop()
-        for srv in self.servers:
+        if self.watch is not None:
+            await self.watch.stop()
+        for srv in self.servers[: len(self.config.listeners)]:  # (the metrics endpoint answers to the end)
             srv.close()
-        deadline = time.monotonic() + grace
+        for c in list(self.ctx.clients):
+            c.drain()
+        deadline = time.monotonic() + self.config.server.drain_timeout
         while self.ctx.clients and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        if self.ctx.clients:
+            log.warning("drain_timeout", clients=len(self.ctx.clients), detail="closed before they were done")
         for c in list(self.ctx.clients):
-            c.close()
+            c.abort()
+        if self.profile_store is not None:
+            await self.profile_store.stop()
         if self.worker is not None:
             return  # the supervisor owns the unix socket paths
         for lst in self.config.listeners:

@@ -173,6 +173,14 @@ class Session(RequestPipeline, LoginsAndACL, StateCommands):
         return Mode.SUBSCRIBED if self.subscribed else Mode.NORMAL
 
     @property
+    def at_rest(self) -> bool:
+        """Nothing owed, nothing waiting, no reply half relayed: closing now cuts no reply (a drain
+        closes a client only then)."""
+        r = self.replies
+        return (not r.slots and not self._pending and not self._unparsed and not self._paused and not self._more
+                and r.scanner.idle and not r.carry and not r.held)  # fmt: skip
+
+    @property
     def idle(self) -> bool:
         """Nothing owed to the client (not blocked, not waiting for replies), not subscribed nor
         monitoring: Redis's `timeout` may close it."""

@@ -16,7 +16,7 @@ returns into the parent's code). It
   10 s of its start; after 5 such deaths in a row it stops everything and exits 1 (a worker that cannot
   start is a configuration or environment problem a restart loop would only hide);
 - turns SIGHUP into a reload of every worker, and SIGTERM/SIGINT into a drain: every worker stops
-  accepting, gives its clients up to 5 s, and exits; workers still there after 15 s are killed; then
+  accepting, gives its clients up to [server] drain_timeout, and exits; workers still there 10 s later are killed; then
   it removes the unix socket paths and exits;
 - dies with its workers and they with it: a worker gets SIGTERM when the supervisor dies
   (PR_SET_PDEATHSIG) and also stops when its channel to the supervisor closes.
@@ -75,7 +75,7 @@ log = get_logger("redisguard")
 BACKOFF, BACKOFF_MAX = 0.5, 30.0  # restart delay: doubles while a worker keeps dying early
 STABLE_AFTER = 10.0  # a worker that ran this long before exiting starts the count again
 MAX_EARLY_EXITS = 5  # this many early exits in a row: give up
-STOP_TIMEOUT = 15.0  # SIGTERM, then SIGKILL for workers still running after this (they drain 5 s)
+STOP_MARGIN = 10.0  # SIGTERM, then SIGKILL for workers still running this long after their drain_timeout
 ASK_TIMEOUT = 5.0  # a worker's answer to a metrics or readiness request
 PR_SET_PDEATHSIG = 1
 
@@ -368,13 +368,13 @@ class Supervisor:
         for pid in live:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-        asyncio.get_running_loop().call_later(STOP_TIMEOUT, self._kill_stragglers)
+        asyncio.get_running_loop().call_later(self.config.server.drain_timeout + STOP_MARGIN, self._kill_stragglers)
         self.reap()
 
     def _kill_stragglers(self) -> None:
         for slot in self.slots:
             if slot.pid:
-                log.warning("worker_killed", worker=slot.index, detail=f"still running {STOP_TIMEOUT:g} s after SIGTERM")
+                log.warning("worker_killed", worker=slot.index, detail="still running after drain_timeout + 10 s")
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(slot.pid, signal.SIGKILL)
 
