@@ -51,6 +51,7 @@ class Command:
     subcommands: dict[str, Command] = field(default_factory=dict)
     parent: Command | None = None
     has_keys: bool = False
+    spec_keys: bool = False  # key specs find the keys (some are keys, none has variable flags): get_keys
     getkeys: Callable[[Sequence[bytes]], list[tuple[int, int]]] | None = None
     channels: tuple[int, int, bool] | None = None
 
@@ -169,6 +170,8 @@ class CommandTable:
             cmd.subcommands[sc.name.split("|", 1)[1]] = sc
         cmd.getkeys = _GETKEYS.get(name) or (_no_keys if name in _GETKEYS_NONE else None)
         cmd.has_keys = cmd.getkeys is not None or any("not_key" not in ks.flags for ks in cmd.key_specs)
+        cmd.spec_keys = any("not_key" not in ks.flags for ks in cmd.key_specs) and not any(
+            "variable_flags" in ks.flags for ks in cmd.key_specs)  # fmt: skip
         cmd.channels = CHANNEL_COMMANDS.get(name)
         return cmd
 

@@ -163,11 +163,8 @@ def keys_from_specs(cmd: Command, argv: Sequence[bytes]) -> list[tuple[int, int]
 
 def get_keys(cmd: Command, argv: Sequence[bytes]) -> list[tuple[int, int]]:
     """[(argv index, READ|WRITE needed)] for the keys ``argv`` touches, as Redis 7.0 finds them."""
-    specs = cmd.key_specs
-    has_keyspec = any("not_key" not in ks.flags for ks in specs)
-    has_varflags = any("variable_flags" in ks.flags for ks in specs)
-    if has_keyspec and not has_varflags:
-        keys = _keys_from_specs(specs, argv, cmd.arity)
+    if cmd.spec_keys:  # (some spec is a key spec, none has variable flags: computed with the table)
+        keys = _keys_from_specs(cmd.key_specs, argv, cmd.arity)
         if keys is not None:
             return keys
     if cmd.getkeys is not None:
