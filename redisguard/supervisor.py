@@ -68,7 +68,7 @@ from .audit import get_logger
 from .config import Config
 from .metrics import serve_http
 from .server import run
-from .worker_link import Journal, WorkerLink, read_message, write_message
+from .worker_link import Endpoint, Journal, WorkerLink, read_message
 
 log = get_logger("redisguard")
 
@@ -80,7 +80,7 @@ ASK_TIMEOUT = 5.0  # a worker's answer to a metrics or readiness request
 PR_SET_PDEATHSIG = 1
 
 
-class Channel:
+class Channel(Endpoint):
     """One worker process's end of the channel, seen from the supervisor."""
 
     def __init__(self, sock: socket.socket) -> None:
@@ -89,13 +89,6 @@ class Channel:
         self.backlog: list[dict[str, Any]] = []  # sent before the stream was open
         self.waiting: dict[int, asyncio.Future[dict[str, Any] | None]] = {}
         self.up = False  # the worker said its listeners are up
-
-    def send(self, msg: dict[str, Any]) -> None:
-        if self.writer is None:
-            self.backlog.append(msg)
-            return
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            write_message(self.writer, msg)
 
 
 @dataclass

@@ -70,7 +70,21 @@ def user_lines(users: dict[str, User], names: Sequence[str]) -> dict[str, str]:
     return {n: render_acl_file({n: users[n]}).decode("utf-8", "surrogateescape") for n in names if n in users}
 
 
-class WorkerLink:
+class Endpoint:
+    """One end of a supervisor-worker channel: messages queue until its stream is open."""
+
+    writer: asyncio.StreamWriter | None
+    backlog: list[dict[str, Any]]
+
+    def send(self, msg: dict[str, Any]) -> None:
+        if self.writer is None:
+            self.backlog.append(msg)
+            return
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            write_message(self.writer, msg)
+
+
+class WorkerLink(Endpoint):
     """A worker's end: answers the supervisor and relays this worker's ACL changes."""
 
     def __init__(self, sock: socket.socket, index: int, journal: Journal, inherited: dict[str, socket.socket]) -> None:
@@ -126,13 +140,6 @@ class WorkerLink:
             ok, why = await proxy.ready()
             reply = {"ok": ok, "why": why}
         self.send({"id": msg["id"], **reply})
-
-    def send(self, msg: dict[str, Any]) -> None:
-        if self.writer is None:
-            self.backlog.append(msg)
-            return
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            write_message(self.writer, msg)
 
     def local_change(self, users: dict[str, User], changed: set[str] | None, deleted: Sequence[str]) -> None:
         """ACL SETUSER / DELUSER / LOAD on one of this worker's clients: tell the supervisor."""
