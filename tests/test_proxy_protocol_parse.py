@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import socket
 import struct
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from redisguard.proxy_protocol import (
-    MAX_HEADER, MAX_V2_LENGTH, REASONS, V1_MAX, V2_SIGNATURE, ProxyHeader, ProxyHeaderError, build_v2, parse,
-)  # fmt: skip
+from redisguard import proxy_protocol as pp
+from redisguard.proxy_protocol import MAX_HEADER, V2_SIGNATURE, ProxyHeader, ProxyHeaderError, build_v2, parse
 
 
 def v2(command: int, fam: int, body: bytes, declared: int | None = None) -> bytes:
@@ -86,13 +86,13 @@ def test_v2_incomplete_prefixes() -> None:
     (V2_SIGNATURE + b"\x11\x11\x00\x0c" + b"\x00" * 12, "malformed"),  # version 1
     (v2(1, 0x12, b"\x00" * 12), "unsupported"),  # UDP
     (v2(1, 0x41, b""), "unsupported"),
-    (v2(1, 0x11, b"", declared=MAX_V2_LENGTH + 1), "too_long"),
+    (v2(1, 0x11, b"", declared=pp.MAX_V2_LENGTH + 1), "too_long"),
     (v2(1, 0x11, b"", declared=0xFFFF), "too_long"),
 ])  # fmt: skip
 def test_refused(data: bytes, reason: str) -> None:
     with pytest.raises(ProxyHeaderError) as e:
         parse(data)
-    assert e.value.reason == reason and reason in REASONS
+    assert e.value.reason == reason and reason in pp.REASONS
 
 
 def test_build_v2_round_trips() -> None:
@@ -129,13 +129,57 @@ def _check(data: bytes) -> None:
     try:
         h = parse(data)
     except ProxyHeaderError as e:
-        assert e.reason in REASONS
+        assert e.reason in pp.REASONS
         return
     if h is None:
-        assert len(data) < MAX_HEADER and (len(data) < V1_MAX or data.startswith(V2_SIGNATURE))
+        assert len(data) < MAX_HEADER and (len(data) < pp.V1_MAX or data.startswith(V2_SIGNATURE))
         return
     assert 0 < h.length <= min(len(data), MAX_HEADER)
     assert parse(data[: h.length]) == h
     assert parse(data[: h.length - 1]) is None
     if h.source is not None:
         assert 0 <= h.source[1] <= 65535
+
+
+# -- config: proxy_protocol, proxy_sources, [upstream] proxy_protocol ------------------------------------------
+
+_BASE = '[acl]\nusers_file = "users.acl"\n[[listener]]\ntype = "tcp"\naddress = "127.0.0.1:0"\n'
+
+
+@pytest.mark.parametrize("snippet, message", [
+    ("proxy_protocol = true\n", r"listener\[0\].proxy_sources: required with proxy_protocol = true"),
+    ('proxy_protocol = true\nproxy_sources = []\n', r"listener\[0\].proxy_sources: required"),
+    ('proxy_protocol = true\nproxy_sources = ["10.0.0.0/33"]\n', r"listener\[0\].proxy_sources: not a CIDR network: '10.0"),
+    ('proxy_protocol = true\nproxy_sources = ["unix"]\n', r"listener\[0\].proxy_sources: not a CIDR network: 'unix'"),
+    ('proxy_sources = ["10.0.0.0/8"]\n', r"listener\[0\].proxy_sources: only means something with proxy_protocol = true"),
+    ('proxy_protocol = "yes"\n', r"listener\[0\].proxy_protocol: expected bool"),
+    ('proxy_protocl = true\n', r"did you mean proxy_protocol"),
+])  # fmt: skip
+def test_config_errors_name_the_key(tmp_path: Path, snippet: str, message: str) -> None:
+    from redisguard.config import ConfigError, load_config
+
+    (tmp_path / "users.acl").write_text("user default off\n")
+    (tmp_path / "rg.toml").write_text(_BASE + snippet)
+    with pytest.raises(ConfigError, match=message):
+        load_config(tmp_path / "rg.toml")
+
+
+def test_config_accepted_and_warned(tmp_path: Path) -> None:
+    from redisguard.config import load_config
+    from redisguard.preflight import proxy_protocol_warnings
+
+    (tmp_path / "users.acl").write_text("user default off\n")
+    (tmp_path / "rg.toml").write_text(
+        _BASE + 'proxy_protocol = true\nproxy_sources = ["10.0.0.0/24", "2001:db8::/48"]\n'
+        f'[[listener]]\ntype = "unix"\npath = "{tmp_path}/s"\nproxy_protocol = true\nproxy_sources = ["unix"]\n'
+        '[[listener]]\nname = "open"\ntype = "tcp"\naddress = "127.0.0.1:0"\n'
+        'proxy_protocol = true\nproxy_sources = ["0.0.0.0/0"]\n'
+        '[upstream]\nproxy_protocol = true\n'
+    )  # fmt: skip
+    cfg = load_config(tmp_path / "rg.toml")
+    assert cfg.listeners[0].proxy_protocol
+    assert [str(n) for n in cfg.listeners[0].proxy_sources] == ["10.0.0.0/24", "2001:db8::/48"]
+    assert cfg.listeners[1].proxy_sources == ("unix",)
+    assert cfg.upstream.proxy_protocol
+    (warning,) = proxy_protocol_warnings(cfg)
+    assert warning.startswith("listener 'open': proxy_sources includes 0.0.0.0/0: any client can send a PROXY header")
