@@ -96,7 +96,8 @@ class Metrics:
         self.audit_suppressed = Counter("redisguard_audit_events_suppressed",
                                         "Audit events dropped by the rate limit.", registry=r)  # fmt: skip
         self.tls_handshakes_pending = Gauge("redisguard_tls_handshakes_pending",
-                                            "TLS handshakes in progress (accepted, not yet a client).",
+                                            "TLS handshakes in progress (accepted, not yet a client; with "
+                                            "proxy_protocol, also connections waiting for their PROXY header).",
                                             ["listener"], registry=r)  # fmt: skip
         self.proxy_header_failures = Counter("redisguard_proxy_header_failures", "Connections closed on a "
                                              "proxy_protocol listener because their PROXY header was missing, "
