@@ -161,7 +161,7 @@ def pproxy(tmp_path_factory: pytest.TempPathFactory, certs: Path, redis_server: 
              'proxy_sources = ["unix"]\n')  # fmt: skip
     p = start_proxy(d, certs, users, redis_server.port, tls_listener=pp, extra=extra,
                     acl='user_sources = { bob = ["203.0.113.0/24"] }',
-                    limits="handshake_timeout = 2.0\nauth_failures_per_minute = 4.0")  # fmt: skip
+                    limits="handshake_timeout = 2.0\nauth_failures_per_minute = 4.0\nmax_handshakes_per_source = 2")  # fmt: skip
     wait_port(Ports.pp, p.proc)
     yield p
     p.stop()
@@ -261,6 +261,29 @@ def test_header_from_an_unlisted_peer_is_refused(pproxy: ProxyProc, certs: Path)
         assert got == want
     e = wait_event(pproxy, "connection_rejected", listener="tls", reason="proxy_source_not_allowed")
     assert str(e["peer"]).startswith("127.0.0.2:")  # the socket's peer: its header was never read
+
+
+def test_handshake_budget_per_source_is_the_headers(pproxy: ProxyProc, certs: Path) -> None:
+    # max_handshakes_per_source = 2: two clients from 203.0.113.40 (per their headers) that never send a
+    # ClientHello hold their source's budget; a third is refused, another source is not
+    before = scrape(pproxy)
+    held = []
+    for i in range(2):
+        s = connect(pproxy.tls_port)
+        s.sendall(v1("203.0.113.40", 48000 + i))
+        held.append(s)
+    time.sleep(0.2)
+    with connect(pproxy.tls_port) as s:
+        s.sendall(v1("203.0.113.40", 48002))
+        assert read_until(s, lambda b: False, timeout=3) == b""
+    name, labels = "redisguard_connections_rejected_total", {"listener": "tls", "reason": "handshake_limit_source"}
+    want = metric(before, name, **labels) + 1
+    assert wait_for(pproxy, name, want, **labels) == want
+    c = TLSOverRaw(pproxy.tls_port, certs / "ca.pem", v1("203.0.113.41", 48003))  # the balancer's other clients go on
+    assert c.call(auth("alice", "alice-pw") + PING, 2) == b"+OK\r\n+PONG\r\n"
+    c.close()
+    for s in held:
+        s.close()
 
 
 BAD = {
