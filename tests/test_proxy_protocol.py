@@ -426,6 +426,11 @@ def test_upstream_proxy_v2_to_an_intermediate_proxy(tmp_path: Path, certs: Path,
             s.sendall(auth("alice", "alice-pw") + PING)
             assert read_until(s, b"+OK\r\n+PONG\r\n") == b"+OK\r\n+PONG\r\n"
         assert ("PROXY", "127.0.0.1", port, "127.0.0.1", p.plain_port) in relay.headers
+        c = TLSOverRaw(p.tls_port, certs / "ca.pem", b"")  # a direct TLS client
+        port = c.sock.getsockname()[1]
+        assert c.call(auth("alice", "alice-pw") + PING, 2) == b"+OK\r\n+PONG\r\n"
+        c.close()
+        assert ("PROXY", "127.0.0.1", port, "127.0.0.1", p.tls_port) in relay.headers
         assert not relay.errors
     finally:
         p.stop()
