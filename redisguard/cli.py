@@ -15,7 +15,7 @@ from .acl import ACLError, UsersFileError, hash_password, load_users, missing_de
 from .commands import CommandTable
 from .config import Config, ConfigError, load_config
 from .policy import Policy, decide
-from .preflight import preflight, root_warning
+from .preflight import preflight, proxy_protocol_warnings, root_warning
 
 # -c/--config when not given: $REDISGUARD_CONFIG, else the packaged location (the container image's too).
 SYSTEM_CONFIG = "/etc/redisguard/redisguard.toml"
@@ -57,6 +57,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .audit import get_logger
 
         get_logger("redisguard").warning("running_as_root", detail=warning)
+    for warning in proxy_protocol_warnings(config):
+        from .audit import get_logger
+
+        get_logger("redisguard").warning("proxy_sources_too_wide", detail=warning)
     if config.server.workers > 1:
         from .supervisor import serve
 
@@ -91,6 +95,7 @@ def config_warnings(config_path: str, bind: bool = True) -> tuple[list[str], lis
         warnings += cluster_warnings
     if warning := root_warning():
         warnings.append(warning)
+    warnings += proxy_protocol_warnings(config)
     if any(e.startswith("acl.users_file:") for e in errors):
         return errors, warnings
     table = CommandTable.snapshot()

@@ -72,6 +72,11 @@ class ListenerConfig:
     # A verified client certificate that logs in as no user: "default" (the connection goes on as
     # the default user) or "refuse" (it is closed after the handshake).
     unmapped_cert: str = "default"
+    # PROXY protocol v1/v2 (a load balancer in front): every connection must start with a header, and is
+    # accepted only from proxy_sources ("unix": any peer of a unix listener); the header's address is
+    # then the client's for allowed_sources, user_sources, throttling, limits and the audit log.
+    proxy_protocol: bool = False
+    proxy_sources: tuple[Network | str, ...] = ()
 
     @property
     def where(self) -> str:
@@ -97,6 +102,9 @@ class UpstreamConfig:
     # user redisguard keeps for its user (<mirror_prefix><name>, same rules), so Redis enforces them too.
     identity: str = "service"
     mirror_prefix: str = "rg:"
+    # Send a PROXY v2 header first on every upstream connection (for an intermediate proxy in front of
+    # Redis: Redis itself does not accept PROXY headers).
+    proxy_protocol: bool = False
 
     @property
     def where(self) -> str:
@@ -198,10 +206,11 @@ KNOWN_KEYS: dict[str, tuple[str, ...]] = {
     "server": ("workers", "drain_timeout", "reload_interval"),
     "listener": ("name", "type", "address", "path", "socket_mode", "cert_file", "key_file", "ca_file", "client_auth",
                  "cert_user", "allow_insecure_remote", "allowed_sources", "max_connections", "min_version", "ciphers",
-                 "ciphersuites", "ecdh_curves", "session_tickets", "crl_file", "unmapped_cert"),
+                 "ciphersuites", "ecdh_curves", "session_tickets", "crl_file", "unmapped_cert",
+                 "proxy_protocol", "proxy_sources"),
     "upstream": ("address", "path", "username", "password", "password_file", "password_env", "tls", "tls_ca_file",
                  "tls_cert_file", "tls_key_file", "tls_server_name", "connect_timeout", "fetch_command_table",
-                 "health_check_interval", "identity", "mirror_prefix"),
+                 "health_check_interval", "identity", "mirror_prefix", "proxy_protocol"),
     "acl": ("users_file", "disabled_commands", "enable_debug_command", "enable_module_command", "cert_only",
             "user_sources", "mode", "audit_users", "reload_guard"),
     "profile": ("file", "interval"),
@@ -387,12 +396,39 @@ def _listener(sec: _Section, index: int) -> ListenerConfig:
     max_conn = sec.get("max_connections", int, 10000)
     if max_conn < 1:
         raise sec.fail("max_connections", "must be at least 1")
+    proxy_protocol = sec.get("proxy_protocol", bool, False)
+    proxy_sources = _proxy_sources(sec, typ, proxy_protocol)
     sec.done()
     return ListenerConfig(
         name=name, type=typ, host=host, port=port, path=path, socket_mode=socket_mode, tls=tls,
         client_auth=client_auth, cert_user=cert_user, allow_insecure_remote=insecure,
         allowed_sources=tuple(sources), max_connections=max_conn, tls_policy=tls_policy, unmapped_cert=unmapped,
+        proxy_protocol=proxy_protocol, proxy_sources=proxy_sources,
     )  # fmt: skip
+
+
+def _proxy_sources(sec: _Section, typ: str, enabled: bool) -> tuple[Network | str, ...]:
+    """proxy_sources: the load balancers (CIDRs; "unix" on a unix listener) whose PROXY headers are trusted."""
+    raw = sec.get("proxy_sources", list, [])
+    if not enabled:
+        if raw:
+            raise sec.fail("proxy_sources", "only means something with proxy_protocol = true")
+        return ()
+    if not raw:
+        raise sec.fail("proxy_sources", "required with proxy_protocol = true: the load balancers' addresses "
+                       '(CIDRs, e.g. ["10.0.0.0/24"]) whose PROXY headers are trusted; a connection from '
+                       'anywhere else is refused' + ('; on a unix listener, ["unix"]' if typ == "unix" else ""))  # fmt: skip
+    out: list[Network | str] = []
+    for s in raw:
+        if s == "unix" and typ == "unix":
+            out.append(s)
+            continue
+        try:
+            out.append(ipaddress.ip_network(s, strict=False))
+        except (ValueError, TypeError):
+            hint = ' (or "unix")' if typ == "unix" else ""
+            raise sec.fail("proxy_sources", f"not a CIDR network{hint}: {s!r}") from None
+    return tuple(out)
 
 
 TLS_POLICY_KEYS = ("min_version", "ciphers", "ciphersuites", "ecdh_curves", "session_tickets")
@@ -489,7 +525,7 @@ def parse_config(data: dict[str, Any], base: Path, source: Path | None = None) -
         tls_key_file=up.path("tls_key_file"), tls_server_name=up.get("tls_server_name", str, ""),
         connect_timeout=timeout, fetch_command_table=up.get("fetch_command_table", bool, True),
         health_check_interval=health, identity=up.choice("identity", UPSTREAM_IDENTITIES, "service"),
-        mirror_prefix=up.get("mirror_prefix", str, "rg:"),
+        mirror_prefix=up.get("mirror_prefix", str, "rg:"), proxy_protocol=up.get("proxy_protocol", bool, False),
     )  # fmt: skip
     if upstream.identity == "mirror" and not re.fullmatch(r"[!-~]{1,64}", upstream.mirror_prefix):
         raise up.fail("mirror_prefix", f"1 to 64 printable characters without spaces, got {upstream.mirror_prefix!r}")

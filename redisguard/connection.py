@@ -13,7 +13,8 @@ from typing import Any
 
 from .audit import get_logger
 from .config import ListenerConfig
-from .context import ConnectionContext, is_local, peer_name, source_of
+from .context import ConnectionContext, from_proxy, is_local, peer_name, source_of
+from .proxy_protocol import MAX_HEADER, ProxyHeader, ProxyHeaderError, build_v2, parse
 from .session import Session, take
 from .slicer import Slicer
 from .tls import certificate_identity
@@ -34,8 +35,8 @@ READ_BUFFER = memoryview(bytearray(256 * 1024))
 
 class ClientProtocol(asyncio.BufferedProtocol):
     __slots__ = (
-        "closed", "counted", "ctx", "draining", "drain_seen", "eof", "handshake_source", "idle_timer", "last_active", "link",
-        "listener", "paused_by", "session", "slicer", "timer", "transport", "waiting", "wake",
+        "closed", "counted", "ctx", "draining", "drain_seen", "eof", "handshake_source", "idle_timer", "last_active",
+        "link", "listener", "paused_by", "proxied", "session", "slicer", "timer", "transport", "waiting", "wake",
     )  # fmt: skip
 
     def __init__(self, ctx: ConnectionContext, listener: ListenerConfig) -> None:
@@ -59,6 +60,7 @@ class ClientProtocol(asyncio.BufferedProtocol):
         self.eof = False  # the client half-closed: close once its requests are answered
         self.draining = False  # the proxy is stopping: close once answered and quiet (drain())
         self.drain_seen = False  # bytes arrived since the last drain check
+        self.proxied: ProxyHeader | None = None  # the PROXY header that named the client (proxy_protocol listeners)
 
     # -- lifecycle --------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -71,7 +73,8 @@ class ClientProtocol(asyncio.BufferedProtocol):
         self.ctx.clients.add(self)
         lst = self.listener
         m = self.ctx.metrics
-        peername = transport.get_extra_info("peername")
+        proxied = self.proxied
+        peername = transport.get_extra_info("peername") if proxied is None else proxied.source
         peer = peer_name(peername)
         reason = self.ctx.refusal(lst, peername)
         if reason:
@@ -89,8 +92,9 @@ class ClientProtocol(asyncio.BufferedProtocol):
             self.session.login_certificate(identity)
             if self.session.closing:  # unmapped_cert = "refuse": a verified certificate that names no user
                 return self.close()
+        via = {} if proxied is None else {"via": peer_name(transport.get_extra_info("peername"))}  # the load balancer
         self.ctx.events.log(audit.info, "connection_accepted", listener=lst.name, peer=peer, tls_identity=identity,
-                              user=self.session.user.name if self.session.authenticated else "")  # fmt: skip
+                              user=self.session.user.name if self.session.authenticated else "", **via)  # fmt: skip
         timeout = self.ctx.config.limits.auth_timeout
         if timeout and not self.session.authenticated:  # a client certificate (or nopass default) has logged in
             self.timer = asyncio.get_running_loop().call_later(timeout, self._auth_timeout)
@@ -116,6 +120,25 @@ class ClientProtocol(asyncio.BufferedProtocol):
         """Take a pending-handshake slot (TLSServer, after _refusal said yes)."""
         self.handshake_source = source_of(peername)
         self.ctx.handshakes.acquire(self.listener.name, self.handshake_source)
+
+    def proxy_header(self) -> bytes:
+        """The PROXY v2 header for this client's upstream connection ([upstream] proxy_protocol): its
+        address and the one it connected to (a PROXY header's, when one named it); LOCAL for unix clients."""
+        t = self.transport
+        if self.proxied is not None:
+            return build_v2(self.proxied.source, self.proxied.destination)
+        if t is None:
+            return build_v2(None, None)
+        peer, local = t.get_extra_info("peername"), t.get_extra_info("sockname")
+        ok = isinstance(peer, tuple) and isinstance(local, tuple)
+        return build_v2((str(peer[0]), int(peer[1])), (str(local[0]), int(local[1]))) if ok else build_v2(None, None)
+
+    def move_handshake(self, peername: Any) -> None:
+        """The pending slot now counts for the client a PROXY header named (its per-source budget)."""
+        if self.handshake_source is not None:
+            source = source_of(peername)
+            self.ctx.handshakes.move(self.listener.name, self.handshake_source, source)
+            self.handshake_source = source
 
     def end_handshake(self) -> None:
         """Give the slot back: the handshake finished (connection_made) or failed; idempotent."""
@@ -326,3 +349,90 @@ class ClientProtocol(asyncio.BufferedProtocol):
         self.paused_by.discard(why)
         if self.transport is not None and not self.paused_by and not self.closed:
             self.transport.resume_reading()
+
+
+class ProxiedClientProtocol(ClientProtocol):
+    """A tcp or unix listener with ``proxy_protocol = true``: the stream starts with a PROXY header.
+
+    Until the header is complete no session exists: the bytes are held (at most MAX_HEADER) and
+    parsed; then the connection is admitted as the client the header names (allowed_sources, limits,
+    the session's peer and source) and whatever followed the header in the same read goes to the
+    session. Only peers in ``proxy_sources`` may send one; a missing, malformed, slow or cut-short
+    header closes the connection (counted, logged). The wait holds a pending-handshake slot, so the
+    global budget bounds these connections as it bounds TLS handshakes. Listeners without
+    ``proxy_protocol`` use :class:`ClientProtocol` itself: no per-read cost."""
+
+    __slots__ = ("header", "header_timer")
+
+    def __init__(self, ctx: ConnectionContext, listener: ListenerConfig) -> None:
+        super().__init__(ctx, listener)
+        self.header: bytes | None = None  # held bytes while the header is incomplete; None after
+        self.header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Not in ctx.clients (which hold sessions) until admitted: like a TLS handshake, the wait is counted
+        # by its pending-handshake slot (fds_left, max_connections).
+        self.transport = transport  # type: ignore[assignment]
+        lst = self.listener
+        peername = transport.get_extra_info("peername")
+        if not from_proxy(lst, peername):  # a PROXY header is trusted only from proxy_sources
+            return self.reject(transport, peername, "proxy_source_not_allowed")
+        reason = self.ctx.refusal(lst, peername, handshake=True, proxied=True)
+        if reason:
+            return self.reject(transport, peername, reason)
+        self.start_handshake(None)
+        self.header = b""
+        self.header_timer = asyncio.get_running_loop().call_later(self.ctx.config.limits.handshake_timeout,
+                                                                  self._header_timeout)  # fmt: skip
+
+    def data_received(self, data: bytes) -> None:
+        if self.header is None:
+            return super().data_received(data)
+        if self.closed:
+            return
+        held = self.header + data[:MAX_HEADER]  # never more than a header's worth is parsed or kept
+        try:
+            header = parse(held)
+        except ProxyHeaderError as e:
+            return self._header_failed(e.reason, str(e))
+        if header is None:
+            self.header = held
+            return
+        rest = data[header.length - len(self.header):]  # the client's own bytes after the header
+        self.header = None
+        if self.header_timer is not None:
+            self.header_timer.cancel()
+            self.header_timer = None
+        if header.source is not None:
+            self.proxied = header
+        assert self.transport is not None
+        super().connection_made(self.transport)  # admitted as the client the header names
+        if rest and not self.closed:
+            super().data_received(rest)
+
+    def _header_timeout(self) -> None:
+        self.header_timer = None
+        if self.header is not None and not self.closed:
+            self._header_failed("timeout", "no complete PROXY header within handshake_timeout")
+
+    def _header_failed(self, reason: str, detail: str) -> None:
+        assert self.transport is not None
+        self.ctx.proxy_header_failed(self.listener, self.transport.get_extra_info("peername"), reason, detail)
+        self.header = None
+        self.closed = True
+        self.end_handshake()
+        if self.header_timer is not None:
+            self.header_timer.cancel()
+            self.header_timer = None
+        self.transport.abort()
+
+    def eof_received(self) -> bool | None:
+        if self.header is not None:
+            return None  # closed mid-header: connection_lost counts it
+        return super().eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.header is not None and not self.closed:
+            self._header_failed("closed", "closed before the end of the PROXY header")
+        self.end_handshake()
+        super().connection_lost(exc)

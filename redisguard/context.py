@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from .listeners import HandshakeBudget
 
 log = get_logger("redisguard")
+audit = get_logger("redisguard.audit")
 
 
 def peer_name(addr: Any) -> str:
@@ -33,6 +34,13 @@ def peer_name(addr: Any) -> str:
 def source_of(peername: Any) -> str:
     """The source a per-source limit counts: the address (an IPv6 client by its /64)."""
     return source_key(str(peername[0])) if isinstance(peername, tuple) else ""
+
+
+def from_proxy(lst: ListenerConfig, peername: Any) -> bool:
+    """Is this socket peer one of the listener's proxy_sources (whose PROXY headers are trusted)?"""
+    if not isinstance(peername, tuple):
+        return "unix" in lst.proxy_sources
+    return source_allowed(str(peername[0]), [n for n in lst.proxy_sources if not isinstance(n, str)])
 
 
 def share(limit: int, workers: int) -> int:
@@ -91,16 +99,38 @@ class ConnectionContext:
             log.warning("upstream_unavailable", upstream=self.config.upstream.where, error=msg)
         self.last_upstream_error = msg
 
-    def refusal(self, lst: ListenerConfig, peername: Any, handshake: bool = False) -> str:
+    def refusal(self, lst: ListenerConfig, peername: Any, handshake: bool = False, proxied: bool = False) -> str:
         """Why this connection must be refused ("" = accept). ``handshake``: a TLS socket about to start
-        its handshake, which must also fit the pending-handshake budget."""
+        its handshake (or a proxy_protocol connection about to wait for its header), which must also fit
+        the pending-handshake budget. ``proxied``: ``peername`` is a load balancer's, the client's
+        address is not known yet: what depends on it (allowed_sources, the per-source budget) is
+        checked by :meth:`client_refusal` once the PROXY header has named it."""
         ctx = self
-        if lst.allowed_sources and isinstance(peername, tuple) and not source_allowed(peername[0], lst.allowed_sources):
+        if proxied:
+            pass
+        elif lst.allowed_sources and isinstance(peername, tuple) and not source_allowed(peername[0], lst.allowed_sources):
             return "source_not_allowed"
         if ctx.active[lst.name] + ctx.handshakes.by_listener.get(lst.name, 0) >= ctx.max_connections[lst.name]:
             return "limit"
         if ctx.fds_left() < ctx.config.limits.fd_reserve:
             return "fd_reserve"
         if handshake:
-            return ctx.handshakes.refusal(source_of(peername))
+            return ctx.handshakes.refusal("" if proxied else source_of(peername))
         return ""
+
+    def client_refusal(self, lst: ListenerConfig, peername: Any) -> str:
+        """A TLS connection's PROXY header named its client: allowed_sources and the per-source
+        handshake budget for that address, before any TLS work ("" = go on)."""
+        if lst.allowed_sources and isinstance(peername, tuple) and not source_allowed(str(peername[0]), lst.allowed_sources):
+            return "source_not_allowed"
+        if self.handshakes.by_source.get(source_of(peername), 0) >= self.handshakes.per_source:
+            return "handshake_limit_source"
+        return ""
+
+    def proxy_header_failed(self, lst: ListenerConfig, peername: Any, reason: str, detail: str) -> None:
+        """A connection on a proxy_protocol listener sent no valid PROXY header: counted and logged."""
+        self.metrics.proxy_header_failures.labels(lst.name, reason).inc()
+        self.metrics.connections_rejected.labels(lst.name, "proxy_header").inc()
+        self.events.log(audit.warning, "proxy_header_failed", listener=lst.name, peer=peer_name(peername), reason=reason,
+                        detail=detail)  # fmt: skip
+        self.churn_since_trim += 1

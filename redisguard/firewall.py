@@ -1,7 +1,8 @@
 """``redisguard firewall``: host firewall rules that match the config.
 
 Each TCP listener with ``allowed_sources`` gets its port opened to those networks only (the proxy
-checks them too: the firewall drops the rest before a socket or a TLS handshake is spent on them);
+checks them too: the firewall drops the rest before a socket or a TLS handshake is spent on them), one
+with ``proxy_protocol`` to its ``proxy_sources`` (the packets come from the load balancers);
 the upstream Redis port, when Redis is on this host's loopback, is closed to everything that does not
 arrive on ``lo``. The rules live in a table (nftables) or chain (iptables) of their own that only
 drops, so they add to the host's other rules instead of replacing them.
@@ -37,6 +38,10 @@ def plan(config: Config) -> tuple[list[PortRule], list[str]]:
             notes.append(f"{what}: a unix socket, no network rule (socket_mode {lst.socket_mode:o} controls access)")
         elif _is_loopback(lst.host):
             notes.append(f"{what}: bound to loopback, unreachable from other hosts")
+        elif lst.proxy_protocol:  # the kernel sees the load balancers; allowed_sources is checked on the PROXY header
+            nets = tuple(n for n in lst.proxy_sources if not isinstance(n, str))
+            rules.append(PortRule(f"{what}: only from proxy_sources (the load balancers; allowed_sources applies to "
+                                  "the clients their PROXY headers name)", lst.port, nets))  # fmt: skip
         elif lst.allowed_sources:
             rules.append(PortRule(f"{what}: only from allowed_sources", lst.port, lst.allowed_sources))
         else:

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 from .audit import get_logger
 from .config import ListenerConfig
 from .connection import ClientProtocol
-from .context import peer_name, source_of
+from .context import from_proxy, peer_name, source_of
+from .proxy_protocol import MAX_HEADER, ProxyHeader, ProxyHeaderError, parse
 
 audit = get_logger("redisguard.audit")
 
@@ -72,9 +73,14 @@ class HandshakeBudget:
     def refusal(self, source: str) -> str:
         if self.count >= self.total:
             return "handshake_limit"
-        if self.by_source.get(source, 0) >= self.per_source:
+        if source and self.by_source.get(source, 0) >= self.per_source:  # "": a proxied client, not known yet
             return "handshake_limit_source"
         return ""
+
+    def move(self, listener: str, old: str, new: str) -> None:
+        """A pending handshake's source became known (a PROXY header named the client)."""
+        self.release(listener, old)
+        self.acquire(listener, new)
 
     def acquire(self, listener: str, source: str) -> None:
         self.count += 1
@@ -127,16 +133,21 @@ class TLSServer:
                 await asyncio.sleep(0.1)
                 continue
             client = ClientProtocol(self.ctx, lst)
-            reason = self.ctx.refusal(lst, addr, handshake=True)  # refuse before spending a handshake on it
+            proxied = lst.proxy_protocol
+            if proxied and not from_proxy(lst, addr):  # a PROXY header is trusted only from proxy_sources
+                client.reject(conn, addr, "proxy_source_not_allowed")
+                continue
+            # refuse before spending a handshake on it (by the client's address once a PROXY header names it)
+            reason = self.ctx.refusal(lst, addr, handshake=True, proxied=proxied)
             budget = self.ctx.handshakes
-            source = source_of(addr)
+            source = "" if proxied else source_of(addr)
             if reason.startswith("handshake_limit") and budget.evict(source if reason.endswith("source") else None):
                 self.ctx.metrics.connections_rejected.labels(lst.name, "handshake_evicted").inc()
                 reason = ""  # an idle socket made room
             if reason:
                 client.reject(conn, addr, reason)
                 continue
-            client.start_handshake(addr)
+            client.start_handshake(None if proxied else addr)
             task = asyncio.ensure_future(self._handshake(client, conn, addr))
             budget.silent[task] = (source, client)
             self.pending.add(task)
@@ -154,12 +165,16 @@ class TLSServer:
         timeout = ctx.config.limits.handshake_timeout
         deadline = time.monotonic() + timeout
         try:
-            # No TLS state (tens of KiB in OpenSSL and uvloop) until the ClientHello starts to arrive:
-            # a silent connection costs a socket and this task.
-            await asyncio.wait_for(_first_bytes(loop, conn), timeout)
-            current = asyncio.current_task()
-            if current is not None:
-                ctx.handshakes.silent.pop(current, None)  # it spoke: no longer evictable
+            if lst.proxy_protocol:  # the PROXY header comes first, in cleartext, before the ClientHello
+                real = await self._proxy_header(client, conn, addr, deadline)
+                if real is None:
+                    return  # refused, counted and logged
+                addr = real
+            else:
+                # No TLS state (tens of KiB in OpenSSL and uvloop) until the ClientHello starts to arrive:
+                # a silent connection costs a socket and this task.
+                await asyncio.wait_for(_first_bytes(loop, conn), timeout)
+                self._spoke()
             await loop.connect_accepted_socket(
                 lambda: client, conn, ssl=ctx.tls_contexts[lst.name],
                 ssl_handshake_timeout=max(deadline - time.monotonic(), 0.001),
@@ -179,6 +194,38 @@ class TLSServer:
             raise
         finally:
             client.end_handshake()  # a no-op when connection_made already ended it
+
+    def _spoke(self) -> None:
+        current = asyncio.current_task()
+        if current is not None:
+            self.ctx.handshakes.silent.pop(current, None)  # it spoke: no longer evictable
+
+    async def _proxy_header(self, client: ClientProtocol, conn: socket.socket, addr: Any, deadline: float) -> Any:
+        """Read the PROXY header off the raw socket (exactly its bytes: the ClientHello stays there for
+        TLS); the client's address, or the socket's peer for LOCAL/UNKNOWN; None when refused."""
+        ctx, lst = self.ctx, self.listener
+        try:
+            header = await asyncio.wait_for(read_header(conn, self._spoke), max(deadline - time.monotonic(), 0.001))
+        except ProxyHeaderError as e:
+            reason, detail = e.reason, str(e)
+        except TimeoutError:
+            reason, detail = "timeout", "no complete PROXY header within handshake_timeout"
+        except OSError as e:  # ConnectionResetError included: closed before the header ended
+            reason, detail = "closed", f"closed before the end of the PROXY header ({type(e).__name__})"
+        else:
+            real = header.source or addr
+            why = ctx.client_refusal(lst, real)
+            if why:
+                client.reject(conn, real, why)
+                return None
+            if header.source is not None:
+                client.proxied = header
+                client.move_handshake(real)
+            return real
+        ctx.proxy_header_failed(lst, addr, reason, detail)
+        conn.close()
+        client.closed = True
+        return None
 
     def close(self) -> None:
         self.task.cancel()
@@ -204,6 +251,36 @@ async def _first_bytes(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> 
         except (BlockingIOError, InterruptedError):
             continue
         raise ConnectionResetError("closed before the TLS handshake")
+
+
+async def read_header(conn: socket.socket, spoke: Any = None) -> ProxyHeader:
+    """Read exactly one PROXY header from a non-blocking socket (ProxyHeaderError if it is not one).
+
+    Peeks at most MAX_HEADER bytes, consumes only bytes the parser says are inside the header, so what
+    follows (the TLS ClientHello) is left in the socket; ``spoke()`` is called at the first byte. The
+    caller bounds the time (a slow peer costs one wake-up per segment)."""
+    loop = asyncio.get_running_loop()
+    fd = conn.fileno()
+    got = b""
+    while True:
+        ready = loop.create_future()
+        loop.add_reader(fd, _wake, ready)
+        try:
+            await ready
+        finally:
+            loop.remove_reader(fd)
+        try:
+            peek = conn.recv(MAX_HEADER - len(got), socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            continue
+        if not peek:
+            raise ConnectionResetError("closed in the PROXY header")
+        if not got and spoke is not None:
+            spoke()
+        header = parse(got + peek)
+        got += conn.recv(len(peek) if header is None else header.length - len(got))
+        if header is not None and len(got) == header.length:
+            return header
 
 
 def _wake(fut: asyncio.Future[None]) -> None:

@@ -96,8 +96,13 @@ class Metrics:
         self.audit_suppressed = Counter("redisguard_audit_events_suppressed",
                                         "Audit events dropped by the rate limit.", registry=r)  # fmt: skip
         self.tls_handshakes_pending = Gauge("redisguard_tls_handshakes_pending",
-                                            "TLS handshakes in progress (accepted, not yet a client).",
+                                            "TLS handshakes in progress (accepted, not yet a client; with "
+                                            "proxy_protocol, also connections waiting for their PROXY header).",
                                             ["listener"], registry=r)  # fmt: skip
+        self.proxy_header_failures = Counter("redisguard_proxy_header_failures", "Connections closed on a "
+                                             "proxy_protocol listener because their PROXY header was missing, "
+                                             "malformed, too long, unsupported, too slow (timeout) or cut short (closed).",
+                                             ["listener", "reason"], registry=r)  # fmt: skip
         self.accept_failures = Counter("redisguard_accept_failures", "accept() errors (EMFILE: out of file "
                                        "descriptors), by errno name.", ["listener", "error"], registry=r)  # fmt: skip
         self.fd_limit = Gauge("redisguard_file_descriptors_limit", "RLIMIT_NOFILE (soft) of the process.",

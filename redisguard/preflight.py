@@ -101,6 +101,21 @@ def root_warning(euid: int | None = None) -> str | None:
             "CAP_NET_BIND_SERVICE)")  # fmt: skip
 
 
+def proxy_protocol_warnings(config: Config) -> list[str]:
+    """PROXY protocol settings that run but defeat their purpose (the config parser already refused the
+    invalid ones: proxy_protocol without proxy_sources, a bad CIDR)."""
+    out = []
+    for lst in config.listeners:
+        if not lst.proxy_protocol:
+            continue
+        wide = [str(n) for n in lst.proxy_sources if not isinstance(n, str) and n.prefixlen == 0]
+        if wide:
+            out.append(f"listener {lst.name!r}: proxy_sources includes {', '.join(wide)}: any client can send a PROXY "
+                       "header and claim any address (bypassing allowed_sources, user_sources and the AUTH throttle); "
+                       "list only the load balancers' addresses")  # fmt: skip
+    return out
+
+
 def bind_all(config: Config) -> list[str]:
     """Bind (and listen on) every address the proxy will, all held together, then let them go."""
     held: list[socket.socket] = []

@@ -25,7 +25,7 @@ from .acl.users_file import missing_default_message
 from .audit import get_logger
 from .commands import CommandTable
 from .config import Config, ListenerConfig
-from .connection import ClientProtocol
+from .connection import ClientProtocol, ProxiedClientProtocol
 from .context import ConnectionContext, share
 from .guards import AuthThrottle
 from .health import UpstreamMonitor
@@ -207,7 +207,8 @@ class Proxy:
         return int(self.servers[len(self.config.listeners)].sockets[0].getsockname()[1])
 
     def _factory(self, lst: ListenerConfig) -> Any:
-        return lambda: ClientProtocol(self.ctx, lst)
+        cls = ProxiedClientProtocol if lst.proxy_protocol else ClientProtocol  # tcp/unix; TLS reads it in listeners.py
+        return lambda: cls(self.ctx, lst)
 
     def _load_certificates(self, lst: ListenerConfig) -> None:
         """Build the listener's TLS context (new handshakes use it) and export expiry times."""

@@ -11,6 +11,7 @@ import hiredis
 from .commands import CommandTable
 from .config import Config
 from .policy import Policy
+from .proxy_protocol import build_v2
 from .resp import encode_command
 from .tls import upstream_context
 
@@ -48,7 +49,8 @@ async def upstream_replies(config: Config, commands: list[list[bytes]], timeout:
     reader, writer = await asyncio.wait_for(opening, up.connect_timeout)
     try:
         auth = Policy.auth_command(up.username, up.password) if login else b""
-        writer.write(auth + b"".join(encode_command(c) for c in commands))
+        # [upstream] proxy_protocol: the proxy in front of Redis expects a header; ours are LOCAL connections
+        writer.write((build_v2(None, None) if up.proxy_protocol else b"") + auth + b"".join(encode_command(c) for c in commands))
         want = len(commands) + (1 if auth else 0)
         rd = hiredis.Reader()
         replies: list[Any] = []

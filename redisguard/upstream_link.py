@@ -128,6 +128,8 @@ class UpstreamLink:
             if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.protocol = proto  # type: ignore[assignment]
+        if up.proxy_protocol:  # for a proxy between us and Redis: the client's address, first
+            proto.transport.write(self.client.proxy_header())  # type: ignore[union-attr]
         if self.pending:
             proto.transport.write(b"".join(self.pending))  # type: ignore[union-attr]
             self.pending = []

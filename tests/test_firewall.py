@@ -110,3 +110,14 @@ def test_unix_or_remote_upstream_and_the_cli(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-m", "redisguard", "firewall", "--format", "iptables", "-c",
                           str(config(tmp_path))], capture_output=True, text=True, timeout=60)  # fmt: skip
     assert res.returncode == 0 and res.stdout == rules(load_config(config(tmp_path)), "iptables")
+
+
+def test_proxy_protocol_listener_opens_to_its_load_balancers(tmp_path: Path) -> None:
+    (tmp_path / "users.acl").write_text("user default off\n")
+    cfg = tmp_path / "rg.toml"
+    cfg.write_text('[[listener]]\nname = "lb"\ntype = "tls"\naddress = "0.0.0.0:6380"\ncert_file = "s.pem"\nkey_file = "s.key"\n'
+                   'proxy_protocol = true\nproxy_sources = ["10.1.0.0/24"]\nallowed_sources = ["203.0.113.0/24"]\n'
+                   '[acl]\nusers_file = "users.acl"\n')  # fmt: skip
+    out = rules(load_config(cfg), "nftables")
+    assert "ip saddr { 10.1.0.0/24 } tcp dport 6380 accept" in out  # the kernel sees the balancers...
+    assert "203.0.113.0/24" not in out  # ...and the proxy checks the clients' addresses from their headers
