@@ -25,7 +25,7 @@ from .acl.users_file import missing_default_message
 from .audit import get_logger
 from .commands import CommandTable
 from .config import Config, ListenerConfig
-from .connection import ClientProtocol, ProxiedClientProtocol
+from .connection import ClientProtocol
 from .context import ConnectionContext, share
 from .guards import AuthThrottle
 from .health import UpstreamMonitor
@@ -36,6 +36,7 @@ from .observe import Observer
 from .policy import Policy, Shared
 from .profile import TrafficProfile
 from .profile_store import ProfileStore
+from .proxied import ProxiedClientProtocol
 from .reload import Reloader, export_expiry
 from .tls import server_context, upstream_context
 from .upstream import fetch_command_table, protected_settings, upstream_request
