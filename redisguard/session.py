@@ -45,7 +45,7 @@ from .acl import User
 from .commands import Command, get_channels, get_keys
 from .guards import source_key
 from .policy import Policy, Shared, Verdict, decide
-from .reply_queue import AUTHCHECK, CONFIRMATIONS, PUBSUB, QUIET, RELAY, SWALLOW, ReplyQueue
+from .reply_queue import CONFIRMATIONS, PUBSUB, QUIET, RELAY, ReplyQueue
 from .request import RequestParser
 from .resp import encode_command
 from .session_acl import LoginsAndACL
@@ -203,20 +203,6 @@ class Session(RequestPipeline, LoginsAndACL, StateCommands):
         self.upstream_opened = True
         self._upstream_login(self.user)
 
-    def _upstream_login(self, user: User, answered: bool = True) -> None:
-        """The upstream connection logs in: as the service user, or (mirror mode) as ``user``'s mirror.
-        ``answered``: Redis will reply (not under a CLIENT REPLY OFF it has already been sent)."""
-        auth = self.policy.upstream_auth(user)
-        if auth:
-            self.to_upstream.append(auth)
-            if answered:
-                self.replies.expect(AUTHCHECK)
-
-    def _user_changed(self) -> None:
-        """The client logged in as another user: in mirror mode its open upstream connection follows."""
-        if self.upstream_opened and self.policy.mirror is not None:
-            self._upstream_login(self.user, answered=not self.reply_off)
-
     def _reply(self, data: bytes) -> None:
         """A reply made here, in order behind whatever upstream replies are still owed."""
         if not self._silent:
@@ -255,15 +241,6 @@ class Session(RequestPipeline, LoginsAndACL, StateCommands):
         if self.in_multi:
             self.multi_dirty = True
         self._reply(error)
-
-    def _abort_exec(self, reply: bytes) -> None:
-        """EXEC fails here: Redis discards the transaction, so make the upstream do the same."""
-        self._open_upstream()
-        self.to_upstream.append(encode_command([b"DISCARD" if self.in_multi else b"UNWATCH"]))
-        if not self.reply_off:  # Redis sends no reply to it either while CLIENT REPLY is OFF
-            self._expect(SWALLOW)
-        self._end_multi()
-        self._reply(reply)
 
     def last_keys(self) -> list[str]:
         """Key names of the request being decided (for audit logs that opt in to key names)."""

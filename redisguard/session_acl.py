@@ -18,6 +18,7 @@ from .acl import User, admin
 from .acl.glob import stringmatch
 from .commands import Command
 from .policy import Policy, dryrun
+from .reply_queue import AUTHCHECK
 from .request import string2ll
 from .resp import OK, encode_bulk
 
@@ -280,3 +281,17 @@ class LoginsAndACL:
             self._reply(result[1])
         else:
             self._forward(argv)
+
+    def _upstream_login(self, user: User, answered: bool = True) -> None:
+        """The upstream connection logs in: as the service user, or (mirror mode) as ``user``'s mirror.
+        ``answered``: Redis will reply (not under a CLIENT REPLY OFF it has already been sent)."""
+        auth = self.policy.upstream_auth(user)
+        if auth:
+            self.to_upstream.append(auth)
+            if answered:
+                self.replies.expect(AUTHCHECK)
+
+    def _user_changed(self) -> None:
+        """The client logged in as another user: in mirror mode its open upstream connection follows."""
+        if self.upstream_opened and self.policy.mirror is not None:
+            self._upstream_login(self.user, answered=not self.reply_off)

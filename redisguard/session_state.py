@@ -14,8 +14,8 @@ from typing import Any
 
 from .commands import Command
 from .policy import decide
-from .reply_queue import EXEC_SUBS, MONITOR, PUBSUB
-from .resp import OK
+from .reply_queue import EXEC_SUBS, MONITOR, PUBSUB, SWALLOW
+from .resp import OK, encode_command
 
 EXECABORT = b"-EXECABORT Transaction discarded because of previous errors.\r\n"
 # Redis answers each queued command that lost its permission with this NOPERM inside EXEC's reply and
@@ -182,3 +182,12 @@ class StateCommands:
     def _cmd_monitor(self, cmd: Command, argv: list[bytes]) -> None:
         # After its +OK, everything Redis sends is the monitor stream: relayed, never counted.
         self._forward(argv, 1, MONITOR)
+
+    def _abort_exec(self, reply: bytes) -> None:
+        """EXEC fails here: Redis discards the transaction, so make the upstream do the same."""
+        self._open_upstream()
+        self.to_upstream.append(encode_command([b"DISCARD" if self.in_multi else b"UNWATCH"]))
+        if not self.reply_off:  # Redis sends no reply to it either while CLIENT REPLY is OFF
+            self._expect(SWALLOW)
+        self._end_multi()
+        self._reply(reply)
