@@ -234,9 +234,8 @@ class TLSServer:
         self.sockets[0].close()
 
 
-async def _first_bytes(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
-    """Wait until the peer sends something (its ClientHello); ConnectionResetError if it closes first,
-    so a flood that disconnects never costs TLS state either."""
+async def _peek(loop: asyncio.AbstractEventLoop, conn: socket.socket, n: int) -> bytes:
+    """Wait until the socket is readable, then peek at up to ``n`` bytes (b"": the peer closed)."""
     fd = conn.fileno()
     while True:
         ready = loop.create_future()
@@ -246,10 +245,15 @@ async def _first_bytes(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> 
         finally:
             loop.remove_reader(fd)
         try:
-            if conn.recv(1, socket.MSG_PEEK):
-                return
+            return conn.recv(n, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
             continue
+
+
+async def _first_bytes(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
+    """Wait until the peer sends something (its ClientHello); ConnectionResetError if it closes first,
+    so a flood that disconnects never costs TLS state either."""
+    if not await _peek(loop, conn, 1):
         raise ConnectionResetError("closed before the TLS handshake")
 
 
@@ -260,19 +264,9 @@ async def read_header(conn: socket.socket, spoke: Any = None) -> ProxyHeader:
     follows (the TLS ClientHello) is left in the socket; ``spoke()`` is called at the first byte. The
     caller bounds the time (a slow peer costs one wake-up per segment)."""
     loop = asyncio.get_running_loop()
-    fd = conn.fileno()
     got = b""
     while True:
-        ready = loop.create_future()
-        loop.add_reader(fd, _wake, ready)
-        try:
-            await ready
-        finally:
-            loop.remove_reader(fd)
-        try:
-            peek = conn.recv(MAX_HEADER - len(got), socket.MSG_PEEK)
-        except (BlockingIOError, InterruptedError):
-            continue
+        peek = await _peek(loop, conn, MAX_HEADER - len(got))
         if not peek:
             raise ConnectionResetError("closed in the PROXY header")
         if not got and spoke is not None:
