@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from .acl.check import denied_key
 from .getkeys import get_keys, keys_by_argc, keys_from_specs
 
 if TYPE_CHECKING:
@@ -79,15 +80,7 @@ class Plan:
                 e.positions[argc] = found  # a function of argc alone for these specs
             keys = found if found is not None else get_keys(e.cmd, argv)
         for sel in e.selectors:
-            patterns = sel.keys
-            for idx, need in keys:
-                key = argv[idx]
-                for kp in patterns:
-                    if kp.perms & need == need and kp.match(key):
-                        break
-                else:
-                    break  # this key is not allowed by this selector
-            else:
+            if denied_key(sel, argv, keys) is None:
                 return e.metric
         return None
 

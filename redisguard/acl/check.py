@@ -57,13 +57,9 @@ def _selector_check(
     if not sel.allkeys and cmd.has_keys:
         if not keys_cache:
             keys_cache.append(get_keys(cmd, argv))
-        for idx, need in keys_cache[0]:
-            key = argv[idx]
-            for kp in sel.keys:
-                if kp.perms & need == need and kp.match(key):
-                    break
-            else:
-                return DENIED_KEY, idx
+        idx = denied_key(sel, argv, keys_cache[0])
+        if idx is not None:
+            return DENIED_KEY, idx
     if not sel.allchannels and cmd.channels is not None:
         for idx, is_pattern in get_channels(cmd, argv):
             ch = argv[idx]
@@ -75,6 +71,20 @@ def _selector_check(
             elif not any(_channel_match(p, ch) for p in sel.channels):
                 return DENIED_CHANNEL, idx
     return OK, 0
+
+
+def denied_key(sel: Selector, argv: Sequence[bytes], keys: list[tuple[int, int]]) -> int | None:
+    """The argv index of the first key ``sel``'s patterns do not grant the access it needs, or None
+    (the selector's key rule: a pattern with the needed permissions must match each key)."""
+    patterns = sel.keys
+    for idx, need in keys:
+        key = argv[idx]
+        for kp in patterns:
+            if kp.perms & need == need and kp.match(key):
+                break
+        else:
+            return idx
+    return None
 
 
 def _channel_match(pattern: bytes, channel: bytes) -> bool:
