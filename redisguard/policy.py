@@ -107,13 +107,14 @@ class Policy:
     audit_all: bool = False  # [acl] mode = "audit": ACL denials are forwarded, logged as would_deny
     audit_users: tuple[bytes, ...] = ()  # ... for these users (Redis glob patterns) only
     # Per user, the precomputed decisions of the fast path (fastpath.Plan); a new policy starts empty.
-    plans: dict[User, Plan] = field(default_factory=dict, compare=False, repr=False)
+    # (init=False: dataclasses.replace() starts every derived policy with none, never shares a cache)
+    plans: dict[User, Plan] = field(default_factory=dict, init=False, compare=False, repr=False)
     logins: LoginRules = field(default_factory=LoginRules)  # who may log in how and from where
     # [upstream] identity = "mirror": each session logs in upstream as its user's mirror (identity.py)
     mirror: MirrorIdentity | None = field(default=None, compare=False, repr=False)
 
     def with_users(self, users: dict[str, User]) -> Policy:
-        return replace(self, users=users, plans={})
+        return replace(self, users=users)
 
     def audits(self, user: User) -> bool:
         """Is ``user`` in audit mode (its ACL denials forwarded, not enforced)?"""

@@ -125,7 +125,7 @@ class Reloader:
                 new_cfg = changes.merged(cfg)
                 self.set_config(new_cfg)
                 self.shared.observer.audit_keys = new_cfg.log.audit_keys  # type: ignore[attr-defined]
-                policy = replace(self.policy, users=users, disabled=frozenset(new_cfg.acl.disabled_commands), plans={})
+                policy = replace(self.policy, users=users, disabled=frozenset(new_cfg.acl.disabled_commands))
                 dropped = self._swap(policy, None, (), acl_replies)
                 gc.freeze()
                 gc.enable()

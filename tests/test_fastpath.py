@@ -71,3 +71,14 @@ def test_common_requests_take_the_fast_path(table: CommandTable) -> None:
                  [b"SUBSCRIBE", b"c"], [b"CLIENT", b"REPLY", b"OFF"], [b"MULTI"], [b"SORT", b"cache:l", b"BY", b"x"],
                  [b"SET", b"report:1", b"v", b"GET"], [b"nosuch"]):  # fmt: skip
         assert plan.allowed(argv) is None, argv
+
+
+def test_a_derived_policy_never_reuses_the_old_plans(table: CommandTable) -> None:
+    """Policies are swapped whole (dataclasses.replace): the copy must decide with its own switches."""
+    from dataclasses import replace
+
+    user = new_user("app", table, ["on", "~*", "+@all"])
+    policy = Policy(table, {"app": user})
+    assert policy.plan(user, SPECIAL).allowed([b"GET", b"k"]) is not None
+    disabled = replace(policy, disabled=frozenset({"get"}))
+    assert disabled.plan(user, SPECIAL).allowed([b"GET", b"k"]) is None
