@@ -148,12 +148,10 @@ def keys_by_argc(cmd: Command) -> bool:
     """True if the keys of ``cmd`` sit at positions set by the argument count alone (key specs with
     index begin-search and range find-keys, no variable flags): then ``get_keys`` answers the same
     for every request of one length, whenever the specs find the keys (see ``Plan.allowed``)."""
-    specs = [ks for ks in cmd.key_specs if "not_key" not in ks.flags]
-    return (
-        bool(specs)
-        and not any("variable_flags" in ks.flags for ks in cmd.key_specs)  # as get_keys tests it
-        and all(ks.bs_type == "index" and ks.fk_type == "range" and "incomplete" not in ks.flags for ks in specs)
-    )
+    return cmd.spec_keys and all(  # (spec_keys: get_keys asks the specs first)
+        ks.bs_type == "index" and ks.fk_type == "range" and "incomplete" not in ks.flags
+        for ks in cmd.key_specs if "not_key" not in ks.flags
+    )  # fmt: skip
 
 
 def keys_from_specs(cmd: Command, argv: Sequence[bytes]) -> list[tuple[int, int]] | None:

@@ -39,12 +39,7 @@ def encode_error(msg: str) -> bytes:
 
 
 def encode_command(argv: Sequence[bytes]) -> bytes:
-    parts = [b"*%d\r\n" % len(argv)]
-    for arg in argv:
-        parts.append(b"$%d\r\n" % len(arg))
-        parts.append(arg)
-        parts.append(b"\r\n")
-    return b"".join(parts)
+    return encode_requests((argv,))
 
 
 _ARRAY_HEADERS = tuple(b"*%d\r\n" % i for i in range(64))

@@ -279,10 +279,15 @@ _args = st.lists(st.binary(max_size=600), min_size=1, max_size=70)
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(_args, min_size=1, max_size=4))
-def test_encode_requests_is_encode_command_joined(requests: list[list[bytes]]) -> None:
+def test_encode_requests_is_what_redis_reads(requests: list[list[bytes]]) -> None:
+    """The canonical encoding (the fast path compares client bytes with it) reads back, in Redis's own
+    reader, as exactly these requests; and it is RESP's canonical form, header by header."""
     from redisguard.resp import encode_requests
 
-    assert encode_requests(requests) == b"".join(encode_command(r) for r in requests)
+    data = encode_requests(requests)
+    assert redis_parse(data) == (requests, None)
+    assert data == b"".join(b"*%d\r\n" % len(r) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in r)
+                            for r in requests)  # fmt: skip
 
 
 _element = st.one_of(
