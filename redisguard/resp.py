@@ -82,10 +82,9 @@ def whole_frames(buf: bytes, limit: int) -> int:
     common shapes: GET, SET, INCR, MGET, HGETALL); else -1, and the caller scans it frame by frame."""
     n = len(buf)
     pos = count = 0
+    left = 0  # elements still to come of the array being read (arrays of arrays are not read here)
     find = buf.find
     while pos < n:
-        if count == limit:
-            return -1
         t = buf[pos]
         cr = find(b"\r\n", pos)
         if cr < 0:
@@ -93,29 +92,23 @@ def whole_frames(buf: bytes, limit: int) -> int:
         if t == 0x24:  # $
             size = int(buf[pos + 1 : cr])
             pos = cr + 2 if size < 0 else cr + size + 4
-        elif t == 0x2A:  # *: an array of bulk strings (or simple lines) only
-            items = int(buf[pos + 1 : cr])
-            pos = cr + 2
-            for _ in range(items):
-                if pos >= n:
-                    return -1
-                t = buf[pos]
-                cr = find(b"\r\n", pos)
-                if cr < 0:
-                    return -1
-                if t == 0x24:
-                    size = int(buf[pos + 1 : cr])
-                    pos = cr + 2 if size < 0 else cr + size + 4
-                elif t in _SIMPLE:
-                    pos = cr + 2
-                else:
-                    return -1
         elif t in _SIMPLE:
             pos = cr + 2
+        elif t == 0x2A and not left:  # *: its elements follow (none for *0 and *-1)
+            left = max(int(buf[pos + 1 : cr]), 0)
+            pos = cr + 2
+            if left:
+                continue
         else:
             return -1
+        if left:
+            left -= 1
+            if left:
+                continue
+        if count == limit:  # one reply more than owed
+            return -1
         count += 1
-    return count if pos == n else -1
+    return count if pos == n and not left else -1
 
 
 _SIMPLE = frozenset(b"+-:")
