@@ -198,7 +198,12 @@ class TrafficProfile:
         self._recount()
 
     def dumps(self) -> str:
-        return json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n"
+        return serialize(self.to_json())
+
+
+def serialize(data: dict[str, Any]) -> str:
+    """The profile file's text (of to_json()'s data, or of a snapshot made a slice at a time)."""
+    return json.dumps(data, indent=1, sort_keys=True) + "\n"
 
 
 def user_json(up: UserProfile) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .audit import get_logger
-from .profile import FORMAT, TrafficProfile, user_json
+from .profile import FORMAT, TrafficProfile, serialize, user_json
 
 log = get_logger("redisguard")
 
@@ -81,7 +81,7 @@ class ProfileStore:
             return
         self.profile.changed = False
         data = await snapshot(self.profile)
-        text = json.dumps(data, indent=1, sort_keys=True) + "\n"  # of the copy: safe off the loop too
+        text = serialize(data)  # of the copy: safe off the loop too
         try:
             await asyncio.to_thread(_write, self.path, text)
         except OSError as e:
