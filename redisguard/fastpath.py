@@ -115,6 +115,5 @@ class Plan:
 
 
 # Commands whose verdict needs more than command, arity and keys: protected settings (DEBUG, MODULE)
-# and SORT's own BY/GET check; and WATCH/UNWATCH, whose state the session tracks (a WATCH can make
-# EXEC abort).
-_DECIDED_ELSEWHERE = frozenset({"debug", "module", "sort", "sort_ro", "watch", "unwatch"})
+# and SORT's own BY/GET check.
+_DECIDED_ELSEWHERE = frozenset({"debug", "module", "sort", "sort_ro"})

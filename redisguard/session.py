@@ -294,10 +294,6 @@ class Session(RequestPipeline, LoginsAndACL, StateCommands):
             self.shared.observer.command(self, cmd.name, True, "")
             if self.shared.profile is not None and self.authenticated:
                 self.shared.profile.record(self.user.name, cmd, argv, get_keys(cmd, argv), get_channels(cmd, argv))
-        if cmd.name == "watch" and not self.in_multi:
-            self._watching = True
-        elif cmd.name == "unwatch":
-            self._watching = False
         if self.in_multi and cmd.name not in ("exec", "discard"):
             self._queued.append(argv)  # EXEC checks them again if the user's rules changed meanwhile
         handler = _HANDLERS.get(cmd.name)
@@ -346,6 +342,8 @@ _HANDLERS: dict[str, Callable[[Session, Command, list[bytes]], None]] = {
        ("whoami", "setuser", "deluser", "load", "save", "list", "users", "getuser", "dryrun", "log")]},
     "client|reply": Session._cmd_client,
     "monitor": Session._cmd_monitor,
+    "watch": Session._cmd_watch,
+    "unwatch": Session._cmd_watch,
     **{name: Session._cmd_subscribe for name in _SUBSCRIBE},
 }  # fmt: skip
 Session.special = frozenset(_HANDLERS)

@@ -105,6 +105,15 @@ class StateCommands:
             self._forward(argv)
         self._end_multi()
 
+    def _cmd_watch(self, cmd: Command, argv: list[bytes]) -> None:
+        """WATCH / UNWATCH: forwarded; the session remembers a WATCH in force, which can make EXEC abort
+        (WATCH inside MULTI is refused by Redis and changes nothing)."""
+        if cmd.name == "unwatch":
+            self._watching = False
+        elif not self.in_multi:
+            self._watching = True
+        self._forward(argv)
+
     def _cmd_discard(self, cmd: Command, argv: list[bytes]) -> None:
         self._forward(argv)
         self._end_multi()
