@@ -93,6 +93,8 @@ class ClientProtocol(Admission, Endings, asyncio.BufferedProtocol):
         via = {} if proxied is None else {"via": peer_name(transport.get_extra_info("peername"))}  # the load balancer
         self.ctx.events.log(audit.info, "connection_accepted", listener=lst.name, peer=peer, tls_identity=identity,
                               user=self.session.user.name if self.session.authenticated else "", **via)  # fmt: skip
+        if self.ctx.draining:  # admitted during the drain (a PROXY header or a handshake that just ended)
+            self.drain()
         timeout = self.ctx.config.limits.auth_timeout
         if timeout and not self.session.authenticated:  # a client certificate (or nopass default) has logged in
             self.timer = asyncio.get_running_loop().call_later(timeout, self._auth_timeout)

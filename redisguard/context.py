@@ -82,6 +82,7 @@ class ConnectionContext:
         self.fd_base = 0  # descriptors open before the first client: listeners, logs, the loop's own
         self.churn_since_trim = 0  # TLS handshakes done and connections closed since memory was last given back
         self.last_upstream_error = ""
+        self.draining = False  # SIGTERM: /readyz unready, every connection drains (Proxy.stop)
 
     def fds_left(self) -> int:
         """File descriptors not yet used or promised. Each client counts two, its own and the upstream

@@ -76,7 +76,6 @@ class Proxy:
         self.tick_handle: asyncio.TimerHandle | None = None
         self.monitor = UpstreamMonitor(config, self.metrics)  # redisguard_upstream_up on a quiet host
         self.profile_store: ProfileStore | None = None  # the traffic profile's file ([profile])
-        self.draining = False
         self.watch: FileWatch | None = None  # [server] reload_interval
 
     @property
@@ -226,7 +225,7 @@ class Proxy:
 
     async def ready(self) -> tuple[bool, str]:
         """Listeners up, certificates loaded, and the upstream answers PING as the service user."""
-        if self.draining:
+        if self.ctx.draining:
             return False, "draining: shutting down"
         if len(self.servers) < len(self.config.listeners):
             return False, "listeners not started"
@@ -252,7 +251,7 @@ class Proxy:
     async def stop(self) -> None:
         """The drain: unready at once, no new connections, every client answered for what it sent and
         closed once quiet (ClientProtocol.drain), the rest cut after [server] drain_timeout."""
-        self.draining = True
+        self.ctx.draining = True  # connections admitted from now on (a PROXY header completing) drain too
         if self.tick_handle is not None:
             self.tick_handle.cancel()
             self.tick_handle = None

@@ -96,3 +96,43 @@ def test_reload_when_the_users_file_changes(tmp_path: Path, certs: Path, redis_s
         assert "files_changed" in p.log.read_text()
     finally:
         p.stop()
+
+
+def test_a_client_admitted_during_the_drain_is_drained_too(tmp_path: Path, certs: Path, redis_server: RedisProc
+                                                          ) -> None:  # fmt: skip
+    """A PROXY header that completes after SIGTERM admits its client: it is served, then closed once
+    quiet like every other client, so the process does not wait for drain_timeout."""
+    from .helpers import free_port, wait_port
+    from .test_proxy_protocol import v1
+
+    users = tmp_path / "users.acl"
+    users.write_text(USERS)
+    port = free_port()
+    extra = (f'[server]\ndrain_timeout = 15\n\n[[listener]]\nname = "pp"\ntype = "tcp"\n'
+             f'address = "127.0.0.1:{port}"\nproxy_protocol = true\nproxy_sources = ["127.0.0.1/32"]\n')  # fmt: skip
+    p = start_proxy(tmp_path, certs, users, redis_server.port, extra=extra)
+    try:
+        wait_port(port, p.proc)
+        header = v1("203.0.113.7", 4000)
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.sendall(header[:5])  # the header is not complete when the drain starts
+        busy = socket.create_connection(("127.0.0.1", p.plain_port), timeout=10)  # keeps the drain going
+        busy.sendall(encode_command([b"AUTH", b"app", b"app-pw"]))
+        assert busy.recv(100) == b"+OK\r\n"
+        time.sleep(0.2)
+        start = time.monotonic()
+        p.proc.send_signal(signal.SIGTERM)
+        for _ in range(6):  # a command every 50 ms: not quiet, so not closed yet
+            busy.sendall(encode_command([b"PING"]))
+            time.sleep(0.05)
+        s.sendall(header[5:] + encode_command([b"AUTH", b"app", b"app-pw"]) + encode_command([b"PING"]))
+        got = b""
+        while not got.endswith(b"+PONG\r\n") and (chunk := s.recv(100)):
+            got += chunk
+        assert got == b"+OK\r\n+PONG\r\n"  # served ...
+        assert s.recv(100) == b""  # ... then closed once quiet
+        assert p.proc.wait(10) == 0 and time.monotonic() - start < 5  # not held until drain_timeout
+        s.close()
+        busy.close()
+    finally:
+        p.stop()
