@@ -180,7 +180,8 @@ class TLSServer:
                 ssl_handshake_timeout=max(deadline - time.monotonic(), 0.001),
             )  # fmt: skip
         except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as e:
-            why = _handshake_reason(e)
+            # (uvloop reports its own handshake timeout as ConnectionAbortedError: the deadline says which)
+            why = "timeout" if isinstance(e, ConnectionAbortedError) and time.monotonic() >= deadline else _handshake_reason(e)
             m.tls_handshake_failures.labels(lst.name, why).inc()
             m.connections_rejected.labels(lst.name, "handshake").inc()
             if why in ("no_client_cert", "bad_client_cert"):

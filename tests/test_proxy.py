@@ -202,6 +202,19 @@ def test_plaintext_on_tls_port_is_closed(proxy: ProxyProc) -> None:
     assert raw_exchange(proxy.plain_port, b"PING\r\n") == b"-NOAUTH Authentication required.\r\n"
 
 
+def test_a_stalled_tls_handshake_times_out_as_such(proxy: ProxyProc) -> None:
+    """A ClientHello that stops after its first byte: closed at handshake_timeout, counted as a timeout
+    (uvloop reports its own handshake timeout as a connection abort)."""
+    def timeouts() -> float:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{proxy.metrics_port}/metrics").read().decode()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith('redisguard_tls_handshake_failures_total{listener="tls",reason="timeout"}'))  # fmt: skip
+
+    before = timeouts()
+    assert raw_exchange(proxy.tls_port, b"\x16", expect_close=True, timeout=10) == b""
+    assert timeouts() == before + 1
+
+
 def test_tls_client_on_plain_port_is_closed(proxy: ProxyProc, certs: Path) -> None:
     ctx = ssl.create_default_context(cafile=str(certs / "ca.pem"))
     with socket.create_connection(("127.0.0.1", proxy.plain_port), timeout=5) as s:
