@@ -16,6 +16,7 @@ from typing import Any
 from .getkeys import _GETKEYS, _GETKEYS_NONE, CHANNEL_COMMANDS, READ, WRITE, _no_keys
 from .getkeys import get_channels as get_channels
 from .getkeys import get_keys as get_keys
+from .resp import cstr
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,7 +214,7 @@ class CommandTable:
         """The error Redis gives for an unknown command or subcommand (commandCheckExistence)."""
         container = self.commands.get(argv[0].lower().decode("latin-1"))
         if container is not None and container.subcommands and len(argv) >= 2:
-            msg = b"unknown subcommand '%s'. Try %s HELP." % (_cstr(argv[1], 128), container.name.upper().encode())
+            msg = b"unknown subcommand '%s'. Try %s HELP." % (cstr(argv[1], 128), container.name.upper().encode())
             return b"-ERR " + msg.replace(b"\r", b" ").replace(b"\n", b" ") + b"\r\n"
         return unknown_command_error(argv)
 
@@ -224,12 +225,6 @@ class CommandTable:
         return None
 
 
-def _cstr(arg: bytes, limit: int) -> bytes:
-    """printf's ``%.*s``: at most ``limit`` bytes, ending at a NUL."""
-    nul = arg.find(b"\0", 0, limit)
-    return arg[: nul if nul >= 0 else limit]
-
-
 def unknown_command_error(argv: Sequence[bytes]) -> bytes:
     """commandCheckExistence's text for a command Redis does not know, byte for byte (bytes, not
     characters, are truncated; a NUL ends an argument; CR and LF become spaces)."""
@@ -237,6 +232,6 @@ def unknown_command_error(argv: Sequence[bytes]) -> bytes:
     for a in argv[1:]:
         if len(args) >= 128:
             break
-        args += b"'%s' " % _cstr(a, 128 - len(args))
-    msg = b"unknown command '%s', with args beginning with: %s" % (_cstr(argv[0], 128), args)
+        args += b"'%s' " % cstr(a, 128 - len(args))
+    msg = b"unknown command '%s', with args beginning with: %s" % (cstr(argv[0], 128), args)
     return b"-ERR " + msg.replace(b"\r", b" ").replace(b"\n", b" ") + b"\r\n"

@@ -20,7 +20,7 @@ from .commands import Command, CommandTable, unknown_command_error
 from .fastpath import Plan
 from .guards import AuthThrottle, Network, source_allowed
 from .profile import TrafficProfile
-from .resp import encode_bulk, encode_command, encode_error
+from .resp import cstr, encode_bulk, encode_command, error_format
 
 if TYPE_CHECKING:
     from .identity import MirrorIdentity
@@ -261,10 +261,10 @@ def dryrun(policy: Policy, argv: Sequence[bytes]) -> bytes:
     name = argv[0].decode("utf-8", "surrogateescape")
     user = policy.users.get(name)
     if user is None:
-        return encode_error("ERR User '%s' not found" % argv[0].decode("utf-8", "replace"))
+        return error_format(b"User '%s' not found" % cstr(argv[0]))
     cmd_argv = list(argv[1:])
     if policy.table.lookup(cmd_argv) is None:
-        return encode_error("ERR Command '%s' not found" % cmd_argv[0].decode("utf-8", "replace"))
+        return error_format(b"Command '%s' not found" % cstr(cmd_argv[0]))
     verdict = decide(policy, user, cmd_argv, False, dry=True)
     if verdict.error is None:
         return b"+OK\r\n"

@@ -279,7 +279,7 @@ class RequestParser:
                 if cr < 0 or cr + 1 >= n:
                     return pos
                 if buf[pos] != 0x24:  # '$'
-                    raise ProtocolError("expected '$', got '%s'" % chr(buf[pos]))
+                    raise ProtocolError(b"expected '$', got '%c'" % buf[pos])
                 blen = string2ll(bytes(buf[pos + 1 : cr]))
                 if blen is None or blen < 0 or blen > PROTO_MAX_BULK_LEN:
                     raise ProtocolError("invalid bulk length")

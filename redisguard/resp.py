@@ -22,20 +22,37 @@ UNAUTH_MAX_MULTIBULK = 10
 UNAUTH_MAX_BULK = 16384
 
 
+def cstr(arg: bytes, limit: int | None = None) -> bytes:
+    """What printf's ``%s`` (``%.*s`` with ``limit``) prints of an argument: bytes up to the first NUL."""
+    nul = arg.find(b"\0", 0, limit)
+    return arg[: nul if nul >= 0 else limit]
+
+
+def error_format(msg: bytes) -> bytes:
+    """The error line of Redis's addReplyErrorFormat: CR/LF at the ends trimmed, inside turned into
+    spaces (a client's bytes in an error can never end the line early), ``-ERR`` prefixed unless the
+    text names its own code. Format client arguments with :func:`cstr` first, as ``%s`` would."""
+    msg = msg.strip(b"\r\n").replace(b"\r", b" ").replace(b"\n", b" ")
+    return (msg if msg.startswith(b"-") else b"-ERR " + msg) + b"\r\n"
+
+
 class ProtocolError(Exception):
-    """A request Redis would reject with ``-ERR Protocol error: <msg>`` and then close."""
+    """A request Redis would reject with ``-ERR Protocol error: <msg>`` and then close.
+
+    The message is text, or bytes when it quotes the client's bytes (sent raw, as Redis's ``%c``)."""
 
     def reply(self) -> bytes:
-        return b"-ERR Protocol error: " + str(self).encode() + b"\r\n"
+        msg = self.args[0] if self.args else ""
+        return error_format(b"Protocol error: " + (msg if isinstance(msg, bytes) else str(msg).encode()))
+
+    def __str__(self) -> str:
+        msg = self.args[0] if self.args else ""
+        return msg.decode("latin-1") if isinstance(msg, bytes) else str(msg)
 
 
 def encode_bulk(s: bytes | str) -> bytes:
     b = s.encode("utf-8", "surrogateescape") if isinstance(s, str) else s  # names from bytes round-trip
     return b"$%d\r\n%s\r\n" % (len(b), b)
-
-
-def encode_error(msg: str) -> bytes:
-    return b"-" + msg.encode() + b"\r\n"
 
 
 def encode_command(argv: Sequence[bytes]) -> bytes:

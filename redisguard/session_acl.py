@@ -20,7 +20,7 @@ from .commands import Command
 from .policy import Policy, dryrun
 from .reply_queue import AUTHCHECK
 from .request import string2ll
-from .resp import OK, encode_bulk
+from .resp import OK, cstr, encode_bulk, error_format
 
 WRONGPASS = b"-WRONGPASS invalid username-password pair or user is disabled.\r\n"
 AUTH_NOPASS = (
@@ -222,7 +222,7 @@ class LoginsAndACL:
                     return
                 i += 2
             else:
-                self._reply(b"-ERR Syntax error in HELLO option '%s'\r\n" % argv[i])
+                self._reply(error_format(b"Syntax error in HELLO option '%s'" % cstr(argv[i])))
                 return
         if auth is not None:
             if self._throttle_wait(auth[0]):

@@ -472,3 +472,18 @@ def test_command_names_fold_ascii_only(mirror, guarded, redis_server) -> None:  
     """Redis folds command names in ASCII only: the Kelvin sign in "\u212aEYS" does not make it KEYS."""
     same_as_redis(mirror, guarded, cmds(LOGIN, ["\u212aEYS".encode(), b"*"], [b"CONFIG", "G\u0130T".encode(), b"x"],
                                         [b"gEt", b"cache:x"]), redis_server)  # fmt: skip
+
+
+@pytest.mark.parametrize("name, script", [(name, script) for name, script in [
+    ("protocol error quoting CR", cmds(LOGIN) + b"*1\r\n\r\n"),
+    ("protocol error quoting LF", cmds(LOGIN) + b"*1\r\n\n$3\r\n"),
+    ("protocol error quoting a high byte", cmds(LOGIN) + b"*1\r\n\xff\r\n"),
+    ("ACL DRYRUN naming a user with CR LF and a high byte",
+     cmds([b"AUTH", b"mon", b"mon-pw"], [b"ACL", b"DRYRUN", b"\r\n+OK\r\n\xff", b"GET", b"x"])),
+    ("ACL DRYRUN naming a command with a NUL", cmds([b"AUTH", b"mon", b"mon-pw"], [b"ACL", b"DRYRUN", b"alice", b"g\0et\r\n"])),
+    ("HELLO with an option holding CR LF", cmds([b"HELLO", b"2", b"\r\n:1\r\n"], LOGIN, [b"PING"])),
+]], ids=lambda v: v if isinstance(v, str) else "")  # fmt: skip
+def test_client_bytes_in_error_lines_match_redis(mirror, guarded, redis_server, name: str, script: bytes) -> None:  # type: ignore[no-untyped-def]
+    """addReplyErrorFormat: a client's CR or LF inside an error text becomes a space (the error line
+    can never end early and fake a reply), a NUL ends the argument, other bytes are sent raw."""
+    same_as_redis(mirror, guarded, script, redis_server)

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..commands import CommandTable
+from ..resp import cstr, error_format
 from .user import ACLError, User, merge_selector_args
 from .users_file import UsersFileError, load_users
 
@@ -76,17 +77,6 @@ def _bytes(s: str) -> bytes:
     return s.encode("utf-8", "surrogateescape")
 
 
-def _cstr(b: bytes) -> bytes:
-    """What printf's ``%s`` prints of an sds: up to the first NUL."""
-    return b.split(b"\0", 1)[0]
-
-
-def error_format(msg: bytes) -> bytes:
-    """addReplyErrorFormat: CR/LF at the ends trimmed, inside turned into spaces; ``-ERR`` prefixed."""
-    msg = msg.strip(b"\r\n").replace(b"\r", b" ").replace(b"\n", b" ")
-    return (msg if msg.startswith(b"-") else b"-ERR " + msg) + b"\r\n"
-
-
 # -- ACL SETUSER ------------------------------------------------------------------------------------
 def setuser(users: Mapping[str, User], table: CommandTable, argv: Sequence[bytes]) -> tuple[dict[str, User] | None, bytes]:
     """``ACL SETUSER <name> [rule ...]`` (``argv``: the arguments after SETUSER).
@@ -105,7 +95,7 @@ def setuser(users: Mapping[str, User], table: CommandTable, argv: Sequence[bytes
     except ACLError:
         # The argument that opened the selector left open: the last one opening one (a new "(" starts over).
         start = next(a for a in reversed(rules) if a.startswith("(") and not a.endswith(")"))
-        return None, error_format(b"Unmatched parenthesis in acl selector starting at '%s'." % _cstr(_bytes(start)))
+        return None, error_format(b"Unmatched parenthesis in acl selector starting at '%s'." % cstr(_bytes(start)))
     old = users.get(name)
     user = old.copy() if old is not None else User(name, table)
     user.implicit = False  # set explicitly now: ACL SAVE writes it
@@ -113,7 +103,7 @@ def setuser(users: Mapping[str, User], table: CommandTable, argv: Sequence[bytes
         try:
             user.apply(rule)
         except ACLError as e:
-            msg = b"Error in ACL SETUSER modifier '%s': %s" % (_cstr(_bytes(rule)), _bytes(str(e)))
+            msg = b"Error in ACL SETUSER modifier '%s': %s" % (cstr(_bytes(rule)), _bytes(str(e)))
             return None, error_format(msg)
     new = dict(users)
     new[name] = user
@@ -128,7 +118,7 @@ def deluser(users: Mapping[str, User], argv: Sequence[bytes]) -> tuple[dict[str,
     The caller disconnects the clients authenticated as a deleted user (Redis does)."""
     if not argv:
         return None, b"-ERR wrong number of arguments for 'acl|deluser' command\r\n", []
-    if any(_cstr(bytes(a)) == b"default" for a in argv):  # strcmp: "default\0x" is "default" too
+    if any(cstr(bytes(a)) == b"default" for a in argv):  # strcmp: "default\0x" is "default" too
         return None, ERR_DELETE_DEFAULT, []
     new = dict(users)
     deleted: list[str] = []
@@ -240,11 +230,11 @@ class ACLLog:
         client typed it, for the wrong-number-of-arguments error)."""
         count = 10
         if len(argv) > 1:
-            msg = b"unknown subcommand or wrong number of arguments for '%s'. Try ACL HELP." % _cstr(subcommand)[:128]
+            msg = b"unknown subcommand or wrong number of arguments for '%s'. Try ACL HELP." % cstr(subcommand)[:128]
             return error_format(msg)
         if argv:
             arg = bytes(argv[0])
-            if _cstr(arg).lower() == b"reset":  # strcasecmp: a C string
+            if cstr(arg).lower() == b"reset":  # strcasecmp: a C string
                 self.reset()
                 return OK
             parsed = _parse_long(arg)
