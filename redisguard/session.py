@@ -183,8 +183,9 @@ class Session(RequestPipeline, LoginsAndACL, StateCommands):
     @property
     def idle(self) -> bool:
         """Nothing owed to the client (not blocked, not waiting for replies), not subscribed nor
-        monitoring: Redis's `timeout` may close it."""
-        return not self.replies.slots and not self._pending and self.mode not in (Mode.SUBSCRIBED, Mode.MONITOR)
+        monitoring: Redis's `timeout` may close it. Read from the state itself, not from ``mode``: a
+        RESP3 client can be subscribed inside MULTI (mode MULTI), and Redis's CLIENT_PUBSUB spares it."""
+        return not self.replies.slots and not self._pending and not self.subscribed and not self.monitoring
 
     @property
     def subscribed(self) -> bool:
