@@ -357,3 +357,52 @@ def test_cluster_example_sets_what_the_check_asks_for() -> None:
                     '--cluster-announce-tls-port "$tls"', '--tls-port "$tls"', "--tls-cluster yes", "--tls-replication yes",
                     '--masteruser repl', 'address = "127.0.0.1:$sidecar"', 'address = "127.0.0.1:$port"'):  # fmt: skip
         assert setting in text, setting
+
+
+def _free_run(count: int, offsets: tuple[int, ...]) -> int:
+    """A base port such that base+o+i (i < count) is free for every offset o."""
+    import random
+    import socket
+
+    for _ in range(200):
+        base = random.randrange(20000, 45000)
+        try:
+            for o in offsets:
+                for i in range(count):
+                    with socket.socket() as s:
+                        s.bind(("127.0.0.1", base + o + i))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError("no free port run")
+
+
+def test_cluster_example_starts_serves_and_stops(tmp_path: Path) -> None:
+    """config/examples/cluster/cluster.sh as an operator runs it: start (6 nodes, 6 sidecars, the cluster
+    created), a RedisCluster round trip through the sidecars as `app`, stop — each within a timeout (an
+    unquoted `+config|get` once piped redis-server into `get` and the start loop never ended)."""
+    script = Path(__file__).resolve().parent.parent / "config" / "examples" / "cluster" / "cluster.sh"
+    base = _free_run(6, (0, 100, 10000))
+    sidecars, metrics = _free_run(6, (0,)), _free_run(6, (0,))
+    env = {**__import__("os").environ, "BASE": str(base), "SIDECARS": str(sidecars), "METRICS": str(metrics),
+           "REDISGUARD": str(Path(sys.executable).parent / "redisguard")}  # fmt: skip
+    run = tmp_path / "cluster"
+    try:
+        start = subprocess.run(["bash", str(script), "start", str(run)], env=env, capture_output=True, text=True, timeout=120)
+        assert start.returncode == 0, start.stdout + start.stderr
+        assert f"-p {sidecars} --user app" in start.stdout
+        rc = redis.RedisCluster(host="127.0.0.1", port=sidecars, ssl=True, ssl_ca_certs=str(run / "certs" / "ca.pem"),
+                                username="app", password="app-password")  # fmt: skip
+        try:
+            for i in range(50):
+                rc.set(f"example:{i}", i)
+            assert [int(rc.get(f"example:{i}")) for i in range(50)] == list(range(50))
+            assert {n.port for n in rc.get_nodes()} <= set(range(sidecars, sidecars + 6))  # only sidecars announced
+            with pytest.raises(redis.exceptions.NoPermissionError, match="no permissions to run the .flushall. command"):
+                rc.execute_command("FLUSHALL", target_nodes=redis.RedisCluster.PRIMARIES)
+        finally:
+            rc.close()
+    finally:
+        stop = subprocess.run(["bash", str(script), "stop", str(run)], env=env, capture_output=True, text=True, timeout=30)
+        assert stop.returncode == 0, stop.stderr
+    assert not list(run.glob("*.pid"))

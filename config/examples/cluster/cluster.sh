@@ -51,7 +51,7 @@ for i in 0 1 2 3 4 5; do
     --tls-cert-file "$dir/certs/server.pem" --tls-key-file "$dir/certs/server.key" \
     --tls-client-cert-file "$dir/certs/client.pem" --tls-client-key-file "$dir/certs/client.key" \
     --tls-ca-cert-file "$dir/certs/ca.pem" \
-    --user default off --user svc on ">$svc_pw" '~*' '&*' +@all -@dangerous +cluster +restore-asking +info +config|get \
+    --user default off --user svc on ">$svc_pw" '~*' '&*' +@all -@dangerous +cluster +restore-asking +info '+config|get' \
     --user repl on ">$svc_pw-repl" +psync +replconf +ping \
     --masteruser repl --masterauth "$svc_pw-repl" >"$node/redis.log" 2>&1 &
   echo $! > "$dir/redis$i.pid"
