@@ -87,7 +87,8 @@ class ConnectionContext:
     def fds_left(self) -> int:
         """File descriptors not yet used or promised. Each client counts two, its own and the upstream
         connection it may open at its first command, so logged-in clients never find the table full."""
-        return self.fd_limit - self.fd_base - 2 * len(self.clients) - self.handshakes.count
+        hs = self.handshakes
+        return self.fd_limit - self.fd_base - 2 * len(self.clients) - hs.count - hs.waiting
 
     def accept_failed(self, lst: ListenerConfig, e: OSError) -> None:
         self.metrics.accept_failures.labels(lst.name, errno.errorcode.get(e.errno or 0, "other")).inc()
@@ -111,7 +112,8 @@ class ConnectionContext:
             pass
         elif lst.allowed_sources and isinstance(peername, tuple) and not source_allowed(peername[0], lst.allowed_sources):
             return "source_not_allowed"
-        if ctx.active[lst.name] + ctx.handshakes.by_listener.get(lst.name, 0) >= ctx.max_connections[lst.name]:
+        hs, name = ctx.handshakes, lst.name
+        if ctx.active[name] + hs.by_listener.get(name, 0) + hs.waiting_by_listener.get(name, 0) >= ctx.max_connections[name]:
             return "limit"
         if ctx.fds_left() < ctx.config.limits.fd_reserve:
             return "fd_reserve"

@@ -92,21 +92,22 @@ def test_pending_handshake_flood_is_capped(make_proxy, certs: Path) -> None:  # 
     p = make_proxy(limits="max_pending_handshakes = 100\nmax_handshakes_per_source = 50\nhandshake_timeout = 60.0\n")
     flood: list[socket.socket] = []
     try:
-        # 300 silent connections from one source: at most 50 are pending; each newcomer over the cap
-        # evicts that source's oldest silent socket instead of being refused.
+        # 300 silent connections from one source: at most 50 are pending, the others wait for a slot
+        # (none refused); each pending one that stays silent for STALLED seconds gives its place to the
+        # next, until the last 50 hold the source's budget.
         flood += silent(p.tls_port, "127.0.0.2", 300)
-        s = wait_metrics(p, lambda s: rejected(s, "tls", "handshake_evicted") >= 250)
+        s = wait_metrics(p, lambda s: rejected(s, "tls", "handshake_evicted") >= 250, timeout=60)
         assert s[PENDING] == 50
         assert rejected(s, "tls", "handshake_evicted") == 250
         # The flood is held, and legitimate clients log in and run PING: from another address, and from
         # the flooding address itself (behind one NAT), whose silent sockets cannot keep them out.
         assert tls_ping(p, certs)
         assert tls_ping(p, certs, source="127.0.0.2")
-        # A second source fills the global budget (100): past it, newcomers evict the oldest silent
-        # sockets (their own source's first, for the per-source cap).
+        # A second source fills the global budget (100): past it, newcomers take the places of stalled
+        # sockets (their own source's, for the per-source cap).
         flood += silent(p.tls_port, "127.0.0.3", 60)
         flood += silent(p.tls_port, "127.0.0.4", 5)
-        s = wait_metrics(p, lambda s: rejected(s, "tls", "handshake_evicted") >= 265 and s[PENDING] == 100)
+        s = wait_metrics(p, lambda s: rejected(s, "tls", "handshake_evicted") >= 265 and s[PENDING] == 100, timeout=60)
         assert s[PENDING] == 100, (s[PENDING], rejected(s, "tls", "handshake_evicted"))
         assert rejected(s, "tls", "handshake_limit") == rejected(s, "tls", "handshake_limit_source") == 0
         assert tls_ping(p, certs, source="127.0.0.5")
@@ -119,6 +120,40 @@ def test_pending_handshake_flood_is_capped(make_proxy, certs: Path) -> None:  # 
     assert tls_ping(p, certs)
     # Rejections are counted, not each logged: the log holds at most the limiter's burst of them.
     assert p.log.read_text().count('"connection_rejected"') < 265
+
+
+def test_a_reconnect_storm_from_one_address_is_served(make_proxy, certs: Path) -> None:  # type: ignore[no-untyped-def]
+    """1,000 TLS clients connecting at once from one address (a pool warming up, a NAT, everyone back
+    after a failover), with the default limits (64 handshakes per source): every one is served, in
+    turn, none reset; meanwhile silent sockets from that address still cannot keep them out."""
+    import asyncio
+    import ssl
+
+    p = make_proxy(limits="handshake_timeout = 60.0\n")  # the default per-source and global budgets
+    ctx = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+    idle = silent(p.tls_port, "127.0.0.6", 100)  # holding 64 slots of the same source, never speaking
+
+    async def one() -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", p.tls_port, ssl=ctx, server_hostname="localhost",
+                                                       local_addr=("127.0.0.6", 0), ssl_handshake_timeout=60)  # fmt: skip
+        writer.write(b"AUTH alice alice-pw\r\nPING\r\n")
+        got = await reader.readexactly(len(b"+OK\r\n+PONG\r\n"))
+        writer.close()
+        return got
+
+    async def storm() -> list[bytes | BaseException]:
+        return await asyncio.gather(*(one() for _ in range(1000)), return_exceptions=True)
+
+    try:
+        results = asyncio.run(storm())
+    finally:
+        for sock in idle:
+            sock.close()
+    failed = [r for r in results if r != b"+OK\r\n+PONG\r\n"]
+    assert not failed, (len(failed), failed[:3])
+    s = scrape(p)
+    assert rejected(s, "tls", "handshake_limit_source") == rejected(s, "tls", "handshake_limit") == 0
+    assert rejected(s, "tls", "handshake_wait_timeout") == 0
 
 
 def test_pending_handshakes_count_toward_max_connections(make_proxy, certs: Path) -> None:  # type: ignore[no-untyped-def]
