@@ -52,6 +52,10 @@ class Admission:
         ok = isinstance(peer, tuple) and isinstance(local, tuple)
         return build_v2((str(peer[0]), int(peer[1])), (str(local[0]), int(local[1]))) if ok else build_v2(None, None)
 
+    def evicted(self) -> None:
+        """Its handshake stalled (silent) while a client that spoke waited for the slot: counted."""
+        self.ctx.metrics.connections_rejected.labels(self.listener.name, "handshake_evicted").inc()
+
     def move_handshake(self, peername: Any) -> None:
         """The pending slot now counts for the client a PROXY header named (its per-source budget)."""
         if self.handshake_source is not None:

@@ -21,7 +21,7 @@ from .policy import Shared
 
 if TYPE_CHECKING:
     from .connection import ClientProtocol
-    from .listeners import HandshakeBudget
+    from .handshakes import HandshakeBudget
 
 log = get_logger("redisguard")
 audit = get_logger("redisguard.audit")

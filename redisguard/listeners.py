@@ -6,9 +6,6 @@ import asyncio
 import socket
 import ssl
 import time
-from collections import OrderedDict, deque
-from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +13,7 @@ from .audit import get_logger
 from .config import ListenerConfig
 from .connection import ClientProtocol
 from .context import from_proxy, peer_name, source_of
+from .handshakes import Waiting
 from .proxy_protocol import MAX_HEADER, ProxyHeader, ProxyHeaderError, parse
 
 audit = get_logger("redisguard.audit")
@@ -39,166 +37,6 @@ def _handshake_reason(exc: BaseException) -> str:
     if isinstance(exc, ConnectionError | OSError):
         return "reset"
     return "other"
-
-
-# A pending socket silent this long (no ClientHello, no PROXY header) is stalled: a socket waiting for a
-# slot may take its place. A real client speaks within a round trip of connecting; a burst of them (a
-# pool warming up, everyone reconnecting after a failover) must wait its turn, not evict itself.
-STALLED = 1.0
-# Sockets that may wait for a handshake slot, per slot of the global budget (each costs a descriptor and
-# a few hundred bytes: no TLS state until it starts).
-QUEUE_PER_SLOT = 4
-
-
-@dataclass(slots=True)
-class Waiting:
-    """An accepted socket waiting for a handshake slot (FIFO per source, sources served in turn)."""
-
-    listener: str
-    source: str
-    start: Callable[[], None]  # begin its handshake (it takes its slot)
-    expire: Callable[[], None]  # its handshake_timeout passed while it waited: close it
-    timer: asyncio.TimerHandle | None = None
-
-
-class HandshakeBudget:
-    """TLS handshakes in progress, counted globally, per listener and per source address, and the sockets
-    waiting for one.
-
-    A pending handshake holds a socket and uvloop's TLS state (tens of KiB) before the peer has proved
-    anything, so the accept loop asks :meth:`refusal` before spending any TLS work on a new socket.
-    The per-source table only holds sources with a handshake in progress: at most ``total`` entries.
-
-    Over a cap, a newcomer first takes the place of a *stalled* socket (silent for ``STALLED`` seconds:
-    of its own source, for the per-source cap), else it **waits** in a bounded queue (``QUEUE_PER_SLOT``
-    x ``total``, counted toward its listener's max_connections) until a slot of its source frees, and is
-    refused only when that queue is full. Sources take turns, so one source's backlog never delays
-    another's clients; while sockets wait, stalled ones are evicted for them. So a burst of 1,000 real
-    clients from one address is served in order, while silent floods are still held to the caps."""
-
-    def __init__(self, total: int, per_source: int, gauge: Any) -> None:
-        self.total = total
-        self.per_source = per_source
-        self.gauge = gauge
-        self.count = 0
-        self.by_listener: dict[str, int] = {}
-        self.by_source: dict[str, int] = {}
-        # oldest first: task -> (source, client, when it was accepted)
-        self.silent: OrderedDict[asyncio.Future[None], tuple[str, ClientProtocol, float]] = OrderedDict()
-        self.queue_cap = QUEUE_PER_SLOT * total
-        self.queued: OrderedDict[str, deque[Waiting]] = OrderedDict()  # source -> its waiting sockets, in turn
-        self.waiting = 0
-        self.waiting_by_listener: dict[str, int] = {}
-        self._sweep: asyncio.TimerHandle | None = None
-
-    def evict(self, source: str | None, now: float | None = None) -> bool:
-        """Cancel the oldest stalled handshake (of ``source``, if given); False if there is none."""
-        cutoff = (time.monotonic() if now is None else now) - STALLED
-        for task, (src, client, since) in self.silent.items():
-            if since > cutoff:
-                break  # oldest first: the rest spoke or are younger still
-            if source is None or src == source:
-                del self.silent[task]
-                client.ctx.metrics.connections_rejected.labels(client.listener.name, "handshake_evicted").inc()
-                client.end_handshake()  # its slot is free now, not when the task unwinds
-                task.cancel()
-                return True
-        return False
-
-    def refusal(self, source: str) -> str:
-        if self.count >= self.total:
-            return "handshake_limit"
-        if source and self.by_source.get(source, 0) >= self.per_source:  # "": a proxied client, not known yet
-            return "handshake_limit_source"
-        return ""
-
-    def wait(self, w: Waiting, deadline: float) -> bool:
-        """Queue ``w`` until a slot frees (its ``start`` is called then) or ``deadline``; False when full."""
-        if self.waiting >= self.queue_cap:
-            return False
-        self.queued.setdefault(w.source, deque()).append(w)
-        self.waiting += 1
-        self.waiting_by_listener[w.listener] = self.waiting_by_listener.get(w.listener, 0) + 1
-        loop = asyncio.get_running_loop()
-        w.timer = loop.call_at(loop.time() + max(deadline - time.monotonic(), 0.0), self._expired, w)
-        self._arm()
-        return True
-
-    def _unqueue(self, w: Waiting) -> None:
-        self.waiting -= 1
-        self.waiting_by_listener[w.listener] -= 1
-        if w.timer is not None:
-            w.timer.cancel()
-
-    def _expired(self, w: Waiting) -> None:
-        q = self.queued.get(w.source)
-        if q is not None and w in q:
-            q.remove(w)
-            if not q:
-                del self.queued[w.source]
-            self._unqueue(w)
-            w.expire()
-
-    def _drain(self) -> None:
-        """Start waiting sockets while slots are free: one per source in turn, skipping sources at their cap."""
-        while self.queued and self.count < self.total:
-            for source in list(self.queued):
-                if self.by_source.get(source, 0) < self.per_source:
-                    break
-            else:
-                return  # every waiting source is at its own cap
-            q = self.queued.pop(source)
-            w = q.popleft()
-            if q:
-                self.queued[source] = q  # to the back: the next source's turn
-            self._unqueue(w)
-            w.start()
-
-    def _arm(self) -> None:
-        if self._sweep is None and self.queued:
-            self._sweep = asyncio.get_running_loop().call_later(STALLED / 4, self._sweep_stalled)
-
-    def _sweep_stalled(self) -> None:
-        self._sweep = None
-        self.make_room()
-        self._arm()
-
-    def make_room(self) -> None:
-        """While sockets wait, stalled handshakes give them their places (their source's own stalled
-        sockets for a source at its cap; any stalled one when the global budget is full)."""
-        now = time.monotonic()
-        progress = True
-        while progress and self.queued:
-            progress = False
-            for source in list(self.queued):
-                if source in self.queued:
-                    at_cap = self.by_source.get(source, 0) >= self.per_source
-                    if at_cap or self.count >= self.total:  # (its release() starts whoever is next)
-                        progress = self.evict(source if at_cap else None, now) or progress
-            self._drain()
-
-    def move(self, listener: str, old: str, new: str) -> None:
-        """A pending handshake's source became known (a PROXY header named the client)."""
-        self.release(listener, old, drain=False)  # (the slot is not free: it changes hands)
-        self.acquire(listener, new)
-
-    def acquire(self, listener: str, source: str) -> None:
-        self.count += 1
-        self.by_listener[listener] = self.by_listener.get(listener, 0) + 1
-        self.by_source[source] = self.by_source.get(source, 0) + 1
-        self.gauge.labels(listener).inc()
-
-    def release(self, listener: str, source: str, drain: bool = True) -> None:
-        self.count -= 1
-        self.by_listener[listener] -= 1
-        left = self.by_source[source] - 1
-        if left:
-            self.by_source[source] = left
-        else:
-            del self.by_source[source]
-        self.gauge.labels(listener).dec()
-        if drain and self.queued:
-            self._drain()
 
 
 class TLSServer:
@@ -246,11 +84,10 @@ class TLSServer:
             if reason.startswith("handshake_limit"):
                 # over a cap: wait for a slot (behind this source's earlier sockets), unless the queue is full
                 accepted = time.monotonic()
-                w = Waiting(lst.name, source, partial(self._start, client, conn, addr, accepted),
-                            partial(client.reject, conn, addr, "handshake_wait_timeout"))  # fmt: skip
+                w = Waiting(lst.name, source, conn, partial(self._start, client, conn, addr, accepted),
+                            partial(client.reject, conn, addr))  # fmt: skip
                 if budget.wait(w, accepted + self.ctx.config.limits.handshake_timeout):
-                    budget.make_room()
-                    continue
+                    continue  # (the budget's sweep makes room for it once it has spoken)
             if reason:
                 client.reject(conn, addr, reason)
                 continue

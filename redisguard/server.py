@@ -28,9 +28,10 @@ from .config import Config, ListenerConfig
 from .connection import ClientProtocol
 from .context import ConnectionContext, share
 from .guards import AuthThrottle
+from .handshakes import HandshakeBudget
 from .health import UpstreamMonitor
 from .identity import install as install_identity
-from .listeners import HandshakeBudget, TLSServer
+from .listeners import TLSServer
 from .metrics import Metrics, serve_http
 from .observe import Observer
 from .policy import Policy, Shared
