@@ -17,6 +17,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -25,8 +26,17 @@ import redis
 from redisguard.config import UpstreamConfig, mirror_prefix_conflict
 from redisguard.metrics import parse_samples
 
-from .helpers import (UPSTREAM_PASSWORD, UPSTREAM_USER, ProxyProc, RedisProc, free_port, proxy_config, start_proxy,
-                      start_redis)
+from .helpers import (
+    UPSTREAM_PASSWORD,
+    UPSTREAM_USER,
+    ProxyProc,
+    RedisProc,
+    free_port,
+    proxy_config,
+    raw_exchange,
+    start_proxy,
+    start_redis,
+)
 
 USERS = """\
 user default off
@@ -148,6 +158,21 @@ def test_no_request_runs_as_redis_default_after_a_refused_login(quiet: ProxyProc
     assert isinstance(evaled, redis.ResponseError) and up.get("outside") is None
 
 
+def test_a_refused_relogin_has_the_mirrors_verified(quiet: ProxyProc, own_redis: RedisProc) -> None:
+    """AUTH as another user on an open connection: Redis refuses the new mirror's AUTH; that client is
+    told and closed (its connection is another user's), and the mirrors are pushed again for the next."""
+    assert served(quiet, "bob") == "rg:bob"
+    before = resyncs(quiet, "auth")
+    upstream(own_redis).execute_command("ACL", "DELUSER", "rg:bob")
+    out = raw_exchange(quiet.plain_port, b"AUTH alice alice-pw\r\nGET app:1\r\nAUTH bob bob-pw\r\nGET bob:1\r\n",
+                       expect_close=True)  # fmt: skip
+    # (the error answers the AUTH: Redis refused the login it stands for)
+    assert out == b"+OK\r\n$-1\r\n-ERR redisguard: upstream authentication failed; check [upstream] username " \
+        b"and password\r\n", out  # fmt: skip
+    eventually(lambda: resyncs(quiet, "auth") == before + 1)
+    assert served(quiet, "bob") == "rg:bob"
+
+
 def test_concurrent_clients_share_one_resync(quiet: ProxyProc, own_redis: RedisProc) -> None:
     assert served(quiet) == "rg:alice"
     before = resyncs(quiet, "auth")
@@ -263,3 +288,36 @@ def test_mirror_prefix_conflict() -> None:
     # no username: the service user is Redis's default, which a prefix "def" + user "ault" would mirror
     assert "'default'" in (mirror_prefix_conflict(UpstreamConfig(username="", mirror_prefix="def")) or "")
     assert mirror_prefix_conflict(UpstreamConfig(username="", mirror_prefix="rg:")) is None
+
+
+# -- pure parts -------------------------------------------------------------------------------------
+
+def test_mirror_identity_refuses_the_conflict_however_the_mode_was_chosen(tmp_path: Path) -> None:
+    from redisguard.config import ConfigError, load_config
+    from redisguard.identity import MirrorIdentity
+
+    (tmp_path / "users.acl").write_text(USERS)
+    (tmp_path / "c.toml").write_text('[[listener]]\nname = "p"\ntype = "tcp"\naddress = "127.0.0.1:0"\n'
+                                     '[upstream]\nusername = "rg:svc"\n[acl]\nusers_file = "users.acl"\n')  # fmt: skip
+    config = load_config(tmp_path / "c.toml")  # service identity: no conflict to speak of
+    with pytest.raises(ConfigError, match="starts with mirror_prefix 'rg:'"):
+        MirrorIdentity(replace(config, upstream=replace(config.upstream, identity="mirror")))
+
+
+def test_login_reply_is_one_line_in_any_chunks() -> None:
+    import asyncio
+
+    from redisguard.upstream_link import LOGIN_REPLY_MAX, UpstreamProtocol
+
+    async def reply(*chunks: bytes) -> bytes:
+        proto = UpstreamProtocol(None)  # type: ignore[arg-type]  # (the client is not reached while logging in)
+        proto.login = fut = asyncio.get_running_loop().create_future()
+        for c in chunks:
+            proto.data_received(c)
+        assert proto.login is None
+        return await fut
+
+    assert asyncio.run(reply(b"+O", b"K\r", b"\n")) == b"+OK"
+    assert asyncio.run(reply(b"-WRONGPASS invalid username-password pair or user is disabled.\r\n")).startswith(b"-WRONG")
+    with pytest.raises(ConnectionError, match="unexpected reply"):
+        asyncio.run(reply(b"+" * (LOGIN_REPLY_MAX + 1)))
