@@ -28,8 +28,8 @@ pushed and pushes again what is missing or refuses its password: ``ACL USERS`` (
 10,000 users) on every health check, and with ``full`` also an ``AUTH`` as each mirror (exists, on,
 our password) when a client's upstream AUTH is refused, when Redis is back after the health check saw
 it down, and on every reload (SIGHUP). Not ``ACL LIST``: it costs Redis ~1.3 s per 10,000 users.
-Checks are coalesced (one runs at a time; one asked for within ``VERIFY_GAP`` of another's start
-shares it) and, like every push, go through one lock, so Redis hears one conversation at a time.
+Checks are coalesced (every caller until a check starts shares it; they start at most one per
+``VERIFY_GAP``) and, like every push, go through one lock: Redis hears one conversation at a time.
 The service user is never a mirror (``config.mirror_prefix_conflict``) and never deleted.
 """
 
@@ -70,8 +70,8 @@ PROCESS_KEY = secrets.token_bytes(32)
 BATCH = 500
 TIMEOUT = 10.0
 RETRY_MAX = 30.0
-# A verification asked for within this many seconds of the start of another shares it: concurrent
-# clients refused at once cause one check, and a stream of them at most one a second.
+# Verifications start at least this many seconds apart: clients refused at once share one check, and a
+# stream of them causes at most one a second.
 VERIFY_GAP = 1.0
 # At most this many mirror names in one log line (the counts are always whole).
 LOG_NAMES = 5
@@ -246,8 +246,8 @@ class MirrorIdentity:
             self._next = asyncio.get_running_loop().create_future()
             self._next_reason, self._next_full = reason, full
             self._verifying = asyncio.ensure_future(self._verify())
-        else:
-            self._next_full |= full
+        elif full and not self._next_full:  # a names-only check not started yet becomes a full one
+            self._next_reason, self._next_full = reason, True
         return self._next
 
     async def _verify(self) -> None:
@@ -290,7 +290,7 @@ class MirrorIdentity:
             self._synced.pop(m, None)
         if self._users is None:
             self._users = users
-        pushed, deleted, errors = await self._push(stale=True, listed=listed)
+        pushed, deleted, errors = await self._push(stale=full, listed=listed)
         if self.metrics is not None:
             self.metrics.mirror_resyncs.labels(reason).inc()
             self.metrics.mirrors_recreated.inc(len(lost))
@@ -307,7 +307,7 @@ class MirrorIdentity:
         has (these two when ``full``)."""
         present = {x.decode("utf-8", "surrogateescape") for x in listed}
         synced = self._synced
-        wanted = {self.mirror_name(n): n for n, _ in users}
+        wanted = {m: n for n, _ in users if (m := self.mirror_name(n)) not in self.protected}
         lost = [m for m in wanted if m in synced and m not in present]
         stale = [u for u in present if u.startswith(self.prefix) and u not in wanted and u not in self.protected
                  ] if full else []  # (workers mid-reload may differ for a moment: left to the full checks)

@@ -86,7 +86,7 @@ class Observer:
             detail = "Redis refused the service user's AUTH: check [upstream] username and password"
         else:
             mirror.verify("auth")  # (the link has asked already for a first login; a re-login had not)
-            detail = "Redis refused the mirror user's AUTH even after the mirrors were verified: see mirror_sync_failed"
+            detail = "Redis refused the mirror user's AUTH: the mirror users are verified against Redis again"
         self.limiter.log(audit.error, "upstream_auth_failed", listener=session.listener, peer=session.peer,
                          user=printable_name(session.user.name), detail=detail)  # fmt: skip
 

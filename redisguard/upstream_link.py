@@ -154,7 +154,6 @@ class UpstreamLink:
                 refused = await self._login(proto, login)
                 if refused and await self._resynced():  # Redis may have lost the mirror: it is back now
                     proto.abandon()
-                    proto = None
                     proto = await self._open()
                     refused = await self._login(proto, login)
         except (TimeoutError, OSError, ssl.SSLError) as e:
