@@ -259,6 +259,24 @@ def test_health_check_after_redis_was_down(watched: ProxyProc, own_redis: RedisP
     assert "hc:alice" in up.acl_users()
 
 
+def test_two_workers_through_a_redis_restart(tmp_path_factory: pytest.TempPathFactory, certs: Path,
+                                             own_redis: RedisProc) -> None:  # fmt: skip
+    """With [server] workers = 2 each worker verifies on its own (they share the mirror passwords)."""
+    d = tmp_path_factory.mktemp("workers")
+    (d / "users.acl").write_text(USERS)
+    p = start_proxy(d, certs, d / "users.acl", own_redis.port, extra="[server]\nworkers = 2\n",
+                    upstream_extra='identity = "mirror"\nmirror_prefix = "w:"\nhealth_check_interval = 0.0')  # fmt: skip
+    try:
+        eventually(lambda: all(served(p, u) == f"w:{u}" for u in ("alice", "bob")))
+        own_redis.restart()
+        start = time.monotonic()
+        assert [served(p, u) for u in ["alice", "bob"] * 5] == ["w:alice", "w:bob"] * 5  # on both workers
+        report("redis-server restart, 10 clients on 2 workers (auth path)", time.monotonic() - start)
+        assert metrics(p)['redisguard_mirror_resync_total{reason="auth"}'] >= 1
+    finally:
+        p.stop()
+
+
 # -- the service user is never a mirror ---------------------------------------------------------
 
 def test_service_user_inside_the_prefix_is_refused(tmp_path: Path, certs: Path, own_redis: RedisProc) -> None:
