@@ -71,8 +71,8 @@ class UpstreamMonitor:
         self.metrics.upstream_up.set(1)
         back = self.state not in ("", "up")
         self._changed("up", repr(pong))
-        if self.mirror is not None:  # (bounded by the check's own timeouts; it says what it found)
-            await asyncio.shield(self.mirror.verify("reconnect" if back else "health", full=back))
+        if self.mirror is not None:  # in the background (coalesced, at most one a second): PINGs keep their pace
+            self.mirror.verify("reconnect" if back else "health", full=back)
         return "up"
 
     def _changed(self, state: str, detail: str) -> None:
