@@ -300,6 +300,40 @@ def test_service_user_inside_the_prefix_is_refused(tmp_path: Path, certs: Path, 
     up.execute_command("ACL", "DELUSER", "rg:svc")
 
 
+def test_a_push_never_sets_nor_deletes_the_service_user(tmp_path: Path, certs: Path, own_redis: RedisProc,
+                                                        table) -> None:  # type: ignore[no-untyped-def]  # fmt: skip
+    """Defence in depth behind the refusal: were the service user inside the prefix anyway, neither the
+    push of a redisguard user of the same name, nor stale deletion, nor a full verification touches it."""
+    import asyncio
+
+    from redisguard.acl import load_users
+    from redisguard.config import load_config
+    from redisguard.identity import MirrorIdentity
+
+    (tmp_path / "users.acl").write_text(USERS)
+    (tmp_path / "more.acl").write_text(USERS + "user svc on >svc-pw ~* +@all\n")
+    cfg = proxy_config(tmp_path, certs, tmp_path / "users.acl", own_redis.port, 1, 2, 3,
+                       upstream_extra='identity = "mirror"\nmirror_prefix = "u:"')  # fmt: skip
+    up = upstream(own_redis)
+    up.execute_command("ACL", "SETUSER", "u:svc", "on", ">the-real-one", "~*", "+@all")
+    before = up.execute_command("ACL", "GETUSER", "u:svc")
+    mirror = MirrorIdentity(load_config(cfg))
+    mirror.protected |= {"u:svc"}  # as if the service user were u:svc
+
+    async def run() -> bool:
+        await mirror.start(load_users(tmp_path / "users.acl", table))  # u:svc looks like a stale mirror
+        ok = await mirror.verify("sighup")
+        mirror.users_changed(load_users(tmp_path / "more.acl", table))  # ... and like the mirror of user svc
+        assert mirror._task is not None
+        await mirror._task
+        return ok and await mirror.verify("sighup")
+
+    assert asyncio.run(run())
+    assert {"u:alice", "u:bob", "u:default", "u:svc"} <= set(up.acl_users())
+    assert up.execute_command("ACL", "GETUSER", "u:svc") == before
+    up.execute_command("ACL", "DELUSER", "u:alice", "u:bob", "u:default", "u:svc")
+
+
 def test_mirror_prefix_conflict() -> None:
     assert mirror_prefix_conflict(UpstreamConfig(username="rg:svc", mirror_prefix="rg:"))
     assert mirror_prefix_conflict(UpstreamConfig(username="svc", mirror_prefix="rg:")) is None
