@@ -111,6 +111,16 @@ class UpstreamConfig:
         return f"unix:{self.path}" if self.path else f"{self.host}:{self.port}"
 
 
+def mirror_prefix_conflict(up: UpstreamConfig) -> str | None:
+    """Mirror mode owns every Redis user named ``<mirror_prefix>...`` (it overwrites them and deletes the
+    stale ones): the service user must not be one of them, or a redisguard user could overwrite it."""
+    service = up.username or "default"  # (AUTH with a password only logs in as Redis's default user)
+    if not service.startswith(up.mirror_prefix):
+        return None
+    return (f"the service user {service!r} ([upstream] username) starts with mirror_prefix {up.mirror_prefix!r}, so "
+            "redisguard would overwrite or delete it as a mirror user; choose a mirror_prefix it does not start with")
+
+
 @dataclass(frozen=True)
 class ACLConfig:
     users_file: Path
@@ -529,6 +539,8 @@ def parse_config(data: dict[str, Any], base: Path, source: Path | None = None) -
     )  # fmt: skip
     if upstream.identity == "mirror" and not re.fullmatch(r"[!-~]{1,64}", upstream.mirror_prefix):
         raise up.fail("mirror_prefix", f"1 to 64 printable characters without spaces, got {upstream.mirror_prefix!r}")
+    if upstream.identity == "mirror" and (conflict := mirror_prefix_conflict(upstream)):
+        raise up.fail("mirror_prefix", conflict)
     up.done()
 
     acl = root.section("acl")

@@ -6,6 +6,9 @@ this opens a short-lived connection as the service user (its AUTH, then PING), b
 ``connect_timeout`` plus a 2-second reply budget, off the clients' path. A failure counts in
 ``redisguard_upstream_errors_total{reason}`` (``auth``: Redis refused the service user's password) and
 is logged once when the state changes — down, auth refused, recovered — never once per check.
+
+In mirror mode each check also verifies the mirror users (Redis is the truth): their names after
+every PING that answers, and fully (a login as each) when Redis is back after a failed check.
 """
 
 from __future__ import annotations
@@ -13,11 +16,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+from typing import TYPE_CHECKING
 
 from .audit import get_logger
 from .config import Config
 from .metrics import Metrics
 from .upstream import UpstreamReplyError, upstream_request
+
+if TYPE_CHECKING:
+    from .identity import MirrorIdentity
 
 log = get_logger("redisguard")
 audit = get_logger("redisguard.audit")
@@ -47,6 +54,7 @@ class UpstreamMonitor:
         self.metrics = metrics
         self.state = ""  # "" before the first check, then "up" or the last failure reason
         self.task: asyncio.Future[None] | None = None
+        self.mirror: MirrorIdentity | None = None  # [upstream] identity = "mirror": verified on each check
 
     async def check(self) -> str:
         """One check: updates the gauge and the counter, logs a change of state; returns the state."""
@@ -61,7 +69,10 @@ class UpstreamMonitor:
             self._changed(reason, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
             return reason
         self.metrics.upstream_up.set(1)
+        back = self.state not in ("", "up")
         self._changed("up", repr(pong))
+        if self.mirror is not None:  # in the background (coalesced, at most one a second): PINGs keep their pace
+            self.mirror.verify("reconnect" if back else "health", full=back)
         return "up"
 
     def _changed(self, state: str, detail: str) -> None:

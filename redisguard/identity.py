@@ -21,6 +21,16 @@ start (stale ``<prefix>*`` users are deleted), then — in the background, coale
 timeout — whatever changed each time the users change (a reload, ACL SETUSER/DELUSER/LOAD through
 redisguard: ``Shared.swap`` tells it). A user whose rules did not change costs nothing. If Redis
 cannot be reached, it retries with a growing delay until it can.
+
+Redis is the truth: what was pushed is not trusted to still be there (a restart, an ACL LOAD or a
+failover to a replica drop the mirrors). :meth:`MirrorIdentity.verify` compares Redis with what was
+pushed and pushes again what is missing or refuses its password: ``ACL USERS`` (names; ~2 ms for
+10,000 users) on every health check, and with ``full`` also an ``AUTH`` as each mirror (exists, on,
+our password) when a client's upstream AUTH is refused, when Redis is back after the health check saw
+it down, and on every reload (SIGHUP). Not ``ACL LIST``: it costs Redis ~1.3 s per 10,000 users.
+Checks are coalesced (every caller until a check starts shares it; they start at most one per
+``VERIFY_GAP``) and, like every push, go through one lock: Redis hears one conversation at a time.
+The service user is never a mirror (``config.mirror_prefix_conflict``) and never deleted.
 """
 
 from __future__ import annotations
@@ -31,19 +41,23 @@ import hmac
 import re
 import secrets
 import ssl
+import time
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hiredis
 
 from .acl import User
 from .acl.user import printable_name
 from .audit import get_logger
-from .config import Config
+from .config import Config, ConfigError, mirror_prefix_conflict
 from .policy import LoginRules, Shared
 from .resp import encode_command
 from .upstream import upstream_replies
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 log = get_logger("redisguard")
 
@@ -56,6 +70,11 @@ PROCESS_KEY = secrets.token_bytes(32)
 BATCH = 500
 TIMEOUT = 10.0
 RETRY_MAX = 30.0
+# Verifications start at least this many seconds apart: clients refused at once share one check, and a
+# stream of them causes at most one a second.
+VERIFY_GAP = 1.0
+# At most this many mirror names in one log line (the counts are always whole).
+LOG_NAMES = 5
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -67,11 +86,11 @@ def login_rules(config: Config) -> LoginRules:
     )
 
 
-async def install(shared: Shared, config: Config) -> None:
+async def install(shared: Shared, config: Config, metrics: Metrics | None = None) -> None:
     """At start, before any client: the login rules, and in mirror mode the mirror users in Redis."""
     policy = replace(shared.policy, logins=login_rules(config))
     if config.upstream.identity == "mirror":
-        mirror = MirrorIdentity(config, key=PROCESS_KEY)
+        mirror = MirrorIdentity(config, key=PROCESS_KEY, metrics=metrics)
         policy = replace(policy, mirror=mirror)
         await mirror.start(policy.users)
     shared.policy = policy
@@ -85,15 +104,28 @@ def mirror_rules(user: User) -> list[str]:
 
 
 class MirrorIdentity:
-    def __init__(self, config: Config, key: bytes | None = None) -> None:
+    def __init__(self, config: Config, key: bytes | None = None, metrics: Metrics | None = None) -> None:
+        conflict = mirror_prefix_conflict(config.upstream)
+        if conflict:  # (the config parser refuses it too; this holds however the mode was chosen)
+            raise ConfigError(f"upstream.mirror_prefix: {conflict}")
         self.config = config
+        self.metrics = metrics
         self.prefix = config.upstream.mirror_prefix
+        # Redis users a mirror push must never set nor delete, whatever the prefix and the user names.
+        self.protected = frozenset({config.upstream.username or "default", "default"})
         self._key = key or secrets.token_bytes(32)  # several processes sharing the mirrors must share the key
         self._auth: dict[str, bytes] = {}
         self._synced: dict[str, str] = {}  # mirror name → the rules Redis has for it
         self._users: list[tuple[str, User]] | None = None  # the users to push next (None: nothing to do)
         self._task: asyncio.Task[None] | None = None
         self._failing = ""
+        self._current: list[tuple[str, User]] = []  # the users Redis should have the mirrors of
+        self._lock = asyncio.Lock()  # one conversation with Redis about the mirrors at a time
+        self._next: asyncio.Future[bool] | None = None  # the check callers wait for, not started yet
+        self._next_reason = ""
+        self._next_full = False
+        self._verifying: asyncio.Task[None] | None = None
+        self._verify_began = -VERIFY_GAP
 
     def mirror_name(self, name: str) -> str:
         return self.prefix + name
@@ -117,16 +149,17 @@ class MirrorIdentity:
     # -- keeping Redis in step -------------------------------------------------------------------
     async def start(self, users: dict[str, User]) -> None:
         """Push every user now (stale mirrors deleted); if Redis is not there, keep trying in the background."""
-        self._users = list(users.items())
+        self._users = self._current = list(users.items())
         try:
-            await asyncio.wait_for(self._push(stale=True), TIMEOUT * 3)
+            async with self._lock:
+                self._synced_log(await asyncio.wait_for(self._push(stale=True), TIMEOUT * 3))
         except (TimeoutError, OSError, ConnectionError, ssl.SSLError) as e:
             self._failed(e)
             self._task = asyncio.ensure_future(self._run(retry=True))
 
     def users_changed(self, users: dict[str, User]) -> None:
         """The users changed (on the event loop): push the difference in the background."""
-        self._users = list(users.items())  # a snapshot: the dict may be released while we read it
+        self._users = self._current = list(users.items())  # a snapshot: the dict may be released while we read it
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._run())
 
@@ -136,7 +169,8 @@ class MirrorIdentity:
             await asyncio.sleep(delay)
         while self._users is not None:
             try:
-                await asyncio.wait_for(self._push(stale=bool(self._failing)), TIMEOUT * 3)
+                async with self._lock:
+                    self._synced_log(await asyncio.wait_for(self._push(stale=bool(self._failing)), TIMEOUT * 3))
             except (TimeoutError, OSError, ConnectionError, ssl.SSLError) as e:
                 self._failed(e)
                 await asyncio.sleep(delay)
@@ -150,18 +184,18 @@ class MirrorIdentity:
                       "user needs +acl|setuser +acl|deluser +acl|users (docs/security.md)")  # fmt: skip
         self._failing = msg
 
-    async def _push(self, stale: bool = False) -> None:
+    async def _push(self, stale: bool = False, listed: list[bytes] | None = None) -> tuple[int, int, int]:
+        """Push ``_users`` (the newest users, if any) where Redis lacks them; (set, deleted, errors)."""
         users = self._users
         if users is None:
-            return
+            return 0, 0, 0
         self._users = None
         try:
             commands, names, deleted = await asyncio.to_thread(self._plan, users)
             if stale:  # (at start, or after a failure: Redis may hold mirrors of users that are gone)
-                (listed,) = await self._request([[b"ACL", b"USERS"]])
-                if isinstance(listed, hiredis.ReplyError):
-                    raise ConnectionError(f"ACL USERS: {listed}")
-                keep = {self.mirror_name(n) for n, _ in users} | {self.config.upstream.username, *deleted}
+                if listed is None:
+                    listed = await self._acl_users()
+                keep = {self.mirror_name(n) for n, _ in users} | self.protected | set(deleted)
                 gone = [u for u in (x.decode("utf-8", "surrogateescape") for x in listed)
                         if u.startswith(self.prefix) and u not in keep]  # fmt: skip
                 deleted += gone
@@ -186,7 +220,100 @@ class MirrorIdentity:
         if self._failing:
             log.info("mirror_sync_recovered", upstream=self.config.upstream.where)
             self._failing = ""
-        log.info("mirror_users_synced", set=sum(1 for n in names if n[0]), deleted=len(deleted), errors=errors)
+        return sum(1 for n in names if n[0]), len(deleted), errors
+
+    @staticmethod
+    def _synced_log(counts: tuple[int, int, int]) -> None:
+        if any(counts):
+            log.info("mirror_users_synced", set=counts[0], deleted=counts[1], errors=counts[2])
+
+    async def _acl_users(self) -> list[bytes]:
+        (listed,) = await self._request([[b"ACL", b"USERS"]])
+        if isinstance(listed, hiredis.ReplyError):
+            raise ConnectionError(f"ACL USERS: {listed}")
+        return list(listed)
+
+    # -- Redis is the truth: verifying the mirrors -------------------------------------------------
+    def verify(self, reason: str, full: bool = True) -> asyncio.Future[bool]:
+        """Check that Redis still has every mirror as pushed and push again what it lacks (``reason``:
+        one of metrics.MIRROR_RESYNC_REASONS). ``full``: also log in as each mirror, else names only.
+
+        Coalesced: the answer comes from a check that starts after this call (one that already read
+        Redis may have missed what the caller saw), shared by every caller until it starts; checks
+        start at most one per VERIFY_GAP. The future (shield it before a timeout) says whether Redis
+        could be asked."""
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_future()
+            self._next_reason, self._next_full = reason, full
+            self._verifying = asyncio.ensure_future(self._verify())
+        elif full and not self._next_full:  # a names-only check not started yet becomes a full one
+            self._next_reason, self._next_full = reason, True
+        return self._next
+
+    async def _verify(self) -> None:
+        loop = asyncio.get_running_loop()
+        fut = self._next
+        assert fut is not None
+        try:
+            await asyncio.sleep(self._verify_began + VERIFY_GAP - loop.time())
+            async with self._lock:  # (behind a push or check under way)
+                self._next = None  # from now on a caller needs the check after this one
+                self._verify_began = loop.time()
+                await asyncio.wait_for(self._resync(self._next_reason, self._next_full), TIMEOUT * 3)
+        except (TimeoutError, OSError, ConnectionError, ssl.SSLError) as e:
+            self._failed(e)
+            fut.set_result(False)
+        except asyncio.CancelledError:
+            fut.cancel()
+            raise
+        except Exception as e:  # never leave the callers waiting on a bug
+            log.error("internal_error", message="verifying the mirror users failed", error=repr(e))
+            fut.set_result(False)
+        else:
+            fut.set_result(True)
+        finally:
+            if self._next is fut:
+                self._next = None
+
+    async def _resync(self, reason: str, full: bool) -> None:
+        began = time.monotonic()
+        users = self._users if self._users is not None else self._current  # the newest users
+        listed = await self._acl_users()
+        lost, stale, probes = await asyncio.to_thread(self._compare, users, listed, full)
+        for i in range(0, len(probes), BATCH):  # full: exists, on, and takes our password?
+            batch = probes[i:i + BATCH]
+            replies = await self._request([cmd for _, cmd in batch])
+            lost += [m for (m, _), r in zip(batch, replies, strict=True) if isinstance(r, hiredis.ReplyError)]
+        if not lost and not stale:
+            return
+        for m in lost:
+            self._synced.pop(m, None)
+        if self._users is None:
+            self._users = users
+        pushed, deleted, errors = await self._push(stale=full, listed=listed)
+        if self.metrics is not None:
+            self.metrics.mirror_resyncs.labels(reason).inc()
+            self.metrics.mirrors_recreated.inc(len(lost))
+        log.warning("mirror_resync", reason=reason, upstream=self.config.upstream.where, recreated=len(lost),
+                    deleted=deleted, set=pushed, errors=errors, seconds=round(time.monotonic() - began, 3),
+                    mirrors=[printable_name(m) for m in (lost or stale)[:LOG_NAMES]],
+                    detail="Redis no longer had these mirror users as pushed (a restart, ACL LOAD or failover?): "
+                    "pushed them again")  # fmt: skip
+
+    def _compare(self, users: list[tuple[str, User]], listed: list[bytes], full: bool
+                 ) -> tuple[list[str], list[str], list[tuple[str, list[bytes]]]]:  # fmt: skip
+        """(in a worker thread) Against Redis's ``ACL USERS``: the pushed mirrors it lacks, the
+        ``<prefix>*`` users it has that are no mirror of ours and an AUTH to try as each pushed mirror it
+        has (these two when ``full``)."""
+        present = {x.decode("utf-8", "surrogateescape") for x in listed}
+        synced = self._synced
+        wanted = {m: n for n, _ in users if (m := self.mirror_name(n)) not in self.protected}
+        lost = [m for m in wanted if m in synced and m not in present]
+        stale = [u for u in present if u.startswith(self.prefix) and u not in wanted and u not in self.protected
+                 ] if full else []  # (workers mid-reload may differ for a moment: left to the full checks)
+        probes = [(m, [b"AUTH", m.encode("utf-8", "surrogateescape"), self._password(n).encode()])
+                  for m, n in wanted.items() if m in synced and m in present] if full else []  # fmt: skip
+        return lost, stale, probes
 
     def _plan(self, users: list[tuple[str, User]]) -> tuple[list[list[bytes]], list[tuple[str, str]], list[str]]:
         """(in a worker thread) The ACL SETUSERs for users whose rules Redis does not have yet, and the
@@ -194,6 +321,8 @@ class MirrorIdentity:
         commands: list[list[bytes]] = []
         names: list[tuple[str, str]] = []
         for name, user in users:
+            if self.mirror_name(name) in self.protected:  # (refused at start: never overwrite the service user)
+                continue
             rules = mirror_rules(user)
             text = " ".join(rules)
             if self._synced.get(self.mirror_name(name)) != text:

@@ -19,6 +19,8 @@ from . import __version__
 
 # redisguard_upstream_errors_total{reason}: every value exists from the start (at 0), for increase() in alerts.
 UPSTREAM_ERROR_REASONS = ("auth", "noperm", "timeout", "refused", "tls", "connect", "error")
+# redisguard_mirror_resync_total{reason}: what found mirror users missing from Redis (identity.py).
+MIRROR_RESYNC_REASONS = ("auth", "reconnect", "health", "sighup")
 
 
 class _WithNode:
@@ -70,6 +72,16 @@ class Metrics:
         self.upstream_auth_failures = Counter("redisguard_upstream_auth_failures", "Client upstream connections "
                                               "on which Redis refused the service user's AUTH (the client was told "
                                               "and closed).", registry=r)  # fmt: skip
+        self.mirror_resyncs = Counter("redisguard_mirror_resync", "Times mirror users were found missing from (or "
+                                      "different in) Redis and pushed again, by what found it: auth (a client's "
+                                      "upstream AUTH as its mirror was refused), reconnect (Redis is back after the "
+                                      "health check saw it down), health (the periodic check), sighup.",
+                                      ["reason"], registry=r)  # fmt: skip
+        for reason in MIRROR_RESYNC_REASONS:
+            self.mirror_resyncs.labels(reason)
+        self.mirrors_recreated = Counter("redisguard_mirror_users_recreated", "Mirror users pushed to Redis again "
+                                         "because Redis no longer had them as redisguard made them.",
+                                         registry=r)  # fmt: skip
         self.upstream_connect_failures = Counter("redisguard_upstream_connect_failures",
                                                  "Failed connections to the upstream Redis.", registry=r)  # fmt: skip
         self.upstream_connect_seconds = Histogram("redisguard_upstream_connect_seconds",

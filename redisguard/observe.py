@@ -78,10 +78,17 @@ class Observer:
         self.limiter.log(self._audit_denied, "would_deny", session=session, user=user, cmd=cmd, reason=reason)
 
     def upstream_auth_failed(self, session: Session) -> None:
-        """Redis refused the service user's AUTH on a client's upstream connection."""
+        """Redis refused the service user's (mirror mode: the mirror user's) AUTH on a client's upstream
+        connection. In mirror mode the mirrors are verified, so the next connection finds it back."""
         self.metrics.upstream_auth_failures.inc()
+        mirror = session.policy.mirror
+        if mirror is None:
+            detail = "Redis refused the service user's AUTH: check [upstream] username and password"
+        else:
+            mirror.verify("auth")  # (the link has asked already for a first login; a re-login had not)
+            detail = "Redis refused the mirror user's AUTH: the mirror users are verified against Redis again"
         self.limiter.log(audit.error, "upstream_auth_failed", listener=session.listener, peer=session.peer,
-                         detail="Redis refused the service user's AUTH: check [upstream] username and password")  # fmt: skip
+                         user=printable_name(session.user.name), detail=detail)  # fmt: skip
 
     def _audit_denied(self, event: str, session: Session, user: str, cmd: str, reason: str) -> None:
         extra = {"keys": session.last_keys()} if self.audit_keys else {}  # only for the lines that are written

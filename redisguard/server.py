@@ -130,7 +130,8 @@ class Proxy:
         observer = Observer(self.metrics, users, cfg.metrics.enabled, cfg.log.audit_keys, cfg.log.audit_denied_per_second)
         lim, n = cfg.limits, cfg.server.workers  # with workers, each has its share of the proxy's limits
         self.shared = Shared(policy, observer, AuthThrottle(lim.auth_failures_per_minute / n), ACLReplies(users).prepare())
-        await install_identity(self.shared, cfg)  # login rules; [upstream] identity = "mirror": the mirror users
+        await install_identity(self.shared, cfg, self.metrics)  # login rules; identity = "mirror": the mirror users
+        self.monitor.mirror = self.shared.policy.mirror  # (whose health check verifies them)
         handshakes = HandshakeBudget(share(lim.max_pending_handshakes, n), share(lim.max_handshakes_per_source, n),
                                      self.metrics.tls_handshakes_pending)  # fmt: skip
         self.ctx = ConnectionContext(cfg, self.shared, self.metrics, handshakes, upstream_context(cfg.upstream))
@@ -221,8 +222,11 @@ class Proxy:
         self.config = self.ctx.config = self.reloader.config = config
 
     def reload(self) -> None:
-        """SIGHUP: re-read the users file and every listener's certificates (see :mod:`.reload`)."""
+        """SIGHUP: re-read the users file and every listener's certificates (see :mod:`.reload`); in
+        mirror mode, also check that Redis still has every mirror user (whether or not the users changed)."""
         self.reloader.reload()
+        if self.policy.mirror is not None:
+            self.policy.mirror.verify("sighup")
 
     async def ready(self) -> tuple[bool, str]:
         """Listeners up, certificates loaded, and the upstream answers PING as the service user."""

@@ -81,8 +81,8 @@ class Session(RequestPipeline, LoginsAndACL, StateCommands):
         "_offload_basis", "_paused", "_pending", "_queued", "_replay", "_replay_auth", "_silent",
         "_skip_next", "_skipping", "_unparsed", "authenticated", "in_multi", "listener", "local",
         "multi_dirty", "offload", "parser", "peer", "replies", "reply_off", "resp", "shared", "source",
-        "stopped", "subscriptions", "tls_identity", "to_client", "to_upstream", "upstream_opened", "user",
-        "wait", "_watching",
+        "stopped", "subscriptions", "tls_identity", "to_client", "to_upstream", "upstream_login", "upstream_opened",
+        "user", "wait", "_watching",
     )  # fmt: skip
 
     def __init__(
@@ -106,6 +106,7 @@ class Session(RequestPipeline, LoginsAndACL, StateCommands):
         self.to_client = self.replies.to_client  # the queue's output list (the same list, never replaced)
         self.stopped = False
         self.upstream_opened = False
+        self.upstream_login: bytes | None = None  # mirror mode: the first upstream AUTH, sent by the link itself
         self.parser = RequestParser(shared.policy.max_request_bytes)
         self.resp = 2
         self.in_multi = False

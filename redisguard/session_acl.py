@@ -51,6 +51,7 @@ class LoginsAndACL:
 
     _replay_auth: bool
     _admin_done: Any
+    upstream_login: bytes | None
 
     def _acl_admin(self, name: str, argv: Sequence[bytes], policy: Policy) -> tuple[Any, ...]:
         """ACL SETUSER/DELUSER/LOAD/SAVE against ``policy`` (file I/O included: run off the loop)."""
@@ -286,6 +287,12 @@ class LoginsAndACL:
         """The upstream connection logs in: as the service user, or (mirror mode) as ``user``'s mirror.
         ``answered``: Redis will reply (not under a CLIENT REPLY OFF it has already been sent)."""
         auth = self.policy.upstream_auth(user)
+        first, self.upstream_login = self.upstream_login is None, self.upstream_login or b""
+        if first and auth and self.policy.mirror is not None:
+            # The link sends it alone and holds the rest until Redis accepts it (upstream_link.py): no
+            # request may run upstream as anyone else, and a refused mirror can be re-created and retried.
+            self.upstream_login = auth
+            return
         if auth:
             self.to_upstream.append(auth)
             if answered:

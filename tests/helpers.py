@@ -43,18 +43,28 @@ class RedisProc:
         self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_port(self.port, self.proc)
 
+    def restart(self) -> None:
+        """A new redis-server on the same port: its users are only the configured ones (no data kept)."""
+        self.stop()
+        self.start()
+
 
 def _split(extra: list[str]) -> list[str]:
     # redis-server takes a config directive's arguments as separate argv entries.
     return [part for arg in extra for part in arg.split(" ")]
 
 
-def start_redis(port: int | None = None, extra: list[str] | None = None) -> RedisProc:
-    """A scratch redis-server: loopback only, no persistence, a service user for the proxy."""
+def start_redis(port: int | None = None, extra: list[str] | None = None, aclfile: Path | None = None) -> RedisProc:
+    """A scratch redis-server: loopback only, no persistence, a service user for the proxy (``aclfile``:
+    written with that user, and given to Redis, so ACL LOAD there drops every other user)."""
     port = port or free_port()
+    service = f"{UPSTREAM_USER} on >{UPSTREAM_PASSWORD} ~* &* +@all"
+    if aclfile is not None:
+        aclfile.write_text(f"user {service}\nuser default on nopass ~* &* +@all\n")
+    users = ["--aclfile", str(aclfile)] if aclfile is not None else ["--user", *service.split()]
     args = [
         redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-        "--user", *f"{UPSTREAM_USER} on >{UPSTREAM_PASSWORD} ~* &* +@all".split(), *_split(extra or []),
+        *users, *_split(extra or []),
     ]  # fmt: skip
     r = RedisProc(port, None, args)  # type: ignore[arg-type]
     r.start()
