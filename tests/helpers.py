@@ -54,7 +54,8 @@ def start_redis(port: int | None = None, extra: list[str] | None = None) -> Redi
     port = port or free_port()
     args = [
         redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-        "--user", *f"{UPSTREAM_USER} on >{UPSTREAM_PASSWORD} ~* &* +@all".split(), *_split(extra or []),
+        # (-flushall: proxy_config disables FLUSHALL, and a service user that could run it in a script is refused)
+        "--user", *f"{UPSTREAM_USER} on >{UPSTREAM_PASSWORD} ~* &* +@all -flushall".split(), *_split(extra or []),
     ]  # fmt: skip
     r = RedisProc(port, None, args)  # type: ignore[arg-type]
     r.start()
@@ -91,6 +92,8 @@ def proxy_config(
     (d / "upstream.pw").write_text(UPSTREAM_PASSWORD + "\n")
     if "health_check_interval" not in upstream_extra:  # no PINGs of its own in the shared Redis's MONITOR feed
         upstream_extra += "\nhealth_check_interval = 0.0"
+    if "identity" not in upstream_extra:  # (the service user may manage ACL users: "auto" would choose mirror)
+        upstream_extra += '\nidentity = "service"'
     cfg = write_config(
         d, tls_port, plain_port, redis_port, metrics_port, users, certs, disabled=disabled,
         upstream=f'username = "{UPSTREAM_USER}"\npassword_file = "upstream.pw"\n{upstream_extra}',
