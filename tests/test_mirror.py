@@ -107,7 +107,7 @@ def test_mirror_identity_redis_refuses_the_script(mirror: ProxyProc, upstream: r
     assert any(c["user"] == "rg:alice" for c in upstream.client_list())  # CLIENT LIST on Redis names the user
     res = subprocess.run([sys.executable, "-m", "redisguard", "check-config", "--skip-bind", "-c", str(mirror.config)],
                          capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert "are refused for" not in res.stderr and "upstream identity: mirror (configured)" in res.stdout  # closed
+    assert "are refused for" not in res.stderr and "upstream identity: mirror (configured)" in res.stderr  # closed
 
 
 def test_mirror_users_at_start(mirror: ProxyProc, upstream: redis.Redis) -> None:

@@ -246,7 +246,7 @@ def test_service_refusal_in_order_in_multi_and_pipelines(service: ProxyProc) -> 
 def test_check_config_names_the_refused_users(service: ProxyProc) -> None:
     res = check_config(service)
     assert res.returncode == 0, res.stderr
-    assert "upstream identity: service (configured)" in res.stdout
+    assert "upstream identity: service (configured)" in res.stderr
     line = next(w for w in res.stderr.splitlines() if "are refused for" in w)
     assert "'nodanger', 'narrow'" in line and "'wide'" not in line and f"service user '{UPSTREAM_USER}'" in line
 
@@ -326,7 +326,7 @@ def test_default_is_mirror_where_the_service_user_manages_acl_users(
         assert narrow.execute_command("EVAL_RO", "return redis.call('GET', 'u:1')", 0) == "mine"
         assert upstream.get("sec:1") == "secret"
         res = cli("check-config", "-c", str(p.config), "--skip-bind")
-        assert "upstream identity: auto (auto: decided at start-up by asking Redis" in res.stdout
+        assert "upstream identity: auto (auto: decided at start-up by asking Redis" in res.stderr
     finally:
         p.stop()
 
@@ -350,9 +350,9 @@ def test_default_is_service_where_the_service_user_cannot(tmp_path: Path, certs:
         with pytest.raises(redis.exceptions.NoPermissionError, match=REFUSED):
             client(p, "nodanger").eval("return redis.call('KEYS', '*')", 0)
         res = cli("check-config", "-c", str(cfg), "--skip-bind")
-        assert "upstream identity: auto" in res.stdout
+        assert "upstream identity: auto" in res.stderr
         res = check_config(p)
-        assert "upstream identity: service (auto: the service user 'plain' may not manage" in res.stdout, res.stdout + res.stderr
+        assert "upstream identity: service (auto: the service user 'plain' may not manage" in res.stderr, res.stdout + res.stderr
     finally:
         p.stop()
         upstream.execute_command("ACL", "DELUSER", "plain")
