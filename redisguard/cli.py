@@ -201,7 +201,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     notes: list[str] = []
     errors, warnings = config_warnings(args.config, bind=not args.skip_bind, notes=notes)
     for note in notes:
-        print(note)
+        print(f"note: {note}", file=sys.stderr)  # (stdout stays the one OK line scripts read)
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     for e in errors:

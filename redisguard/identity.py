@@ -206,7 +206,8 @@ async def resolve(config: Config, table: CommandTable) -> Resolution:
         reached = True
     except UNREACHABLE as e:
         identity = "service" if identity == "auto" else identity
-        why = f"{why if up.identity != 'auto' else 'auto'}; Redis could not be asked ({e or type(e).__name__}): service"
+        reason = (e.strerror if isinstance(e, OSError) and e.strerror else str(e)) or type(e).__name__
+        why = f"{why if up.identity != 'auto' else 'auto'}; Redis at {up.where} could not be asked ({reason})"
         service, reached = None, False
     resolved = replace(config, upstream=replace(up, resolved_identity=identity))
     if identity == "mirror" or not reached:

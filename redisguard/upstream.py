@@ -44,11 +44,17 @@ async def upstream_replies(config: Config, commands: list[list[bytes]], timeout:
     return replies
 
 
+# What Redis runs at once inside a MULTI instead of queueing (processCommand): never a probe.
+_RUN_IN_MULTI = frozenset({b"EXEC", b"DISCARD", b"MULTI", b"WATCH", b"QUIT", b"RESET"})
+
+
 async def queued(config: Config, commands: list[list[bytes]], timeout: float) -> list[Any] | None:
     """What Redis answers when the service user queues ``commands`` in a MULTI that is then discarded:
     ``QUEUED`` for each one the service user may run, its refusal (``-NOPERM ...``) for the others. None
     the service user may not run MULTI and DISCARD. Nothing runs: the commands are sent only once Redis
     has accepted the MULTI, on the same connection."""
+    if any(c[0].upper() in _RUN_IN_MULTI for c in commands):
+        raise ValueError("queued: Redis runs this command at once inside a MULTI")
     replies = await _exchange(config, [[[b"MULTI"]], [*commands, [b"DISCARD"]]], timeout, True,
                               go_on=lambda r: r == [b"OK"])  # fmt: skip
     return replies[1][:-1] if len(replies) == 2 and replies[1][-1] == b"OK" else None

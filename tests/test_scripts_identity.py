@@ -356,3 +356,28 @@ def test_default_is_service_where_the_service_user_cannot(tmp_path: Path, certs:
     finally:
         p.stop()
         upstream.execute_command("ACL", "DELUSER", "plain")
+
+
+def test_probes_never_run(tmp_path: Path, certs: Path, own_redis: RedisProc, upstream: redis.Redis) -> None:
+    """What start-up asks Redis is queued in a MULTI that is discarded, and sent only once the MULTI is."""
+    import asyncio
+    from dataclasses import replace
+
+    from redisguard.config import load_config
+    from redisguard.upstream import queued
+
+    users = tmp_path / "users.acl"
+    users.write_text(USERS)
+    config = load_config(proxy_config(tmp_path, certs, users, own_redis.port, free_port(), free_port(), free_port()))
+    prober = replace(config, upstream=replace(config.upstream, username="prober"))
+    try:
+        upstream.execute_command("ACL", "SETUSER", "prober", "reset", "on", f">{UPSTREAM_PASSWORD}", "~*", "+@all")
+        assert asyncio.run(queued(prober, [[b"FLUSHALL"], [b"GET", b"x"]], 5)) == [b"QUEUED", b"QUEUED"]
+        assert upstream.get("sec:1") == "secret"
+        upstream.execute_command("ACL", "SETUSER", "prober", "-multi")  # MULTI refused: nothing else is sent
+        assert asyncio.run(queued(prober, [[b"FLUSHALL"]], 5)) is None
+        assert upstream.get("sec:1") == "secret"
+        with pytest.raises(ValueError):
+            asyncio.run(queued(prober, [[b"exec"]], 5))
+    finally:
+        upstream.execute_command("ACL", "DELUSER", "prober")
