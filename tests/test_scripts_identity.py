@@ -9,9 +9,12 @@ Against real redis-servers of their own."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -327,6 +330,17 @@ def test_default_is_mirror_where_the_service_user_manages_acl_users(
         assert upstream.get("sec:1") == "secret"
         res = cli("check-config", "-c", str(p.config), "--skip-bind")
         assert "upstream identity: auto (auto: decided at start-up by asking Redis" in res.stderr
+        # a reload that disables one more command takes it from every mirror too
+        assert wide.eval("return #redis.call('KEYS', 'sec:*')", 0) == 1
+        p.config.write_text(p.config.read_text().replace('disabled_commands = ["FLUSHALL", "CONFIG"]',
+                                                         'disabled_commands = ["FLUSHALL", "CONFIG", "KEYS"]'))  # fmt: skip
+        os.kill(p.proc.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while "-keys" not in upstream.acl_getuser("rg:wide")["commands"]:
+            assert time.monotonic() < deadline, upstream.acl_getuser("rg:wide")
+            time.sleep(0.1)
+        with pytest.raises(redis.ResponseError, match=CMD_REFUSED):
+            client(p, "wide").eval("return redis.call('KEYS', 'sec:*')", 0)
     finally:
         p.stop()
 
