@@ -8,7 +8,7 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__, cli_acl
 from .acl import ACLError, UsersFileError, hash_password, load_users, missing_default_message
@@ -17,10 +17,11 @@ from .config import Config, ConfigError, load_config
 from .policy import Policy, decide
 from .preflight import preflight, proxy_protocol_warnings, root_warning
 
+if TYPE_CHECKING:
+    from .identity import Resolution
+
 # -c/--config when not given: $REDISGUARD_CONFIG, else the packaged location (the container image's too).
 SYSTEM_CONFIG = "/etc/redisguard/redisguard.toml"
-
-SCRIPTING = ("eval", "evalsha", "eval_ro", "evalsha_ro", "fcall", "fcall_ro", "script", "function", "module")
 
 
 def _die(msg: str, code: int = 2) -> int:
@@ -61,6 +62,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .audit import get_logger
 
         get_logger("redisguard").warning("proxy_sources_too_wide", detail=warning)
+    resolution = _resolve_identity(config)
+    if resolution.problems:
+        for problem in resolution.problems:
+            print(f"redisguard: {problem}", file=sys.stderr)
+        return 2
+    config = resolution.config  # the identity every worker uses, decided once here, before any fork
     if config.server.workers > 1:
         from .supervisor import serve
 
@@ -79,8 +86,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def config_warnings(config_path: str, bind: bool = True) -> tuple[list[str], list[str]]:
-    """(errors, warnings) for a config, its users file and certificates, and (``bind``) its addresses."""
+def _resolve_identity(config: Config) -> Resolution:
+    """[upstream] identity as Redis answers it (identity.resolve), logged; with the shipped command table."""
+    import asyncio
+
+    from .audit import get_logger
+    from .identity import resolve
+
+    resolution = asyncio.run(resolve(config, CommandTable.snapshot()))
+    get_logger("redisguard").info("upstream_identity", identity=resolution.identity, why=resolution.why)
+    return resolution
+
+
+def config_warnings(config_path: str, bind: bool = True, notes: list[str] | None = None) -> tuple[list[str], list[str]]:
+    """(errors, warnings) for a config, its users file and certificates, and (``bind``) its addresses and
+    its Redis; ``notes`` gets what is worth knowing besides (the upstream identity it resolves to)."""
     warnings: list[str] = []
     try:
         config = _load(config_path)
@@ -115,21 +135,51 @@ def config_warnings(config_path: str, bind: bool = True) -> tuple[list[str], lis
             "it allows without AUTH (add 'user default off' to require authentication)"
         )
     warnings += login_warnings(config, users)
-    mirror = config.upstream.identity == "mirror"  # Redis itself then enforces each user's rules in scripts
-    for u in users.values() if not mirror else ():
-        for sel in u.selectors:
-            if sel.allkeys and sel.allchannels:
-                continue
-            risky = [c for c in SCRIPTING if (sel.allcommands or c in sel.allowed)]
-            if risky:
-                warnings.append(
-                    f"user {u.name!r} has key or channel restrictions but may run "
-                    f"{', '.join(c.upper() for c in risky)}: scripts run as the proxy's upstream user, "
-                    "so redisguard cannot enforce those patterns inside them (set [upstream] identity = "
-                    "\"mirror\", deny @scripting for this user, or restrict the upstream user too)"
-                )
-                break
-    return errors, warnings
+    problems, script_warnings, note = identity_findings(config, users, table, ask_redis=bind)
+    if notes is not None:
+        notes.append(note)
+    return errors + problems, warnings + script_warnings
+
+
+def identity_findings(config: Config, users: dict[str, Any], table: CommandTable, ask_redis: bool
+                      ) -> tuple[list[str], list[str], str]:  # fmt: skip
+    """check-config: (errors, warnings, the identity line). The identity as ``serve`` would resolve it
+    (asking Redis, unless ``ask_redis`` is off), why ``serve`` would refuse it, and in service identity
+    the users whose scripts are refused (or, opted in, run with the service user's wider rights)."""
+    import asyncio
+
+    from .config import mirror_prefix_conflict
+    from .identity import Resolution, resolve
+    from .policy import SCRIPT_COMMANDS, covers, refused_commands, script_callable
+
+    up = config.upstream
+    if ask_redis:
+        r = asyncio.run(resolve(config, table))
+    else:
+        r = Resolution(config, "configured" if up.identity != "auto" else
+                       "auto: decided at start-up by asking Redis (not asked: --skip-bind)")  # fmt: skip
+    note = f"upstream identity: {r.identity if up.identity != 'auto' or ask_redis else 'auto'} ({r.why})"
+    if r.identity == "mirror":  # (configured "mirror" was checked when parsed; "auto" may resolve to it)
+        conflict = mirror_prefix_conflict(up)
+        return ([f"[upstream] mirror_prefix: {conflict}"] if conflict else []), [], note
+    who = up.username or "default"
+    policy = Policy(table, users, frozenset(config.acl.disabled_commands))
+    refused, scriptable = refused_commands(policy), script_callable(table)
+    narrower = [u.name for u in users.values() if any(s.allowed & SCRIPT_COMMANDS for s in u.selectors)
+                and not covers(u, r.service, refused, scriptable)]  # fmt: skip
+    if not narrower:
+        return list(r.problems), [], note
+    names = ", ".join(map(repr, narrower[:10])) + (f" and {len(narrower) - 10} more" if len(narrower) > 10 else "")
+    unknown = "" if r.service is not None else " (its rights unknown here: counted as every right)"
+    if up.service_scripts == "allow":
+        warning = (f'[upstream] service_scripts = "allow": scripts of {names} run with the rights of the service user '
+                   f"{who!r}{unknown}, which are wider than theirs: redisguard cannot enforce their rules inside "
+                   'scripts (use [upstream] identity = "mirror")')  # fmt: skip
+    else:
+        warning = (f"scripts (EVAL, EVALSHA, FCALL, FUNCTION LOAD/RESTORE) are refused for {names}: in service identity "
+                   f"they would run with the rights of the service user {who!r}{unknown}, which are wider than theirs "
+                   '(use [upstream] identity = "mirror" to let them run scripts with their own rights)')  # fmt: skip
+    return list(r.problems), [warning], note
 
 
 def login_warnings(config: Config, users: dict[str, Any]) -> list[str]:
@@ -150,7 +200,10 @@ def login_warnings(config: Config, users: dict[str, Any]) -> list[str]:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    errors, warnings = config_warnings(args.config, bind=not args.skip_bind)
+    notes: list[str] = []
+    errors, warnings = config_warnings(args.config, bind=not args.skip_bind, notes=notes)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)  # (stdout stays the one OK line scripts read)
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     for e in errors:
@@ -174,12 +227,13 @@ def cmd_certs_init(args: argparse.Namespace) -> int:
 
 def cmd_acl_check(args: argparse.Namespace) -> int:
     table = CommandTable.snapshot()
-    acl = None
+    acl, scripts = None, "refuse"
     if args.config:  # the proxy's own verdict: its users file, disabled and protected commands
         try:
-            acl = _load(args.config).acl
+            config = _load(args.config)
         except ConfigError as e:
             return _die(str(e))
+        acl, scripts = config.acl, "allow" if config.upstream.identity == "mirror" else "refuse"
     users_path = args.users or (acl.users_file if acl else "config/users.acl")
     try:
         users = load_users(users_path, table)
@@ -191,7 +245,7 @@ def cmd_acl_check(args: argparse.Namespace) -> int:
     argv = [a.encode() for a in args.argv]
     if not argv:
         return _die("give the command after --, e.g. -- SET cache:1 x")
-    policy = Policy(table, users)
+    policy = Policy(table, users, service_scripts=scripts)  # (service identity: the service user's rights unknown)
     if acl is not None:
         # ("upstream" is read from Redis at start; offline it counts as "no", Redis's default)
         policy = replace(policy, disabled=frozenset(acl.disabled_commands), enable_debug_command=acl.enable_debug_command,

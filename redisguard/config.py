@@ -27,7 +27,8 @@ CLIENT_AUTH = ("none", "optional", "required")
 CERT_IDENTITIES = ("cn", "san_dns", "san_uri")
 TLS_VERSIONS = ("1.2", "1.3")
 UNMAPPED_CERT = ("default", "refuse")
-UPSTREAM_IDENTITIES = ("service", "mirror")
+UPSTREAM_IDENTITIES = ("auto", "service", "mirror")
+SERVICE_SCRIPTS = ("refuse", "allow")
 # The TLS 1.3 cipher suites (RFC 8446) by their OpenSSL/IANA names.
 TLS13_SUITES = ("TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256", "TLS_AES_128_GCM_SHA256",
                 "TLS_AES_128_CCM_SHA256", "TLS_AES_128_CCM_8_SHA256")  # fmt: skip
@@ -99,9 +100,15 @@ class UpstreamConfig:
     fetch_command_table: bool = True
     health_check_interval: float = 5.0  # seconds between PINGs that keep redisguard_upstream_up current; 0 = off
     # "service": every client's upstream connection logs in as `username`; "mirror": as the Redis ACL
-    # user redisguard keeps for its user (<mirror_prefix><name>, same rules), so Redis enforces them too.
-    identity: str = "service"
+    # user redisguard keeps for its user (<mirror_prefix><name>, same rules), so Redis enforces them too;
+    # "auto" (the default): "mirror" if the service user may manage Redis ACL users, else "service".
+    identity: str = "auto"
     mirror_prefix: str = "rg:"
+    # Service identity: scripts (EVAL*, FCALL*, FUNCTION LOAD/RESTORE) of users narrower than the service
+    # user are refused ("refuse"), or run with the service user's rights ("allow": the operator's risk).
+    service_scripts: str = "refuse"
+    # What "auto" resolved to at start-up (identity.resolve, once, before any worker forks); not an option.
+    resolved_identity: str = ""
     # Send a PROXY v2 header first on every upstream connection (for an intermediate proxy in front of
     # Redis: Redis itself does not accept PROXY headers).
     proxy_protocol: bool = False
@@ -109,6 +116,13 @@ class UpstreamConfig:
     @property
     def where(self) -> str:
         return f"unix:{self.path}" if self.path else f"{self.host}:{self.port}"
+
+    @property
+    def effective_identity(self) -> str:
+        """"service" or "mirror": as configured, or as "auto" resolved (unresolved: "service", the
+        identity whose scripts rule needs nothing from Redis)."""
+        identity = self.resolved_identity or self.identity
+        return identity if identity != "auto" else "service"
 
 
 def mirror_prefix_conflict(up: UpstreamConfig) -> str | None:
@@ -220,7 +234,7 @@ KNOWN_KEYS: dict[str, tuple[str, ...]] = {
                  "proxy_protocol", "proxy_sources"),
     "upstream": ("address", "path", "username", "password", "password_file", "password_env", "tls", "tls_ca_file",
                  "tls_cert_file", "tls_key_file", "tls_server_name", "connect_timeout", "fetch_command_table",
-                 "health_check_interval", "identity", "mirror_prefix", "proxy_protocol"),
+                 "health_check_interval", "identity", "mirror_prefix", "service_scripts", "proxy_protocol"),
     "acl": ("users_file", "disabled_commands", "enable_debug_command", "enable_module_command", "cert_only",
             "user_sources", "mode", "audit_users", "reload_guard"),
     "profile": ("file", "interval"),
@@ -534,10 +548,12 @@ def parse_config(data: dict[str, Any], base: Path, source: Path | None = None) -
         tls_ca_file=up.path("tls_ca_file"), tls_cert_file=up.path("tls_cert_file"),
         tls_key_file=up.path("tls_key_file"), tls_server_name=up.get("tls_server_name", str, ""),
         connect_timeout=timeout, fetch_command_table=up.get("fetch_command_table", bool, True),
-        health_check_interval=health, identity=up.choice("identity", UPSTREAM_IDENTITIES, "service"),
-        mirror_prefix=up.get("mirror_prefix", str, "rg:"), proxy_protocol=up.get("proxy_protocol", bool, False),
+        health_check_interval=health, identity=up.choice("identity", UPSTREAM_IDENTITIES, "auto"),
+        mirror_prefix=up.get("mirror_prefix", str, "rg:"),
+        service_scripts=up.choice("service_scripts", SERVICE_SCRIPTS, "refuse"),
+        proxy_protocol=up.get("proxy_protocol", bool, False),
     )  # fmt: skip
-    if upstream.identity == "mirror" and not re.fullmatch(r"[!-~]{1,64}", upstream.mirror_prefix):
+    if upstream.identity != "service" and not re.fullmatch(r"[!-~]{1,64}", upstream.mirror_prefix):
         raise up.fail("mirror_prefix", f"1 to 64 printable characters without spaces, got {upstream.mirror_prefix!r}")
     if upstream.identity == "mirror" and (conflict := mirror_prefix_conflict(upstream)):
         raise up.fail("mirror_prefix", conflict)

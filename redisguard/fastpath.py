@@ -106,6 +106,7 @@ class Plan:
             or cmd.channels is not None
             or cmd.name in self._special
             or cmd.name in _DECIDED_ELSEWHERE
+            or policy.refuses_script(self.user, cmd.name)  # decide gives the refusal
         ):
             return None
         selectors = tuple(s for s in self.user.selectors if s.allcommands or cmd.name in s.allowed)

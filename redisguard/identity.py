@@ -11,6 +11,14 @@ ACL user ``<mirror_prefix><name>`` with the same command, key and channel rules 
 this process knows, and each client's upstream connection logs in as its user's mirror: Redis then
 enforces the same rules inside scripts, and ``CLIENT LIST`` / ``ACL LOG`` on Redis name the user.
 
+Which identity (``identity = "auto"``, the default): :func:`resolve` asks Redis, once at start-up
+(``serve`` before any worker forks, and ``check-config``), whether the service user may run ACL
+SETUSER, DELUSER and USERS — queued in a MULTI that is discarded, so nothing runs: yes → mirror, no →
+service. In service identity it also reads the service user's own rights (:func:`service_user`: ACL
+GETUSER, else the same MULTI probe over every command a script can call) for the scripts rule of
+:func:`~redisguard.policy.decide`, and refuses to start if the service user may run a command that
+``[acl] disabled_commands`` refuses (a script could still call it).
+
 Theory of operation (mirror mode)
 ---------------------------------
 The mirror password of a user is ``HMAC-SHA256(key, name)`` with a random key made at start and
@@ -43,18 +51,19 @@ import secrets
 import ssl
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import hiredis
 
-from .acl import User
+from .acl import ACLError, User, new_user
 from .acl.user import printable_name
 from .audit import get_logger
+from .commands import CommandTable
 from .config import Config, ConfigError, mirror_prefix_conflict
-from .policy import LoginRules, Shared
+from .policy import LoginRules, Shared, refused_commands, script_callable
 from .resp import encode_command
-from .upstream import upstream_replies
+from .upstream import queued, upstream_replies
 
 if TYPE_CHECKING:
     from .metrics import Metrics
@@ -87,20 +96,151 @@ def login_rules(config: Config) -> LoginRules:
 
 
 async def install(shared: Shared, config: Config, metrics: Metrics | None = None) -> None:
-    """At start, before any client: the login rules, and in mirror mode the mirror users in Redis."""
+    """At start, before any client: the login rules; in mirror mode the mirror users in Redis, in
+    service mode the service user's rights (for the scripts rule)."""
     policy = replace(shared.policy, logins=login_rules(config))
-    if config.upstream.identity == "mirror":
+    up = config.upstream
+    if up.identity == "auto" and not up.resolved_identity:  # (serve resolves it before any worker forks)
+        config = (await resolve(config, policy.table)).config
+    if config.upstream.effective_identity == "mirror":
         mirror = MirrorIdentity(config, key=PROCESS_KEY, metrics=metrics)
-        policy = replace(policy, mirror=mirror)
+        policy = replace(policy, mirror=mirror, service_scripts="allow")  # Redis checks scripts as the caller
+        mirror.refused = refused_commands(policy)
         await mirror.start(policy.users)
+    else:
+        try:
+            service = await service_user(config, policy.table)
+        except UNREACHABLE:
+            service = None  # unknown: counted as every right
+        policy = replace(policy, service_scripts=up.service_scripts, service_user=service)
     shared.policy = policy
 
 
-def mirror_rules(user: User) -> list[str]:
+def mirror_rules(user: User, refused: Sequence[str] = ()) -> list[str]:
     """``user``'s rules as ACL SETUSER arguments, without its passwords and on/off (the mirror gets
-    ``on`` and its own password): the canonical ``ACL LIST`` form of :meth:`User.describe`."""
+    ``on`` and its own password): the canonical ``ACL LIST`` form of :meth:`User.describe`, less the
+    ``refused`` commands (redisguard's for everyone: :func:`~redisguard.policy.refused_commands`) in
+    every selector, so a script cannot call them either."""
+    minus = [f"-{c}" for c in refused]
     flags = [f for f in user.flags() if f not in ("on", "off", "nopass")]
-    return [*flags, *user.root.describe().split(" "), *("(" + s.describe() + ")" for s in user.selectors[1:])]
+    return [*flags, *user.root.describe().split(" "), *minus,
+            *("(" + " ".join([s.describe(), *minus]) + ")" for s in user.selectors[1:])]  # fmt: skip
+
+
+# -- which identity, and what the service user may do ---------------------------------------------
+UNREACHABLE = (TimeoutError, OSError, ConnectionError, ssl.SSLError)
+# What the mirror users need (MirrorIdentity's own commands), asked as the service user.
+MIRROR_COMMANDS = ("acl|setuser", "acl|deluser", "acl|users")
+
+
+@dataclass(frozen=True)
+class Resolution:
+    config: Config  # with [upstream] resolved_identity set
+    why: str  # how the identity was chosen, for the log line and check-config
+    service: User | None = None  # service identity: the service user's rights (None: unknown, every right)
+    problems: tuple[str, ...] = ()  # service identity: why it must not start
+
+    @property
+    def identity(self) -> str:
+        return self.config.upstream.effective_identity
+
+
+def probe(table: CommandTable, name: str) -> list[bytes]:
+    """A request for command ``name`` (``acl|setuser``) with its arity's worth of placeholder arguments:
+    only ever queued in a MULTI that is discarded (:func:`~redisguard.upstream.queued`)."""
+    cmd = table.get(name)
+    argv = [part.upper().encode() for part in name.split("|")]
+    want = abs(cmd.arity) if cmd is not None else len(argv)
+    return argv + [b"redisguard:probe"] * max(0, want - len(argv))
+
+
+def _refused_by_redis(reply: Any) -> bool:
+    """A queued probe's reply: Redis's refusal of the command itself (not of a key: the command may run)."""
+    return isinstance(reply, hiredis.ReplyError) and "no permissions to run the" in str(reply)
+
+
+async def may_run(config: Config, table: CommandTable, names: Sequence[str]) -> list[bool] | None:
+    """Per command, may the service user run it at all (on some keys)? Redis's own answer, from a MULTI
+    that is discarded; None if the service user may not run MULTI."""
+    replies = await queued(config, [probe(table, n) for n in names], TIMEOUT)
+    return None if replies is None else [not _refused_by_redis(r) for r in replies]
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else ""
+
+
+def getuser_rules(reply: Any) -> list[str]:
+    """ACL GETUSER's reply (flags, passwords, commands, keys, channels, selectors) as the rules that make
+    the same rights (passwords and flags left out)."""
+    def fields(raw: Any) -> dict[str, Any]:
+        items = list(raw.items()) if isinstance(raw, dict) else list(zip(raw[::2], raw[1::2], strict=True))
+        return {_text(k): v for k, v in items}
+
+    def rules(d: dict[str, Any]) -> list[str]:
+        return [r for f in ("commands", "keys", "channels") for r in _text(d.get(f)).split()]
+
+    d = fields(reply)
+    return [*rules(d), *("(" + " ".join(rules(fields(sel))) + ")" for sel in d.get("selectors") or [])]
+
+
+async def service_user(config: Config, table: CommandTable) -> User | None:
+    """The service user's rights as Redis has them: from ACL GETUSER if it may read itself, else every
+    command a script can call that Redis does not refuse it (in a discarded MULTI) with every key and
+    channel; None if neither can be asked."""
+    name = config.upstream.username or "default"
+    (reply,) = await upstream_replies(config, [[b"ACL", b"GETUSER", name.encode()]], TIMEOUT)
+    if isinstance(reply, list | dict) and reply:
+        try:
+            return new_user(name, table, getuser_rules(reply))
+        except ACLError:
+            pass  # rules this command table cannot read (a module's commands): ask command by command
+    names = sorted(script_callable(table))
+    allowed = await may_run(config, table, names)
+    if allowed is None:
+        return None
+    return new_user(name, table, ["~*", "&*", "+@all", *(f"-{n}" for n, ok in zip(names, allowed, strict=True) if not ok)])
+
+
+def runnable_refused(service: User | None, refused: Sequence[str], table: CommandTable) -> list[str]:
+    """The refused commands (``[acl] disabled_commands``) a script run as ``service`` could still call."""
+    scriptable = script_callable(table)
+    mine = {n for s in service.selectors for n in s.allowed} if service is not None else scriptable
+    return [r for r in refused if any(n in mine for n in table.acl.family.get(r, frozenset({r})) & scriptable)]
+
+
+async def resolve(config: Config, table: CommandTable) -> Resolution:
+    """Which identity, asked of Redis once (``serve`` before any worker forks, and ``check-config``), and
+    in service identity the service user's rights and whether redisguard may start with them."""
+    up = config.upstream
+    who = up.username or "default"
+    identity, why = up.identity, "configured"
+    try:
+        if identity == "auto":
+            ok = await may_run(config, table, MIRROR_COMMANDS)
+            identity = "mirror" if ok is not None and all(ok) else "service"
+            why = (f"auto: the service user {who!r} may manage Redis ACL users" if identity == "mirror" else
+                   f"auto: the service user {who!r} may not manage Redis ACL users (ACL SETUSER, DELUSER, USERS)")  # fmt: skip
+        service = await service_user(config, table) if identity == "service" else None
+        reached = True
+    except UNREACHABLE as e:
+        identity = "service" if identity == "auto" else identity
+        reason = (e.strerror if isinstance(e, OSError) and e.strerror else str(e)) or type(e).__name__
+        why = f"{why if up.identity != 'auto' else 'auto'}; Redis at {up.where} could not be asked ({reason})"
+        service, reached = None, False
+    resolved = replace(config, upstream=replace(up, resolved_identity=identity))
+    if identity == "mirror" or not reached:
+        return Resolution(resolved, why)
+    refused = [n for n in config.acl.disabled_commands if table.get(n) is not None]
+    runnable = runnable_refused(service, refused, table)
+    problems: tuple[str, ...] = ()
+    if runnable:
+        known = "" if service is not None else " (its rights could not be read: grant it +acl|getuser or +multi +discard)"
+        problems = (f"upstream: the service user {who!r} may run {', '.join(n.upper() for n in runnable)} in Redis{known}, "
+                    "which [acl] disabled_commands refuses, and in service identity every script runs as that user; fix "
+                    f"it in Redis: ACL SETUSER {who} {' '.join('-' + n for n in runnable)} (and in Redis's ACL file), or "
+                    'use [upstream] identity = "mirror"',)  # fmt: skip
+    return Resolution(resolved, why, service, problems)
 
 
 class MirrorIdentity:
@@ -126,6 +266,7 @@ class MirrorIdentity:
         self._next_full = False
         self._verifying: asyncio.Task[None] | None = None
         self._verify_began = -VERIFY_GAP
+        self.refused: Sequence[str] = ()  # taken from every mirror (mirror_rules); set by install and Shared.swap
 
     def mirror_name(self, name: str) -> str:
         return self.prefix + name
@@ -323,7 +464,7 @@ class MirrorIdentity:
         for name, user in users:
             if self.mirror_name(name) in self.protected:  # (refused at start: never overwrite the service user)
                 continue
-            rules = mirror_rules(user)
+            rules = mirror_rules(user, self.refused)
             text = " ".join(rules)
             if self._synced.get(self.mirror_name(name)) != text:
                 commands.append(self.setuser(user, rules))

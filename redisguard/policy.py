@@ -2,13 +2,22 @@
 
 :func:`decide` is Redis's processCommand up to the point where a command runs: unknown or disabled →
 wrong arity → protected (DEBUG, MODULE LOAD) → NOAUTH → ACL (command, keys, channels, SORT's own
-BY/GET check). The session, ACL DRYRUN and ``redisguard acl check`` all ask it. It is pure, so huge
-requests are decided in a worker thread.
+BY/GET check) → scripts. The session, ACL DRYRUN and ``redisguard acl check`` all ask it. It is pure,
+so huge requests are decided in a worker thread.
+
+Scripts: a proxy cannot see inside a script. Redis checks each ``redis.call`` against the connection's
+user: in mirror identity the caller's own mirror (so a script has the caller's rights, less what
+redisguard refuses to everyone, which :func:`refused_commands` takes from the mirrors too), in service
+identity the service user. There a script of a user whose rights are narrower than the service user's
+would run with more rights than its caller, so :func:`decide` refuses :data:`SCRIPT_COMMANDS` to such
+users (:meth:`Policy.may_script`, computed by :func:`covers`), unless ``[upstream] service_scripts =
+"allow"``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import functools
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
@@ -27,6 +36,16 @@ if TYPE_CHECKING:
     from .session import Session
 
 NOAUTH = b"-NOAUTH Authentication required.\r\n"
+
+# What runs a script, or installs code a later FCALL runs. (FUNCTION LOAD's own run of a library cannot
+# call Redis: "attempt to access nonexistent global variable 'call'".) Not SCRIPT LOAD: it runs nothing,
+# and EVALSHA names a script by the SHA1 of its text, so what one user loads cannot change what another
+# user's EVALSHA runs; EVALSHA itself is here. FUNCTION DELETE/FLUSH run no code: the user's rules decide.
+SCRIPT_COMMANDS = frozenset({"eval", "evalsha", "eval_ro", "evalsha_ro", "fcall", "fcall_ro", "function|load",
+                             "function|restore"})  # fmt: skip
+SCRIPT_REFUSED = (b"-NOPERM this user has no permissions to run the '%s' command: scripts run with the rights of "
+                  b"the proxy's service user, which are wider than this user's; use [upstream] identity = "
+                  b'"mirror"\r\n')  # fmt: skip
 
 
 class Observer(Protocol):
@@ -112,6 +131,13 @@ class Policy:
     logins: LoginRules = field(default_factory=LoginRules)  # who may log in how and from where
     # [upstream] identity = "mirror": each session logs in upstream as its user's mirror (identity.py)
     mirror: MirrorIdentity | None = field(default=None, compare=False, repr=False)
+    # Scripts of users narrower than the service user: "refuse" (service identity), "allow" (mirror
+    # identity: Redis checks them as the caller; or the [upstream] service_scripts opt-in).
+    service_scripts: str = "refuse"
+    # The service user's rights as Redis reports them (identity.service_user); None: unknown, every right.
+    service_user: User | None = field(default=None, compare=False, repr=False)
+    # Per user, may_script()'s answer under this policy (a new policy starts empty, as plans do).
+    scripters: dict[User, bool] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def with_users(self, users: dict[str, User]) -> Policy:
         return replace(self, users=users)
@@ -128,6 +154,22 @@ class Policy:
         if plan is None:
             plan = self.plans[user] = Plan(self, user, printable_name(user.name), special)
         return plan
+
+    def may_script(self, user: User) -> bool:
+        """May ``user`` run :data:`SCRIPT_COMMANDS` (its own rules allowing)? Yes unless scripts would run
+        with more rights than the user has: in service identity, only users who :func:`covers` the
+        service user."""
+        if self.service_scripts == "allow":
+            return True
+        known = self.scripters.get(user)
+        if known is None:
+            known = self.scripters[user] = covers(user, self.service_user, refused_commands(self),
+                                                  script_callable(self.table))  # fmt: skip
+        return known
+
+    def refuses_script(self, user: User, name: str) -> bool:
+        """Is command ``name`` a script that ``user`` may not run here (:meth:`may_script`)?"""
+        return name in SCRIPT_COMMANDS and not self.may_script(user)
 
     @property
     def default_user(self) -> User:
@@ -189,7 +231,8 @@ class Shared:
         old, self.policy = self.policy, policy
         if acl_replies is not None or policy.users is not old.users:
             self.acl_replies = acl_replies  # else rebuilt at first use (or off the loop by the transport)
-        if policy.users is not old.users and policy.mirror is not None:
+        if policy.mirror is not None and (policy.users is not old.users or policy.disabled != old.disabled):
+            policy.mirror.refused = refused_commands(policy)  # (a reload may change [acl] disabled_commands)
             policy.mirror.users_changed(policy.users)  # the mirror users in Redis follow (in the background)
         if policy.users is not old.users and self.on_users_changed is not None:
             return self.on_users_changed(policy, changed, deleted)
@@ -253,7 +296,55 @@ def decide(policy: Policy, user: User, argv: Sequence[bytes], auth_required: boo
         err = sort_restriction(user, cmd, argv)
         if err:
             return Verdict(cmd, err, "key", cmd.name)
+    if policy.refuses_script(user, cmd.name):
+        return Verdict(cmd, SCRIPT_REFUSED % cmd.name.encode(), "script", cmd.name)
     return Verdict(cmd, None, "", cmd.name)
+
+
+def refused_commands(policy: Policy) -> tuple[str, ...]:
+    """What redisguard refuses to everyone whatever their rules, as ACL command names: ``[acl]
+    disabled_commands`` (those Redis knows) and the protected commands while their setting is "no"."""
+    names = [*sorted(policy.disabled)]
+    if policy.enable_debug_command == "no":
+        names.append("debug")
+    if policy.enable_module_command == "no":
+        names += ["module|load", "module|loadex", "module|unload"]
+    return tuple(n for n in dict.fromkeys(names) if policy.table.get(n) is not None)
+
+
+@functools.lru_cache(maxsize=8)
+def script_callable(table: CommandTable) -> frozenset[str]:
+    """The commands a script can call that matter: those without Redis's ``noscript`` flag (subcommands
+    for containers; Redis refuses the others from a script: "This Redis command is not allowed from
+    script"), less the ``<container>|help`` subcommands, which answer a fixed text."""
+    return frozenset(n for n in table.acl.all_names if (c := table.get(n)) is not None and not c.subcommands
+                     and "noscript" not in c.flags and not n.endswith("|help"))  # fmt: skip
+
+
+def covers(user: User, service: User | None, refused: Iterable[str], scriptable: frozenset[str]) -> bool:
+    """Can ``user`` do everything a script run as ``service`` can? True iff one selector of ``user``
+    allows every script-callable command some selector of ``service`` allows (less ``refused``, which
+    redisguard refuses to ``user`` whatever its rules), on every key pattern (with at least its
+    read/write permissions) and channel of ``service``. Conservative: patterns compare as text, so
+    ``~a*`` does not cover ``~ab*``; ``service`` None (unknown) has every right."""
+    family = user.table.acl.family
+    taken = {n for r in refused for n in family.get(r, (r,))}
+    if service is None:
+        needed, keys, channels = set(scriptable), None, None
+    else:
+        needed = {n for s in service.selectors for n in (*s.allowed, *s.firstargs)} & scriptable
+        keys = None if any(s.allkeys for s in service.selectors) else [kp for s in service.selectors for kp in s.keys]
+        channels = None if any(s.allchannels for s in service.selectors) else [c for s in service.selectors for c in s.channels]
+    for sel in user.selectors:
+        if not needed <= (sel.allowed - taken):
+            continue
+        if not sel.allkeys and (keys is None or not all(any(k.pattern == kp.pattern and k.perms & kp.perms == kp.perms
+                                                            for k in sel.keys) for kp in keys)):  # fmt: skip
+            continue
+        if not sel.allchannels and (channels is None or not all(c in sel.channels for c in channels)):
+            continue
+        return True
+    return False
 
 
 def dryrun(policy: Policy, argv: Sequence[bytes]) -> bytes:

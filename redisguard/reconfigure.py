@@ -21,7 +21,8 @@ log = get_logger("redisguard")
 # Settings a reload applies to the running proxy.
 LIVE = ("log.level", "log.format", "log.audit_keys", "acl.disabled_commands")
 # Dataclass fields that are one config key (host + port are "address"), or none (where it was read from).
-_KEY = {"host": "address", "port": "address", "tls": "", "tls_policy": "", "source": None}
+# (resolved_identity: what identity = "auto" became at start; a re-read file has not resolved it.)
+_KEY = {"host": "address", "port": "address", "tls": "", "tls_policy": "", "source": None, "resolved_identity": None}
 
 
 def changed_settings(old: Config, new: Config) -> list[str]:

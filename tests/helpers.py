@@ -58,7 +58,8 @@ def start_redis(port: int | None = None, extra: list[str] | None = None, aclfile
     """A scratch redis-server: loopback only, no persistence, a service user for the proxy (``aclfile``:
     written with that user, and given to Redis, so ACL LOAD there drops every other user)."""
     port = port or free_port()
-    service = f"{UPSTREAM_USER} on >{UPSTREAM_PASSWORD} ~* &* +@all"
+    # (-flushall: proxy_config disables FLUSHALL, and a service user that could run it in a script is refused)
+    service = f"{UPSTREAM_USER} on >{UPSTREAM_PASSWORD} ~* &* +@all -flushall"
     if aclfile is not None:
         aclfile.write_text(f"user {service}\nuser default on nopass ~* &* +@all\n")
     users = ["--aclfile", str(aclfile)] if aclfile is not None else ["--user", *service.split()]
@@ -101,6 +102,8 @@ def proxy_config(
     (d / "upstream.pw").write_text(UPSTREAM_PASSWORD + "\n")
     if "health_check_interval" not in upstream_extra:  # no PINGs of its own in the shared Redis's MONITOR feed
         upstream_extra += "\nhealth_check_interval = 0.0"
+    if "identity" not in upstream_extra:  # (the service user may manage ACL users: "auto" would choose mirror)
+        upstream_extra += '\nidentity = "service"'
     cfg = write_config(
         d, tls_port, plain_port, redis_port, metrics_port, users, certs, disabled=disabled,
         upstream=f'username = "{UPSTREAM_USER}"\npassword_file = "upstream.pw"\n{upstream_extra}',

@@ -24,7 +24,7 @@ from redisguard.commands import CommandTable
 from .helpers import UPSTREAM_PASSWORD, UPSTREAM_USER, RedisProc, free_port, redis_server_binary, start_redis
 
 HASH = "5e884898da28047151d0e56f8dc6292773603d0d6aba4b3fb9e0faa1e9ea3b5f"  # sha256("password")
-INITIAL = f"user default on nopass ~* &* +@all\nuser {UPSTREAM_USER} on >{UPSTREAM_PASSWORD} ~* &* +@all\n"
+INITIAL = f"user default on nopass ~* &* +@all\nuser {UPSTREAM_USER} on >{UPSTREAM_PASSWORD} ~* &* +@all -flushall\n"
 
 
 def reply_end(buf: bytes, i: int) -> int | None:
@@ -503,7 +503,7 @@ def test_save_errors_and_new_file(tmp_path: Path, table: CommandTable, raw: Raw)
     fresh = tmp_path / "new.acl"
     save_users_file(fresh, users)
     assert stat.S_IMODE(os.stat(fresh).st_mode) == 0o600
-    assert fresh.read_bytes() == b"user default on nopass ~* &* +@all\nuser svc on #%s ~* &* +@all\n" % (
+    assert fresh.read_bytes() == b"user default on nopass ~* &* +@all\nuser svc on #%s ~* &* +@all -flushall\n" % (
         users["svc"].passwords[0].encode()
     )
     reply, err = acl_save(tmp_path / "no-such-dir" / "users.acl", users)

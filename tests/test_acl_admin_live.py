@@ -18,7 +18,7 @@ USERS = [
     "user default off",
     "user admin on >admin-pw ~* &* +@all",
     "user alice on >alice-pw ~cache:* &events:* +@all -@dangerous",
-    "user svc on >svc-test-password ~* &* +@all",  # the upstream's service user, which the mirror also has
+    "user svc on >svc-test-password ~* &* +@all -flushall",  # the upstream's service user, which the mirror also has
 ]
 
 

@@ -164,7 +164,7 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
         load_config(p)
     with pytest.raises(ConfigError, match=r"acl.cert_only: user name patterns"):
         load_config(_config(tmp_path, "", acl="cert_only = [1]"))
-    with pytest.raises(ConfigError, match=r"upstream.identity: must be one of service, mirror; got 'proxy'"):
+    with pytest.raises(ConfigError, match=r"upstream.identity: must be one of auto, service, mirror; got 'proxy'"):
         load_config(_config(tmp_path, "", upstream='identity = "proxy"'))
 
 

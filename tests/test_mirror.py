@@ -79,17 +79,20 @@ def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-def test_service_identity_scripts_reach_any_key(service: ProxyProc) -> None:
-    """The gap: redisguard checks EVAL's declared keys (none), Redis runs the script as the service user."""
+def test_service_identity_refuses_scripts_that_would_reach_more(service: ProxyProc) -> None:
+    """The gap, closed: Redis would run the script as the service user, so redisguard refuses it to alice,
+    whose key patterns are narrower; admin (~* &* +@all, as wide as the service user) runs scripts."""
     alice = client(service, "alice")
     with pytest.raises(redis.exceptions.NoPermissionError, match="no permissions to access one of the keys"):
         alice.execute_command("GET", "secret")  # GET secret itself is refused by redisguard
-    assert alice.eval(SCRIPT, 0) == "the-secret"
+    with pytest.raises(redis.exceptions.NoPermissionError, match="rights of the proxy's service user.*identity = \"mirror\""):
+        alice.eval(SCRIPT, 0)
+    assert client(service, "admin").eval(SCRIPT, 0) == "the-secret"
     assert f"user={UPSTREAM_USER}" in alice.execute_command("CLIENT", "INFO")
     res = subprocess.run([sys.executable, "-m", "redisguard", "check-config", "--skip-bind", "-c", str(service.config)],
                          capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert "user 'alice' has key or channel restrictions but may run EVAL" in res.stderr
-    assert 'identity = "mirror"' in res.stderr
+    assert "are refused for 'alice', 'bob'" not in res.stderr  # bob may not run scripts at all
+    assert "are refused for 'alice'" in res.stderr and 'identity = "mirror"' in res.stderr
 
 
 def test_mirror_identity_redis_refuses_the_script(mirror: ProxyProc, upstream: redis.Redis) -> None:
@@ -104,7 +107,7 @@ def test_mirror_identity_redis_refuses_the_script(mirror: ProxyProc, upstream: r
     assert any(c["user"] == "rg:alice" for c in upstream.client_list())  # CLIENT LIST on Redis names the user
     res = subprocess.run([sys.executable, "-m", "redisguard", "check-config", "--skip-bind", "-c", str(mirror.config)],
                          capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert "may run EVAL" not in res.stderr  # closed: no warning
+    assert "are refused for" not in res.stderr and "upstream identity: mirror (configured)" in res.stderr  # closed
 
 
 def test_mirror_users_at_start(mirror: ProxyProc, upstream: redis.Redis) -> None:
