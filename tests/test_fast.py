@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import redisguard
 import redisguard.fast as fast
 from redisguard.fast import _pure
 
@@ -46,6 +47,14 @@ def test_no_extensions_forces_the_pure_twin() -> None:
         out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "REDISGUARD_NO_EXTENSIONS": value},
                              capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
         assert out == want
+
+
+def test_version_says_which_kernel() -> None:
+    for flag, want in ("0", "fast path: compiled"), ("1", "fast path: pure Python"):
+        env = {**os.environ, "REDISGUARD_NO_EXTENSIONS": flag}
+        out = subprocess.run([sys.executable, "-m", "redisguard", "--version"], env=env,
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+        assert out == f"redisguard {redisguard.__version__}, {want}\n"
 
 
 @settings(max_examples=3000, deadline=None)
