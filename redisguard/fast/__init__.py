@@ -16,18 +16,16 @@ from . import _pure
 NO_EXTENSIONS = os.environ.get("REDISGUARD_NO_EXTENSIONS", "") not in ("", "0")
 
 COMPILED = False
+stringmatchlen = _pure.stringmatchlen
 if not NO_EXTENSIONS:
     try:
-        from . import _speedups as _kernel  # type: ignore[attr-defined]
-
-        COMPILED = True
+        from . import _speedups
     except ImportError:  # not built (no compiler at install time): the pure twin
-        _kernel = _pure
-else:
-    _kernel = _pure
+        pass
+    else:
+        COMPILED = True
+        stringmatchlen = _speedups.stringmatchlen
 
 KERNEL = "compiled" if COMPILED else "pure Python"  # what `redisguard --version` and redisguard_build_info say
-
-stringmatchlen = _kernel.stringmatchlen
 
 __all__ = ["COMPILED", "KERNEL", "NO_EXTENSIONS", "stringmatchlen"]
