@@ -5,8 +5,9 @@
  * - every read is bounded by the lengths (util.c reads the NUL after an sds where the length is 0 or
  *   1: "pattern[1] == '*'", "*pattern == '*'"; a NUL is never '*', '^' or ']', so testing the length
  *   instead gives the same answer for any bytes, NUL included);
- * - a '*' followed by a plain byte tries only the positions holding that byte (memchr): at any other
- *   position the nested call fails on its first byte without touching skipLongerMatches;
+ * - a '*' followed by plain bytes tries only the positions where they are (memmem; with nocase, where
+ *   the first is): at any other position the nested call would fail on one of them, or run out of
+ *   string before them, without touching skipLongerMatches;
  * - large inputs are matched without the GIL: the arguments are bytes objects (immutable) that the
  *   call holds a reference to. */
 #define PY_SSIZE_T_CLEAN
@@ -45,9 +46,13 @@ static int match_impl(const unsigned char *p, Py_ssize_t plen, const unsigned ch
                 plen--;
             }
             if (plen == 1) return 1;
+            /* the run of plain bytes after the '*' */
+            Py_ssize_t run = 0;
+            while (run < plen - 1 && plain_byte(p[1 + run])) run++;
             while (slen) {
-                if (plain_byte(p[1])) {
-                    const unsigned char *at = next_candidate(s, slen, p[1], nocase);
+                if (run) {
+                    const unsigned char *at = nocase ? next_candidate(s, slen, p[1], nocase)
+                                                     : memmem(s, (size_t)slen, p + 1, (size_t)run);
                     if (at == NULL) break;
                     slen -= at - s;
                     s = at;
