@@ -34,16 +34,18 @@ BATCH = 256
 # the event loop, in a worker thread, so one huge MGET, or a 512 KiB key matched against a hundred
 # `*x*` patterns, cannot stall other clients; cheap requests, however large, stay on the loop.
 # The estimate (generous, in ns) is per argument, per argument and pattern (a matcher call), and per
-# byte and pattern that needs the general matcher (compile_glob's `==`/`startswith` shapes cost
-# nothing per byte). Every argument counts as a key: values are not told apart, that would cost more.
+# byte of the request: copying, plus the general matcher's worst case, which is linear in the key's
+# length times the pattern's (skipLongerMatches: each '*' retries only until the next one is reached),
+# for each pattern that needs it (compile_glob's `==`/`startswith` shapes cost nothing per byte).
+# Every argument counts as a key: values are not told apart, that would cost more.
 OFFLOAD_NS = 1_000_000
 OFFLOAD_ARGC = 4096  # this many arguments alone reach OFFLOAD_NS, whatever the user
 _ARG_NS = OFFLOAD_NS / OFFLOAD_ARGC
 _CALL_NS = 150.0
-_BYTE_NS = 0.1  # copying and re-encoding
-# The general matcher per key byte and pattern, at its worst (a pattern byte matching every key byte):
-# ~6 ns compiled, ~250 ns in the pure twin.
-_MATCH_BYTE_NS = 8.0 if COMPILED else 300.0
+_BYTE_NS = 0.1
+# The general matcher per key byte and pattern byte, at its worst (a recursion at every key byte, e.g.
+# `*?:p0:*` against a run of ':'): ~1.2 ns compiled, ~45 ns in the pure twin.
+_MATCH_NS = 1.5 if COMPILED else 60.0
 
 
 class _Cost:
@@ -52,16 +54,16 @@ class _Cost:
     __slots__ = ("per_arg", "per_byte", "never_over")
 
     def __init__(self, user: User | None) -> None:
-        patterns = general = 0
+        patterns = general = 0  # how many; the general matcher's pattern bytes
         for sel in user.selectors if user is not None else ():
             if not sel.allkeys:
                 patterns += len(sel.keys)
-                general += sum(needs_matcher(kp.pattern) for kp in sel.keys)
+                general += sum(len(kp.pattern) for kp in sel.keys if needs_matcher(kp.pattern))
             if not sel.allchannels:  # channels use the general matcher
                 patterns += len(sel.channels)
-                general += len(sel.channels)
+                general += sum(map(len, sel.channels))
         self.per_arg = _ARG_NS + patterns * _CALL_NS
-        self.per_byte = _BYTE_NS + general * _MATCH_BYTE_NS
+        self.per_byte = _BYTE_NS + general * _MATCH_NS
         # No request in fewer bytes than this can reach OFFLOAD_NS (an argument takes at least 2 bytes
         # of the request, "a " inline), so most batches need no estimate at all.
         self.never_over = OFFLOAD_NS / (self.per_arg / 2 + self.per_byte)
