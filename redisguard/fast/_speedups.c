@@ -40,7 +40,7 @@ static int match_impl(const unsigned char *p, Py_ssize_t plen, const unsigned ch
     if (nesting > MAX_NESTING) return 0;
     while (plen && slen) {
         switch (p[0]) {
-        case '*':
+        case '*': {
             while (plen > 1 && p[1] == '*') {
                 p++;
                 plen--;
@@ -64,6 +64,7 @@ static int match_impl(const unsigned char *p, Py_ssize_t plen, const unsigned ch
             }
             *skipLongerMatches = 1;
             return 0;
+        }
         case '?':
             s++;
             slen--;
