@@ -1,5 +1,6 @@
 # redisguard container image: non-root (uid 10001), installed from a wheelhouse built on the host with
-# pinned dependencies, so the build needs no network:
+# pinned dependencies, so the build needs no network (the host compiles redisguard's kernel into its
+# wheel, for the image's Python 3.11; the build refuses a wheel without it):
 #   python3 -m pip wheel . -w wheels -c constraints.txt
 #   docker build -t redisguard .          (or: buildah bud --format docker -t redisguard .)
 # Mount points (all read-only; the image ships no users and no certificates):
@@ -16,6 +17,8 @@ RUN python3 -m venv /opt/redisguard \
  && /opt/redisguard/bin/pip install --no-index --find-links /wheels -c /wheels/constraints.txt --no-cache-dir \
       --disable-pip-version-check -q redisguard \
  && /opt/redisguard/bin/pip uninstall -y -q pip setuptools
+RUN /opt/redisguard/bin/redisguard --version | grep -q 'fast path: compiled' \
+ || { echo "redisguard's wheel lacks the compiled kernel (build it where gcc and the Python headers are)" >&2; exit 1; }
 
 FROM ${BASE}
 RUN useradd --no-create-home --uid 10001 --user-group --home-dir /nonexistent --shell /usr/sbin/nologin redisguard \

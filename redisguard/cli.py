@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__, cli_acl
+from . import __version__, cli_acl, fast
 from .acl import ACLError, UsersFileError, hash_password, load_users, missing_default_message
 from .commands import CommandTable
 from .config import Config, ConfigError, load_config
@@ -301,7 +301,7 @@ def _config_option(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="redisguard", description="TLS + ACL proxy in front of Redis")
-    p.add_argument("--version", action="version", version=f"redisguard {__version__}")
+    p.add_argument("--version", action="version", version=f"redisguard {__version__}, fast path: {fast.KERNEL}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(parent: argparse._SubParsersAction, name: str, text: str) -> argparse.ArgumentParser:  # type: ignore[type-arg]

@@ -15,7 +15,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from . import __version__
+from . import __version__, fast
 
 # redisguard_upstream_errors_total{reason}: every value exists from the start (at 0), for increase() in alerts.
 UPSTREAM_ERROR_REASONS = ("auth", "noperm", "timeout", "refused", "tls", "connect", "error")
@@ -89,7 +89,7 @@ class Metrics:
         self.cert_expiry = Gauge("redisguard_certificate_expiry_timestamp_seconds",
                                  "When a loaded certificate expires.", ["cert"], registry=r)  # fmt: skip
         self.build_info = Gauge("redisguard_build_info", "Build information.",
-                                ["version", "python", "redis_version"], registry=r)  # fmt: skip
+                                ["version", "python", "redis_version", "fast_path"], registry=r)  # fmt: skip
         self.request_errors = Counter("redisguard_request_errors", "Requests answered with an error before any ACL "
                                       "verdict (unknown command, wrong arity, protocol error, unsupported).",
                                       ["reason"], registry=r)  # fmt: skip
@@ -136,7 +136,7 @@ class Metrics:
         self.config_last_reload_ok.set(1 if ok else 0)
 
     def set_build_info(self, redis_version: str) -> None:
-        self.build_info.labels(__version__, platform.python_version(), redis_version).set(1)
+        self.build_info.labels(__version__, platform.python_version(), redis_version, fast.KERNEL).set(1)
 
     def render(self) -> bytes:
         for hook in self.before_render:

@@ -12,28 +12,77 @@ a huge request decided in a worker thread) pauses the session: the transport sto
 
 from __future__ import annotations
 
+import weakref
 from collections import deque
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from .acl.glob import needs_matcher
+from .fast import COMPILED
 from .policy import Verdict, decide, dryrun
 from .reply_queue import RELAY
 from .resp import encode_command_pieces
 from .session_acl import ACL_ADMIN
 
+if TYPE_CHECKING:
+    from .acl.user import User
+
 # Requests decided per call before the session yields to the event loop (the transport calls
 # resume() on the next turn): a write of 100,000 tiny requests must not hold the loop.
 BATCH = 256
-# Requests with more arguments or bytes than this are decided (and re-encoded) off the event loop,
-# so one huge MGET, DEL or 1 MB key name matched against `*x*` patterns cannot stall other clients.
-OFFLOAD_ARGC = 4096
-OFFLOAD_BYTES = 64 * 1024
-# No request in fewer bytes than this can be huge (each argument takes at least 6 bytes: "$0\r\n\r\n").
-_NEVER_HUGE = min(OFFLOAD_BYTES, 6 * OFFLOAD_ARGC)
+# A request whose ACL check is estimated to cost more than OFFLOAD_NS is decided (and re-encoded) off
+# the event loop, in a worker thread, so one huge MGET, or a 512 KiB key matched against a hundred
+# `*x*` patterns, cannot stall other clients; cheap requests, however large, stay on the loop.
+# The estimate (generous, in ns) is per argument, per argument and pattern (a matcher call), and per
+# byte of the request: copying, plus the general matcher's worst case, which is linear in the key's
+# length times the pattern's (skipLongerMatches: each '*' retries only until the next one is reached),
+# for each pattern that needs it (compile_glob's `==`/`startswith` shapes cost nothing per byte).
+# Every argument counts as a key: values are not told apart, that would cost more.
+OFFLOAD_NS = 1_000_000
+OFFLOAD_ARGC = 4096  # this many arguments alone reach OFFLOAD_NS, whatever the user
+_ARG_NS = OFFLOAD_NS / OFFLOAD_ARGC
+_CALL_NS = 150.0
+_BYTE_NS = 0.1
+# The general matcher per key byte and pattern byte, at its worst (a recursion at every key byte, e.g.
+# `*?:p0:*` against a run of ':'): ~1.2 ns compiled, ~45 ns in the pure twin.
+_MATCH_NS = 1.5 if COMPILED else 60.0
 
 
-def _huge(argv: Sequence[bytes]) -> bool:
-    return len(argv) > OFFLOAD_ARGC or sum(map(len, argv)) > OFFLOAD_BYTES
+class _Cost:
+    """What a user's rules make each argument and byte of a request cost to check (see OFFLOAD_NS)."""
+
+    __slots__ = ("per_arg", "per_byte", "never_over")
+
+    def __init__(self, user: User | None) -> None:
+        patterns = general = 0  # how many; the general matcher's pattern bytes
+        for sel in user.selectors if user is not None else ():
+            if not sel.allkeys:
+                patterns += len(sel.keys)
+                general += sum(len(kp.pattern) for kp in sel.keys if needs_matcher(kp.pattern))
+            if not sel.allchannels:  # channels use the general matcher
+                patterns += len(sel.channels)
+                general += sum(map(len, sel.channels))
+        self.per_arg = _ARG_NS + patterns * _CALL_NS
+        self.per_byte = _BYTE_NS + general * _MATCH_NS
+        # No request in fewer bytes than this can reach OFFLOAD_NS (an argument takes at least 2 bytes
+        # of the request, "a " inline), so most batches need no estimate at all.
+        self.never_over = OFFLOAD_NS / (self.per_arg / 2 + self.per_byte)
+
+    def over(self, argv: Sequence[bytes]) -> bool:
+        return len(argv) > OFFLOAD_ARGC or len(argv) * self.per_arg + sum(map(len, argv)) * self.per_byte > OFFLOAD_NS
+
+
+# Users never change once they serve clients (a change makes a new User), so their cost is computed once.
+_costs: weakref.WeakKeyDictionary[User, _Cost] = weakref.WeakKeyDictionary()
+
+
+def cost_of(user: User | None) -> _Cost:
+    if user is None:
+        return _Cost(None)
+    cost = _costs.get(user)
+    if cost is None:
+        cost = _costs[user] = _Cost(user)
+    return cost
 
 
 class RequestPipeline:
@@ -50,10 +99,9 @@ class RequestPipeline:
     _exec_changes: Any
     _offload_basis: Any
 
-    @staticmethod
-    def _offloads(argv: Sequence[bytes]) -> bool:
-        """Decided in a worker thread: huge requests, and the ACL subcommands that are work of their own."""
-        return _huge(argv) or (len(argv) > 1 and argv[0].lower() == b"acl" and argv[1].lower() in ACL_ADMIN)
+    def _offloads(self, argv: Sequence[bytes]) -> bool:
+        """Decided in a worker thread: requests costly to check, and the ACL subcommands that are work of their own."""
+        return cost_of(self.user).over(argv) or (len(argv) > 1 and argv[0].lower() == b"acl" and argv[1].lower() in ACL_ADMIN)
 
     @property
     def backlog(self) -> bool:
@@ -156,10 +204,11 @@ class RequestPipeline:
         if self.shared.profile is not None:
             return False  # every request is recorded on the way through decide()
         allowed = self.policy.plan(self.user, self.special).allowed
-        check_size = size > _NEVER_HUGE
+        cost = cost_of(self.user)
+        estimate = size > cost.never_over
         labels = []
         for argv in requests:
-            if check_size and _huge(argv):
+            if estimate and cost.over(argv):
                 return False
             label = allowed(argv)
             if label is None:

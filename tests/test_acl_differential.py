@@ -14,6 +14,7 @@ from redisguard.acl import ACLError, check, compile_glob, new_user, stringmatch
 from redisguard.commands import CommandTable
 
 from .helpers import RedisProc, start_redis
+from .kernels import TWINS
 
 SEED_USERS = 420  # x CASES_PER_USER commands each: >= 20,000 (user, command) verdicts per run
 CASES_PER_USER = 90
@@ -220,17 +221,20 @@ def test_rules_describe_and_verdicts_match_redis(oracle: RedisProc, table: Comma
         for s in KEY_NAMES + [b"zz", b"]"]
     ],
 )
-def test_glob_matches_redis_semantics(oracle: RedisProc, pattern: str, string: bytes) -> None:
+@pytest.mark.parametrize("kernel", TWINS)
+def test_glob_matches_redis_semantics(oracle: RedisProc, pattern: str, string: bytes, kernel) -> None:  # type: ignore[no-untyped-def]
     """stringmatchlen through ACL: a user with only %R~pattern may GET a key iff the glob matches
-    (%R~* is an ordinary pattern, so this also pins down "*" against the empty key)."""
+    (%R~* is an ordinary pattern, so this also pins down "*" against the empty key); both twins of
+    the kernel, and compile_glob over the one in use."""
     r = _conn(oracle)
     r.execute_command("ACL", "SETUSER", "g", "reset", "on", "nopass", "+get", "%R~" + pattern)
     want = r.execute_command("ACL", "DRYRUN", "g", "GET", string) == b"OK"
-    assert stringmatch(pattern.encode(), string) == want
+    assert kernel(pattern.encode(), string) == want
     assert compile_glob(pattern.encode())(string) == want
 
 
-def test_glob_random_patterns_match_redis(oracle: RedisProc, table: CommandTable) -> None:
+@pytest.mark.parametrize("kernel", TWINS)
+def test_glob_random_patterns_match_redis(oracle: RedisProc, table: CommandTable, kernel) -> None:  # type: ignore[no-untyped-def]
     """Random patterns against random names (empty, NUL, CR/LF, high bytes, 1 MB), as key patterns
     (%R~p: never the allkeys flag) and channel patterns (&p), through ACL DRYRUN and through ours."""
     rng = random.Random(20261126)
@@ -254,6 +258,9 @@ def test_glob_random_patterns_match_redis(oracle: RedisProc, table: CommandTable
                 assert cmd is not None
                 pipe.execute_command("ACL", "DRYRUN", "g", *argv)
                 cases.append((pattern.encode(), argv, check(user, cmd, argv) is None))
+        for name in names:
+            pipe.execute_command("ACL", "DRYRUN", "g", "GET", name)
+            cases.append((pattern.encode(), [b"kernel", name], kernel(pattern.encode(), name)))
         key = names[0]
         assert compile_glob(pattern.encode())(key) == stringmatch(pattern.encode(), key)
     problems = []
@@ -263,6 +270,32 @@ def test_glob_random_patterns_match_redis(oracle: RedisProc, table: CommandTable
         elif (reply == b"OK") != ours:
             problems.append(f"pattern {pattern!r} {argv[0]!r} {argv[1][:40]!r}: redis={reply[:80]!r} ours allow={ours}")
     assert not problems, "\n".join(problems[:30]) + f"\n({len(problems)} problems)"
+
+
+@pytest.mark.parametrize("kernel", TWINS)
+@pytest.mark.parametrize(
+    ("pattern", "string"),
+    [
+        *[(b"a*" * n, b"a" * 2100) for n in (1000, 1001, 1002, 1003)],  # the nesting limit
+        (b"a*" * 1001 + b"b", b"a" * 2100),
+        (b"*a*a*a*a*a*a*a*a*a*b", b"a" * 5000),  # exponential without skipLongerMatches
+        (b"*a*a*a*a*a*a*a*a*a*a", b"a" * 5000),
+        (b"*a*b*a*b*a*b*c", b"ab" * 3000),
+        (b"*[a-c]*[^x]*?*\\**z", b"abc" * 2000),
+        (b"*:p0:*", b":" * 5000 + b"p0:"),
+        (b"*:p0:*", b":" * 5000 + b"p0"),
+        (b"*\xff\x80*", b"\x80\xff" * 2000 + b"\xff\x80\xff"),
+    ],
+)
+def test_adversarial_globs_match_redis(oracle: RedisProc, pattern: bytes, string: bytes, kernel) -> None:  # type: ignore[no-untyped-def]
+    """Patterns built to explode and the nesting limit (CVE-2022-36021), as Redis 7.0.15 answers them."""
+    r = _conn(oracle)
+    r.execute_command("ACL", "SETUSER", "adv", "reset", "on", "nopass", "+get", b"%R~" + pattern)
+    for name in (string, string[:-1], string + b"z"):
+        want = r.execute_command("ACL", "DRYRUN", "adv", "GET", name) == b"OK"
+        assert kernel(pattern, name) is want, (pattern[:40], len(name))
+        assert compile_glob(pattern)(name) is want
+    r.execute_command("ACL", "DELUSER", "adv")
 
 
 def test_psubscribe_with_nul_is_stricter_than_redis(oracle: RedisProc, table: CommandTable) -> None:

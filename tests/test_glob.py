@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 from redisguard.acl import check, compile_glob, new_user, stringmatch
 from redisguard.commands import CommandTable
 
+from .kernels import TWINS
+
 HUGE = b"a:" + b"\x00\r\n\xff" * (1 << 18)  # a bit over 1 MB
 
 # (pattern, string, Redis 7.0.15's answer), each read from ACL DRYRUN of a `%R~<pattern>` user.
@@ -52,8 +54,10 @@ ORACLE = [
 ]
 
 
+@pytest.mark.parametrize("kernel", TWINS)
 @pytest.mark.parametrize(("pattern", "string", "want"), ORACLE)
-def test_known_redis_answers(pattern: bytes, string: bytes, want: bool) -> None:
+def test_known_redis_answers(pattern: bytes, string: bytes, want: bool, kernel) -> None:  # type: ignore[no-untyped-def]
+    assert kernel(pattern, string) is want
     assert stringmatch(pattern, string) is want
     assert compile_glob(pattern)(string) is want
 
@@ -95,7 +99,9 @@ def test_compile_glob_equals_stringmatch_random(pattern: bytes, string: bytes) -
     [(b"*", True), (b"**", True), (b"a*", True), (b"a:*", True), (b"b*", False), (b"a", False), (b"", False),
      (b"?", False), (b"*\xff", True), (b"a[:]*", True)],
 )  # fmt: skip
-def test_one_megabyte_name(pattern: bytes, want: bool) -> None:
+@pytest.mark.parametrize("kernel", TWINS)
+def test_one_megabyte_name(pattern: bytes, want: bool, kernel) -> None:  # type: ignore[no-untyped-def]
+    assert kernel(pattern, HUGE) is want
     assert stringmatch(pattern, HUGE) is want
     assert compile_glob(pattern)(HUGE) is want
 

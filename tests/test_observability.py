@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from redisguard import fast
 from redisguard.metrics import parse_samples as samples
 from redisguard.resp import encode_command
 
@@ -89,7 +90,8 @@ def test_exact_counters_after_scripted_traffic(fresh, certs: Path) -> None:  # t
     assert sum(v for k, v in s.items() if k.startswith("redisguard_tls_handshake_failures_total")) == 2
     assert s['redisguard_tls_handshake_failures_total{listener="tls",reason="protocol"}'] == 1
     assert sum(v for k, v in s.items() if k.startswith("redisguard_auth_failures_total")) == 3
-    assert any(k.startswith("redisguard_build_info{") and 'redis_version="7.0' in k for k in s)
+    build = [k for k in s if k.startswith("redisguard_build_info{")]
+    assert len(build) == 1 and 'redis_version="7.0' in build[0] and f'fast_path="{fast.KERNEL}"' in build[0]
     assert s['redisguard_certificate_expiry_timestamp_seconds{cert="tls:server"}'] > time.time() + 300 * 86400
     assert not any("_created" in k for k in s)
     assert "127.0.0.1" not in scrape(p)  # no client addresses in labels

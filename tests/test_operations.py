@@ -200,9 +200,9 @@ def test_every_documented_option_is_a_known_key() -> None:
 
 
 def test_version_help_and_default_config(tmp_path: Path) -> None:
-    from redisguard import __version__
+    from redisguard import __version__, fast
 
-    assert cli("--version").stdout == f"redisguard {__version__}\n"
+    assert cli("--version").stdout == f"redisguard {__version__}, fast path: {fast.KERNEL}\n"
     top = cli("--help").stdout
     commands = ["serve", "check-config", "audit-upstream", "firewall", "certs init", "acl check", "acl hash", "demo"]
     for command in commands:

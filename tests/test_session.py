@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from redisguard import fast
 from redisguard.acl import parse_users
 from redisguard.commands import CommandTable
 from redisguard.guards import AuthThrottle
@@ -89,6 +91,49 @@ def test_huge_request_is_decided_off_the_loop() -> None:
     s.client_data(encode_command(denied))
     s.offloaded(*s.decide_offloaded(s.offload))
     assert not s.to_upstream and s.to_client[-1].startswith(b"-NOPERM")
+
+
+COST_USERS = parse_users(
+    "user default off\n"
+    "user pre on >pre-pw ~app:* ~cache:* +@all -@dangerous\n"
+    "user glob on >glob-pw " + " ".join(f"~*:p{i}:*" for i in range(10)) + " +@all -@dangerous\n"
+    "user many on >many-pw " + " ".join(f"~*:p{i}:*" for i in range(100)) + " +@all -@dangerous\n",
+    TABLE,
+)
+
+
+@pytest.mark.parametrize(
+    ("user", "argv", "offloaded"),
+    [
+        ("pre", [b"GET", b"app:" + b"x" * (1 << 20)], False),  # `app:*` is a startswith: cheap for any key
+        ("pre", [b"SET", b"app:1", b"v" * (4 << 20)], False),  # a large value, nothing to match in it
+        ("pre", [b"MSET", *[b"app:%d" % (i // 2) for i in range(1000)]], False),
+        ("pre", [b"MGET", *[b"app:%d" % i for i in range(OFFLOAD_ARGC + 1)]], True),  # arguments alone
+        ("glob", [b"GET", b":" * 1024], False),
+        ("glob", [b"GET", b":" * (64 << 10)], True),  # 10 patterns x 64 KiB in the general matcher
+        ("many", [b"GET", b":" * 512], False),
+        ("many", [b"GET", b":" * (4 << 10)], True),
+        ("many", [b"MSET", *[b"k:p9:%d" % (i // 2) for i in range(200)]], True),  # 100 calls per argument
+    ],
+)
+def test_offload_is_decided_by_the_cost_of_matching(user: str, argv: list[bytes], offloaded: bool) -> None:
+    """Not by size: what leaves the loop is what costs the user's patterns ~1 ms or more to check; the
+    verdict and the order of replies are the same either way."""
+    s = Session(Shared(Policy(TABLE, COST_USERS)), "test", "10.0.0.1:5000")
+    s.client_data(encode_command([b"AUTH", user.encode(), user.encode() + b"-pw"]))
+    s.to_client.clear()
+    s.client_data(encode_command(argv) + encode_command([b"PING"]))
+    # the figures are the compiled matcher's; the pure twin's estimate is higher, it offloads more
+    assert (s.offload == argv) is offloaded if fast.COMPILED else (s.offload == argv or not offloaded)
+    if s.offload is not None:
+        assert s.paused and not s.to_upstream
+        s.offloaded(*s.decide_offloaded(s.offload))
+    want = [argv, [b"PING"]] if verdict_allows(s, argv) else [[b"PING"]]
+    assert forwarded(s) == want
+
+
+def verdict_allows(s: Session, argv: list[bytes]) -> bool:
+    return decide(s.policy, s.user, argv, False, False).error is None
 
 
 def throttled_session() -> Session:
