@@ -64,6 +64,15 @@ def tls_client(proxy: ProxyProc, certs: Path):  # type: ignore[no-untyped-def]
         c.close()
 
 
+@pytest.fixture(scope="module")
+def own_redis() -> Iterator[RedisProc]:
+    """A redis-server of the test module's own (service user ~* &* +@all -flushall): its state is the
+    module's to change."""
+    r = start_redis()
+    yield r
+    r.stop()
+
+
 @pytest.fixture
 def direct(redis_server: RedisProc) -> redis.Redis:
     """A connection straight to the upstream Redis (as the service user), for checking effects."""

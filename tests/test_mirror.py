@@ -31,13 +31,6 @@ SCRIPT = "return redis.call('GET','secret')"
 
 
 @pytest.fixture(scope="module")
-def own_redis() -> Iterator[RedisProc]:
-    r = start_redis()
-    yield r
-    r.stop()
-
-
-@pytest.fixture(scope="module")
 def upstream(own_redis: RedisProc) -> redis.Redis:
     r = redis.Redis(port=own_redis.port, username=UPSTREAM_USER, password=UPSTREAM_PASSWORD, decode_responses=True)
     r.set("secret", "the-secret")

@@ -29,7 +29,7 @@ from redisguard.identity import getuser_rules, mirror_rules
 from redisguard.policy import Policy, covers, decide, dryrun, refused_commands, script_callable
 from redisguard.resp import encode_command
 
-from .helpers import UPSTREAM_PASSWORD, UPSTREAM_USER, ProxyProc, RedisProc, proxy_config, raw_exchange, start_proxy, start_redis
+from .helpers import UPSTREAM_PASSWORD, UPSTREAM_USER, ProxyProc, RedisProc, proxy_config, raw_exchange, start_proxy
 
 USERS = """\
 user default off
@@ -165,13 +165,6 @@ def test_mirror_rules_take_what_redisguard_refuses(table: CommandTable) -> None:
 
 
 # -- against Redis: service identity -------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def own_redis() -> Iterator[RedisProc]:
-    r = start_redis()  # the service user: ~* &* +@all -flushall
-    yield r
-    r.stop()
-
-
 @pytest.fixture(scope="module")
 def upstream(own_redis: RedisProc) -> redis.Redis:
     r = redis.Redis(port=own_redis.port, username=UPSTREAM_USER, password=UPSTREAM_PASSWORD, decode_responses=True)
