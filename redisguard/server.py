@@ -38,7 +38,7 @@ from .profile import TrafficProfile
 from .profile_store import ProfileStore
 from .proxied import ProxiedClientProtocol
 from .reload import Reloader, export_expiry
-from .tls import server_context, upstream_context
+from .tls import read_listener_files, server_context, upstream_context
 from .upstream import fetch_command_table, protected_settings, upstream_request
 from .watch import FileWatch
 
@@ -178,7 +178,7 @@ class Proxy:
         self.tick_handle = loop.call_later(TICK, self._tick)
         self.monitor.start()
         if self.config.server.reload_interval:
-            self.watch = FileWatch(self.config, self.config.server.reload_interval, self.reload)
+            self.watch = FileWatch(self.config, self.reloader.reload, self.metrics)
             self.watch.start()
         if self.profile_store is not None:
             self.profile_store.start()
@@ -212,8 +212,9 @@ class Proxy:
 
     def _load_certificates(self, lst: ListenerConfig) -> None:
         """Build the listener's TLS context (new handshakes use it) and export expiry times."""
-        self.ctx.tls_contexts[lst.name] = server_context(lst)
-        export_expiry(self.metrics, lst)
+        files = read_listener_files(lst)  # once: the context and the expiry metric come from the same bytes
+        self.ctx.tls_contexts[lst.name] = server_context(lst, files)
+        export_expiry(self.metrics, lst, files)
 
     def _set_config(self, config: Config) -> None:
         """A reload applied settings that may change live (reconfigure.LIVE)."""
