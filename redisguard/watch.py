@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -55,6 +56,7 @@ class FileWatch:
         self.on_stable = on_stable  # the reload, given the bytes to parse
         self.metrics = metrics
         self.task: asyncio.Future[None] | None = None
+        self.warned = 0.0  # when files_unsettled was last a warning (0: not since the last stable read)
 
     def start(self) -> None:
         self.task = asyncio.ensure_future(self._run())
@@ -85,10 +87,17 @@ class FileWatch:
         except (FileChanged, FileUnreadable) as e:
             problems = [str(e)]
         if not problems:
+            self.warned = 0.0
             return second
         self.metrics.config_reloads.labels("unsettled").inc()
-        log.warning("files_unsettled", problems=problems, detail="kept the previous users, certificates and "
-                    f"config; trying again in {self.interval:g} s (replace files with rename: see README)")  # fmt: skip
+        # (a writer that never stops, a users file never finished: a warning a minute, not one per interval)
+        now = time.monotonic()
+        warn = not self.warned or now - self.warned >= 60
+        if warn:
+            self.warned = now
+        detail = (f"kept the previous users, certificates and config; trying again in {self.interval:g} s "
+                  "(replace files with rename: see README)")  # fmt: skip
+        (log.warning if warn else log.debug)("files_unsettled", problems=problems, detail=detail)
         return None
 
     async def stop(self) -> None:
