@@ -8,6 +8,7 @@ all the while, as fast as they can, that no intermediate version is ever in forc
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -23,16 +24,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog.testing
 
-from redisguard import file_versions, tls
+from redisguard import file_versions, tls, watch
 from redisguard.acl import UsersFileError, load_users
 from redisguard.certs import init_dev_certs
 from redisguard.commands import CommandTable
 from redisguard.config import ConfigError, ListenerConfig, TLSFiles, parse_config
 from redisguard.demo import scrape
 from redisguard.file_versions import FileChanged, FileVersion, difference, read_file, read_now
+from redisguard.metrics import Metrics, parse_samples
 from redisguard.resp import encode_command
-from redisguard.watch import unfinished
+from redisguard.watch import FileWatch, unfinished
 
 from .helpers import RedisProc, start_proxy, start_redis
 
@@ -113,6 +116,41 @@ def test_a_users_file_whose_last_line_is_unfinished_is_in_doubt(tmp_path: Path) 
     assert unfinished(p, reads) == [f"{p}: the last line does not end with a newline (still being written?)"]
     for whole in (b"", b"user default off\n"):
         assert unfinished(p, {p: file_versions.FileRead(p, FileVersion(0, 0, 0, 0), whole)}) == []
+
+
+@pytest.mark.parametrize(("change", "problem"), [
+    (lambda p: p.write_text(OLD + "user extra on nopass +@all\n"), "size"),  # in place, during the settle
+    (lambda p: p.unlink(), "cannot read"),  # gone during the settle
+    (lambda p: (p.with_suffix(".new").write_text(OLD), p.with_suffix(".new").rename(p)), "replaced"),  # renamed over
+    (lambda p: None, None),  # stable: its bytes
+])  # fmt: skip
+def test_the_watcher_takes_only_files_that_read_the_same_after_the_settle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: Callable[[Path], object], problem: str | None
+) -> None:
+    users = tmp_path / "users.acl"
+    users.write_text(OLD)
+    cfg = parse_config({"listener": [{"type": "tcp", "address": "127.0.0.1:1"}], "acl": {"users_file": str(users)},
+                        "server": {"reload_interval": 0.5, "reload_settle": 0.1}}, tmp_path)  # fmt: skip
+    metrics = Metrics()
+    w = FileWatch(cfg, lambda files: None, metrics)
+    real, reads = watch.read_files, []
+
+    def read_files(paths):  # type: ignore[no-untyped-def]
+        reads.append(out := real(paths))
+        if len(reads) == 1:
+            change(users)  # after the first read, before the one after the settle
+        return out
+
+    monkeypatch.setattr(watch, "read_files", read_files)
+    with structlog.testing.capture_logs() as logs:
+        got = asyncio.run(w._settled())
+    unsettled = parse_samples(metrics.render().decode()).get('redisguard_config_reload_total{result="unsettled"}', 0)
+    if problem is None:
+        assert got is not None and got[users].data == OLD.encode() and unsettled == 0
+    else:
+        assert got is None and unsettled == 1
+        (logged,) = [e for e in logs if e["event"] == "files_unsettled"]
+        assert logged["log_level"] == "warning" and problem in " ".join(logged["problems"])
 
 
 def test_reload_settle_option() -> None:
