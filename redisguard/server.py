@@ -146,6 +146,8 @@ class Proxy:
     async def start(self) -> None:
         fd_limit = _raise_fd_limit()
         self.metrics.fd_limit.set(fd_limit)
+        if self.config.server.reload_interval:  # (its baseline now: a change while starting is not missed)
+            self.watch = FileWatch(self.config, lambda files: self.reloader.reload(files), self.metrics)
         await self.load_policy()
         self.ctx.fd_limit = fd_limit
         gc.collect()
@@ -177,8 +179,7 @@ class Proxy:
         self.tick_due = time.monotonic() + TICK
         self.tick_handle = loop.call_later(TICK, self._tick)
         self.monitor.start()
-        if self.config.server.reload_interval:
-            self.watch = FileWatch(self.config, self.reloader.reload, self.metrics)
+        if self.watch is not None:
             self.watch.start()
         if self.profile_store is not None:
             self.profile_store.start()

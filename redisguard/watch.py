@@ -56,13 +56,15 @@ class FileWatch:
         self.on_stable = on_stable  # the reload, given the bytes to parse
         self.metrics = metrics
         self.task: asyncio.Future[None] | None = None
+        # What the files were before the proxy read them (made at start, on the loop: a few stat calls)
+        self.baseline = signature(self.files)
         self.warned = 0.0  # when files_unsettled was last a warning (0: not since the last stable read)
 
     def start(self) -> None:
         self.task = asyncio.ensure_future(self._run())
 
     async def _run(self) -> None:
-        last = await asyncio.to_thread(signature, self.files)
+        last = self.baseline
         while True:
             await asyncio.sleep(self.interval)
             now = await asyncio.to_thread(signature, self.files)
