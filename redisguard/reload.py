@@ -37,7 +37,7 @@ def export_expiry(metrics: Metrics, lst: ListenerConfig, files: Mapping[Path, by
     """From the bytes the listener's context was built from (``files``, path -> bytes)."""
     assert lst.tls is not None
     metrics.cert_expiry.labels(f"{lst.name}:server").set(certs.not_after(lst.tls.cert_file, files[lst.tls.cert_file]))
-    if lst.tls.ca_file and lst.tls.ca_file in files:
+    if lst.tls.ca_file:
         metrics.cert_expiry.labels(f"{lst.name}:ca").set(certs.not_after(lst.tls.ca_file, files[lst.tls.ca_file]))
 
 

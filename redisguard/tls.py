@@ -90,10 +90,10 @@ def listener_files(listener: ListenerConfig) -> list[tuple[Path, str, str]]:
     assert listener.tls is not None
     t = listener.tls
     out = [(t.cert_file, "certificate", ""), (t.key_file, "key", "")]
-    if listener.client_auth != "none" and t.ca_file is not None:
+    if t.ca_file is not None:  # (read even without client_auth: its expiry is exported)
         out.append((t.ca_file, "client CA", ""))
-        if t.crl_file is not None:
-            out.append((t.crl_file, "CRL", "crl_file: "))
+    if t.crl_file is not None:
+        out.append((t.crl_file, "CRL", "crl_file: "))
     return out
 
 
