@@ -206,6 +206,9 @@ class ServerConfig:
     # Reload (as SIGHUP does) when the users file, a certificate, key, CA or CRL, or the config changes
     # (checked every reload_interval seconds; 0 = only on SIGHUP).
     reload_interval: float = 0.0
+    # ... once every watched file has stayed the same (size, mtime, inode, content) for this many seconds:
+    # a file still being written is never loaded (a writer that pauses longer must replace files by rename).
+    reload_settle: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -227,7 +230,7 @@ class Config:
 # anything else, so it is never mistaken for a missing one. (``_Section.done`` double-checks.)
 KNOWN_KEYS: dict[str, tuple[str, ...]] = {
     "": ("server", "listener", "upstream", "acl", "limits", "metrics", "log", "profile"),
-    "server": ("workers", "drain_timeout", "reload_interval"),
+    "server": ("workers", "drain_timeout", "reload_interval", "reload_settle"),
     "listener": ("name", "type", "address", "path", "socket_mode", "cert_file", "key_file", "ca_file", "client_auth",
                  "cert_user", "allow_insecure_remote", "allowed_sources", "max_connections", "min_version", "ciphers",
                  "ciphersuites", "ecdh_curves", "session_tickets", "crl_file", "unmapped_cert",
@@ -654,14 +657,18 @@ def _server(sec: _Section, listeners: tuple[ListenerConfig, ...]) -> ServerConfi
     interval = sec.get("reload_interval", float, 0.0)
     if interval < 0 or 0 < interval < 0.5:
         raise sec.fail("reload_interval", f"0 (off) or at least 0.5 seconds, got {interval}")
+    settle = sec.get("reload_settle", float, ServerConfig.reload_settle)
+    if not 0.1 <= settle <= 300:
+        raise sec.fail("reload_settle", f"seconds, 0.1 to 300, got {settle}")
     sec.done()
-    return ServerConfig(workers, drain, interval)
+    return ServerConfig(workers, drain, interval, settle)
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
+def load_config(path: str | os.PathLike[str], text: bytes | None = None) -> Config:
+    """The config file at ``path``; ``text``: its bytes as already read (a reload parses what it checked)."""
     p = Path(path)
     try:
-        data = tomllib.loads(p.read_text())
+        data = tomllib.loads(p.read_text() if text is None else text.decode())
     except OSError as e:
         raise ConfigError(f"cannot read config {p}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:

@@ -80,9 +80,10 @@ class Reconfiguration:
                         "restarts (the running values stay until then)")  # fmt: skip
 
 
-def reread(running: Config) -> Reconfiguration:
-    """Read the running config's file again (in a worker thread); ConfigError if it is invalid now."""
+def reread(running: Config, text: bytes | None = None) -> Reconfiguration:
+    """Read the running config's file again (in a worker thread; ``text``: its bytes as the reload read
+    and checked them); ConfigError if it is invalid now."""
     if running.source is None:
         return Reconfiguration(None)
-    new = load_config(running.source)
+    new = load_config(running.source, text)
     return Reconfiguration(new, changed_settings(running, new))

@@ -8,17 +8,19 @@ from __future__ import annotations
 import asyncio
 import gc
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from . import certs
-from .acl import ACLError, ACLReplies, User, UsersFileError, load_users
-from .acl.users_file import parse_users
+from .acl import ACLError, ACLReplies, User, UsersFileError
+from .acl.users_file import parse_users, parse_users_bytes
 from .audit import get_logger
 from .commands import CommandTable
 from .config import Config, ListenerConfig
 from .context import ConnectionContext
+from .file_versions import read_now
 from .least_privilege import breakage
 from .metrics import Metrics
 from .policy import Policy, Shared
@@ -26,15 +28,17 @@ from .profile import TrafficProfile
 from .profile_store import snapshot
 from .reconfigure import Reconfiguration, reread
 from .tls import TLSConfigError, server_context
+from .watch import watched_files
 
 audit = get_logger("redisguard.audit")
 
 
-def export_expiry(metrics: Metrics, lst: ListenerConfig) -> None:
+def export_expiry(metrics: Metrics, lst: ListenerConfig, files: Mapping[Path, bytes]) -> None:
+    """From the bytes the listener's context was built from (``files``, path -> bytes)."""
     assert lst.tls is not None
-    metrics.cert_expiry.labels(f"{lst.name}:server").set(certs.not_after(lst.tls.cert_file))
+    metrics.cert_expiry.labels(f"{lst.name}:server").set(certs.not_after(lst.tls.cert_file, files[lst.tls.cert_file]))
     if lst.tls.ca_file:
-        metrics.cert_expiry.labels(f"{lst.name}:ca").set(certs.not_after(lst.tls.ca_file))
+        metrics.cert_expiry.labels(f"{lst.name}:ca").set(certs.not_after(lst.tls.ca_file, files[lst.tls.ca_file]))
 
 
 def _release(users: dict[str, User]) -> None:
@@ -54,6 +58,7 @@ class Reloader:
         self.metrics = ctx.metrics
         self.reloading: asyncio.Future[None] | None = None
         self.reload_again = False
+        self.next_files: dict[Path, bytes] | None = None  # what the next reload parses (None: read them now)
         self.background: set[asyncio.Future[None]] = set()
         shared.on_users_changed = self.users_changed
         # With workers: told of the users changes made here by ACL SETUSER / DELUSER / LOAD (not of
@@ -66,10 +71,14 @@ class Reloader:
     def policy(self) -> Policy:
         return self.shared.policy
 
-    def reload(self) -> None:
+    def reload(self, files: dict[Path, bytes] | None = None) -> None:
         """Re-read the users file and every listener's certificates, off the event loop.
 
-        A SIGHUP during a reload runs one more reload after it (the files may have changed again)."""
+        ``files``: the watched files' bytes, as the file watcher found them stable (parsed as they
+        are); None (SIGHUP): read each file now, once, re-read it, and refuse the reload if the two
+        reads differ. A SIGHUP during a reload runs one more reload after it (the files may have
+        changed again)."""
+        self.next_files = files
         if self.reloading is not None and not self.reloading.done():
             self.reload_again = True
             return
@@ -84,20 +93,26 @@ class Reloader:
         cfg = self.config
         tls = [lst for lst in cfg.listeners if lst.type == "tls"]
 
-        def load(seen_data: dict[str, Any] | None) -> tuple[dict[str, User], ACLReplies, dict[str, ssl.SSLContext],
-                                                       Reconfiguration]:  # fmt: skip
-            changes = reread(cfg)  # the TOML too: what changed is applied or logged as needing a restart
-            users = load_users(cfg.acl.users_file, self.table, require_default=True)
+        def load(seen_data: dict[str, Any] | None, files: dict[Path, bytes] | None
+                 ) -> tuple[dict[str, User], ACLReplies, dict[str, ssl.SSLContext], Reconfiguration,
+                            dict[Path, bytes]]:  # fmt: skip
+            # Every file read once (and checked); from here on only those bytes are parsed.
+            files = read_now(watched_files(cfg)) if files is None else files
+            # the TOML too: what changed is applied or logged as needing a restart
+            changes = reread(cfg, files.get(cfg.source) if cfg.source else None)
+            users = parse_users_bytes(files[cfg.acl.users_file], self.table, str(cfg.acl.users_file), require_default=True)
             if seen_data is not None:  # [acl] reload_guard: refuse a policy that breaks observed traffic
                 breaks = breakage(TrafficProfile.from_json(seen_data), users, self.table)
                 if breaks:
                     b = breaks[0]
                     raise ValueError(f"reload_guard: the new users file would deny {len(breaks)} observed "
                                      f"command(s), e.g. user {b.user}: {b.what}")  # fmt: skip
-            return users, ACLReplies(users).prepare(), {lst.name: server_context(lst) for lst in tls}, changes
+            contexts = {lst.name: server_context(lst, files) for lst in tls}
+            return users, ACLReplies(users).prepare(), contexts, changes, files
 
         while True:
             self.reload_again = False
+            files, self.next_files = self.next_files, None
             # A full garbage collection over 10,000 users' command sets holds the GIL for ~60 ms,
             # wherever it runs: none while loading, and what is loaded is frozen out of later ones.
             gc.disable()
@@ -106,7 +121,7 @@ class Reloader:
                 profile = self.shared.profile
                 # a copy (made on the loop a slice at a time: the live profile changes meanwhile)
                 seen = await snapshot(profile) if cfg.acl.reload_guard and profile else None
-                users, acl_replies, contexts, changes = await asyncio.to_thread(load, seen)
+                users, acl_replies, contexts, changes, files = await asyncio.to_thread(load, seen, files)
             except (UsersFileError, ACLError, TLSConfigError, OSError, ValueError) as e:
                 gc.enable()
                 self.metrics.reload_result(False)
@@ -119,7 +134,7 @@ class Reloader:
                     self.reload_again = True
                     continue
                 for lst in tls:
-                    export_expiry(self.metrics, lst)
+                    export_expiry(self.metrics, lst, files)
                 self.ctx.tls_contexts.update(contexts)
                 old = self.policy.users
                 new_cfg = changes.merged(cfg)

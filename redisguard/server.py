@@ -39,7 +39,7 @@ from .profile import TrafficProfile
 from .profile_store import ProfileStore
 from .proxied import ProxiedClientProtocol
 from .reload import Reloader, export_expiry
-from .tls import server_context, upstream_context
+from .tls import read_listener_files, server_context, upstream_context
 from .upstream import fetch_command_table, protected_settings, upstream_request
 from .watch import FileWatch
 
@@ -148,6 +148,8 @@ class Proxy:
     async def start(self) -> None:
         fd_limit = _raise_fd_limit()
         self.metrics.fd_limit.set(fd_limit)
+        if self.config.server.reload_interval:  # (its baseline now: a change while starting is not missed)
+            self.watch = FileWatch(self.config, lambda files: self.reloader.reload(files), self.metrics)
         await self.load_policy()
         self.ctx.fd_limit = fd_limit
         gc.collect()
@@ -179,8 +181,7 @@ class Proxy:
         self.tick_due = time.monotonic() + TICK
         self.tick_handle = loop.call_later(TICK, self._tick)
         self.monitor.start()
-        if self.config.server.reload_interval:
-            self.watch = FileWatch(self.config, self.config.server.reload_interval, self.reload)
+        if self.watch is not None:
             self.watch.start()
         if self.profile_store is not None:
             self.profile_store.start()
@@ -214,8 +215,9 @@ class Proxy:
 
     def _load_certificates(self, lst: ListenerConfig) -> None:
         """Build the listener's TLS context (new handshakes use it) and export expiry times."""
-        self.ctx.tls_contexts[lst.name] = server_context(lst)
-        export_expiry(self.metrics, lst)
+        files = read_listener_files(lst)  # once: the context and the expiry metric come from the same bytes
+        self.ctx.tls_contexts[lst.name] = server_context(lst, files)
+        export_expiry(self.metrics, lst, files)
 
     def _set_config(self, config: Config) -> None:
         """A reload applied settings that may change live (reconfigure.LIVE)."""

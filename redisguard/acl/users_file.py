@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from ..commands import CommandTable
+from ..file_versions import FileChanged, FileUnreadable, read_now
 from .user import ACLError, User, default_user, merge_selector_args
 
 _SPACES = frozenset(" \t\r\n\v\f\0")
@@ -85,16 +86,27 @@ def parse_users(text: str, table: CommandTable, filename: str = "users.acl", *, 
     return users
 
 
+def parse_users_bytes(data: bytes, table: CommandTable, filename: str = "users.acl", *,
+                      require_default: bool = False) -> dict[str, User]:  # fmt: skip
+    """:func:`parse_users` of a users file's bytes as read (a reload parses exactly what it checked)."""
+    # Bytes, as Redis reads it: any byte in a name or pattern round-trips (what ACL SAVE wrote, ACL
+    # LOAD reads), and lines end at LF only (no universal newlines: a lone CR is not a line break).
+    return parse_users(data.decode("utf-8", "surrogateescape"), table, filename, require_default=require_default)
+
+
 def load_users(path: str | os.PathLike[str], table: CommandTable, *, require_default: bool = False) -> dict[str, User]:
-    """Read and parse a users file (see :func:`parse_users`); safe to run in a worker thread."""
+    """Read and parse a users file (see :func:`parse_users`); safe to run in a worker thread.
+
+    Read once and re-read (file_versions.read_now): a file that changes meanwhile is being written and
+    is refused rather than parsed half-written."""
     p = Path(path)
     try:
-        # Bytes, as Redis reads it: any byte in a name or pattern round-trips (what ACL SAVE wrote, ACL
-        # LOAD reads), and lines end at LF only (no universal newlines: a lone CR is not a line break).
-        text = p.read_bytes().decode("utf-8", "surrogateescape")
-    except OSError as e:
-        raise UsersFileError(f"cannot read users file {p}: {e.strerror}") from None
-    return parse_users(text, table, str(p), require_default=require_default)
+        data = read_now([p])[p]
+    except FileUnreadable as e:
+        raise UsersFileError(f"cannot read users file {p}: {e.error.strerror}") from None
+    except FileChanged as e:
+        raise UsersFileError(f"users file {e}") from None
+    return parse_users_bytes(data, table, str(p), require_default=require_default)
 
 
 def render_users(users: dict[str, User]) -> str:
