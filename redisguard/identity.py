@@ -84,6 +84,10 @@ def mirror_rules(user: User) -> list[str]:
     return [*flags, *user.root.describe().split(" "), *("(" + s.describe() + ")" for s in user.selectors[1:])]
 
 
+class MirrorError(Exception):
+    """Redis did not take a mirror user change: its error, or why it could not be reached (redacted)."""
+
+
 class MirrorIdentity:
     def __init__(self, config: Config, key: bytes | None = None) -> None:
         self.config = config
@@ -94,6 +98,7 @@ class MirrorIdentity:
         self._users: list[tuple[str, User]] | None = None  # the users to push next (None: nothing to do)
         self._task: asyncio.Task[None] | None = None
         self._failing = ""
+        self._lock = asyncio.Lock()  # one push at a time: an older snapshot never lands after a newer change
 
     def mirror_name(self, name: str) -> str:
         return self.prefix + name
@@ -150,7 +155,46 @@ class MirrorIdentity:
                       "user needs +acl|setuser +acl|deluser +acl|users (docs/security.md)")  # fmt: skip
         self._failing = msg
 
+    async def apply(self, users: dict[str, User], changed: set[str] | None, deleted: Sequence[str]) -> None:
+        """Push the mirrors of the ``changed`` users (None: of every user whose rules Redis lacks) and
+        delete those of ``deleted``; return once Redis has them (ACL SETUSER/DELUSER/LOAD answer then).
+        Raises MirrorError if Redis refuses or cannot be reached within TIMEOUT."""
+        async with self._lock:
+            if changed is None:
+                commands, names, gone = await asyncio.to_thread(self._plan, list(users.items()))
+            else:
+                commands, names, gone = [], [], [self.mirror_name(n) for n in deleted]
+                for name in sorted(changed):
+                    if name in users:
+                        args = mirror_rules(users[name])
+                        commands.append(self.setuser(users[name], args))
+                        names.append((self.mirror_name(name), " ".join(args)))
+            if gone:
+                commands.append([b"ACL", b"DELUSER", *(d.encode("utf-8", "surrogateescape") for d in gone)])
+                names.append(("", ""))
+            errors = []
+            try:
+                for i in range(0, len(commands), BATCH):
+                    replies = await asyncio.wait_for(self._request(commands[i:i + BATCH]), TIMEOUT)
+                    for (mirror, rules), reply in zip(names[i:i + BATCH], replies, strict=True):
+                        if isinstance(reply, hiredis.ReplyError):
+                            errors.append(_redact(str(reply)))
+                        elif mirror:
+                            self._synced[mirror] = rules
+            except (TimeoutError, OSError, ConnectionError, ssl.SSLError) as e:
+                self._failed(e)
+                raise MirrorError(_redact(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)) from e
+            for d in gone:
+                self._synced.pop(d, None)
+            if errors:
+                log.error("mirror_user_failed", error=errors[0], errors=len(errors))
+                raise MirrorError(errors[0])
+
     async def _push(self, stale: bool = False) -> None:
+        async with self._lock:  # (read self._users under it: the newest snapshot)
+            await self._push_locked(stale)
+
+    async def _push_locked(self, stale: bool) -> None:
         users = self._users
         if users is None:
             return

@@ -147,6 +147,8 @@ class Proxy:
         fd_limit = _raise_fd_limit()
         self.metrics.fd_limit.set(fd_limit)
         await self.load_policy()
+        if self.worker is not None:  # the changes the supervisor has sent so far, before any client
+            await self.worker.open()
         self.ctx.fd_limit = fd_limit
         gc.collect()
         gc.freeze()  # the users and the command table live as long as the process: keep them out of GC passes
@@ -182,6 +184,8 @@ class Proxy:
             self.watch.start()
         if self.profile_store is not None:
             self.profile_store.start()
+        if self.worker is not None:
+            self.worker.started()
         log.info(
             "redisguard_started",
             listeners=[f"{lst.name}={lst.type}://{self.bound(i)}" for i, lst in enumerate(self.config.listeners)],
@@ -220,8 +224,12 @@ class Proxy:
         self.config = self.ctx.config = self.reloader.config = config
 
     def reload(self) -> None:
-        """SIGHUP: re-read the users file and every listener's certificates (see :mod:`.reload`)."""
-        self.reloader.reload()
+        """SIGHUP: re-read the users file and every listener's certificates (see :mod:`.reload`); with
+        workers, every worker does, in the supervisor's order of users changes."""
+        if self.worker is not None:
+            self.worker.request_reload()
+        else:
+            self.reloader.reload()
 
     async def ready(self) -> tuple[bool, str]:
         """Listeners up, certificates loaded, and the upstream answers PING as the service user."""
@@ -316,11 +324,11 @@ async def run(config: Config, worker: WorkerLink | None = None) -> None:
     proxy = Proxy(config, worker)
     await proxy.start()
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
+    stop = worker.stop if worker is not None else asyncio.Event()  # (a worker's: also its channel's end)
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, proxy.reload)
-    link = asyncio.ensure_future(worker.run(stop)) if worker is not None else None
+    link = worker.reader if worker is not None else None
     await stop.wait()
     log.info("redisguard_stopping", clients=len(proxy.clients))
     await proxy.stop()
