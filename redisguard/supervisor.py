@@ -107,7 +107,7 @@ class Pending:
     origin: int
     generation: int  # reloads before it: its journal lines are stale after another reload
     waiting: set[int]  # the slots that must say they applied it
-    lines: dict[str, str | None] = field(default_factory=dict)  # the origin's, for the journal
+    lines: dict[str, str | None] = field(default_factory=dict)  # the users it made, for the journal
 
 
 @dataclass
@@ -294,7 +294,7 @@ class Supervisor:
         change = self.pending.get(msg["seq"])
         if change is None:
             return
-        if slot.index == change.origin:
+        if not change.lines:  # (every worker renders the same lines; the origin may be gone)
             change.lines = {**msg.get("set", {}), **dict.fromkeys(msg.get("deleted", []))}
         change.waiting.discard(slot.index)
         self._committed(msg["seq"])
