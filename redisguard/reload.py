@@ -265,11 +265,12 @@ class Reloader:
         new_cfg = changes.merged(cfg)
         self.set_config(new_cfg)
         self.shared.observer.audit_keys = new_cfg.log.audit_keys  # type: ignore[attr-defined]
-        if asked.replay:  # ACL SETUSER/DELUSER applied while the files were read: they hold on top
-            users = self._replayed(users, asked)
-            acl_replies = None
+        read = users
+        # ACL SETUSER/DELUSER applied while the files were read hold on top (the replies made off the
+        # loop are then of other users: rebuilt)
+        users = self._replayed(read, asked)
         policy = replace(self.policy, users=users, disabled=frozenset(new_cfg.acl.disabled_commands))
-        dropped = self.shared.swap(policy, None, (), acl_replies)
+        dropped = self.shared.swap(policy, None, (), acl_replies if users is read else None)
         gc.freeze()
         gc.enable()
         # Freeing 10,000 users is ~20 ms: not on the loop, and on the decisions' own worker

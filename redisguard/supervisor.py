@@ -280,7 +280,8 @@ class Supervisor:
     def change(self, origin: Slot, msg: dict[str, Any]) -> None:
         """ACL SETUSER / DELUSER / LOAD on one worker: the next in the stream, sent to every worker."""
         self.seq += 1
-        out = {"op": "apply", "seq": self.seq, "origin": origin.index, "id": msg["id"], "change": msg["change"]}
+        out = {"op": "apply", "seq": self.seq, "origin": origin.index, "pid": origin.pid, "id": msg["id"],
+               "change": msg["change"]}  # fmt: skip
         load = msg["change"][0] == "load"
         if load:
             self.journal.clear()  # the file is the truth again
@@ -307,9 +308,9 @@ class Supervisor:
         del self.pending[seq]
         if change.generation == self.generation:
             self.journal.update(change.lines)
-        origin = self.slots[change.origin].channel
-        if origin is not None:
-            origin.send({"op": "committed", "id": change.msg["id"]})
+        origin = self.slots[change.origin]
+        if origin.channel is not None and origin.pid == change.msg["pid"]:  # (not a restarted worker in its slot)
+            origin.channel.send({"op": "committed", "id": change.msg["id"]})
 
     async def _deadline(self, seq: int, change: Pending, timeout: float) -> None:
         """A worker that has not applied a change in time is killed, never left with the old rights."""

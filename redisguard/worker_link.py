@@ -11,7 +11,7 @@ A socketpair made before the fork carries length-prefixed JSON messages both way
 | worker → supervisor | ``{"op": "reload_request"}`` | SIGHUP to a worker, its file watch: reload them all |
 | supervisor → every worker | ``{"op": "reload"}`` | SIGHUP: every worker reloads |
 | worker → supervisor | ``{"op": "change", "id": n, "change": [cmd, arg...]}`` | ACL SETUSER / DELUSER / LOAD here |
-| supervisor → every worker | ``{"op": "apply", "seq": s, "origin": i, "id": n, "change": [...]}`` | in the one order |
+| supervisor → every worker | ``{"op": "apply", "seq": s, "origin": i, "pid": p, "id": n, "change": [...]}`` | in the one order |
 | worker → supervisor | ``{"op": "applied", "seq": s, "set": {name: line}, "deleted": [...]}`` | in force here |
 | supervisor → origin | ``{"op": "committed", "id": n}`` | in force in every worker: answer the client |
 
@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import socket
 import struct
 from collections.abc import Awaitable, Sequence
@@ -106,6 +107,7 @@ def decode_change(change: list[str]) -> tuple[str, tuple[bytes, ...]]:
 
 
 COMMIT_TIMEOUT = 120.0  # the supervisor answers well before (its own bounds are shorter): a safety net
+GONE = b"-ERR redisguard: the change was not applied: the supervisor did not put it in order\r\n"
 
 
 @dataclass(eq=False)
@@ -165,6 +167,8 @@ class WorkerLink(Endpoint):
                 log.warning("supervisor_gone", detail="the supervisor's channel closed: draining and stopping")
             self.stop.set()
             for sub in self.submitted.values():
+                if not sub.applied.done():
+                    sub.applied.set_result((GONE, None, []))
                 if not sub.committed.done():
                     sub.committed.set_result("the supervisor is gone")
 
@@ -214,7 +218,10 @@ class WorkerLink(Endpoint):
 
     async def _outcome(self, rid: int, sub: Submitted) -> bytes:
         try:
-            reply, changed, deleted = await sub.applied
+            try:
+                reply, changed, deleted = await asyncio.wait_for(asyncio.shield(sub.applied), COMMIT_TIMEOUT)
+            except TimeoutError:
+                return GONE
             mirror = None
             if self.proxy is not None and self.proxy.policy.mirror is not None and reply[:1] != b"-":
                 mirror = asyncio.ensure_future(mirror_reply(self.proxy.policy.mirror, self.proxy.policy.users, changed,
@@ -236,7 +243,8 @@ class WorkerLink(Endpoint):
         assert self.proxy is not None
         reloader = self.proxy.reloader
         command, args = decode_change(msg["change"])
-        sub = self.submitted.get(msg["id"]) if msg.get("origin") == self.index else None
+        # (ids are this process's: a worker restarted in the same slot is not the origin of what it catches up on)
+        sub = self.submitted.get(msg["id"]) if msg.get("origin") == self.index and msg.get("pid") == os.getpid() else None
         if command == "load":
             self._spawn(self._loaded(msg["seq"], reloader.acl_load(), sub))
             return

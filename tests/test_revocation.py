@@ -5,6 +5,8 @@ only once every worker (and, in mirror mode, Redis) has the change. Real redis-s
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import json
 import os
 import signal
@@ -12,9 +14,16 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import redis
+
+from redisguard.acl import load_users
+from redisguard.commands import CommandTable
+from redisguard.metrics import Metrics
+from redisguard.policy import Policy, Shared
+from redisguard.reload import Change, Reloader
 
 from .helpers import UPSTREAM_PASSWORD, UPSTREAM_USER, ProxyProc, RedisProc, read_until, start_proxy, start_redis
 from .test_workers import children, http, wait_for
@@ -227,3 +236,49 @@ def test_mirror_setuser_then_auth_at_once(workers: int, tmp_path: Path, certs: P
         assert ask(s, b"AUTH carol pw") == b"+OK\r\n" and ask(s, b"GET c:1") == b"$-1\r\n"
     finally:
         p.stop()
+
+
+# -- the ordering rule, in one process (the Reloader itself; ACL LOAD's users-only load) ----------------
+def _sequence(tmp: Path, table: CommandTable) -> tuple[Reloader, Shared, Path]:
+    users = tmp / "users.acl"
+    users.write_text(BASE)
+    shared = Shared(Policy(table, load_users(users, table), users_file=str(users)))
+    shared.observer.users = {}  # type: ignore[attr-defined]
+    ctx = SimpleNamespace(metrics=Metrics(), clients=set(), executor=concurrent.futures.ThreadPoolExecutor(1))
+    return Reloader(None, table, shared, ctx, lambda c: None), shared, users  # type: ignore[arg-type]
+
+
+def test_ordering_rule_changes_after_a_load_was_asked_for_hold_on_top(tmp_path: Path, table: CommandTable) -> None:
+    reloader, shared, users = _sequence(tmp_path, table)
+
+    def app() -> str:
+        return shared.policy.users["app"].describe()
+
+    async def scenario() -> None:
+        narrow = Change("setuser", (b"app", b"resetkeys", b"~app:*"))
+        # asked for, then a change: the change holds on top of what the load read
+        done = reloader.acl_load()
+        assert reloader.change(narrow)[0] == b"+OK\r\n"
+        assert await done == b"+OK\r\n"
+        assert "~app:*" in app() and "~* " not in app()
+        # a change, then a load asked for: the file is the truth again
+        reloader.change(Change("setuser", (b"app", b"~other:*")))
+        assert await reloader.acl_load() == b"+OK\r\n"
+        assert "~* " in app()
+        # two loads in a row, changes between: each is replayed onto the loads asked for before it, in order
+        first = reloader.acl_load()
+        reloader.change(narrow)
+        second = reloader.acl_load()
+        reloader.change(Change("deluser", (b"admin",)))
+        await first
+        assert "~app:*" in app() and "admin" not in shared.policy.users
+        await second  # asked for after the narrowing (the file again), before the DELUSER (still applied)
+        assert "~* " in app() and "admin" not in shared.policy.users
+        # a failed load keeps what is in force, changes included
+        users.write_text("user app on >x ~* +@all\n")  # no `user default`: refused
+        bad = reloader.acl_load()
+        reloader.change(narrow)
+        assert (await bad).startswith(b"-ERR")
+        assert "~app:*" in app()
+
+    asyncio.run(scenario())
