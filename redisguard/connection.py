@@ -151,6 +151,9 @@ class ClientProtocol(Admission, Endings, asyncio.BufferedProtocol):
                 job.add_done_callback(self._offload_done)
             elif s.wait > 0:
                 self.wake = loop.call_later(s.wait, self._resume)
+            elif s.awaiting is not None:  # the reply to an ACL change, once it is in force everywhere
+                s.awaiting = task = asyncio.ensure_future(s.awaiting)
+                task.add_done_callback(self._awaited)
             # else: held until an upstream reply (an EXEC's outcome): upstream_received() resumes it
         self.flush()
 
@@ -179,6 +182,18 @@ class ClientProtocol(Admission, Endings, asyncio.BufferedProtocol):
             return
         self.resume_reading("session")
         self.session.offloaded(*job.result())
+        self._after_session()
+
+    def _awaited(self, task: asyncio.Future[bytes]) -> None:
+        self.waiting = False
+        if self.closed or task.cancelled():
+            return
+        if task.exception() is not None:
+            log.error("internal_error", message="applying an ACL change failed", error=repr(task.exception()))
+            self.close()
+            return
+        self.resume_reading("session")
+        self.session.acknowledged(task.result())
         self._after_session()
 
     def flush(self) -> None:

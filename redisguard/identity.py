@@ -243,6 +243,10 @@ async def resolve(config: Config, table: CommandTable) -> Resolution:
     return Resolution(resolved, why, service, problems)
 
 
+class MirrorError(Exception):
+    """Redis did not take a mirror user change: its error, or why it could not be reached (redacted)."""
+
+
 class MirrorIdentity:
     def __init__(self, config: Config, key: bytes | None = None, metrics: Metrics | None = None) -> None:
         conflict = mirror_prefix_conflict(config.upstream)
@@ -324,6 +328,41 @@ class MirrorIdentity:
                       detail="clients cannot log in upstream as their mirror users until this works; the upstream "
                       "user needs +acl|setuser +acl|deluser +acl|users (docs/security.md)")  # fmt: skip
         self._failing = msg
+
+    async def apply(self, users: dict[str, User], changed: set[str] | None, deleted: Sequence[str]) -> None:
+        """Push the mirrors of the ``changed`` users (None: of every user whose rules Redis lacks) and
+        delete those of ``deleted``; return once Redis has them (ACL SETUSER/DELUSER/LOAD answer then).
+        Raises MirrorError if Redis refuses or cannot be reached within TIMEOUT."""
+        async with self._lock:
+            if changed is None:
+                commands, names, gone = await asyncio.to_thread(self._plan, list(users.items()))
+            else:
+                commands, names, gone = [], [], [m for m in map(self.mirror_name, deleted) if m not in self.protected]
+                for name in sorted(changed):
+                    if name in users and self.mirror_name(name) not in self.protected:
+                        args = mirror_rules(users[name], self.refused)
+                        commands.append(self.setuser(users[name], args))
+                        names.append((self.mirror_name(name), " ".join(args)))
+            if gone:
+                commands.append([b"ACL", b"DELUSER", *(d.encode("utf-8", "surrogateescape") for d in gone)])
+                names.append(("", ""))
+            errors = []
+            try:
+                for i in range(0, len(commands), BATCH):
+                    replies = await asyncio.wait_for(self._request(commands[i:i + BATCH]), TIMEOUT)
+                    for (mirror, rules), reply in zip(names[i:i + BATCH], replies, strict=True):
+                        if isinstance(reply, hiredis.ReplyError):
+                            errors.append(_redact(str(reply)))
+                        elif mirror:
+                            self._synced[mirror] = rules
+            except (TimeoutError, OSError, ConnectionError, ssl.SSLError) as e:
+                self._failed(e)
+                raise MirrorError(_redact(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)) from e
+            for d in gone:
+                self._synced.pop(d, None)
+            if errors:
+                log.error("mirror_user_failed", error=errors[0], errors=len(errors))
+                raise MirrorError(errors[0])
 
     async def _push(self, stale: bool = False, listed: list[bytes] | None = None) -> tuple[int, int, int]:
         """Push ``_users`` (the newest users, if any) where Redis lacks them; (set, deleted, errors)."""

@@ -17,9 +17,9 @@ users (:meth:`Policy.may_script`, computed by :func:`covers`), unless ``[upstrea
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .acl import ACLReplies, User, admin, check
 from .acl.check import sort_restriction
@@ -81,6 +81,13 @@ class _NullObserver:
 
     def throttled(self, session: Session, delay: float) -> None:
         pass
+
+
+class Sequencer(Protocol):
+    """The one sequence of changes to the users (reload.Reloader): ACL SETUSER / DELUSER / LOAD go
+    through it, in order with the reloads."""
+
+    def submit(self, command: str, args: Sequence[bytes], computed: Any = None) -> bytes | Awaitable[bytes]: ...
 
 
 @dataclass(frozen=True)
@@ -223,6 +230,9 @@ class Shared:
         # compare every user, as ACL LOAD and a reload do).
         # Returns how many clients it disconnected.
         self.on_users_changed: Callable[[Policy, set[str] | None, Sequence[str]], int] | None = None
+        # Set by the transport: where ACL SETUSER / DELUSER / LOAD are applied and acknowledged (None:
+        # swapped in here at once, for sessions without a transport).
+        self.sequencer: Sequencer | None = None
 
     def swap(self, policy: Policy, changed: set[str] | None = None, deleted: Sequence[str] = (),
              acl_replies: ACLReplies | None = None) -> int:  # fmt: skip

@@ -1,6 +1,23 @@
 """Reload: SIGHUP re-reads the users file and the certificates; ACL SETUSER/DELUSER/LOAD change the
 users. Either way a new :class:`~redisguard.policy.Policy` is put in force whole, and every connected
 client is moved to its user's new rules or disconnected (``Session.rebind`` says which).
+
+**One sequence for every change to the users** (:class:`Reloader` is it, one per process). Its
+ordering rule:
+
+- a *load* (SIGHUP, the file watch, the supervisor's reload, ACL LOAD) stands for the files as they
+  are when it is asked for; loads run one at a time, in the order asked (a SIGHUP while a reload is
+  already queued is that one);
+- an *ACL SETUSER / DELUSER* takes effect when it is applied, at once, on the users in force;
+- a change applied after a load was asked for is recorded with that load and **replayed, as the
+  client sent it, onto the load's result before that result is put in force**. So a change is never
+  undone by a load asked for before it, and is undone only by a load asked for after it (SIGHUP and
+  ACL LOAD mean "the file is the truth now", as Redis's ACL LOAD drops unsaved ACL SETUSERs).
+
+With ``[server] workers`` the supervisor orders the changes (see :mod:`.worker_link`): every worker
+applies the same loads and changes in the same order, so every worker ends with the same users, and
+the client that sent a change gets its reply only once every worker has applied it (and, in mirror
+mode, Redis has the mirror users). An acknowledged change of rights is final.
 """
 
 from __future__ import annotations
@@ -8,25 +25,28 @@ from __future__ import annotations
 import asyncio
 import gc
 import ssl
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from . import certs
-from .acl import ACLError, ACLReplies, User, UsersFileError
+from .acl import ACLError, ACLReplies, User, UsersFileError, admin
 from .acl.users_file import parse_users, parse_users_bytes
 from .audit import get_logger
 from .commands import CommandTable
 from .config import Config, ListenerConfig
 from .context import ConnectionContext
 from .file_versions import read_now
+from .identity import MirrorError
 from .least_privilege import breakage
 from .metrics import Metrics
 from .policy import Policy, Shared
 from .profile import TrafficProfile
 from .profile_store import snapshot
 from .reconfigure import Reconfiguration, reread
+from .resp import error_format
 from .tls import TLSConfigError, server_context
 from .watch import watched_files
 
@@ -47,6 +67,33 @@ def _release(users: dict[str, User]) -> None:
         users.popitem()
 
 
+@dataclass(frozen=True)
+class Change:
+    """One ACL SETUSER or DELUSER as the client sent it (``args``: after the subcommand)."""
+
+    command: str  # "setuser" | "deluser"
+    args: tuple[bytes, ...]
+
+    def run(self, users: dict[str, User], table: CommandTable) -> tuple[dict[str, User] | None, bytes, list[str]]:
+        """(new users or None, the reply, the deleted names) — admin.setuser / deluser on ``users``."""
+        if self.command == "setuser":
+            new, reply = admin.setuser(users, table, self.args)
+            return new, reply, []
+        return admin.deluser(users, self.args)
+
+
+@dataclass(eq=False)
+class Load:
+    """A load asked for: ``full`` (users file, certificates, TOML: SIGHUP) or users only (ACL LOAD,
+    whose reply ``done`` gets). ``replay``: the changes applied since it was asked for. ``files``: the
+    watched files' bytes as the file watcher found them stable (None: read them when the load starts)."""
+
+    full: bool
+    done: asyncio.Future[bytes] | None = None
+    replay: list[Change] = field(default_factory=list)
+    files: dict[Path, bytes] | None = None
+
+
 class Reloader:
     def __init__(self, config: Config, table: CommandTable, shared: Shared, ctx: ConnectionContext,
                  set_config: Callable[[Config], None]) -> None:  # fmt: skip
@@ -56,35 +103,138 @@ class Reloader:
         self.shared = shared
         self.ctx = ctx
         self.metrics = ctx.metrics
-        self.reloading: asyncio.Future[None] | None = None
-        self.reload_again = False
-        self.next_files: dict[Path, bytes] | None = None  # what the next reload parses (None: read them now)
+        self.loads: deque[Load] = deque()  # asked for, not started
+        self.current: Load | None = None  # the one reading files now
+        self.reloading: asyncio.Future[None] | None = None  # the task that runs the loads
         self.background: set[asyncio.Future[None]] = set()
         shared.on_users_changed = self.users_changed
-        # With workers: told of the users changes made here by ACL SETUSER / DELUSER / LOAD (not of
-        # reloads, nor of changes replicated from other workers) — see worker_link.
-        self.on_local_change: Callable[[dict[str, User], set[str] | None, Sequence[str]], None] | None = None
-        self._not_local = False  # set while this module swaps users itself
-        self.deferred: list[tuple[dict[str, str], Sequence[str]]] = []  # replicated during a reload
+        shared.sequencer = self
+        # With [server] workers: the supervisor orders this process's changes (worker_link.WorkerLink)
+        self.link: Any = None
 
     @property
     def policy(self) -> Policy:
         return self.shared.policy
 
+    def _loads(self) -> list[Load]:
+        return ([self.current] if self.current is not None else []) + list(self.loads)
+
+    # -- changes: ACL SETUSER / DELUSER / LOAD -----------------------------------------------------
+    def submit(self, command: str, args: Sequence[bytes], computed: Any = None) -> bytes | Awaitable[bytes]:
+        """ACL SETUSER / DELUSER / LOAD (``command``) from a client of this process: its reply, or what
+        to await for it (the session holds its later requests meanwhile). ``computed``: (users, result)
+        made off the loop, used if still of the users in force."""
+        if self.link is not None:  # the supervisor puts it in order; every worker applies it
+            return self.link.submit(command, args)
+        if command == "load":
+            return self._mirrored(self.acl_load(), None, ())
+        reply, changed, deleted = self.change(Change(command, tuple(args)), computed)
+        if self.policy.mirror is None or not (changed or deleted):
+            return reply
+        return self._mirrored(_done(reply), changed, deleted)
+
+    def change(self, change: Change, computed: Any = None) -> tuple[bytes, set[str], list[str]]:
+        """Apply an ACL SETUSER / DELUSER now, on the users in force (and record it for the loads asked
+        for: replayed onto their results). The reply, the changed and the deleted user names."""
+        users = self.policy.users
+        if computed is not None and computed[0] is users:
+            new, reply, *rest = computed[1]
+            deleted = list(rest[0]) if rest else []
+        else:
+            new, reply, deleted = change.run(users, self.table)
+        if new is None:
+            return reply, set(), []
+        for load in self._loads():
+            load.replay.append(change)
+        changed = {change.args[0].decode("utf-8", "surrogateescape")} if change.command == "setuser" else set(deleted)
+        self.shared.swap(self.policy.with_users(new), changed, deleted)
+        return reply, changed, deleted
+
+    def _replayed(self, users: dict[str, User], load: Load) -> dict[str, User]:
+        """``users`` just loaded, with the changes made since the load was asked for applied, in order."""
+        for change in load.replay:
+            new = change.run(users, self.table)[0]
+            if new is not None:
+                users = new
+        if load.replay:
+            audit.info("users_changes_replayed", changes=len(load.replay), detail="applied since the load was asked for")
+        return users
+
+    async def _mirrored(self, reply: Awaitable[bytes], changed: set[str] | None, deleted: Sequence[str]) -> bytes:
+        """``reply``, once Redis has the mirror users of the change (mirror mode), or an error saying it does not."""
+        out = await reply
+        mirror = self.policy.mirror
+        if mirror is None or out[:1] == b"-":
+            return out
+        return await mirror_reply(mirror, self.policy.users, changed, deleted, out)
+
+    def acl_load(self) -> asyncio.Future[bytes]:
+        """ACL LOAD: a users-only load in the sequence; its reply when its result is in force."""
+        load = Load(False, asyncio.get_running_loop().create_future())
+        self.loads.append(load)
+        self._start()
+        return load.done  # type: ignore[return-value]
+
+    def put_lines(self, lines: dict[str, str], deleted: Sequence[str]) -> None:
+        """Users as another worker made them (users-file lines; the supervisor's journal of changes since
+        the last reload, applied by a worker it forks): put in force as they are."""
+        users = dict(self.policy.users)
+        try:
+            parsed = parse_users("\n".join(lines.values()), self.table) if lines else {}
+        except UsersFileError as e:  # cannot happen for lines another worker rendered; never crash on it
+            audit.error("users_replication_failed", error=str(e))
+            return
+        users.update(parsed)
+        gone = [n for n in deleted if users.pop(n, None) is not None]
+        if parsed or gone:
+            self.shared.swap(self.policy.with_users(users), set(parsed) | set(gone), gone)
+
     def reload(self, files: dict[Path, bytes] | None = None) -> None:
         """Re-read the users file and every listener's certificates, off the event loop.
 
-        ``files``: the watched files' bytes, as the file watcher found them stable (parsed as they
-        are); None (SIGHUP): read each file now, once, re-read it, and refuse the reload if the two
-        reads differ. A SIGHUP during a reload runs one more reload after it (the files may have
-        changed again)."""
-        self.next_files = files
-        if self.reloading is not None and not self.reloading.done():
-            self.reload_again = True
+        ``files``: the watched files' bytes, as the file watcher found them stable (parsed as they are);
+        None (SIGHUP): read each file once when the load starts, re-read it, and refuse the reload if the
+        two reads differ. A SIGHUP during a reload runs one more reload after it (the files may have
+        changed again); one while that one is still waiting is that one, asked for again (its record of
+        changes starts over, and it parses the newest files)."""
+        queued = next((load for load in self.loads if load.full), None)
+        if queued is not None:
+            queued.replay.clear()
+            queued.files = files
             return
-        self.reloading = asyncio.ensure_future(self._reload())
+        self.loads.append(Load(True, files=files))
+        self._start()
 
-    async def _reload(self) -> None:
+    def _start(self) -> None:
+        if self.reloading is None or self.reloading.done():
+            self.reloading = asyncio.ensure_future(self._run_loads())
+
+    async def _run_loads(self) -> None:
+        while self.loads:
+            self.current = load = self.loads.popleft()
+            try:
+                if load.full:
+                    await self._reload(load)
+                else:
+                    reply = await self._load_users(load)
+                    assert load.done is not None
+                    if not load.done.done():
+                        load.done.set_result(reply)
+            except Exception as e:  # a bug: said, and the loads after it still run
+                audit.error("users_load_failed", error=repr(e), exc_info=True)
+                if load.done is not None and not load.done.done():
+                    load.done.set_result(b"-ERR redisguard: internal error while loading the users\r\n")
+            finally:
+                self.current = None
+
+    async def _load_users(self, load: Load) -> bytes:
+        """ACL LOAD's work: Redis's all-or-nothing load of the users file (its reply)."""
+        users, reply = await asyncio.to_thread(admin.acl_load, self.policy.users_file or None, self.table)
+        if users is not None:
+            self.shared.swap(self.policy.with_users(self._replayed(users, load)), None, ())
+        return reply
+
+    async def _reload(self, asked: Load) -> None:
         """All or nothing: parse and build everything in a worker thread, then swap it in at once.
 
         New handshakes and logins use the new files; see _rebind_sessions for connected clients. A
@@ -110,87 +260,42 @@ class Reloader:
             contexts = {lst.name: server_context(lst, files) for lst in tls}
             return users, ACLReplies(users).prepare(), contexts, changes, files
 
-        while True:
-            self.reload_again = False
-            files, self.next_files = self.next_files, None
-            # A full garbage collection over 10,000 users' command sets holds the GIL for ~60 ms,
-            # wherever it runs: none while loading, and what is loaded is frozen out of later ones.
-            gc.disable()
-            before = self.policy.users
-            try:
-                profile = self.shared.profile
-                # a copy (made on the loop a slice at a time: the live profile changes meanwhile)
-                seen = await snapshot(profile) if cfg.acl.reload_guard and profile else None
-                users, acl_replies, contexts, changes, files = await asyncio.to_thread(load, seen, files)
-            except (UsersFileError, ACLError, TLSConfigError, OSError, ValueError) as e:
-                gc.enable()
-                self.metrics.reload_result(False)
-                audit.error("config_reload_failed", error=str(e), detail="kept the previous users and certificates")
-            else:
-                if self.policy.users is not before:
-                    # ACL SETUSER/DELUSER/LOAD changed the users while the file was being read (and ACL
-                    # SAVE may have rewritten it): what was read may be stale. Read it again.
-                    gc.enable()
-                    self.reload_again = True
-                    continue
-                for lst in tls:
-                    export_expiry(self.metrics, lst, files)
-                self.ctx.tls_contexts.update(contexts)
-                old = self.policy.users
-                new_cfg = changes.merged(cfg)
-                self.set_config(new_cfg)
-                self.shared.observer.audit_keys = new_cfg.log.audit_keys  # type: ignore[attr-defined]
-                policy = replace(self.policy, users=users, disabled=frozenset(new_cfg.acl.disabled_commands))
-                dropped = self._swap(policy, None, (), acl_replies)
-                gc.freeze()
-                gc.enable()
-                # Freeing 10,000 users is ~20 ms: not on the loop, and on the decisions' own worker
-                # thread, so no offloaded decision can be reading the old users meanwhile.
-                await asyncio.get_running_loop().run_in_executor(self.ctx.executor, _release, old)
-                del old
-                self.metrics.reload_result(True)
-                changes.log()
-                audit.info("config_reloaded", users=len(users), listeners=sorted(contexts), disconnected=dropped,
-                           applied=changes.applied, restart_required=changes.restart)  # fmt: skip
-            if not self.reload_again:
-                while self.deferred:
-                    self._replicate(*self.deferred.pop(0))
-                return
-
-    def _swap(self, policy: Policy, changed: set[str] | None, deleted: Sequence[str],
-              acl_replies: ACLReplies | None = None) -> int:  # fmt: skip
-        """Put new users in force from here (a reload, a replicated change): not a local ACL change."""
-        self._not_local = True
+        # A full garbage collection over 10,000 users' command sets holds the GIL for ~60 ms,
+        # wherever it runs: none while loading, and what is loaded is frozen out of later ones.
+        gc.disable()
         try:
-            return self.shared.swap(policy, changed, deleted, acl_replies)
-        finally:
-            self._not_local = False
-
-    def replicate(self, lines: dict[str, str], deleted: Sequence[str]) -> None:
-        """ACL SETUSER / DELUSER made on another worker (each changed user as its users-file line):
-        put in force as they were there, as if run here (unchanged users are left alone). The
-        supervisor sent them after any reload it asked for, so during a reload they wait for its end."""
-        if self.reloading is not None and not self.reloading.done():
-            self.deferred.append((lines, deleted))
-        else:
-            self._replicate(lines, deleted)
-
-    def _replicate(self, lines: dict[str, str], deleted: Sequence[str]) -> None:
-        users = dict(self.policy.users)
-        try:
-            parsed = parse_users("\n".join(lines.values()), self.table) if lines else {}
-        except UsersFileError as e:  # cannot happen for lines another worker rendered; never crash on it
-            audit.error("users_replication_failed", error=str(e))
+            profile = self.shared.profile
+            # a copy (made on the loop a slice at a time: the live profile changes meanwhile)
+            seen = await snapshot(profile) if cfg.acl.reload_guard and profile else None
+            users, acl_replies, contexts, changes, files = await asyncio.to_thread(load, seen, asked.files)
+        except (UsersFileError, ACLError, TLSConfigError, OSError, ValueError) as e:
+            gc.enable()
+            self.metrics.reload_result(False)
+            audit.error("config_reload_failed", error=str(e), detail="kept the previous users and certificates")
             return
-        changed = set()
-        for name in lines:
-            old = users.get(name)
-            if old is None or old.fingerprint != parsed[name].fingerprint:
-                users[name] = parsed[name]
-                changed.add(name)
-        gone = [n for n in deleted if users.pop(n, None) is not None]
-        if changed or gone:
-            self._swap(self.policy.with_users(users), changed | set(gone), gone)
+        for lst in tls:
+            export_expiry(self.metrics, lst, files)
+        self.ctx.tls_contexts.update(contexts)
+        old = self.policy.users
+        new_cfg = changes.merged(cfg)
+        self.set_config(new_cfg)
+        self.shared.observer.audit_keys = new_cfg.log.audit_keys  # type: ignore[attr-defined]
+        read = users
+        # ACL SETUSER/DELUSER applied while the files were read hold on top (the replies made off the
+        # loop are then of other users: rebuilt)
+        users = self._replayed(read, asked)
+        policy = replace(self.policy, users=users, disabled=frozenset(new_cfg.acl.disabled_commands))
+        dropped = self.shared.swap(policy, None, (), acl_replies if users is read else None)
+        gc.freeze()
+        gc.enable()
+        # Freeing 10,000 users is ~20 ms: not on the loop, and on the decisions' own worker
+        # thread, so no offloaded decision can be reading the old users meanwhile.
+        await asyncio.get_running_loop().run_in_executor(self.ctx.executor, _release, old)
+        del old
+        self.metrics.reload_result(True)
+        changes.log()
+        audit.info("config_reloaded", users=len(users), listeners=sorted(contexts), disconnected=dropped,
+                   applied=changes.applied, restart_required=changes.restart)  # fmt: skip
 
     def users_changed(self, policy: Policy, changed: set[str] | None, deleted: Sequence[str]) -> int:
         """A reload or ACL SETUSER / DELUSER / LOAD changed the users: move or disconnect the other
@@ -209,8 +314,6 @@ class Reloader:
 
             self.background.add(task := asyncio.ensure_future(rebuild()))
             task.add_done_callback(self.background.discard)
-        if self.on_local_change is not None and not self._not_local:
-            self.on_local_change(users, changed, deleted)
         return dropped
 
     def _rebind_sessions(self, users: dict[str, User], changed: set[str] | None = None, deleted: Sequence[str] = ()) -> int:
@@ -228,3 +331,18 @@ class Reloader:
                                 user=session.user.name, reason=why)  # fmt: skip
                 client.close()
         return dropped
+
+
+async def _done(reply: bytes) -> bytes:
+    return reply
+
+
+async def mirror_reply(mirror: Any, users: dict[str, User], changed: set[str] | None, deleted: Sequence[str],
+                       reply: bytes) -> bytes:  # fmt: skip
+    """``reply`` once Redis has the mirror users of a change, or an error that says Redis does not."""
+    try:
+        await mirror.apply(users, changed, deleted)
+    except MirrorError as e:
+        return error_format(f"redisguard: the change is in force here, but Redis did not take the mirror "
+                            f"user change ({e}); clients may fail to log in upstream until it does".encode())  # fmt: skip
+    return reply

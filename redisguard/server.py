@@ -18,6 +18,7 @@ import signal
 import ssl
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .acl import ACLReplies, load_users
@@ -149,8 +150,10 @@ class Proxy:
         fd_limit = _raise_fd_limit()
         self.metrics.fd_limit.set(fd_limit)
         if self.config.server.reload_interval:  # (its baseline now: a change while starting is not missed)
-            self.watch = FileWatch(self.config, lambda files: self.reloader.reload(files), self.metrics)
+            self.watch = FileWatch(self.config, self.reload, self.metrics)
         await self.load_policy()
+        if self.worker is not None:  # the changes the supervisor has sent so far, before any client
+            await self.worker.open()
         self.ctx.fd_limit = fd_limit
         gc.collect()
         gc.freeze()  # the users and the command table live as long as the process: keep them out of GC passes
@@ -185,6 +188,8 @@ class Proxy:
             self.watch.start()
         if self.profile_store is not None:
             self.profile_store.start()
+        if self.worker is not None:
+            self.worker.started()
         log.info(
             "redisguard_started",
             listeners=[f"{lst.name}={lst.type}://{self.bound(i)}" for i, lst in enumerate(self.config.listeners)],
@@ -223,10 +228,15 @@ class Proxy:
         """A reload applied settings that may change live (reconfigure.LIVE)."""
         self.config = self.ctx.config = self.reloader.config = config
 
-    def reload(self) -> None:
-        """SIGHUP: re-read the users file and every listener's certificates (see :mod:`.reload`); in
-        mirror mode, also check that Redis still has every mirror user (whether or not the users changed)."""
-        self.reloader.reload()
+    def reload(self, files: dict[Path, bytes] | None = None) -> None:
+        """SIGHUP, or the file watch with the files it found stable (``files``): re-read the users file and
+        every listener's certificates (see :mod:`.reload`); with workers, every worker does, in the
+        supervisor's order of users changes (each reads the files itself, twice); in mirror mode, also
+        check that Redis still has every mirror user (whether or not the users changed)."""
+        if self.worker is not None:
+            self.worker.request_reload()
+        else:
+            self.reloader.reload(files)
         if self.policy.mirror is not None:
             self.policy.mirror.verify("sighup")
 
@@ -323,11 +333,11 @@ async def run(config: Config, worker: WorkerLink | None = None) -> None:
     proxy = Proxy(config, worker)
     await proxy.start()
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
+    stop = worker.stop if worker is not None else asyncio.Event()  # (a worker's: also its channel's end)
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, proxy.reload)
-    link = asyncio.ensure_future(worker.run(stop)) if worker is not None else None
+    link = worker.reader if worker is not None else None
     await stop.wait()
     log.info("redisguard_stopping", clients=len(proxy.clients))
     await proxy.stop()

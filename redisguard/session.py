@@ -79,7 +79,7 @@ class Session(RequestPipeline, LoginsAndACL, StateCommands):
     __slots__ = (
         "_admin_done", "_decided", "_exec_changes", "_last", "_more", "_multi_subs", "_multi_user",
         "_offload_basis", "_paused", "_pending", "_queued", "_replay", "_replay_auth", "_silent",
-        "_skip_next", "_skipping", "_unparsed", "authenticated", "in_multi", "listener", "local",
+        "_skip_next", "_skipping", "_unparsed", "authenticated", "awaiting", "in_multi", "listener", "local",
         "multi_dirty", "offload", "parser", "peer", "replies", "reply_off", "resp", "shared", "source",
         "stopped", "subscriptions", "tls_identity", "to_client", "to_upstream", "upstream_login", "upstream_opened",
         "user", "wait", "_watching",
@@ -126,6 +126,7 @@ class Session(RequestPipeline, LoginsAndACL, StateCommands):
         self._pending: deque[list[bytes]] = deque()
         self.wait = 0.0  # > 0: the transport calls resume() after this many seconds
         self.offload: list[bytes] | None = None  # a request the transport decides in a worker thread
+        self.awaiting: Any = None  # a reply the transport awaits (an ACL change put in force everywhere)
         self._paused = False
         self._replay = False  # the request at the head of _pending was started before the pause
         self._more = False  # the last batch ran out of budget with requests left to parse or decide

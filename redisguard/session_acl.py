@@ -265,7 +265,11 @@ class LoginsAndACL:
         elif cmd.name == "acl|log":
             self._reply(self.shared.acl_log.reply(argv[2:], self.resp, time.time(), argv[1]))
         elif cmd.name in ("acl|setuser", "acl|deluser", "acl|load", "acl|save"):
+            sequencer = self.shared.sequencer
             done, self._admin_done = self._admin_done, None
+            if cmd.name == "acl|load" and sequencer is not None:
+                self._await_reply(sequencer.submit("load", ()))  # the file is read in its turn in the sequence
+                return
             if done is None or done[0] is not users:  # not precomputed, or another client changed the users since
                 done = (users, self._acl_admin(cmd.name, argv, self.policy))
             result = done[1]
@@ -273,6 +277,14 @@ class LoginsAndACL:
                 self._reply(result[0])
                 return
             new = result[0]
+            if new is not None and sequencer is not None:
+                # applied (with workers: everywhere) in the sequence's order; answered once in force
+                answer = sequencer.submit(cmd.name[4:], argv[2:], done)
+                if isinstance(answer, bytes):
+                    self._reply(answer)
+                else:
+                    self._await_reply(answer)
+                return
             if new is not None:
                 deleted = result[2] if cmd.name == "acl|deluser" else []
                 changed = None if cmd.name == "acl|load" else {argv[2].decode("utf-8", "surrogateescape")}
@@ -282,6 +294,19 @@ class LoginsAndACL:
             self._reply(result[1])
         else:
             self._forward(argv)
+
+    def _await_reply(self, answer: Any) -> None:
+        """The reply is made elsewhere (an ACL change being put in force everywhere): hold the later
+        requests, as for a decision off the loop, until the transport hands it to :meth:`acknowledged`."""
+        self.awaiting = answer
+        self._paused = True
+
+    def acknowledged(self, reply: bytes) -> None:
+        """The awaited reply: send it, in its place, and decide the requests held behind it."""
+        self.awaiting = None
+        self._reply(reply)
+        self._paused = False
+        self._run()
 
     def _upstream_login(self, user: User, answered: bool = True) -> None:
         """The upstream connection logs in: as the service user, or (mirror mode) as ``user``'s mirror.

@@ -228,6 +228,8 @@ class RequestPipeline:
             return verdict, [], None
         if verdict.name == "acl|dryrun":  # the answer is a decision too: make it here
             return verdict, [dryrun(policy, argv[2:])], None
+        if verdict.name == "acl|load" and self.shared.sequencer is not None:
+            return verdict, [], None  # read in its turn in the sequence of users changes
         if verdict.name in ("acl|setuser", "acl|deluser", "acl|load", "acl|save"):
             return verdict, [], (policy.users, self._acl_admin(verdict.name, argv, policy))
         return verdict, encode_command_pieces(argv) if verdict.name not in self.special else [], None

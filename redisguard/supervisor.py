@@ -34,8 +34,11 @@ round trip per worker per scrape. The supervisor adds ``redisguard_workers{state
 running, ready) and ``redisguard_worker_restarts_total``. ``/readyz`` is ready only when all N workers
 are up and each is ready (its listeners, certificates, the upstream PING).
 
-**ACL administration** (ACL SETUSER / DELUSER / LOAD) is replicated: see :mod:`.worker_link`. A
-worker forked later catches up from the supervisor's journal of changes since the last reload.
+**ACL administration** (ACL SETUSER / DELUSER / LOAD) is ordered here, with the reloads, into one
+stream every worker applies; the client is answered once every worker has applied its change, and a
+worker that does not within ACK_TIMEOUT (LOAD_ACK_TIMEOUT for an ACL LOAD) is killed and restarted
+rather than left serving the old rights: see :mod:`.worker_link`. A worker forked later catches up
+from the journal of changes since the last reload and the stream, before it listens.
 
 **Per worker** (documented in the README): the AUTH throttle, ACL LOG, the audit-log rate limits
 and the upstream health check. Limits are shared: each worker gets ``ceil(limit / N)`` of a
@@ -78,6 +81,10 @@ MAX_EARLY_EXITS = 5  # this many early exits in a row: give up
 STOP_MARGIN = 10.0  # SIGTERM, then SIGKILL for workers still running this long after their drain_timeout
 ASK_TIMEOUT = 5.0  # a worker's answer to a metrics or readiness request
 PR_SET_PDEATHSIG = 1
+# A worker applies an ACL SETUSER / DELUSER at once (on the loop, well under a second even with 10,000
+# users); an ACL LOAD reads the users file in its turn, after any reload in flight.
+ACK_TIMEOUT = 10.0
+LOAD_ACK_TIMEOUT = 60.0
 
 
 class Channel(Endpoint):
@@ -89,6 +96,18 @@ class Channel(Endpoint):
         self.backlog: list[dict[str, Any]] = []  # sent before the stream was open
         self.waiting: dict[int, asyncio.Future[dict[str, Any] | None]] = {}
         self.up = False  # the worker said its listeners are up
+        self.synced = False  # the worker applies the stream of changes from here on (it asked to sync)
+
+
+@dataclass(eq=False)
+class Pending:
+    """A change sent to every worker, not yet applied by all of them."""
+
+    msg: dict[str, Any]
+    origin: int
+    generation: int  # reloads before it: its journal lines are stale after another reload
+    waiting: set[int]  # the slots that must say they applied it
+    lines: dict[str, str | None] = field(default_factory=dict)  # the users it made, for the journal
 
 
 @dataclass
@@ -107,6 +126,9 @@ class Supervisor:
         self.n = config.server.workers
         self.slots = [Slot(i) for i in range(self.n)]
         self.journal: Journal = {}  # ACL SETUSER / DELUSER since the last reload, for new workers
+        self.seq = 0  # the stream of users changes: the last sequence number given
+        self.generation = 0  # reloads so far
+        self.pending: dict[int, Pending] = {}  # changes sent, by sequence number, not yet applied everywhere
         self.retired: metrics_merge.Families = {}  # counters of workers that exited
         self.inherited: dict[str, socket.socket] = {}  # unix listeners, by name
         self.metrics_sock: socket.socket | None = None
@@ -184,6 +206,8 @@ class Supervisor:
         theirs.close()
         slot.pid, slot.started = pid, time.monotonic()
         slot.channel = Channel(ours)
+        for change in self.pending.values():  # (its journal copy has the committed ones)
+            slot.channel.send(change.msg)
         self._task(self._serve_channel(slot, slot.channel))
 
     def _worker(self, index: int, sock: socket.socket, supervisor: int) -> int:
@@ -229,17 +253,22 @@ class Supervisor:
         ch.backlog.clear()
         try:
             while (msg := await read_message(reader)) is not None:
-                if "id" in msg:
-                    fut = ch.waiting.get(msg["id"])
+                if "op" not in msg:  # an answer to ask()
+                    fut = ch.waiting.get(msg.get("id", -1))
                     if fut is not None and not fut.done():
                         fut.set_result(msg)
                 elif msg.get("op") == "started":
                     ch.up = True
                     log.info("worker_started", worker=slot.index, pid=slot.pid)
-                elif msg.get("op") == "users":
-                    self.users_changed(msg)
-                elif msg.get("op") == "acl_load":
-                    self.reload_all("acl_load")
+                elif msg.get("op") == "sync":
+                    ch.synced = True  # every change from here on waits for its word
+                    ch.send({"op": "synced"})
+                elif msg.get("op") == "change":
+                    self.change(slot, msg)
+                elif msg.get("op") == "applied":
+                    self.applied(slot, msg)
+                elif msg.get("op") == "reload_request":
+                    self.reload_all("worker")
         finally:
             ch.up = False
             for fut in ch.waiting.values():
@@ -248,19 +277,60 @@ class Supervisor:
             ch.writer.close()
 
     # -- what the workers ask for ------------------------------------------------------------------
-    def users_changed(self, msg: dict[str, Any]) -> None:
-        """ACL SETUSER / DELUSER on one worker: journal it, and send it to every worker in this order."""
-        for name, line in msg.get("set", {}).items():
-            self.journal[name] = line
-        for name in msg.get("deleted", []):
-            self.journal[name] = None
-        self._broadcast(msg)
+    def change(self, origin: Slot, msg: dict[str, Any]) -> None:
+        """ACL SETUSER / DELUSER / LOAD on one worker: the next in the stream, sent to every worker."""
+        self.seq += 1
+        out = {"op": "apply", "seq": self.seq, "origin": origin.index, "pid": origin.pid, "id": msg["id"],
+               "change": msg["change"]}  # fmt: skip
+        load = msg["change"][0] == "load"
+        if load:
+            self.journal.clear()  # the file is the truth again
+            self.generation += 1
+        waiting = {s.index for s in self.slots if s.channel is not None and s.channel.synced}
+        change = self.pending[self.seq] = Pending(out, origin.index, self.generation, waiting)
+        self._broadcast(out)
+        self._task(self._deadline(self.seq, change, LOAD_ACK_TIMEOUT if load else ACK_TIMEOUT))
+
+    def applied(self, slot: Slot, msg: dict[str, Any]) -> None:
+        change = self.pending.get(msg["seq"])
+        if change is None:
+            return
+        if not change.lines:  # (every worker renders the same lines; the origin may be gone)
+            change.lines = {**msg.get("set", {}), **dict.fromkeys(msg.get("deleted", []))}
+        change.waiting.discard(slot.index)
+        self._committed(msg["seq"])
+
+    def _committed(self, seq: int) -> None:
+        """Once every worker has applied change ``seq`` (or is gone): journal it, tell its origin."""
+        change = self.pending[seq]
+        if change.waiting:
+            return
+        del self.pending[seq]
+        if change.generation == self.generation:
+            self.journal.update(change.lines)
+        origin = self.slots[change.origin]
+        if origin.channel is not None and origin.pid == change.msg["pid"]:  # (not a restarted worker in its slot)
+            origin.channel.send({"op": "committed", "id": change.msg["id"]})
+
+    async def _deadline(self, seq: int, change: Pending, timeout: float) -> None:
+        """A worker that has not applied a change in time is killed, never left with the old rights."""
+        await asyncio.sleep(timeout)
+        if seq not in self.pending:
+            return
+        for index in sorted(change.waiting):
+            slot = self.slots[index]
+            log.error("worker_killed", worker=index, detail=f"did not apply an ACL change within {timeout:g} s")
+            if slot.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(slot.pid, signal.SIGKILL)
+        # (its exit is reaped: _exited then commits the change)
 
     def reload_all(self, why: str) -> None:
         """SIGHUP, or ACL LOAD on one worker: every worker reloads (users file, certificates, TOML)."""
         if self.stopping:
             return
         self.journal.clear()  # the files are the truth again
+        self.generation += 1
         log.info("reload_workers", reason=why, workers=self.n)
         self._broadcast({"op": "reload"})
 
@@ -329,6 +399,9 @@ class Supervisor:
     def _exited(self, slot: Slot, code: int) -> None:
         metrics_merge.retire(self.retired, slot.last)
         slot.pid, slot.last, slot.channel = 0, {}, None
+        for seq, change in list(self.pending.items()):  # a worker that is gone serves no one
+            change.waiting.discard(slot.index)
+            self._committed(seq)
         if self.stopping:
             log.info("worker_stopped", worker=slot.index, exit=code)
             return

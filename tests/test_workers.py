@@ -197,11 +197,12 @@ def test_sighup_and_acl_admin_reach_every_worker(two) -> None:  # type: ignore[n
     assert admin.execute_command("ACL", "DELUSER", "dave") == 1
     on_both_workers(p, lambda: not login(p, "dave", "dave-pw"), "auth_failure", user="unknown", reason="unknown_user")
 
-    # ACL LOAD on one worker reloads them all: carol goes (the file no longer has her), on both.
+    # ACL LOAD on one worker loads the users in every worker before it answers: carol is gone from
+    # both (the file no longer has her) the moment +OK arrives.
     users.write_text(USERS_ACL)
     since = len(log_lines(p))
     assert admin.execute_command("ACL", "LOAD") == b"OK"
-    wait_for(lambda: served_by(p, "config_reloaded", since) == {0, 1})
+    assert served_by(p, "users_changed", since) == {0, 1}
     on_both_workers(p, lambda: not login(p, "carol", "carol-pw"), "auth_failure", user="unknown", listener="local")
     admin.close()
 
