@@ -167,7 +167,7 @@ def identity_findings(config: Config, users: dict[str, Any], table: CommandTable
     refused, scriptable = refused_commands(policy), script_callable(table)
     narrower = [u.name for u in users.values() if any(s.allowed & SCRIPT_COMMANDS for s in u.selectors)
                 and not covers(u, r.service, refused, scriptable)]  # fmt: skip
-    if not narrower:
+    if not narrower or (up.identity == "auto" and not ask_redis):  # (unresolved: may well be mirror)
         return list(r.problems), [], note
     names = ", ".join(map(repr, narrower[:10])) + (f" and {len(narrower) - 10} more" if len(narrower) > 10 else "")
     unknown = "" if r.service is not None else " (its rights unknown here: counted as every right)"
