@@ -17,6 +17,9 @@ from .handshakes import Waiting
 from .proxy_protocol import MAX_HEADER, ProxyHeader, ProxyHeaderError, parse
 
 audit = get_logger("redisguard.audit")
+# How early uvloop's handshake timer may fire against time.monotonic() (libuv's loop clock is cached
+# per iteration and counts whole milliseconds).
+HANDSHAKE_TIMER_SLACK = 0.05
 
 
 if TYPE_CHECKING:
@@ -128,8 +131,10 @@ class TLSServer:
                 ssl_handshake_timeout=max(deadline - time.monotonic(), 0.001),
             )  # fmt: skip
         except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as e:
-            # (uvloop reports its own handshake timeout as ConnectionAbortedError: the deadline says which)
-            why = "timeout" if isinstance(e, ConnectionAbortedError) and time.monotonic() >= deadline else _handshake_reason(e)
+            # (uvloop reports its own handshake timeout as ConnectionAbortedError: the deadline says which;
+            # its timer runs on libuv's millisecond clock, so it may fire a little before our deadline)
+            timed_out = isinstance(e, ConnectionAbortedError) and time.monotonic() >= deadline - HANDSHAKE_TIMER_SLACK
+            why = "timeout" if timed_out else _handshake_reason(e)
             m.tls_handshake_failures.labels(lst.name, why).inc()
             m.connections_rejected.labels(lst.name, "handshake").inc()
             if why in ("no_client_cert", "bad_client_cert"):

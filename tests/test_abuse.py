@@ -113,9 +113,11 @@ ATTACKS = {
 
 @pytest.mark.parametrize("name", list(ATTACKS))
 def test_no_request_stalls_other_clients(proxy: ProxyProc, name: str) -> None:
-    worst = probe_while(proxy, lambda: ATTACKS[name](proxy.plain_port))
-    print(f"{name}: worst {worst * 1000:.1f} ms")
-    assert worst < 0.1, f"{name}: another client's PING took {worst * 1000:.0f} ms"
+    _, worst, late = probe_stats(proxy, lambda: ATTACKS[name](proxy.plain_port))
+    print(f"{name}: worst {worst * 1000:.1f} ms (the probe's own sleeps woke up to {late * 1000:.1f} ms late)")
+    # 100 ms of the proxy's own, plus what the machine itself delayed: another workload on both cores
+    # delays the probe's wake-ups too, while a stall of the proxy's own does not (the probe is idle).
+    assert worst < 0.1 + 2 * late, f"{name}: another client's PING took {worst * 1000:.0f} ms (noise {late * 1000:.0f} ms)"
 
 
 # Users whose key patterns need the general matcher: `*:p0:*` ... (issue 21, section 4).
