@@ -12,8 +12,10 @@ reserve) until a slot of its source frees. The rules:
 1. Sources take turns, so one address's backlog never delays another's clients.
 2. Within a source, a waiting socket that has spoken (the event loop saw it readable: its ClientHello
    or PROXY header waits in the kernel) goes before the silent ones, oldest first.
-3. A pending socket silent for ``STALLED`` seconds is stalled: it gives its slot to a waiting socket
-   that has spoken, never to a silent one (nobody would be better served).
+3. A pending socket whose ClientHello is not whole after ``STALLED`` seconds (silent, or a byte at a
+   time), or whose TLS handshake has not finished ``STALLED_TLS`` seconds after its ClientHello, is
+   stalled: it gives its slot to a waiting socket that has spoken, never to a silent one (nobody would
+   be better served).
 4. A waiting socket that the peer closed is dropped at once; when the queue fills up, waiting sockets
    silent for ``STALLED`` seconds are dropped to make room; a newcomer is refused only when the queue is
    still full. A socket still waiting at its handshake deadline is closed.
@@ -32,9 +34,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-# A pending socket silent this long (no ClientHello, no PROXY header) is stalled. A real client speaks
-# within a round trip of connecting; a burst of them must wait its turn, not evict itself.
+# A pending socket without a whole ClientHello (and PROXY header) this long is stalled. A real client
+# sends it within a round trip of connecting; a burst of them must wait its turn, not evict itself.
 STALLED = 1.0
+# A TLS handshake not finished this long after its ClientHello is stalled too (a real one takes a
+# round trip or two more; the cost of the server's part is already spent).
+STALLED_TLS = 2.0
 # Sockets that may wait for a handshake slot, per slot of the global budget (each costs a descriptor and
 # a few hundred bytes: no TLS state until it starts).
 QUEUE_PER_SLOT = 4
@@ -78,8 +83,10 @@ class HandshakeBudget:
         self.count = 0
         self.by_listener: dict[str, int] = {}
         self.by_source: dict[str, int] = {}
-        # pending sockets that have not spoken, oldest first: task -> (source, client, since)
+        # pending sockets, oldest first: task -> (source, client, since), before their whole ClientHello
+        # is here (``silent``) and after, in the TLS handshake (``in_tls``)
         self.silent: OrderedDict[asyncio.Future[None], tuple[str, PendingClient, float]] = OrderedDict()
+        self.in_tls: OrderedDict[asyncio.Future[None], tuple[str, PendingClient, float]] = OrderedDict()
         self.queue_cap = QUEUE_PER_SLOT * total
         self.queued: OrderedDict[str, SourceQueue] = OrderedDict()  # source -> its waiting sockets, in turn
         self.ready: OrderedDict[str, None] = OrderedDict()  # the sources of those that spoke, in turn
@@ -118,18 +125,30 @@ class HandshakeBudget:
         self.release(listener, old, drain=False)  # (the slot is not free: it changes hands)
         self.acquire(listener, new)
 
+    def hello_done(self, task: asyncio.Future[None]) -> None:
+        """``task``'s whole ClientHello is here: its TLS handshake starts (stalled after STALLED_TLS)."""
+        entry = self.silent.pop(task, None)
+        if entry is not None:
+            self.in_tls[task] = (entry[0], entry[1], time.monotonic())
+
+    def forget(self, task: asyncio.Future[None]) -> None:
+        self.silent.pop(task, None)
+        self.in_tls.pop(task, None)
+
     def evict(self, source: str | None, now: float | None = None) -> bool:
         """Cancel the oldest stalled handshake (of ``source``, if given); False if there is none."""
-        cutoff = (time.monotonic() if now is None else now) - STALLED
-        for task, (src, client, since) in self.silent.items():
-            if since > cutoff:
-                break  # oldest first: the rest are younger still
-            if source is None or src == source:
-                del self.silent[task]
-                client.evicted()
-                client.end_handshake()  # its slot is free now, not when the task unwinds
-                task.cancel()
-                return True
+        now = time.monotonic() if now is None else now
+        for table, stall in ((self.silent, STALLED), (self.in_tls, STALLED_TLS)):
+            cutoff = now - stall
+            for task, (src, client, since) in table.items():
+                if since > cutoff:
+                    break  # oldest first: the rest are younger still
+                if source is None or src == source:
+                    del table[task]
+                    client.evicted()
+                    client.end_handshake()  # its slot is free now, not when the task unwinds
+                    task.cancel()
+                    return True
         return False
 
     # -- the waiting sockets ---------------------------------------------------------------------

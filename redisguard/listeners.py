@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import socket
 import ssl
+import struct
+import termios
 import time
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -107,7 +110,7 @@ class TLSServer:
         task.add_done_callback(self._forget)
 
     def _forget(self, task: asyncio.Future[None]) -> None:
-        self.ctx.handshakes.silent.pop(task, None)
+        self.ctx.handshakes.forget(task)
 
     async def _handshake(self, client: ClientProtocol, conn: socket.socket, addr: Any, accepted: float) -> None:
         loop = asyncio.get_running_loop()
@@ -121,11 +124,12 @@ class TLSServer:
                 if real is None:
                     return  # refused, counted and logged
                 addr = real
-            else:
-                # No TLS state (tens of KiB in OpenSSL and uvloop) until the ClientHello starts to arrive:
-                # a silent connection costs a socket and this task.
-                await asyncio.wait_for(_first_bytes(loop, conn), max(deadline - time.monotonic(), 0.001))
-                self._spoke()
+            # No TLS state (tens of KiB in OpenSSL and uvloop) until the whole ClientHello is here: till then
+            # a connection costs a socket and this task, and stalls it can be evicted for (handshakes.py).
+            await asyncio.wait_for(_client_hello(loop, conn), max(deadline - time.monotonic(), 0.001))
+            current = asyncio.current_task()
+            if current is not None:
+                ctx.handshakes.hello_done(current)
             await loop.connect_accepted_socket(
                 lambda: client, conn, ssl=ctx.tls_contexts[lst.name],
                 ssl_handshake_timeout=max(deadline - time.monotonic(), 0.001),
@@ -149,17 +153,12 @@ class TLSServer:
         finally:
             client.end_handshake()  # a no-op when connection_made already ended it
 
-    def _spoke(self) -> None:
-        current = asyncio.current_task()
-        if current is not None:
-            self.ctx.handshakes.silent.pop(current, None)  # it spoke: no longer evictable
-
     async def _proxy_header(self, client: ClientProtocol, conn: socket.socket, addr: Any, deadline: float) -> Any:
         """Read the PROXY header off the raw socket (exactly its bytes: the ClientHello stays there for
         TLS); the client's address, or the socket's peer for LOCAL/UNKNOWN; None when refused."""
         ctx, lst = self.ctx, self.listener
         try:
-            header = await asyncio.wait_for(read_header(conn, self._spoke), max(deadline - time.monotonic(), 0.001))
+            header = await asyncio.wait_for(read_header(conn), max(deadline - time.monotonic(), 0.001))
         except ProxyHeaderError as e:
             reason, detail = e.reason, str(e)
         except TimeoutError:
@@ -204,27 +203,50 @@ async def _peek(loop: asyncio.AbstractEventLoop, conn: socket.socket, n: int) ->
             continue
 
 
-async def _first_bytes(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
-    """Wait until the peer sends something (its ClientHello); ConnectionResetError if it closes first,
-    so a flood that disconnects never costs TLS state either."""
-    if not await _peek(loop, conn, 1):
+# While a TLS record is partly in the socket it stays readable: its rest is polled for, this often at
+# first, backing off (a ClientHello split over segments takes a round trip or two).
+HELLO_POLL = (0.005, 0.1)
+
+
+async def _client_hello(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
+    """Wait until the first TLS record (the ClientHello) is wholly in the socket, unread; return at the
+    first byte of anything that is not a TLS handshake record (the TLS layer refuses it at once).
+    ConnectionResetError if the peer closes first, so a flood that disconnects never costs TLS state."""
+    head = await _peek(loop, conn, 5)
+    delay = HELLO_POLL[0]
+    while head and head[0] == 0x16 and len(head) < 5:
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, HELLO_POLL[1])
+        head = conn.recv(5, socket.MSG_PEEK)
+    if not head:
         raise ConnectionResetError("closed before the TLS handshake")
+    if head[0] != 0x16:
+        return
+    need = 5 + int.from_bytes(head[3:5], "big")
+    while _queued(conn) < need:
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, HELLO_POLL[1])
+        if not conn.recv(1, socket.MSG_PEEK):
+            raise ConnectionResetError("closed in the ClientHello")
 
 
-async def read_header(conn: socket.socket, spoke: Any = None) -> ProxyHeader:
+def _queued(conn: socket.socket) -> int:
+    """Bytes waiting in the socket, without copying them (FIONREAD)."""
+    return struct.unpack("i", fcntl.ioctl(conn.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
+async def read_header(conn: socket.socket) -> ProxyHeader:
     """Read exactly one PROXY header from a non-blocking socket (ProxyHeaderError if it is not one).
 
     Peeks at most MAX_HEADER bytes, consumes only bytes the parser says are inside the header, so what
-    follows (the TLS ClientHello) is left in the socket; ``spoke()`` is called at the first byte. The
-    caller bounds the time (a slow peer costs one wake-up per segment)."""
+    follows (the TLS ClientHello) is left in the socket. The caller bounds the time (a slow peer costs
+    one wake-up per segment)."""
     loop = asyncio.get_running_loop()
     got = b""
     while True:
         peek = await _peek(loop, conn, MAX_HEADER - len(got))
         if not peek:
             raise ConnectionResetError("closed in the PROXY header")
-        if not got and spoke is not None:
-            spoke()
         header = parse(got + peek)
         got += conn.recv(len(peek) if header is None else header.length - len(got))
         if header is not None and len(got) == header.length:

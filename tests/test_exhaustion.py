@@ -184,6 +184,42 @@ def test_a_reconnect_storm_from_one_address_is_served(make_proxy, certs: Path) -
     assert rejected(s, "tls", "handshake_wait_timeout") == 0
 
 
+def _client_hello(certs: Path) -> bytes:
+    """A real TLS ClientHello (made with a memory BIO), to send and then stall on."""
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+@pytest.mark.parametrize("stall", ["one byte", "a whole ClientHello"])
+def test_sockets_that_stall_after_speaking_cannot_lock_out_their_address(make_proxy, certs: Path, stall: str) -> None:  # type: ignore[no-untyped-def]
+    """Sockets that send a byte of a ClientHello (or a whole one) and then nothing hold their source's
+    handshake slots only until they are stalled (1 s without a whole ClientHello, 2 s in the TLS
+    handshake after it): a real client from the same address (behind one NAT) waiting for a slot gets
+    one within seconds, not at handshake_timeout."""
+    p = make_proxy(limits="max_handshakes_per_source = 10\nhandshake_timeout = 60.0\n")
+    data = b"\x16" if stall == "one byte" else _client_hello(certs)
+    flood = silent(p.tls_port, "127.0.0.9", 30)
+    try:
+        for sock in flood:
+            sock.sendall(data)
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        assert tls_ping(p, certs, source="127.0.0.9")  # (its own timeout: 10 s)
+        took = time.monotonic() - t0
+        s = scrape(p)
+        assert rejected(s, "tls", "handshake_evicted") >= 1
+        print(f"\n{stall}: a real client of the flooding address served in {took:.2f} s")
+    finally:
+        for sock in flood:
+            sock.close()
+
+
 def test_pending_handshakes_count_toward_max_connections(make_proxy, certs: Path) -> None:  # type: ignore[no-untyped-def]
     port = free_port()
     small = (f'[[listener]]\nname = "small"\ntype = "tls"\naddress = "127.0.0.1:{port}"\n'
