@@ -228,11 +228,40 @@ class Reloader:
                 self.current = None
 
     async def _load_users(self, load: Load) -> bytes:
-        """ACL LOAD's work: Redis's all-or-nothing load of the users file (its reply)."""
-        users, reply = await asyncio.to_thread(admin.acl_load, self.policy.users_file or None, self.table)
-        if users is not None:
-            self.shared.swap(self.policy.with_users(self._replayed(users, load)), None, ())
+        """ACL LOAD's work: Redis's all-or-nothing load of the users file (its reply), the SIGHUP way:
+        read, parsed and its ACL replies built off the loop, no GC pass over it, the old users freed
+        off the loop."""
+
+        def read() -> tuple[dict[str, User] | None, bytes, ACLReplies | None]:
+            users, reply = admin.acl_load(self.policy.users_file or None, self.table)
+            return users, reply, None if users is None else ACLReplies(users).prepare()
+
+        gc.disable()
+        try:
+            users, reply, acl_replies = await asyncio.to_thread(read)
+        except BaseException:
+            gc.enable()
+            raise
+        if users is None:
+            gc.enable()
+            return reply
+        await self._put_in_force(users, acl_replies, load, self.policy.with_users)
         return reply
+
+    async def _put_in_force(self, read: dict[str, User], acl_replies: ACLReplies | None, load: Load,
+                            policy_of: Callable[[dict[str, User]], Policy]) -> int:  # fmt: skip
+        """Swap in the users a load read (gc disabled by the caller), with the changes made since it was
+        asked for replayed on top (the ACL replies built off the loop are then of other users: rebuilt);
+        how many clients were disconnected."""
+        old = self.policy.users
+        users = self._replayed(read, load)
+        dropped = self.shared.swap(policy_of(users), None, (), acl_replies if users is read else None)
+        gc.freeze()
+        gc.enable()
+        # Freeing 10,000 users is ~20 ms: not on the loop, and on the decisions' own worker
+        # thread, so no offloaded decision can be reading the old users meanwhile.
+        await asyncio.get_running_loop().run_in_executor(self.ctx.executor, _release, old)
+        return dropped
 
     async def _reload(self, asked: Load) -> None:
         """All or nothing: parse and build everything in a worker thread, then swap it in at once.
@@ -276,22 +305,14 @@ class Reloader:
         for lst in tls:
             export_expiry(self.metrics, lst, files)
         self.ctx.tls_contexts.update(contexts)
-        old = self.policy.users
         new_cfg = changes.merged(cfg)
         self.set_config(new_cfg)
         self.shared.observer.audit_keys = new_cfg.log.audit_keys  # type: ignore[attr-defined]
-        read = users
-        # ACL SETUSER/DELUSER applied while the files were read hold on top (the replies made off the
-        # loop are then of other users: rebuilt)
-        users = self._replayed(read, asked)
-        policy = replace(self.policy, users=users, disabled=frozenset(new_cfg.acl.disabled_commands))
-        dropped = self.shared.swap(policy, None, (), acl_replies if users is read else None)
-        gc.freeze()
-        gc.enable()
-        # Freeing 10,000 users is ~20 ms: not on the loop, and on the decisions' own worker
-        # thread, so no offloaded decision can be reading the old users meanwhile.
-        await asyncio.get_running_loop().run_in_executor(self.ctx.executor, _release, old)
-        del old
+        disabled = frozenset(new_cfg.acl.disabled_commands)
+        # ACL SETUSER/DELUSER applied while the files were read hold on top
+        dropped = await self._put_in_force(users, acl_replies, asked,
+                                           lambda u: replace(self.policy, users=u, disabled=disabled))  # fmt: skip
+        users = self.policy.users
         self.metrics.reload_result(True)
         changes.log()
         audit.info("config_reloaded", users=len(users), listeners=sorted(contexts), disconnected=dropped,

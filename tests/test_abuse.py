@@ -272,10 +272,17 @@ def test_reload_and_acl_list_with_many_users_do_not_stall(tmp_path, certs, redis
                 assert out.startswith(b"*10006\r\n")
             p.proc.send_signal(signal.SIGHUP)
             time.sleep(1.5)
+            # ACL LOAD takes the SIGHUP path (read, parsed and its replies built off the loop), so an
+            # ACL LIST right after it is served from replies already built
+            with socket.create_connection(("127.0.0.1", p.plain_port), timeout=30) as admin:
+                admin.sendall(b"AUTH admin admin-pw\r\nACL LOAD\r\n")
+                assert read_until(admin, b"+OK\r\n+OK\r\n", timeout=30) == b"+OK\r\n+OK\r\n"
+            assert _send(p.plain_port, b"ACL LIST\r\n").startswith(b"*10006\r\n")
 
-        worst = probe_while(p, attack, seconds=5.0)
-        print(f"ACL LIST x3 + SIGHUP with 1000 clients: worst {worst * 1000:.1f} ms")
-        assert worst < 0.1
+        _, worst, late = probe_stats(p, attack, seconds=8.0)
+        print(f"ACL LIST x3 + SIGHUP + ACL LOAD + ACL LIST with 1000 clients: worst {worst * 1000:.1f} ms "
+              f"(noise {late * 1000:.1f} ms)")  # fmt: skip
+        assert worst < 0.1 + 2 * late
         held[0].sendall(b"GET app:0:x\r\n")  # unchanged users stay connected
         assert read_until(held[0], b"$-1\r\n") == b"$-1\r\n"
         assert '"config_reloaded"' in p.log.read_text()
