@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 ``slots`` is the queue of what the client is owed: ``RELAY n`` (the next n upstream replies, relayed
 unchanged), ``SYNTH [bytes]`` (replies made by the proxy), ``SWALLOW n`` (upstream replies the client
-never asked for: the DISCARD behind an aborted EXEC, a reply silenced by CLIENT REPLY SKIP),
+never asked for: the requests behind an aborted EXEC, a reply silenced by CLIENT REPLY SKIP),
 ``AUTHCHECK`` (the service user's AUTH: an error closes the session), ``PUBSUB n`` (n
 subscribe/unsubscribe confirmations, which RESP3 sends as push frames), ``MONITOR`` (its +OK, after
 which the feed's lines are out of band), ``EXEC_SUBS`` (an EXEC whose transaction (un)subscribed:
@@ -154,7 +154,7 @@ class ReplyQueue:
                     self.session.shared.observer.upstream_auth_failed(self.session)
                     self.failed("redisguard: upstream authentication failed; check [upstream] username and password")
                     return
-            else:  # SWALLOW*: a reply the client must not see (aborted EXEC's DISCARD, CLIENT REPLY SKIP)
+            else:  # SWALLOW*: a reply the client must not see (an aborted EXEC's, CLIENT REPLY SKIP)
                 if kind == SWALLOW_MONITOR and (self.held[0] if self.held else seg).startswith(b"+OK"):
                     self.monitoring = True
                 self.held.clear()

@@ -19,7 +19,8 @@ CLIENT REPLY OFF/SKIP silence a request's reply whoever makes it (Redis or the p
 request owes nothing and its refusal is dropped, as Redis does.
 
 Transactions: a command refused inside MULTI answers at once and marks the transaction, as Redis
-does; EXEC then answers ``-EXECABORT`` and the proxy sends DISCARD upstream (swallowing its +OK).
+does; EXEC then answers ``-EXECABORT``, and the proxy makes Redis abort its transaction at EXEC as it
+would have (a request Redis refuses at queue time, then EXEC; their replies swallowed).
 
 Modes (:class:`Mode`, ``Session.mode``): NORMAL → MULTI (MULTI … EXEC/DISCARD/RESET), SUBSCRIBED
 (while any subscription is held), MONITOR (until the connection ends), CLOSING (QUIT, a protocol

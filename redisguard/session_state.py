@@ -4,7 +4,7 @@
 CLIENT REPLY and MONITOR. A mixin of :class:`~redisguard.session.Session`, split out by job.
 
 Each tells the reply queue what Redis will answer (or that the answer is swallowed), so replies stay in
-request order whatever the mode: transactions (EXEC aborted here sends DISCARD upstream), pub/sub
+request order whatever the mode: transactions (EXEC aborted here aborts Redis's too), pub/sub
 (confirmations are pushes, never silenced), CLIENT REPLY SKIP (kept here, never forwarded).
 """
 
@@ -18,6 +18,8 @@ from .reply_queue import EXEC_SUBS, MONITOR, PUBSUB, SWALLOW
 from .resp import OK, encode_command
 
 EXECABORT = b"-EXECABORT Transaction discarded because of previous errors.\r\n"
+# Refused by Redis itself at queue time (GET takes exactly one argument), which flags the transaction.
+POISON = encode_command([b"GET"])
 # Redis answers each queued command that lost its permission with this NOPERM inside EXEC's reply and
 # runs the rest; the proxy, which forwarded them when they were queued, discards the whole transaction.
 EXECABORT_ACL = (b"-EXECABORT Transaction discarded because of: NOPERM ACLs rules changed between the moment the "
@@ -193,10 +195,16 @@ class StateCommands:
         self._forward(argv, 1, MONITOR)
 
     def _abort_exec(self, reply: bytes) -> None:
-        """EXEC fails here: Redis discards the transaction, so make the upstream do the same."""
+        """EXEC fails here: make the upstream abort its transaction the way Redis would have, so MONITOR,
+        replication and the stats see the failed EXEC (not a DISCARD): a request Redis itself refuses at
+        queue time (wrong arity: never fed to MONITOR) marks the transaction, and EXEC then aborts
+        without running anything. Its replies are swallowed; the client gets ``reply``."""
         self._open_upstream()
-        self.to_upstream.append(encode_command([b"DISCARD" if self.in_multi else b"UNWATCH"]))
-        if not self.reply_off:  # Redis sends no reply to it either while CLIENT REPLY is OFF
-            self._expect(SWALLOW)
+        if self.in_multi:
+            self.to_upstream += [POISON, encode_command([b"EXEC"])]
+        else:
+            self.to_upstream.append(encode_command([b"UNWATCH"]))  # (a WATCH in force: EXEC ends it too)
+        if not self.reply_off:  # Redis sends no reply to these either while CLIENT REPLY is OFF
+            self._expect(SWALLOW, 2 if self.in_multi else 1)
         self._end_multi()
         self._reply(reply)

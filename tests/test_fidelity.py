@@ -7,7 +7,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -490,3 +490,33 @@ def test_client_bytes_in_error_lines_match_redis(mirror, guarded, redis_server, 
     """addReplyErrorFormat: a client's CR or LF inside an error text becomes a space (the error line
     can never end early and fake a reply), a NUL ends the argument, other bytes are sent raw."""
     same_as_redis(mirror, guarded, script, redis_server)
+
+
+def _monitored(port: int, run: Callable[[], object], user: bytes, password: bytes) -> list[bytes]:
+    """The command names a MONITOR on the Redis at ``port`` sees while ``run`` runs (AUTH left out: the
+    client's own login on one side, the proxy's upstream login on the other)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as m:
+        m.sendall(cmds([b"AUTH", user, password], [b"MONITOR"]))
+        assert read_until(m, b"+OK\r\n+OK\r\n") == b"+OK\r\n+OK\r\n"
+        run()
+        time.sleep(0.3)
+        stream = read_until(m, lambda d: False, timeout=1.0)
+    return [re.search(rb'\] "([^"]*)"', line).group(1).lower() for line in stream.split(b"\r\n")  # type: ignore[union-attr]
+            if line.startswith(b"+") and b'"' in line and b'] "auth"' not in line.lower()]  # fmt: skip
+
+
+@pytest.mark.parametrize("name, script", [
+    ("a refused command queued", [[b"MULTI"], [b"SET", b"cache:m", b"1"], [b"FLUSHALL"], [b"EXEC"]]),
+    ("a refused key queued", [[b"MULTI"], [b"SET", b"cache:m", b"1"], [b"GET", b"other:k"], [b"EXEC"]]),
+])  # fmt: skip
+def test_monitor_sees_the_failed_exec_as_redis_does(mirror, guarded, redis_server, name: str, script) -> None:  # type: ignore[no-untyped-def]
+    """Redis's test "MONITOR correctly handles multi-exec cases": a transaction aborted by a refusal
+    shows MULTI then EXEC (the refused command is never fed to monitors); through redisguard Redis
+    sees the same, not a DISCARD."""
+    data = cmds(LOGIN, *script)
+    want = _monitored(mirror.port, lambda: exchange(mirror.port, data), b"mon", b"mon-pw")
+    got = _monitored(redis_server.port, lambda: exchange(guarded.plain_port, data),
+                     UPSTREAM_USER.encode(), UPSTREAM_PASSWORD.encode())  # fmt: skip
+    assert want == [b"multi", b"exec"] and got == want
+    assert exchange(guarded.plain_port, data) == exchange(mirror.port, data)  # and the client sees what Redis says
+    assert redis.Redis(port=redis_server.port, username=UPSTREAM_USER, password=UPSTREAM_PASSWORD).get("cache:m") is None
