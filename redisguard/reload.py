@@ -184,6 +184,9 @@ class Reloader:
         except UsersFileError as e:  # cannot happen for lines another worker rendered; never crash on it
             audit.error("users_replication_failed", error=str(e))
             return
+        # only the users the lines name: a text without a `user default` line parses with Redis's implicit,
+        # open `default` user, which must never replace the real one (a restarted worker would let anyone in)
+        parsed = {name: user for name, user in parsed.items() if name in lines}
         users.update(parsed)
         gone = [n for n in deleted if users.pop(n, None) is not None]
         if parsed or gone:

@@ -200,8 +200,9 @@ class StateCommands:
         queue time (wrong arity: never fed to MONITOR) marks the transaction, and EXEC then aborts
         without running anything. Its replies are swallowed; the client gets ``reply``."""
         self._open_upstream()
-        if self.in_multi:
-            self.to_upstream += [POISON, encode_command([b"EXEC"])]
+        if self.in_multi:  # (EXEC as the client wrote it: MONITOR shows the bytes it was sent)
+            exec_argv = self._last[1] if self._last[1][:1] and self._last[1][0].lower() == b"exec" else [b"EXEC"]
+            self.to_upstream += [POISON, encode_command(exec_argv)]
         else:
             self.to_upstream.append(encode_command([b"UNWATCH"]))  # (a WATCH in force: EXEC ends it too)
         if not self.reply_off:  # Redis sends no reply to these either while CLIENT REPLY is OFF

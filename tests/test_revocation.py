@@ -201,6 +201,11 @@ def test_a_worker_that_does_not_apply_a_change_is_killed_not_left_stale(tmp_path
         wait_for(lambda: len(children(p.proc.pid)) == 2 and http(p, "/readyz")[0] == 200, 60)
         # the restarted worker has the change (the journal): no connection anywhere reads sec:1
         assert all(get_sec(conn(p)) == NOPERM for _ in range(20))
+        # and `default` is still the file's (off) everywhere: the journal's lines (a users text without a
+        # `user default` line) never bring in Redis's implicit open default user
+        for _ in range(20):
+            with socket.create_connection(("127.0.0.1", p.plain_port), timeout=10) as anonymous:
+                assert ask(anonymous, b"GET sec:1").startswith(b"-NOAUTH")
     finally:
         p.stop()
 
