@@ -10,6 +10,7 @@ the file watcher (watch.py) also waits a settle interval between the two reads.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import stat
@@ -64,12 +65,25 @@ def stat_version(path: Path) -> tuple[int, int, int, int] | None:
         return None
 
 
+# The largest file a reload reads (a users file of 10,000 users is ~4 MB): anything bigger, and anything
+# that is not a regular file (a FIFO would block the read forever, /dev/zero never end), is refused.
+MAX_FILE_BYTES = 1 << 30
+
+
 def read_file(path: Path) -> FileRead:
     """The whole file, read once, and its version; FileChanged if it changed during the read."""
     try:
-        with open(path, "rb") as f:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused just below)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        with open(fd, "rb") as f:
             before = os.fstat(f.fileno())
-            data = f.read()
+            if not stat.S_ISREG(before.st_mode):
+                raise OSError(errno.EINVAL, "not a regular file (a FIFO, a device or a directory)")
+            if before.st_size > MAX_FILE_BYTES:
+                raise OSError(errno.EFBIG, f"larger than {MAX_FILE_BYTES} bytes")
+            data = f.read(MAX_FILE_BYTES + 1)
+            if len(data) > MAX_FILE_BYTES:
+                raise OSError(errno.EFBIG, f"larger than {MAX_FILE_BYTES} bytes")
             after = os.fstat(f.fileno())
     except OSError as e:
         raise FileUnreadable(path, e) from None
