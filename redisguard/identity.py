@@ -21,14 +21,19 @@ GETUSER, else the same MULTI probe over every command a script can call) for the
 
 Theory of operation (mirror mode)
 ---------------------------------
-The mirror password of a user is ``HMAC-SHA256(key, name)`` with a random key made at start and
-held in memory only; Redis is sent its SHA-256 (``#<hash>``), never the password, and neither is
-ever logged. :class:`MirrorIdentity` pushes the users to Redis with ``ACL SETUSER <mirror> reset on
+The mirror password of a user is ``HMAC-SHA256(key, name, rules)`` over the exact rules text pushed
+(:func:`mirror_rules`), so a mirror Redis holds with other rules (an ACL LOAD of an older file, a restart
+or failover to older ACLs) refuses our AUTH and is pushed again. The key is :func:`mirror_key`: derived
+from the service user's password, so every instance sharing the service user (an HA pair, a rolling
+deploy, a restart) computes the same passwords; without a service password, a random key made at start
+(held in memory only). Redis is sent the password's SHA-256 (``#<hash>``), never the password, and
+neither is ever logged. :class:`MirrorIdentity` pushes the users to Redis with ``ACL SETUSER <mirror> reset on
 #<hash> <rules>`` and ``ACL DELUSER`` through its own connection as the upstream user: all of them at
 start (stale ``<prefix>*`` users are deleted), then — in the background, coalesced, bounded by a
 timeout — whatever changed each time the users change (a reload, ACL SETUSER/DELUSER/LOAD through
 redisguard: ``Shared.swap`` tells it). A user whose rules did not change costs nothing. If Redis
-cannot be reached, it retries with a growing delay until it can.
+cannot be reached, or refuses a push (-BUSY while a script runs, say), the mirror is left marked
+not pushed and retried with a growing delay until Redis has it.
 
 Redis is the truth: what was pushed is not trusted to still be there (a restart, an ACL LOAD or a
 failover to a replica drop the mirrors). :meth:`MirrorIdentity.verify` compares Redis with what was
@@ -44,12 +49,14 @@ The service user is never a mirror (``config.mirror_prefix_conflict``) and never
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import re
 import secrets
 import ssl
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -70,10 +77,12 @@ if TYPE_CHECKING:
 
 log = get_logger("redisguard")
 
-# The key mirror passwords derive from, made once per process start. Made at import, so with
-# [server] workers the supervisor makes it before it forks and every worker (and every restarted one)
-# shares it: workers never reset each other's mirror passwords.
+# The key mirror passwords derive from when the service user has no password, made once per process
+# start. Made at import, so with [server] workers the supervisor makes it before it forks and every
+# worker (and every restarted one) shares it: workers never reset each other's mirror passwords.
 PROCESS_KEY = secrets.token_bytes(32)
+# Domain separation of the mirror key derived from the service password (mirror_key).
+KEY_CONTEXT = b"redisguard mirror passwords v1\x00"
 
 # Commands per pipelined batch on the admin connection, and its timeout per batch (seconds).
 BATCH = 500
@@ -84,6 +93,9 @@ RETRY_MAX = 30.0
 VERIFY_GAP = 1.0
 # At most this many mirror names in one log line (the counts are always whole).
 LOG_NAMES = 5
+# A mirror we pushed less than this many seconds ago that refuses our password was most likely pushed
+# again by another instance with other users or credentials (or an ACL LOAD right after our push).
+CONTEST_WINDOW = 60.0
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -103,7 +115,13 @@ async def install(shared: Shared, config: Config, metrics: Metrics | None = None
     if up.identity == "auto" and not up.resolved_identity:  # (serve resolves it before any worker forks)
         config = (await resolve(config, policy.table)).config
     if config.upstream.effective_identity == "mirror":
-        mirror = MirrorIdentity(config, key=PROCESS_KEY, metrics=metrics)
+        key = mirror_key(config)
+        if key is None:
+            log.warning("mirror_key_per_process", upstream=up.where,
+                        detail="the service user has no password, so the mirror passwords derive from a key of this "
+                        "process: several redisguard instances in front of one Redis need a service password (shared "
+                        "by all of them) or they reset each other's mirror users")  # fmt: skip
+        mirror = MirrorIdentity(config, key=key or PROCESS_KEY, metrics=metrics)
         policy = replace(policy, mirror=mirror, service_scripts="allow")  # Redis checks scripts as the caller
         mirror.refused = refused_commands(policy)
         await mirror.start(policy.users)
@@ -125,6 +143,16 @@ def mirror_rules(user: User, refused: Sequence[str] = ()) -> list[str]:
     flags = [f for f in user.flags() if f not in ("on", "off", "nopass")]
     return [*flags, *user.root.describe().split(" "), *minus,
             *("(" + " ".join([s.describe(), *minus]) + ")" for s in user.selectors[1:])]  # fmt: skip
+
+
+def mirror_key(config: Config) -> bytes | None:
+    """The key of the mirror passwords, from the service user's credentials (None without a password):
+    every instance logging in as the same service user derives the same mirror passwords."""
+    up = config.upstream
+    if not up.password:
+        return None
+    who = (up.username or "default").encode("utf-8", "surrogateescape")
+    return hmac.new(up.password.encode("utf-8", "surrogateescape"), KEY_CONTEXT + who, hashlib.sha256).digest()
 
 
 # -- which identity, and what the service user may do ---------------------------------------------
@@ -257,9 +285,14 @@ class MirrorIdentity:
         self.prefix = config.upstream.mirror_prefix
         # Redis users a mirror push must never set nor delete, whatever the prefix and the user names.
         self.protected = frozenset({config.upstream.username or "default", "default"})
-        self._key = key or secrets.token_bytes(32)  # several processes sharing the mirrors must share the key
-        self._auth: dict[str, bytes] = {}
-        self._synced: dict[str, str] = {}  # mirror name → the rules Redis has for it
+        # Several processes sharing the mirrors must share the key (mirror_key: from the service password).
+        self._key = key or mirror_key(config) or secrets.token_bytes(32)
+        # Per user (users never change once they serve clients: a change makes a new User), its AUTH for
+        # the rules it had with these refused commands; bounded by the users alive.
+        self._auth: weakref.WeakKeyDictionary[User, tuple[Sequence[str], bytes]] = weakref.WeakKeyDictionary()
+        self._synced: dict[str, str] = {}  # mirror name → the rules Redis has for it (absent: not known to)
+        self._pushed_at: dict[str, float] = {}  # mirror name → when we last pushed it (monotonic)
+        self._wake = asyncio.Event()  # a retry waiting out its delay goes at once when the users change
         self._users: list[tuple[str, User]] | None = None  # the users to push next (None: nothing to do)
         self._task: asyncio.Task[None] | None = None
         self._failing = ""
@@ -275,19 +308,31 @@ class MirrorIdentity:
     def mirror_name(self, name: str) -> str:
         return self.prefix + name
 
-    def _password(self, name: str) -> str:
-        return hmac.new(self._key, name.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()
+    def password(self, name: str, rules: str) -> str:
+        """The mirror password of user ``name`` with ``rules`` (the pushed mirror_rules text): a mirror
+        Redis holds with other rules refuses it. (The name's length first: no two pairs share a message.)"""
+        raw = name.encode("utf-8", "surrogateescape")
+        msg = len(raw).to_bytes(4, "big") + raw + rules.encode("utf-8", "surrogateescape")
+        return hmac.new(self._key, msg, hashlib.sha256).hexdigest()
 
-    def auth(self, name: str) -> bytes:
-        """``AUTH <mirror> <password>`` for user ``name`` (encoded once per name)."""
-        cmd = self._auth.get(name)
-        if cmd is None:
-            cmd = self._auth[name] = encode_command(
-                [b"AUTH", self.mirror_name(name).encode("utf-8", "surrogateescape"), self._password(name).encode()])
+    def rules_text(self, user: User) -> str:
+        return " ".join(mirror_rules(user, self.refused))
+
+    def auth(self, user: User) -> bytes:
+        """``AUTH <mirror> <password>`` for ``user`` as it is now (encoded once per user and refused commands)."""
+        cached = self._auth.get(user)
+        if cached is not None and cached[0] == self.refused:
+            return cached[1]
+        cmd = self._auth_command(user.name, self.rules_text(user))
+        self._auth[user] = (self.refused, cmd)
         return cmd
 
+    def _auth_command(self, name: str, rules: str) -> bytes:
+        return encode_command([b"AUTH", self.mirror_name(name).encode("utf-8", "surrogateescape"),
+                               self.password(name, rules).encode()])  # fmt: skip
+
     def setuser(self, user: User, rules: Sequence[str]) -> list[bytes]:
-        pw_hash = hashlib.sha256(self._password(user.name).encode()).hexdigest()
+        pw_hash = hashlib.sha256(self.password(user.name, " ".join(rules)).encode()).hexdigest()
         return [b"ACL", b"SETUSER", self.mirror_name(user.name).encode("utf-8", "surrogateescape"), b"reset", b"on",
                 b"#" + pw_hash.encode(), *(r.encode("utf-8", "surrogateescape") for r in rules)]  # fmt: skip
 
@@ -305,21 +350,40 @@ class MirrorIdentity:
     def users_changed(self, users: dict[str, User]) -> None:
         """The users changed (on the event loop): push the difference in the background."""
         self._users = self._current = list(users.items())  # a snapshot: the dict may be released while we read it
+        self._wake.set()
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._run())
+
+    def _retry(self) -> None:
+        """Redis did not take (all of) a push: push the newest users again in the background, with a
+        growing delay, until it does."""
+        if self._users is None:
+            self._users = self._current
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._run(retry=True))
 
     async def _run(self, retry: bool = False) -> None:
         delay = 1.0
         if retry:
-            await asyncio.sleep(delay)
+            await self._backoff(delay)
         while self._users is not None:
             try:
                 async with self._lock:
-                    self._synced_log(await asyncio.wait_for(self._push(stale=bool(self._failing)), TIMEOUT * 3))
+                    counts = await asyncio.wait_for(self._push(stale=bool(self._failing)), TIMEOUT * 3)
+                self._synced_log(counts)
+                if not counts[2]:
+                    delay = 1.0
+                    continue
             except (TimeoutError, OSError, ConnectionError, ssl.SSLError) as e:
                 self._failed(e)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX)
+            await self._backoff(delay)  # (Redis refused or could not be reached: _push kept the users to push)
+            delay = min(delay * 2, RETRY_MAX)
+
+    async def _backoff(self, delay: float) -> None:
+        """Wait ``delay`` seconds, or less if the users change meanwhile (a change is never held back)."""
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), delay)
 
     def _failed(self, e: BaseException) -> None:
         msg = _redact(f"{type(e).__name__}: {e}")
@@ -346,23 +410,50 @@ class MirrorIdentity:
             if gone:
                 commands.append([b"ACL", b"DELUSER", *(d.encode("utf-8", "surrogateescape") for d in gone)])
                 names.append(("", ""))
-            errors = []
+            errors: list[str] = []
             try:
                 for i in range(0, len(commands), BATCH):
                     replies = await asyncio.wait_for(self._request(commands[i:i + BATCH]), TIMEOUT)
-                    for (mirror, rules), reply in zip(names[i:i + BATCH], replies, strict=True):
-                        if isinstance(reply, hiredis.ReplyError):
-                            errors.append(_redact(str(reply)))
-                        elif mirror:
-                            self._synced[mirror] = rules
+                    errors += self._took(names[i:i + BATCH], commands[i:i + BATCH], replies)
             except (TimeoutError, OSError, ConnectionError, ssl.SSLError) as e:
                 self._failed(e)
+                for mirror, _ in names:  # (which of them Redis took is unknown)
+                    self._synced.pop(mirror, None)
+                self._retry()
                 raise MirrorError(_redact(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)) from e
-            for d in gone:
-                self._synced.pop(d, None)
             if errors:
-                log.error("mirror_user_failed", error=errors[0], errors=len(errors))
+                self._retry()
                 raise MirrorError(errors[0])
+
+    def _took(self, names: Sequence[tuple[str, str]], commands: Sequence[list[bytes]], replies: Sequence[Any]
+              ) -> list[str]:  # fmt: skip
+        """Record Redis's replies to a batch of ``commands`` (``names``: (mirror, rules), ("", "") for an
+        ACL DELUSER): a mirror Redis took is synced; one it refused is marked not synced (a refused
+        DELUSER keeps its mirrors listed, to delete again) and logged. The errors, redacted."""
+        errors = []
+        now = time.monotonic()
+        for (mirror, rules), command, reply in zip(names, commands, replies, strict=True):
+            deleted = [] if mirror else [d.decode("utf-8", "surrogateescape") for d in command[2:]]
+            if isinstance(reply, hiredis.ReplyError):
+                error = _redact(str(reply))
+                errors.append(error)
+                log.error("mirror_user_failed", user=printable_name(mirror) if mirror else "",
+                          deleted=[printable_name(d) for d in deleted[:LOG_NAMES]] if not mirror else [],
+                          error=error, detail="Redis refused this mirror user change; retrying in the background")  # fmt: skip
+                if mirror:
+                    self._synced.pop(mirror, None)
+                if self.metrics is not None:
+                    self.metrics.mirror_push_errors.inc()
+            elif mirror:
+                self._synced[mirror] = rules
+                self._pushed_at[mirror] = now
+            else:
+                for d in deleted:
+                    self._synced.pop(d, None)
+                    self._pushed_at.pop(d, None)
+        if errors:
+            self._failing = errors[0]  # (the retries sweep stale mirrors too; recovery is logged)
+        return errors
 
     async def _push(self, stale: bool = False, listed: list[bytes] | None = None) -> tuple[int, int, int]:
         """Push ``_users`` (the newest users, if any) where Redis lacks them; (set, deleted, errors)."""
@@ -385,19 +476,14 @@ class MirrorIdentity:
             errors = 0
             for i in range(0, len(commands), BATCH):
                 replies = await self._request(commands[i:i + BATCH])
-                for (mirror, rules), reply in zip(names[i:i + BATCH], replies, strict=True):
-                    if isinstance(reply, hiredis.ReplyError):
-                        errors += 1
-                        log.error("mirror_user_failed", user=printable_name(mirror), error=_redact(str(reply)))
-                    elif mirror:
-                        self._synced[mirror] = rules
-            for d in deleted:
-                self._synced.pop(d, None)
+                errors += len(self._took(names[i:i + BATCH], commands[i:i + BATCH], replies))
         except BaseException:
             if self._users is None:
                 self._users = users  # try this change again (unless a newer one is waiting)
             raise
-        if self._failing:
+        if errors:
+            self._retry()
+        elif self._failing:
             log.info("mirror_sync_recovered", upstream=self.config.upstream.where)
             self._failing = ""
         return sum(1 for n in names if n[0]), len(deleted), errors
@@ -460,12 +546,17 @@ class MirrorIdentity:
         users = self._users if self._users is not None else self._current  # the newest users
         listed = await self._acl_users()
         lost, stale, probes = await asyncio.to_thread(self._compare, users, listed, full)
+        refused: list[str] = []  # there, but not on or not with our password, so not with our rules
         for i in range(0, len(probes), BATCH):  # full: exists, on, and takes our password?
             batch = probes[i:i + BATCH]
             replies = await self._request([cmd for _, cmd in batch])
-            lost += [m for (m, _), r in zip(batch, replies, strict=True) if isinstance(r, hiredis.ReplyError)]
-        if not lost and not stale:
+            refused += [m for (m, _), r in zip(batch, replies, strict=True) if isinstance(r, hiredis.ReplyError)]
+        if not lost and not refused and not stale:
+            if self._users is not None:  # a retry waits out its delay: whoever asked for this check needs it now
+                self._synced_log(await self._push(stale=bool(self._failing)))
             return
+        self._contested(refused)
+        lost += refused
         for m in lost:
             self._synced.pop(m, None)
         if self._users is None:
@@ -480,6 +571,23 @@ class MirrorIdentity:
                     detail="Redis no longer had these mirror users as pushed (a restart, ACL LOAD or failover?): "
                     "pushed them again")  # fmt: skip
 
+    def _contested(self, refused: Sequence[str]) -> None:
+        """Mirrors we pushed a moment ago that Redis has with another password (other rules, or another
+        key): most likely another redisguard instance in front of this Redis with other users or other
+        service credentials, each pushing its own over the other's."""
+        now = time.monotonic()
+        contested = [m for m in refused if now - self._pushed_at.get(m, -CONTEST_WINDOW) < CONTEST_WINDOW]
+        if not contested:
+            return
+        if self.metrics is not None:
+            self.metrics.mirrors_contested.inc(len(contested))
+        log.warning("mirror_contested", upstream=self.config.upstream.where, contested=len(contested),
+                    mirrors=[printable_name(m) for m in contested[:LOG_NAMES]], window=CONTEST_WINDOW,
+                    detail="Redis has these mirror users with other rules or another password less than a minute "
+                    "after we pushed them: is another redisguard instance in front of this Redis with another users "
+                    "file or other service credentials? Several instances must share both (docs/security.md); "
+                    "pushing ours again")  # fmt: skip
+
     def _compare(self, users: list[tuple[str, User]], listed: list[bytes], full: bool
                  ) -> tuple[list[str], list[str], list[tuple[str, list[bytes]]]]:  # fmt: skip
         """(in a worker thread) Against Redis's ``ACL USERS``: the pushed mirrors it lacks, the
@@ -487,12 +595,12 @@ class MirrorIdentity:
         has (these two when ``full``)."""
         present = {x.decode("utf-8", "surrogateescape") for x in listed}
         synced = self._synced
-        wanted = {m: n for n, _ in users if (m := self.mirror_name(n)) not in self.protected}
+        wanted = {m: u for n, u in users if (m := self.mirror_name(n)) not in self.protected}
         lost = [m for m in wanted if m in synced and m not in present]
         stale = [u for u in present if u.startswith(self.prefix) and u not in wanted and u not in self.protected
                  ] if full else []  # (workers mid-reload may differ for a moment: left to the full checks)
-        probes = [(m, [b"AUTH", m.encode("utf-8", "surrogateescape"), self._password(n).encode()])
-                  for m, n in wanted.items() if m in synced and m in present] if full else []  # fmt: skip
+        probes = [(m, [b"AUTH", m.encode("utf-8", "surrogateescape"), self.password(u.name, self.rules_text(u)).encode()])
+                  for m, u in wanted.items() if m in synced and m in present] if full else []  # fmt: skip
         return lost, stale, probes
 
     def _plan(self, users: list[tuple[str, User]]) -> tuple[list[list[bytes]], list[tuple[str, str]], list[str]]:

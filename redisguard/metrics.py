@@ -82,6 +82,14 @@ class Metrics:
         self.mirrors_recreated = Counter("redisguard_mirror_users_recreated", "Mirror users pushed to Redis again "
                                          "because Redis no longer had them as redisguard made them.",
                                          registry=r)  # fmt: skip
+        self.mirror_push_errors = Counter("redisguard_mirror_push_errors", "Mirror user changes (ACL SETUSER, "
+                                          "DELUSER) Redis refused (-BUSY while a script runs, say); each is retried "
+                                          "in the background with a growing delay until Redis takes it.",
+                                          registry=r)  # fmt: skip
+        self.mirrors_contested = Counter("redisguard_mirror_users_contested", "Mirror users Redis had with other "
+                                         "rules or another password less than a minute after this instance pushed "
+                                         "them: another instance in front of the same Redis with another users file "
+                                         "or other service credentials, most likely.", registry=r)  # fmt: skip
         self.upstream_connect_failures = Counter("redisguard_upstream_connect_failures",
                                                  "Failed connections to the upstream Redis.", registry=r)  # fmt: skip
         self.upstream_connect_seconds = Histogram("redisguard_upstream_connect_seconds",

@@ -186,7 +186,7 @@ class Policy:
         """The AUTH a session's upstream connection sends first: as ``user``'s mirror in mirror mode,
         else as the service user."""
         if self.mirror is not None and user is not None:
-            return self.mirror.auth(user.name)
+            return self.mirror.auth(user)
         return self.auth_command(self.upstream_username, self.upstream_password)
 
     @staticmethod
