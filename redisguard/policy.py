@@ -43,9 +43,9 @@ NOAUTH = b"-NOAUTH Authentication required.\r\n"
 # user's EVALSHA runs; EVALSHA itself is here. FUNCTION DELETE/FLUSH run no code: the user's rules decide.
 SCRIPT_COMMANDS = frozenset({"eval", "evalsha", "eval_ro", "evalsha_ro", "fcall", "fcall_ro", "function|load",
                              "function|restore"})  # fmt: skip
-SCRIPT_REFUSED = (b"-NOPERM this user has no permissions to run the '%s' command: scripts run with the rights of "
-                  b"the proxy's service user, which are wider than this user's; use [upstream] identity = "
-                  b'"mirror"\r\n')  # fmt: skip
+SCRIPT_WHY = (b"scripts run with the rights of the proxy's service user, which are wider than this user's; use "
+              b'[upstream] identity = "mirror"')  # fmt: skip
+SCRIPT_REFUSED = b"-NOPERM this user has no permissions to run the '%s' command: " + SCRIPT_WHY + b"\r\n"
 
 
 class Observer(Protocol):
@@ -364,13 +364,16 @@ def dryrun(policy: Policy, argv: Sequence[bytes]) -> bytes:
     if user is None:
         return error_format(b"User '%s' not found" % cstr(argv[0]))
     cmd_argv = list(argv[1:])
-    if policy.table.lookup(cmd_argv) is None:
+    if policy.resolve(cmd_argv) is None:  # a disabled command is unknown, as after rename-command
         return error_format(b"Command '%s' not found" % cstr(cmd_argv[0]))
     verdict = decide(policy, user, cmd_argv, False, dry=True)
     if verdict.error is None:
         return b"+OK\r\n"
     if verdict.reason == "command" and verdict.cmd is not None:
         return encode_bulk(f"This user has no permissions to run the '{verdict.cmd.name}' command")
+    if verdict.reason == "script" and verdict.cmd is not None:  # a denial, so in DRYRUN's shape: a bulk string
+        return encode_bulk(b"This user has no permissions to run the '%s' command: %s" % (verdict.cmd.name.encode(),
+                                                                                        SCRIPT_WHY))  # fmt: skip
     if verdict.reason in ("key", "channel"):  # the name as printf's %s shows it: up to a NUL
         obj = cmd_argv[verdict.index].split(b"\0", 1)[0]
         return encode_bulk(b"This user has no permissions to access the '%s' %s" % (obj, verdict.reason.encode()))

@@ -29,7 +29,16 @@ from redisguard.identity import getuser_rules, mirror_rules
 from redisguard.policy import Policy, covers, decide, dryrun, refused_commands, script_callable
 from redisguard.resp import encode_command
 
-from .helpers import UPSTREAM_PASSWORD, UPSTREAM_USER, ProxyProc, RedisProc, proxy_config, raw_exchange, start_proxy
+from .helpers import (
+    UPSTREAM_PASSWORD,
+    UPSTREAM_USER,
+    ProxyProc,
+    RedisProc,
+    proxy_config,
+    raw_exchange,
+    redis_server_binary,
+    start_proxy,
+)
 
 USERS = """\
 user default off
@@ -136,10 +145,16 @@ def test_decide_refuses_scripts_to_narrower_users(table: CommandTable) -> None:
     # SCRIPT LOAD runs nothing, FUNCTION LIST/DELETE/FLUSH no code: the user's own rules decide
     for argv in ([b"SCRIPT", b"LOAD", b"return 1"], [b"FUNCTION", b"LIST"], [b"FUNCTION", b"DELETE", b"lib"]):
         assert decide(policy, users["narrow"], argv, False).error is None, argv
-    # ACL DRYRUN through redisguard gives the same answer
+    # ACL DRYRUN through redisguard says so in DRYRUN's shape for a denial: a bulk string, Redis's words first
     refusal = dryrun(policy, [b"narrow", b"EVAL", b"return 1", b"0"])
-    assert refusal == decide(policy, users["narrow"], [b"EVAL", b"return 1", b"0"], False).error
+    why = decide(policy, users["narrow"], [b"EVAL", b"return 1", b"0"], False).error
+    assert why is not None and refusal.startswith(b"$") and refusal.count(b"\r\n") == 2
+    assert refusal.split(b"\r\n")[1] == b"T" + why[len(b"-NOPERM t"):-2]
+    assert refusal.split(b"\r\n")[1].startswith(b"This user has no permissions to run the 'eval' command: ")
     assert dryrun(policy, [b"wide", b"EVAL", b"return 1", b"0"]) == b"+OK\r\n"
+    # a disabled command is unknown to DRYRUN too, as after rename-command
+    assert dryrun(policy, [b"wide", b"FLUSHALL"]) == b"-ERR Command 'FLUSHALL' not found\r\n"
+    assert dryrun(policy, [b"wide", b"flushall", b"async"]) == b"-ERR Command 'flushall' not found\r\n"
     # the fast path never forwards a refused script, however often it is asked
     plan = Plan(policy, users["narrow"], "narrow", frozenset())
     for _ in range(3):
@@ -232,11 +247,35 @@ def test_service_refusal_in_order_in_multi_and_pipelines(service: ProxyProc) -> 
     # the same pipeline many times: the per-user plan (fast path) never starts forwarding EVAL
     many = raw_exchange(service.plain_port, cmds(login("narrow"), *([[b"EVAL_RO", b"return 1", b"0"]] * 50)))
     assert many == b"+OK\r\n" + (refusal % b"eval_ro") * 50
-    # ACL DRYRUN through redisguard says so too
+    # ACL DRYRUN through redisguard says so too (a string, as Redis's DRYRUN answers a denial)
     wide = client(service, "wide")
-    with pytest.raises(redis.exceptions.NoPermissionError, match=REFUSED):
-        wide.execute_command("ACL", "DRYRUN", "narrow", "EVAL", "return 1", "0")
+    assert REFUSED in wide.execute_command("ACL", "DRYRUN", "narrow", "EVAL", "return 1", "0")
     assert wide.execute_command("ACL", "DRYRUN", "wide", "EVAL", "return 1", "0") == "OK"
+
+
+def test_dryrun_answers_as_redis_does(service: ProxyProc) -> None:
+    """ACL DRYRUN through redisguard, byte for byte against a redis-server whose FLUSHALL is renamed away
+    (as [acl] disabled_commands is) and whose user lacks EVAL: the shape of each answer."""
+    port = free_port()
+    r = RedisProc(port, None, [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--rename-command", "FLUSHALL", "", "--user", "narrow", "on", "nopass", "~*", "+get",
+                               "--user", "default", "on", "nopass", "~*", "&*", "+@all"])  # type: ignore[arg-type]  # fmt: skip
+    r.start()
+    try:
+        asks = ([b"ACL", b"DRYRUN", b"default", b"FLUSHALL"], [b"ACL", b"DRYRUN", b"default", b"flushall", b"async"],
+                [b"ACL", b"DRYRUN", b"narrow", b"EVAL", b"return 1", b"0"])  # fmt: skip
+        redis_says = raw_exchange(port, cmds(*asks))
+        ours = raw_exchange(service.plain_port, cmds(login("wide"), *(a[:2] + [b"wide" if a[2] == b"default" else a[2]] + a[3:]
+                                                                    for a in asks)))  # fmt: skip
+    finally:
+        r.stop()
+    want = b"-ERR Command 'FLUSHALL' not found\r\n-ERR Command 'flushall' not found\r\n"
+    assert redis_says.startswith(want) and ours.startswith(b"+OK\r\n" + want)
+    denial = b"This user has no permissions to run the 'eval' command"
+    assert redis_says[len(want):] == b"$%d\r\n%s\r\n" % (len(denial), denial)
+    text = denial + (b": scripts run with the rights of the proxy's service user, which are wider than this user's; use "
+                     b'[upstream] identity = "mirror"')  # fmt: skip
+    assert ours[len(b"+OK\r\n" + want):] == b"$%d\r\n%s\r\n" % (len(text), text)
 
 
 def test_check_config_names_the_refused_users(service: ProxyProc) -> None:
