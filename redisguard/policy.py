@@ -331,6 +331,16 @@ def script_callable(table: CommandTable) -> frozenset[str]:
                      and "noscript" not in c.flags and not n.endswith("|help"))  # fmt: skip
 
 
+def service_may_run(service: User | None, scriptable: frozenset[str]) -> frozenset[str]:
+    """The script-callable commands a script run as ``service`` may call, with some arguments on some
+    keys: a command's own rule, a subcommand's or a first-argument rule (``+flushall|async``) counts;
+    ``service`` None (unknown) may run every one. The one answer to "may the service user run X" for
+    the scripts rule (:func:`covers`) and the start-up check (identity.runnable_refused)."""
+    if service is None:
+        return scriptable
+    return frozenset(n for s in service.selectors for n in (*s.allowed, *s.firstargs)) & scriptable
+
+
 def covers(user: User, service: User | None, refused: Iterable[str], scriptable: frozenset[str]) -> bool:
     """Can ``user`` do everything a script run as ``service`` can? True iff one selector of ``user``
     allows every script-callable command some selector of ``service`` allows (less ``refused``, which
@@ -339,10 +349,10 @@ def covers(user: User, service: User | None, refused: Iterable[str], scriptable:
     ``~a*`` does not cover ``~ab*``; ``service`` None (unknown) has every right."""
     family = user.table.acl.family
     taken = {n for r in refused for n in family.get(r, (r,))}
+    needed = service_may_run(service, scriptable)
     if service is None:
-        needed, keys, channels = set(scriptable), None, None
+        keys, channels = None, None
     else:
-        needed = {n for s in service.selectors for n in (*s.allowed, *s.firstargs)} & scriptable
         keys = None if any(s.allkeys for s in service.selectors) else [kp for s in service.selectors for kp in s.keys]
         channels = None if any(s.allchannels for s in service.selectors) else [c for s in service.selectors for c in s.channels]
     for sel in user.selectors:

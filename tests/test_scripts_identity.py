@@ -25,8 +25,8 @@ from redisguard.acl import new_user
 from redisguard.commands import CommandTable
 from redisguard.demo import free_port, wait_port
 from redisguard.fastpath import Plan
-from redisguard.identity import getuser_rules, mirror_rules
-from redisguard.policy import Policy, covers, decide, dryrun, refused_commands, script_callable
+from redisguard.identity import getuser_rules, mirror_rules, runnable_refused
+from redisguard.policy import Policy, covers, decide, dryrun, refused_commands, script_callable, service_may_run
 from redisguard.resp import encode_command
 
 from .helpers import (
@@ -166,6 +166,26 @@ def replace_scripts(policy: Policy, how: str) -> Policy:
     from dataclasses import replace
 
     return replace(policy, service_scripts=how)
+
+
+@pytest.mark.parametrize(("rules", "refused", "runs"), [
+    ("-flushall", "flushall", False),
+    ("-flushall +flushall|async", "flushall", True),  # a first-argument rule
+    ("-flushall (~* +flushall|sync)", "flushall", True),  # ... in a selector
+    ("-select +select|0", "select", True),
+    ("-object +object|encoding", "object", True),  # a subcommand rule of a refused container
+    ("-object +object|encoding", "object|freq", False),
+    ("-object", "object", False),
+])  # fmt: skip
+def test_one_answer_to_what_the_service_user_may_run(table: CommandTable, rules: str, refused: str, runs: bool) -> None:
+    """The start-up check (runnable_refused) and the scripts rule (covers) ask the same function."""
+    svc = new_user("svc", table, ["~*", "&*", "+@all", *rules.split()])
+    scriptable = script_callable(table)
+    assert (table.acl.family.get(refused, frozenset({refused})) & service_may_run(svc, scriptable) != set()) is runs
+    assert runnable_refused(svc, [refused], table) == ([refused] if runs else [])
+    # a user with every right but the refused one covers the service user exactly when it cannot run it
+    assert covers(new_user("u", table, ["~*", "&*", "+@all"]), svc, [refused], scriptable) is not runs
+    assert runnable_refused(None, [refused], table) == [refused]  # unknown: every right
 
 
 def test_mirror_rules_take_what_redisguard_refuses(table: CommandTable) -> None:
@@ -322,6 +342,47 @@ def test_refuses_to_start_when_the_service_user_can_run_a_disabled_command(
         upstream.execute_command("ACL", "SETUSER", UPSTREAM_USER, "clearselectors", "+keys")
 
 
+def _serve_and_check(cfg: Path) -> tuple[str, str]:
+    """``serve``'s refusal line and check-config's error line for ``cfg`` (both must refuse)."""
+    res = cli("serve", "-c", str(cfg))
+    assert res.returncode == 2, res.stderr
+    (line,) = [x.removeprefix("redisguard: ") for x in res.stderr.splitlines() if x.startswith("redisguard: upstream:")]
+    res = cli("check-config", "-c", str(cfg))
+    assert res.returncode == 1, res.stderr
+    (error,) = [x.removeprefix("error: ") for x in res.stderr.splitlines() if x.startswith("error: upstream:")]
+    return line, error
+
+
+def test_a_first_argument_rule_for_a_disabled_command_is_refused(
+        tmp_path: Path, certs: Path, own_redis: RedisProc, upstream: redis.Redis) -> None:  # fmt: skip
+    """rt1 b_firstarg_service: a service user with +flushall|async (FLUSHALL disabled here) could empty the
+    database from a script. Read with ACL GETUSER, the rule counts; unreadable, nothing shows FLUSHALL out
+    of a script's reach (a MULTI probe cannot: Redis refuses FLUSHALL without ASYNC the same way)."""
+    users = tmp_path / "users.acl"
+    users.write_text(USERS)
+    cfg = proxy_config(tmp_path, certs, users, own_redis.port, free_port(), free_port(), free_port())
+    try:
+        upstream.execute_command("ACL", "SETUSER", UPSTREAM_USER, "+flushall|async", "-acl|getuser")
+        line, error = _serve_and_check(cfg)
+        assert line == error and line.startswith(f"upstream: the rights of the service user '{UPSTREAM_USER}' could not "
+                                                 f"be read (ACL GETUSER {UPSTREAM_USER}: NOPERM ")  # fmt: skip
+        assert "cannot run FLUSHALL in Redis" in line and f"ACL SETUSER {UPSTREAM_USER} +acl|getuser" in line
+        upstream.execute_command("ACL", "SETUSER", UPSTREAM_USER, "+acl|getuser")
+        line, error = _serve_and_check(cfg)
+        assert line == error and line.startswith(f"upstream: the service user '{UPSTREAM_USER}' may run FLUSHALL in Redis")
+        assert f"ACL SETUSER {UPSTREAM_USER} -flushall (and" in line
+        # without a script-callable disabled command, unreadable rights start, counted as every right
+        upstream.execute_command("ACL", "SETUSER", UPSTREAM_USER, "-acl|getuser")
+        cfg.write_text(cfg.read_text().replace('disabled_commands = ["FLUSHALL", "CONFIG"]', 'disabled_commands = ["CONFIG"]'))
+        res = cli("check-config", "-c", str(cfg))
+        assert res.returncode == 0, res.stderr
+        (warning,) = [x for x in res.stderr.splitlines() if "are refused for" in x]
+        assert "'nodanger', 'narrow'" in warning and f"ACL SETUSER {UPSTREAM_USER} +acl|getuser lets it read them" in warning
+    finally:
+        upstream.execute_command("ACL", "SETUSER", UPSTREAM_USER, "-flushall", "+acl|getuser")
+    assert upstream.get("sec:1") == "secret"
+
+
 def test_getuser_reply_reads_back(upstream: redis.Redis, table: CommandTable) -> None:
     given = ["~u:*", "%R~r:*", "&ch", "+@all", "-flushall", "(~x +get)"]
     raw = redis.Redis(port=upstream.connection_pool.connection_kwargs["port"], username=UPSTREAM_USER, password=UPSTREAM_PASSWORD)
@@ -379,9 +440,9 @@ def test_default_is_mirror_where_the_service_user_manages_acl_users(
 
 def test_default_is_service_where_the_service_user_cannot(tmp_path: Path, certs: Path, own_redis: RedisProc,
                                                           upstream: redis.Redis) -> None:  # fmt: skip
-    # a service user without ACL rights (nor ACL GETUSER: its rights are asked command by command)
+    # a service user without ACL rights but ACL GETUSER of itself (its rights are read from that)
     upstream.execute_command("ACL", "SETUSER", "plain", "reset", "on", f">{UPSTREAM_PASSWORD}", "~*", "&*", "+@all",
-                             "-@admin", "-flushall", "+command|info", "+info")  # fmt: skip
+                             "-@admin", "-flushall", "+command|info", "+info", "+acl|getuser")  # fmt: skip
     users = tmp_path / "users.acl"
     users.write_text(USERS)
     cfg = proxy_config(tmp_path, certs, users, own_redis.port, free_port(), free_port(), free_port(),
