@@ -18,7 +18,9 @@ service. In service identity it also reads the service user's own rights (:func:
 GETUSER of itself; unreadable → every right) for the scripts rule of :func:`~redisguard.policy.decide`,
 and refuses to start if the service user may run a command that ``[acl] disabled_commands`` refuses (a
 script could still call it), a first-argument rule (``+flushall|async``) included, or may for all that
-can be read (:func:`start_problems`).
+can be read (:func:`start_problems`). If Redis cannot be asked at start, the identity is service and
+each process asks again for the rights in the background until Redis answers
+(:func:`await_service_rights`).
 
 Theory of operation (mirror mode)
 ---------------------------------
@@ -111,9 +113,13 @@ async def install(shared: Shared, config: Config, metrics: Metrics | None = None
     else:
         try:
             service, _ = await service_user(config, policy.table)
-        except UNREACHABLE:
-            service = None  # unknown: counted as every right
+            down: BaseException | None = None
+        except UNREACHABLE as e:
+            service, down = None, e  # unknown: counted as every right until Redis answers
         policy = replace(policy, service_scripts=up.service_scripts, service_user=service)
+        if down is not None:
+            _background.add(task := asyncio.ensure_future(await_service_rights(shared, config, down)))
+            task.add_done_callback(_background.discard)
     shared.policy = policy
 
 
@@ -269,6 +275,61 @@ async def resolve(config: Config, table: CommandTable) -> Resolution:
 
 def _reason(e: BaseException) -> str:
     return (e.strerror if isinstance(e, OSError) and e.strerror else str(e)) or type(e).__name__
+
+
+# Asking again for the service user's rights when Redis could not be asked at start: from this delay,
+# doubling up to RIGHTS_RETRY_MAX (seconds), so Redis started at the same time is seen within seconds.
+RIGHTS_RETRY = 0.5
+RIGHTS_RETRY_MAX = 5.0
+_background: set[asyncio.Future[None]] = set()  # (held, so the retry task is not collected)
+
+
+async def await_service_rights(shared: Shared, config: Config, first: BaseException) -> None:
+    """Redis could not be asked at start: the service user's rights count as every right (scripts refused
+    to all but users with every right) until it answers. Ask again, with a growing delay, and then put its
+    rights in force; with ``identity = "auto"`` log that a restart is needed if it would now be mirror
+    (this process stays in service identity). With [server] workers each worker asks on its own: the
+    same question of the same Redis, so the same answer unless its ACL changes meanwhile."""
+    up, table = config.upstream, shared.policy.table
+    who = up.username or "default"
+    failing = _reason(first)
+    log.warning("service_rights_unknown", upstream=up.where, user=who, error=failing,
+                detail="Redis could not be asked for the service user's rights: until it answers they count as every "
+                "right (scripts are refused to users narrower than that); asking again in the background")  # fmt: skip
+    delay = RIGHTS_RETRY
+    while True:
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, RIGHTS_RETRY_MAX)
+        try:
+            mirror = up.identity == "auto" and await manages_acl_users(config, table)
+            service, unread = await service_user(config, table)
+        except UNREACHABLE as e:
+            if _reason(e) != failing:  # once per distinct error, not per retry
+                failing = _reason(e)
+                log.warning("service_rights_unknown", upstream=up.where, user=who, error=failing,
+                            detail="still asking in the background")  # fmt: skip
+            continue
+        except Exception as e:  # a bug must not end the retries silently: the rights stay unknown (safe)
+            log.error("internal_error", message="reading the service user's rights failed", error=repr(e))
+            continue
+        break
+    if mirror:
+        log.error("upstream_identity_restart_required", upstream=up.where, identity="service",
+                  why=f"auto: Redis answers now and the service user {who!r} may manage Redis ACL users",
+                  detail='identity = "auto" would resolve to mirror, but it was decided while Redis could not be asked; '
+                  "this process stays in service identity: restart redisguard to switch to mirror identity")  # fmt: skip
+    problems = start_problems(who, service, unread, _known(shared.policy.disabled, table), table)  # (as reloaded)
+    if problems:  # (start-up would have refused to start): every script stays refused but the widest users'
+        log.error("service_rights_unsafe", upstream=up.where, user=who, error=problems[0],
+                  detail="the service user's rights still count as every right; fix it in Redis and restart")  # fmt: skip
+        return
+    shared.swap(replace(shared.policy, service_user=service))
+    if service is None:
+        log.warning("service_rights_unreadable", upstream=up.where, user=who, error=unread,
+                    detail=f"they still count as every right; let it read them: ACL SETUSER {who} +acl|getuser")  # fmt: skip
+    else:
+        log.info("service_rights_read", upstream=up.where, user=who, rights=" ".join(mirror_rules(service)),
+                 detail="in force for the scripts rule from now on")  # fmt: skip
 
 
 class MirrorError(Exception):

@@ -38,6 +38,7 @@ from .helpers import (
     raw_exchange,
     redis_server_binary,
     start_proxy,
+    start_redis,
 )
 
 USERS = """\
@@ -381,6 +382,60 @@ def test_a_first_argument_rule_for_a_disabled_command_is_refused(
     finally:
         upstream.execute_command("ACL", "SETUSER", UPSTREAM_USER, "-flushall", "+acl|getuser")
     assert upstream.get("sec:1") == "secret"
+
+
+def test_auto_with_redis_down_reads_the_rights_once_redis_answers(tmp_path: Path, certs: Path) -> None:
+    """rt1 j_auto_down: identity = "auto" with Redis down at start is service with unknown rights (every
+    right: every script refused). Each worker asks again until Redis answers, then the real rights hold;
+    that it would now be mirror is logged (a restart switches)."""
+    users = tmp_path / "users.acl"
+    users.write_text(USERS)
+    port = free_port()
+    p = start_proxy(tmp_path, certs, users, port, upstream_extra='identity = "auto"', extra="[server]\nworkers = 2\n")
+    r = None
+    try:
+        time.sleep(1.5)  # a few retries against no Redis
+        r = start_redis(port)
+        deadline = time.monotonic() + 60
+        while len(events(p, "service_rights_read")) < 2:
+            assert time.monotonic() < deadline, p.log.read_text()[-3000:]
+            time.sleep(0.2)
+        assert all(e["rights"] == "~* &* +@all -flushall" for e in events(p, "service_rights_read"))
+        assert len(events(p, "service_rights_unknown")) >= 2 and len(events(p, "upstream_identity_restart_required")) == 2
+        redis.Redis(port=port, username=UPSTREAM_USER, password=UPSTREAM_PASSWORD).set("sec:1", "secret")
+        for _ in range(6):  # connections spread over both workers
+            assert client(p, "wide").eval("return redis.call('GET', 'sec:1')", 0) == "secret"
+            with pytest.raises(redis.exceptions.NoPermissionError, match=REFUSED):
+                client(p, "nodanger").eval("return redis.call('KEYS', '*')", 0)
+    finally:
+        p.stop()
+        if r is not None:
+            r.stop()
+
+
+def test_redis_down_then_a_service_user_that_may_run_a_disabled_command(tmp_path: Path, certs: Path) -> None:
+    """Rights read late that start-up would have refused: said in serve's words, and still every right."""
+    users = tmp_path / "users.acl"
+    users.write_text(USERS)
+    port = free_port()
+    p = start_proxy(tmp_path, certs, users, port)  # identity = "service", FLUSHALL disabled
+    r = RedisProc(port, None, [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--user",
+                               UPSTREAM_USER, "on", f">{UPSTREAM_PASSWORD}", "~*", "&*", "+@all"])  # type: ignore[arg-type]  # fmt: skip
+    try:
+        r.start()
+        deadline = time.monotonic() + 60
+        while not events(p, "service_rights_unsafe"):
+            assert time.monotonic() < deadline, p.log.read_text()[-3000:]
+            time.sleep(0.2)
+        (e,) = events(p, "service_rights_unsafe")
+        assert e["error"].startswith(f"upstream: the service user '{UPSTREAM_USER}' may run FLUSHALL in Redis")
+        assert not events(p, "service_rights_read") and not events(p, "upstream_identity_restart_required")
+        with pytest.raises(redis.exceptions.NoPermissionError, match=REFUSED):
+            client(p, "wide").eval("return redis.call('FLUSHALL')", 0)
+    finally:
+        p.stop()
+        if r.proc is not None:
+            r.stop()
 
 
 def test_getuser_reply_reads_back(upstream: redis.Redis, table: CommandTable) -> None:
