@@ -170,7 +170,9 @@ def identity_findings(config: Config, users: dict[str, Any], table: CommandTable
     if not narrower or (up.identity == "auto" and not ask_redis):  # (unresolved: may well be mirror)
         return list(r.problems), [], note
     names = ", ".join(map(repr, narrower[:10])) + (f" and {len(narrower) - 10} more" if len(narrower) > 10 else "")
-    unknown = "" if r.service is not None else " (its rights unknown here: counted as every right)"
+    unknown = ("" if r.service is not None else f" (its rights could not be read, {r.unread}: counted as every right; "
+               f"ACL SETUSER {who} +acl|getuser lets it read them)" if r.unread else
+               " (its rights unknown here: counted as every right)")  # fmt: skip
     if up.service_scripts == "allow":
         warning = (f'[upstream] service_scripts = "allow": scripts of {names} run with the rights of the service user '
                    f"{who!r}{unknown}, which are wider than theirs: redisguard cannot enforce their rules inside "

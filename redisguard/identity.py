@@ -15,9 +15,12 @@ Which identity (``identity = "auto"``, the default): :func:`resolve` asks Redis,
 (``serve`` before any worker forks, and ``check-config``), whether the service user may run ACL
 SETUSER, DELUSER and USERS — queued in a MULTI that is discarded, so nothing runs: yes → mirror, no →
 service. In service identity it also reads the service user's own rights (:func:`service_user`: ACL
-GETUSER, else the same MULTI probe over every command a script can call) for the scripts rule of
-:func:`~redisguard.policy.decide`, and refuses to start if the service user may run a command that
-``[acl] disabled_commands`` refuses (a script could still call it).
+GETUSER of itself; unreadable → every right) for the scripts rule of :func:`~redisguard.policy.decide`,
+and refuses to start if the service user may run a command that ``[acl] disabled_commands`` refuses (a
+script could still call it), a first-argument rule (``+flushall|async``) included, or may for all that
+can be read (:func:`start_problems`). If Redis cannot be asked at start, the identity is service and
+each process asks again for the rights in the background until Redis answers
+(:func:`await_service_rights`).
 
 Theory of operation (mirror mode)
 ---------------------------------
@@ -57,7 +60,7 @@ import secrets
 import ssl
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -68,7 +71,7 @@ from .acl.user import printable_name
 from .audit import get_logger
 from .commands import CommandTable
 from .config import Config, ConfigError, mirror_prefix_conflict
-from .policy import LoginRules, Shared, refused_commands, script_callable
+from .policy import LoginRules, Shared, refused_commands, script_callable, service_may_run
 from .resp import encode_command
 from .upstream import queued, upstream_replies
 
@@ -127,10 +130,14 @@ async def install(shared: Shared, config: Config, metrics: Metrics | None = None
         await mirror.start(policy.users)
     else:
         try:
-            service = await service_user(config, policy.table)
-        except UNREACHABLE:
-            service = None  # unknown: counted as every right
+            service, _ = await service_user(config, policy.table)
+            down: BaseException | None = None
+        except UNREACHABLE as e:
+            service, down = None, e  # unknown: counted as every right until Redis answers
         policy = replace(policy, service_scripts=up.service_scripts, service_user=service)
+        if down is not None:
+            _background.add(task := asyncio.ensure_future(await_service_rights(shared, config, down)))
+            task.add_done_callback(_background.discard)
     shared.policy = policy
 
 
@@ -167,6 +174,8 @@ class Resolution:
     why: str  # how the identity was chosen, for the log line and check-config
     service: User | None = None  # service identity: the service user's rights (None: unknown, every right)
     problems: tuple[str, ...] = ()  # service identity: why it must not start
+    unread: str = ""  # service identity, Redis answered: why the service user's rights could not be read
+    reached: bool = True  # False: Redis could not be asked (identity and rights unknown)
 
     @property
     def identity(self) -> str:
@@ -188,10 +197,17 @@ def _refused_by_redis(reply: Any) -> bool:
 
 
 async def may_run(config: Config, table: CommandTable, names: Sequence[str]) -> list[bool] | None:
-    """Per command, may the service user run it at all (on some keys)? Redis's own answer, from a MULTI
-    that is discarded; None if the service user may not run MULTI."""
+    """Per command, may the service user run it (on some keys)? Redis's own answer, from a MULTI that is
+    discarded; None if the service user may not run MULTI. Only a yes proves anything: the probe has
+    placeholder arguments, so a refusal does not rule out a first-argument rule (``+flushall|async``)."""
     replies = await queued(config, [probe(table, n) for n in names], TIMEOUT)
     return None if replies is None else [not _refused_by_redis(r) for r in replies]
+
+
+async def manages_acl_users(config: Config, table: CommandTable) -> bool:
+    """May the service user run what the mirror users need (``identity = "auto"`` → mirror)?"""
+    ok = await may_run(config, table, MIRROR_COMMANDS)
+    return ok is not None and all(ok)
 
 
 def _text(value: Any) -> str:
@@ -212,29 +228,53 @@ def getuser_rules(reply: Any) -> list[str]:
     return [*rules(d), *("(" + " ".join(rules(fields(sel))) + ")" for sel in d.get("selectors") or [])]
 
 
-async def service_user(config: Config, table: CommandTable) -> User | None:
-    """The service user's rights as Redis has them: from ACL GETUSER if it may read itself, else every
-    command a script can call that Redis does not refuse it (in a discarded MULTI) with every key and
-    channel; None if neither can be asked."""
+async def service_user(config: Config, table: CommandTable) -> tuple[User | None, str]:
+    """The service user's rights as Redis has them (ACL GETUSER of itself), or None (unknown: every
+    right) and why they could not be read. No probing command by command: Redis refuses a probe the same
+    way whether the user lacks the command or has only a first-argument rule for it, so a probe can
+    never show a command to be out of a script's reach."""
     name = config.upstream.username or "default"
     (reply,) = await upstream_replies(config, [[b"ACL", b"GETUSER", name.encode()]], TIMEOUT)
-    if isinstance(reply, list | dict) and reply:
-        try:
-            return new_user(name, table, getuser_rules(reply))
-        except ACLError:
-            pass  # rules this command table cannot read (a module's commands): ask command by command
-    names = sorted(script_callable(table))
-    allowed = await may_run(config, table, names)
-    if allowed is None:
-        return None
-    return new_user(name, table, ["~*", "&*", "+@all", *(f"-{n}" for n, ok in zip(names, allowed, strict=True) if not ok)])
+    if isinstance(reply, hiredis.ReplyError):
+        return None, f"ACL GETUSER {name}: {reply}"
+    if not isinstance(reply, list | dict) or not reply:
+        return None, f"ACL GETUSER {name} answered {reply!r}"
+    try:
+        return new_user(name, table, getuser_rules(reply)), ""
+    except ACLError as e:  # rules this command table cannot read (a module's commands)
+        return None, f"ACL GETUSER {name}: rules this command table cannot read ({e})"
 
 
 def runnable_refused(service: User | None, refused: Sequence[str], table: CommandTable) -> list[str]:
-    """The refused commands (``[acl] disabled_commands``) a script run as ``service`` could still call."""
+    """The refused commands (``[acl] disabled_commands``) a script run as ``service`` could still call
+    (:func:`~redisguard.policy.service_may_run`: first-argument and subcommand rules count)."""
     scriptable = script_callable(table)
-    mine = {n for s in service.selectors for n in s.allowed} if service is not None else scriptable
-    return [r for r in refused if any(n in mine for n in table.acl.family.get(r, frozenset({r})) & scriptable)]
+    mine = service_may_run(service, scriptable)
+    return [r for r in refused if table.acl.family.get(r, frozenset({r})) & mine]
+
+
+def start_problems(who: str, service: User | None, unread: str, refused: Sequence[str], table: CommandTable
+                   ) -> tuple[str, ...]:  # fmt: skip
+    """Why service identity must not run with this service user (one line, the same for ``serve`` and
+    ``check-config``): it may run, or may for all redisguard can tell, a command that ``refused``
+    (``[acl] disabled_commands``) refuses, and every script runs as that user."""
+    runnable = runnable_refused(service, refused, table)
+    if not runnable:
+        return ()
+    names = ", ".join(n.upper() for n in runnable)
+    alt = 'or use [upstream] identity = "mirror"'
+    if service is None:
+        return (f"upstream: the rights of the service user {who!r} could not be read ({unread}), so nothing shows it "
+                f"cannot run {names} in Redis, which [acl] disabled_commands refuses, and in service identity every "
+                f"script runs as that user; let it read them: ACL SETUSER {who} +acl|getuser (and in Redis's ACL file), "
+                f"{alt}",)  # fmt: skip
+    return (f"upstream: the service user {who!r} may run {names} in Redis, which [acl] disabled_commands refuses, and "
+            f"in service identity every script runs as that user; fix it in Redis: ACL SETUSER {who} "
+            f"{' '.join('-' + n for n in runnable)} (and in Redis's ACL file), {alt}",)  # fmt: skip
+
+
+def _known(names: Iterable[str], table: CommandTable) -> list[str]:
+    return [n for n in sorted(names) if table.get(n) is not None]
 
 
 async def resolve(config: Config, table: CommandTable) -> Resolution:
@@ -245,30 +285,79 @@ async def resolve(config: Config, table: CommandTable) -> Resolution:
     identity, why = up.identity, "configured"
     try:
         if identity == "auto":
-            ok = await may_run(config, table, MIRROR_COMMANDS)
-            identity = "mirror" if ok is not None and all(ok) else "service"
+            identity = "mirror" if await manages_acl_users(config, table) else "service"
             why = (f"auto: the service user {who!r} may manage Redis ACL users" if identity == "mirror" else
                    f"auto: the service user {who!r} may not manage Redis ACL users (ACL SETUSER, DELUSER, USERS)")  # fmt: skip
-        service = await service_user(config, table) if identity == "service" else None
+        service, unread = await service_user(config, table) if identity == "service" else (None, "")
         reached = True
     except UNREACHABLE as e:
         identity = "service" if identity == "auto" else identity
-        reason = (e.strerror if isinstance(e, OSError) and e.strerror else str(e)) or type(e).__name__
-        why = f"{why if up.identity != 'auto' else 'auto'}; Redis at {up.where} could not be asked ({reason})"
-        service, reached = None, False
+        why = f"{why if up.identity != 'auto' else 'auto'}; Redis at {up.where} could not be asked ({_reason(e)})"
+        service, unread, reached = None, "", False
     resolved = replace(config, upstream=replace(up, resolved_identity=identity))
     if identity == "mirror" or not reached:
-        return Resolution(resolved, why)
-    refused = [n for n in config.acl.disabled_commands if table.get(n) is not None]
-    runnable = runnable_refused(service, refused, table)
-    problems: tuple[str, ...] = ()
-    if runnable:
-        known = "" if service is not None else " (its rights could not be read: grant it +acl|getuser or +multi +discard)"
-        problems = (f"upstream: the service user {who!r} may run {', '.join(n.upper() for n in runnable)} in Redis{known}, "
-                    "which [acl] disabled_commands refuses, and in service identity every script runs as that user; fix "
-                    f"it in Redis: ACL SETUSER {who} {' '.join('-' + n for n in runnable)} (and in Redis's ACL file), or "
-                    'use [upstream] identity = "mirror"',)  # fmt: skip
-    return Resolution(resolved, why, service, problems)
+        return Resolution(resolved, why, reached=reached)
+    problems = start_problems(who, service, unread, _known(config.acl.disabled_commands, table), table)
+    return Resolution(resolved, why, service, problems, unread)
+
+
+def _reason(e: BaseException) -> str:
+    return (e.strerror if isinstance(e, OSError) and e.strerror else str(e)) or type(e).__name__
+
+
+# Asking again for the service user's rights when Redis could not be asked at start: from this delay,
+# doubling up to RIGHTS_RETRY_MAX (seconds), so Redis started at the same time is seen within seconds.
+RIGHTS_RETRY = 0.5
+RIGHTS_RETRY_MAX = 5.0
+_background: set[asyncio.Future[None]] = set()  # (held, so the retry task is not collected)
+
+
+async def await_service_rights(shared: Shared, config: Config, first: BaseException) -> None:
+    """Redis could not be asked at start: the service user's rights count as every right (scripts refused
+    to all but users with every right) until it answers. Ask again, with a growing delay, and then put its
+    rights in force; with ``identity = "auto"`` log that a restart is needed if it would now be mirror
+    (this process stays in service identity). With [server] workers each worker asks on its own: the
+    same question of the same Redis, so the same answer unless its ACL changes meanwhile."""
+    up, table = config.upstream, shared.policy.table
+    who = up.username or "default"
+    failing = _reason(first)
+    log.warning("service_rights_unknown", upstream=up.where, user=who, error=failing,
+                detail="Redis could not be asked for the service user's rights: until it answers they count as every "
+                "right (scripts are refused to users narrower than that); asking again in the background")  # fmt: skip
+    delay = RIGHTS_RETRY
+    while True:
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, RIGHTS_RETRY_MAX)
+        try:
+            mirror = up.identity == "auto" and await manages_acl_users(config, table)
+            service, unread = await service_user(config, table)
+        except UNREACHABLE as e:
+            if _reason(e) != failing:  # once per distinct error, not per retry
+                failing = _reason(e)
+                log.warning("service_rights_unknown", upstream=up.where, user=who, error=failing,
+                            detail="still asking in the background")  # fmt: skip
+            continue
+        except Exception as e:  # a bug must not end the retries silently: the rights stay unknown (safe)
+            log.error("internal_error", message="reading the service user's rights failed", error=repr(e))
+            continue
+        break
+    if mirror:
+        log.error("upstream_identity_restart_required", upstream=up.where, identity="service",
+                  why=f"auto: Redis answers now and the service user {who!r} may manage Redis ACL users",
+                  detail='identity = "auto" would resolve to mirror, but it was decided while Redis could not be asked; '
+                  "this process stays in service identity: restart redisguard to switch to mirror identity")  # fmt: skip
+    problems = start_problems(who, service, unread, _known(shared.policy.disabled, table), table)  # (as reloaded)
+    if problems:  # (start-up would have refused to start): every script stays refused but the widest users'
+        log.error("service_rights_unsafe", upstream=up.where, user=who, error=problems[0],
+                  detail="the service user's rights still count as every right; fix it in Redis and restart")  # fmt: skip
+        return
+    shared.swap(replace(shared.policy, service_user=service))
+    if service is None:
+        log.warning("service_rights_unreadable", upstream=up.where, user=who, error=unread,
+                    detail=f"they still count as every right; let it read them: ACL SETUSER {who} +acl|getuser")  # fmt: skip
+    else:
+        log.info("service_rights_read", upstream=up.where, user=who, rights=" ".join(mirror_rules(service)),
+                 detail="in force for the scripts rule from now on")  # fmt: skip
 
 
 class MirrorError(Exception):

@@ -43,9 +43,9 @@ NOAUTH = b"-NOAUTH Authentication required.\r\n"
 # user's EVALSHA runs; EVALSHA itself is here. FUNCTION DELETE/FLUSH run no code: the user's rules decide.
 SCRIPT_COMMANDS = frozenset({"eval", "evalsha", "eval_ro", "evalsha_ro", "fcall", "fcall_ro", "function|load",
                              "function|restore"})  # fmt: skip
-SCRIPT_REFUSED = (b"-NOPERM this user has no permissions to run the '%s' command: scripts run with the rights of "
-                  b"the proxy's service user, which are wider than this user's; use [upstream] identity = "
-                  b'"mirror"\r\n')  # fmt: skip
+SCRIPT_WHY = (b"scripts run with the rights of the proxy's service user, which are wider than this user's; use "
+              b'[upstream] identity = "mirror"')  # fmt: skip
+SCRIPT_REFUSED = b"-NOPERM this user has no permissions to run the '%s' command: " + SCRIPT_WHY + b"\r\n"
 
 
 class Observer(Protocol):
@@ -331,6 +331,16 @@ def script_callable(table: CommandTable) -> frozenset[str]:
                      and "noscript" not in c.flags and not n.endswith("|help"))  # fmt: skip
 
 
+def service_may_run(service: User | None, scriptable: frozenset[str]) -> frozenset[str]:
+    """The script-callable commands a script run as ``service`` may call, with some arguments on some
+    keys: a command's own rule, a subcommand's or a first-argument rule (``+flushall|async``) counts;
+    ``service`` None (unknown) may run every one. The one answer to "may the service user run X" for
+    the scripts rule (:func:`covers`) and the start-up check (identity.runnable_refused)."""
+    if service is None:
+        return scriptable
+    return frozenset(n for s in service.selectors for n in (*s.allowed, *s.firstargs)) & scriptable
+
+
 def covers(user: User, service: User | None, refused: Iterable[str], scriptable: frozenset[str]) -> bool:
     """Can ``user`` do everything a script run as ``service`` can? True iff one selector of ``user``
     allows every script-callable command some selector of ``service`` allows (less ``refused``, which
@@ -339,10 +349,10 @@ def covers(user: User, service: User | None, refused: Iterable[str], scriptable:
     ``~a*`` does not cover ``~ab*``; ``service`` None (unknown) has every right."""
     family = user.table.acl.family
     taken = {n for r in refused for n in family.get(r, (r,))}
+    needed = service_may_run(service, scriptable)
     if service is None:
-        needed, keys, channels = set(scriptable), None, None
+        keys, channels = None, None
     else:
-        needed = {n for s in service.selectors for n in (*s.allowed, *s.firstargs)} & scriptable
         keys = None if any(s.allkeys for s in service.selectors) else [kp for s in service.selectors for kp in s.keys]
         channels = None if any(s.allchannels for s in service.selectors) else [c for s in service.selectors for c in s.channels]
     for sel in user.selectors:
@@ -364,13 +374,16 @@ def dryrun(policy: Policy, argv: Sequence[bytes]) -> bytes:
     if user is None:
         return error_format(b"User '%s' not found" % cstr(argv[0]))
     cmd_argv = list(argv[1:])
-    if policy.table.lookup(cmd_argv) is None:
+    if policy.resolve(cmd_argv) is None:  # a disabled command is unknown, as after rename-command
         return error_format(b"Command '%s' not found" % cstr(cmd_argv[0]))
     verdict = decide(policy, user, cmd_argv, False, dry=True)
     if verdict.error is None:
         return b"+OK\r\n"
     if verdict.reason == "command" and verdict.cmd is not None:
         return encode_bulk(f"This user has no permissions to run the '{verdict.cmd.name}' command")
+    if verdict.reason == "script" and verdict.cmd is not None:  # a denial, so in DRYRUN's shape: a bulk string
+        return encode_bulk(b"This user has no permissions to run the '%s' command: %s" % (verdict.cmd.name.encode(),
+                                                                                        SCRIPT_WHY))  # fmt: skip
     if verdict.reason in ("key", "channel"):  # the name as printf's %s shows it: up to a NUL
         obj = cmd_argv[verdict.index].split(b"\0", 1)[0]
         return encode_bulk(b"This user has no permissions to access the '%s' %s" % (obj, verdict.reason.encode()))

@@ -25,11 +25,21 @@ from redisguard.acl import new_user
 from redisguard.commands import CommandTable
 from redisguard.demo import free_port, wait_port
 from redisguard.fastpath import Plan
-from redisguard.identity import getuser_rules, mirror_rules
-from redisguard.policy import Policy, covers, decide, dryrun, refused_commands, script_callable
+from redisguard.identity import getuser_rules, mirror_rules, runnable_refused
+from redisguard.policy import Policy, covers, decide, dryrun, refused_commands, script_callable, service_may_run
 from redisguard.resp import encode_command
 
-from .helpers import UPSTREAM_PASSWORD, UPSTREAM_USER, ProxyProc, RedisProc, proxy_config, raw_exchange, start_proxy
+from .helpers import (
+    UPSTREAM_PASSWORD,
+    UPSTREAM_USER,
+    ProxyProc,
+    RedisProc,
+    proxy_config,
+    raw_exchange,
+    redis_server_binary,
+    start_proxy,
+    start_redis,
+)
 
 USERS = """\
 user default off
@@ -136,10 +146,16 @@ def test_decide_refuses_scripts_to_narrower_users(table: CommandTable) -> None:
     # SCRIPT LOAD runs nothing, FUNCTION LIST/DELETE/FLUSH no code: the user's own rules decide
     for argv in ([b"SCRIPT", b"LOAD", b"return 1"], [b"FUNCTION", b"LIST"], [b"FUNCTION", b"DELETE", b"lib"]):
         assert decide(policy, users["narrow"], argv, False).error is None, argv
-    # ACL DRYRUN through redisguard gives the same answer
+    # ACL DRYRUN through redisguard says so in DRYRUN's shape for a denial: a bulk string, Redis's words first
     refusal = dryrun(policy, [b"narrow", b"EVAL", b"return 1", b"0"])
-    assert refusal == decide(policy, users["narrow"], [b"EVAL", b"return 1", b"0"], False).error
+    why = decide(policy, users["narrow"], [b"EVAL", b"return 1", b"0"], False).error
+    assert why is not None and refusal.startswith(b"$") and refusal.count(b"\r\n") == 2
+    assert refusal.split(b"\r\n")[1] == b"T" + why[len(b"-NOPERM t"):-2]
+    assert refusal.split(b"\r\n")[1].startswith(b"This user has no permissions to run the 'eval' command: ")
     assert dryrun(policy, [b"wide", b"EVAL", b"return 1", b"0"]) == b"+OK\r\n"
+    # a disabled command is unknown to DRYRUN too, as after rename-command
+    assert dryrun(policy, [b"wide", b"FLUSHALL"]) == b"-ERR Command 'FLUSHALL' not found\r\n"
+    assert dryrun(policy, [b"wide", b"flushall", b"async"]) == b"-ERR Command 'flushall' not found\r\n"
     # the fast path never forwards a refused script, however often it is asked
     plan = Plan(policy, users["narrow"], "narrow", frozenset())
     for _ in range(3):
@@ -151,6 +167,26 @@ def replace_scripts(policy: Policy, how: str) -> Policy:
     from dataclasses import replace
 
     return replace(policy, service_scripts=how)
+
+
+@pytest.mark.parametrize(("rules", "refused", "runs"), [
+    ("-flushall", "flushall", False),
+    ("-flushall +flushall|async", "flushall", True),  # a first-argument rule
+    ("-flushall (~* +flushall|sync)", "flushall", True),  # ... in a selector
+    ("-select +select|0", "select", True),
+    ("-object +object|encoding", "object", True),  # a subcommand rule of a refused container
+    ("-object +object|encoding", "object|freq", False),
+    ("-object", "object", False),
+])  # fmt: skip
+def test_one_answer_to_what_the_service_user_may_run(table: CommandTable, rules: str, refused: str, runs: bool) -> None:
+    """The start-up check (runnable_refused) and the scripts rule (covers) ask the same function."""
+    svc = new_user("svc", table, ["~*", "&*", "+@all", *rules.split()])
+    scriptable = script_callable(table)
+    assert (table.acl.family.get(refused, frozenset({refused})) & service_may_run(svc, scriptable) != set()) is runs
+    assert runnable_refused(svc, [refused], table) == ([refused] if runs else [])
+    # a user with every right but the refused one covers the service user exactly when it cannot run it
+    assert covers(new_user("u", table, ["~*", "&*", "+@all"]), svc, [refused], scriptable) is not runs
+    assert runnable_refused(None, [refused], table) == [refused]  # unknown: every right
 
 
 def test_mirror_rules_take_what_redisguard_refuses(table: CommandTable) -> None:
@@ -232,11 +268,35 @@ def test_service_refusal_in_order_in_multi_and_pipelines(service: ProxyProc) -> 
     # the same pipeline many times: the per-user plan (fast path) never starts forwarding EVAL
     many = raw_exchange(service.plain_port, cmds(login("narrow"), *([[b"EVAL_RO", b"return 1", b"0"]] * 50)))
     assert many == b"+OK\r\n" + (refusal % b"eval_ro") * 50
-    # ACL DRYRUN through redisguard says so too
+    # ACL DRYRUN through redisguard says so too (a string, as Redis's DRYRUN answers a denial)
     wide = client(service, "wide")
-    with pytest.raises(redis.exceptions.NoPermissionError, match=REFUSED):
-        wide.execute_command("ACL", "DRYRUN", "narrow", "EVAL", "return 1", "0")
+    assert REFUSED in wide.execute_command("ACL", "DRYRUN", "narrow", "EVAL", "return 1", "0")
     assert wide.execute_command("ACL", "DRYRUN", "wide", "EVAL", "return 1", "0") == "OK"
+
+
+def test_dryrun_answers_as_redis_does(service: ProxyProc) -> None:
+    """ACL DRYRUN through redisguard, byte for byte against a redis-server whose FLUSHALL is renamed away
+    (as [acl] disabled_commands is) and whose user lacks EVAL: the shape of each answer."""
+    port = free_port()
+    r = RedisProc(port, None, [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--rename-command", "FLUSHALL", "", "--user", "narrow", "on", "nopass", "~*", "+get",
+                               "--user", "default", "on", "nopass", "~*", "&*", "+@all"])  # type: ignore[arg-type]  # fmt: skip
+    r.start()
+    try:
+        asks = ([b"ACL", b"DRYRUN", b"default", b"FLUSHALL"], [b"ACL", b"DRYRUN", b"default", b"flushall", b"async"],
+                [b"ACL", b"DRYRUN", b"narrow", b"EVAL", b"return 1", b"0"])  # fmt: skip
+        redis_says = raw_exchange(port, cmds(*asks))
+        ours = raw_exchange(service.plain_port, cmds(login("wide"), *(a[:2] + [b"wide" if a[2] == b"default" else a[2]] + a[3:]
+                                                                    for a in asks)))  # fmt: skip
+    finally:
+        r.stop()
+    want = b"-ERR Command 'FLUSHALL' not found\r\n-ERR Command 'flushall' not found\r\n"
+    assert redis_says.startswith(want) and ours.startswith(b"+OK\r\n" + want)
+    denial = b"This user has no permissions to run the 'eval' command"
+    assert redis_says[len(want):] == b"$%d\r\n%s\r\n" % (len(denial), denial)
+    text = denial + (b": scripts run with the rights of the proxy's service user, which are wider than this user's; use "
+                     b'[upstream] identity = "mirror"')  # fmt: skip
+    assert ours[len(b"+OK\r\n" + want):] == b"$%d\r\n%s\r\n" % (len(text), text)
 
 
 def test_check_config_names_the_refused_users(service: ProxyProc) -> None:
@@ -281,6 +341,101 @@ def test_refuses_to_start_when_the_service_user_can_run_a_disabled_command(
         assert res.returncode == 0, res.stderr
     finally:
         upstream.execute_command("ACL", "SETUSER", UPSTREAM_USER, "clearselectors", "+keys")
+
+
+def _serve_and_check(cfg: Path) -> tuple[str, str]:
+    """``serve``'s refusal line and check-config's error line for ``cfg`` (both must refuse)."""
+    res = cli("serve", "-c", str(cfg))
+    assert res.returncode == 2, res.stderr
+    (line,) = [x.removeprefix("redisguard: ") for x in res.stderr.splitlines() if x.startswith("redisguard: upstream:")]
+    res = cli("check-config", "-c", str(cfg))
+    assert res.returncode == 1, res.stderr
+    (error,) = [x.removeprefix("error: ") for x in res.stderr.splitlines() if x.startswith("error: upstream:")]
+    return line, error
+
+
+def test_a_first_argument_rule_for_a_disabled_command_is_refused(
+        tmp_path: Path, certs: Path, own_redis: RedisProc, upstream: redis.Redis) -> None:  # fmt: skip
+    """rt1 b_firstarg_service: a service user with +flushall|async (FLUSHALL disabled here) could empty the
+    database from a script. Read with ACL GETUSER, the rule counts; unreadable, nothing shows FLUSHALL out
+    of a script's reach (a MULTI probe cannot: Redis refuses FLUSHALL without ASYNC the same way)."""
+    users = tmp_path / "users.acl"
+    users.write_text(USERS)
+    cfg = proxy_config(tmp_path, certs, users, own_redis.port, free_port(), free_port(), free_port())
+    try:
+        upstream.execute_command("ACL", "SETUSER", UPSTREAM_USER, "+flushall|async", "-acl|getuser")
+        line, error = _serve_and_check(cfg)
+        assert line == error and line.startswith(f"upstream: the rights of the service user '{UPSTREAM_USER}' could not "
+                                                 f"be read (ACL GETUSER {UPSTREAM_USER}: NOPERM ")  # fmt: skip
+        assert "cannot run FLUSHALL in Redis" in line and f"ACL SETUSER {UPSTREAM_USER} +acl|getuser" in line
+        upstream.execute_command("ACL", "SETUSER", UPSTREAM_USER, "+acl|getuser")
+        line, error = _serve_and_check(cfg)
+        assert line == error and line.startswith(f"upstream: the service user '{UPSTREAM_USER}' may run FLUSHALL in Redis")
+        assert f"ACL SETUSER {UPSTREAM_USER} -flushall (and" in line
+        # without a script-callable disabled command, unreadable rights start, counted as every right
+        upstream.execute_command("ACL", "SETUSER", UPSTREAM_USER, "-acl|getuser")
+        cfg.write_text(cfg.read_text().replace('disabled_commands = ["FLUSHALL", "CONFIG"]', 'disabled_commands = ["CONFIG"]'))
+        res = cli("check-config", "-c", str(cfg))
+        assert res.returncode == 0, res.stderr
+        (warning,) = [x for x in res.stderr.splitlines() if "are refused for" in x]
+        assert "'nodanger', 'narrow'" in warning and f"ACL SETUSER {UPSTREAM_USER} +acl|getuser lets it read them" in warning
+    finally:
+        upstream.execute_command("ACL", "SETUSER", UPSTREAM_USER, "-flushall", "+acl|getuser")
+    assert upstream.get("sec:1") == "secret"
+
+
+def test_auto_with_redis_down_reads_the_rights_once_redis_answers(tmp_path: Path, certs: Path) -> None:
+    """rt1 j_auto_down: identity = "auto" with Redis down at start is service with unknown rights (every
+    right: every script refused). Each worker asks again until Redis answers, then the real rights hold;
+    that it would now be mirror is logged (a restart switches)."""
+    users = tmp_path / "users.acl"
+    users.write_text(USERS)
+    port = free_port()
+    p = start_proxy(tmp_path, certs, users, port, upstream_extra='identity = "auto"', extra="[server]\nworkers = 2\n")
+    r = None
+    try:
+        time.sleep(1.5)  # a few retries against no Redis
+        r = start_redis(port)
+        deadline = time.monotonic() + 60
+        while len(events(p, "service_rights_read")) < 2:
+            assert time.monotonic() < deadline, p.log.read_text()[-3000:]
+            time.sleep(0.2)
+        assert all(e["rights"] == "~* &* +@all -flushall" for e in events(p, "service_rights_read"))
+        assert len(events(p, "service_rights_unknown")) >= 2 and len(events(p, "upstream_identity_restart_required")) == 2
+        redis.Redis(port=port, username=UPSTREAM_USER, password=UPSTREAM_PASSWORD).set("sec:1", "secret")
+        for _ in range(6):  # connections spread over both workers
+            assert client(p, "wide").eval("return redis.call('GET', 'sec:1')", 0) == "secret"
+            with pytest.raises(redis.exceptions.NoPermissionError, match=REFUSED):
+                client(p, "nodanger").eval("return redis.call('KEYS', '*')", 0)
+    finally:
+        p.stop()
+        if r is not None:
+            r.stop()
+
+
+def test_redis_down_then_a_service_user_that_may_run_a_disabled_command(tmp_path: Path, certs: Path) -> None:
+    """Rights read late that start-up would have refused: said in serve's words, and still every right."""
+    users = tmp_path / "users.acl"
+    users.write_text(USERS)
+    port = free_port()
+    p = start_proxy(tmp_path, certs, users, port)  # identity = "service", FLUSHALL disabled
+    r = RedisProc(port, None, [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--user",
+                               UPSTREAM_USER, "on", f">{UPSTREAM_PASSWORD}", "~*", "&*", "+@all"])  # type: ignore[arg-type]  # fmt: skip
+    try:
+        r.start()
+        deadline = time.monotonic() + 60
+        while not events(p, "service_rights_unsafe"):
+            assert time.monotonic() < deadline, p.log.read_text()[-3000:]
+            time.sleep(0.2)
+        (e,) = events(p, "service_rights_unsafe")
+        assert e["error"].startswith(f"upstream: the service user '{UPSTREAM_USER}' may run FLUSHALL in Redis")
+        assert not events(p, "service_rights_read") and not events(p, "upstream_identity_restart_required")
+        with pytest.raises(redis.exceptions.NoPermissionError, match=REFUSED):
+            client(p, "wide").eval("return redis.call('FLUSHALL')", 0)
+    finally:
+        p.stop()
+        if r.proc is not None:
+            r.stop()
 
 
 def test_getuser_reply_reads_back(upstream: redis.Redis, table: CommandTable) -> None:
@@ -340,9 +495,9 @@ def test_default_is_mirror_where_the_service_user_manages_acl_users(
 
 def test_default_is_service_where_the_service_user_cannot(tmp_path: Path, certs: Path, own_redis: RedisProc,
                                                           upstream: redis.Redis) -> None:  # fmt: skip
-    # a service user without ACL rights (nor ACL GETUSER: its rights are asked command by command)
+    # a service user without ACL rights but ACL GETUSER of itself (its rights are read from that)
     upstream.execute_command("ACL", "SETUSER", "plain", "reset", "on", f">{UPSTREAM_PASSWORD}", "~*", "&*", "+@all",
-                             "-@admin", "-flushall", "+command|info", "+info")  # fmt: skip
+                             "-@admin", "-flushall", "+command|info", "+info", "+acl|getuser")  # fmt: skip
     users = tmp_path / "users.acl"
     users.write_text(USERS)
     cfg = proxy_config(tmp_path, certs, users, own_redis.port, free_port(), free_port(), free_port(),
