@@ -92,6 +92,7 @@ class Load:
     done: asyncio.Future[bytes] | None = None
     replay: list[Change] = field(default_factory=list)
     files: dict[Path, bytes] | None = None
+    error: str = ""  # the files could not be read (by the supervisor, for every worker): refused
 
 
 class Reloader:
@@ -168,9 +169,13 @@ class Reloader:
             return out
         return await mirror_reply(mirror, self.policy.users, changed, deleted, out)
 
-    def acl_load(self) -> asyncio.Future[bytes]:
-        """ACL LOAD: a users-only load in the sequence; its reply when its result is in force."""
-        load = Load(False, asyncio.get_running_loop().create_future())
+    def acl_load(self, data: bytes | None = None, error: str = "") -> asyncio.Future[bytes]:
+        """ACL LOAD: a users-only load in the sequence; its reply when its result is in force. With
+        workers the supervisor read the file once for all of them: ``data`` its bytes, or ``error``
+        why it could not be read (every worker then answers the same)."""
+        users_file = self.policy.users_file
+        files = None if data is None or not users_file else {Path(users_file): data}
+        load = Load(False, asyncio.get_running_loop().create_future(), files=files, error=error)
         self.loads.append(load)
         self._start()
         return load.done  # type: ignore[return-value]
@@ -192,20 +197,21 @@ class Reloader:
         if parsed or gone:
             self.shared.swap(self.policy.with_users(users), set(parsed) | set(gone), gone)
 
-    def reload(self, files: dict[Path, bytes] | None = None) -> None:
+    def reload(self, files: dict[Path, bytes] | None = None, error: str = "") -> None:
         """Re-read the users file and every listener's certificates, off the event loop.
 
         ``files``: the watched files' bytes, as the file watcher found them stable (parsed as they are);
         None (SIGHUP): read each file once when the load starts, re-read it, and refuse the reload if the
         two reads differ. A SIGHUP during a reload runs one more reload after it (the files may have
         changed again); one while that one is still waiting is that one, asked for again (its record of
-        changes starts over, and it parses the newest files)."""
+        changes starts over, and it parses the newest files). With workers the supervisor read the
+        files once for all of them: ``files`` their bytes, or ``error`` why they could not be read."""
         queued = next((load for load in self.loads if load.full), None)
         if queued is not None:
             queued.replay.clear()
-            queued.files = files
+            queued.files, queued.error = files, error
             return
-        self.loads.append(Load(True, files=files))
+        self.loads.append(Load(True, files=files, error=error))
         self._start()
 
     def _start(self) -> None:
@@ -236,7 +242,10 @@ class Reloader:
         off the loop."""
 
         def read() -> tuple[dict[str, User] | None, bytes, ACLReplies | None]:
-            users, reply = admin.acl_load(self.policy.users_file or None, self.table)
+            if load.error:
+                return None, error_format(load.error.encode("utf-8", "surrogateescape")), None
+            data = next(iter(load.files.values())) if load.files else None
+            users, reply = admin.acl_load(self.policy.users_file or None, self.table, data=data)
             return users, reply, None if users is None else ACLReplies(users).prepare()
 
         gc.disable()
@@ -274,6 +283,10 @@ class Reloader:
         `on nopass +@all`, silently opening the proxy to anyone."""
         cfg = self.config
         tls = [lst for lst in cfg.listeners if lst.type == "tls"]
+        if asked.error:
+            self.metrics.reload_result(False)
+            audit.error("config_reload_failed", error=asked.error, detail="kept the previous users and certificates")
+            return
 
         def load(seen_data: dict[str, Any] | None, files: dict[Path, bytes] | None
                  ) -> tuple[dict[str, User], ACLReplies, dict[str, ssl.SSLContext], Reconfiguration,

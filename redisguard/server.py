@@ -149,7 +149,9 @@ class Proxy:
     async def start(self) -> None:
         fd_limit = _raise_fd_limit()
         self.metrics.fd_limit.set(fd_limit)
-        if self.config.server.reload_interval:  # (its baseline now: a change while starting is not missed)
+        # (its baseline now: a change while starting is not missed); with workers only the first watches, and
+        # the supervisor hands every worker the bytes it found stable
+        if self.config.server.reload_interval and (self.worker is None or self.worker.index == 0):
             self.watch = FileWatch(self.config, self.reload, self.metrics)
         await self.load_policy()
         if self.worker is not None:  # the changes the supervisor has sent so far, before any client
@@ -234,7 +236,7 @@ class Proxy:
         supervisor's order of users changes (each reads the files itself, twice); in mirror mode, also
         check that Redis still has every mirror user (whether or not the users changed)."""
         if self.worker is not None:
-            self.worker.request_reload()
+            self.worker.request_reload(files)
         else:
             self.reloader.reload(files)
         if self.policy.mirror is not None:

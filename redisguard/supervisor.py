@@ -51,6 +51,7 @@ per process, as the descriptor limit is.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import ctypes
 import os
@@ -67,11 +68,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created
 
 from . import metrics_merge
 from .acl import ACLError, UsersFileError
+from .acl.users_file import read_users_file
 from .audit import get_logger
 from .config import Config
+from .file_versions import FileChanged, FileUnreadable, read_now
 from .metrics import serve_http
 from .server import run
-from .worker_link import Endpoint, Journal, WorkerLink, read_message
+from .watch import watched_files
+from .worker_link import Endpoint, Journal, WorkerLink, encode_files, read_message
 
 log = get_logger("redisguard")
 
@@ -268,7 +272,7 @@ class Supervisor:
                 elif msg.get("op") == "applied":
                     self.applied(slot, msg)
                 elif msg.get("op") == "reload_request":
-                    self.reload_all("worker")
+                    self.reload_all("worker", msg.get("files"))
         finally:
             ch.up = False
             for fut in ch.waiting.values():
@@ -286,6 +290,10 @@ class Supervisor:
         if load:
             self.journal.clear()  # the file is the truth again
             self.generation += 1
+            try:  # read once, here, for every worker: they cannot load different versions of it
+                out["data"] = base64.b64encode(read_users_file(self.config.acl.users_file)).decode()
+            except UsersFileError as e:
+                out["error"] = str(e)
         waiting = {s.index for s in self.slots if s.channel is not None and s.channel.synced}
         change = self.pending[self.seq] = Pending(out, origin.index, self.generation, waiting)
         self._broadcast(out)
@@ -325,14 +333,22 @@ class Supervisor:
                     os.kill(slot.pid, signal.SIGKILL)
         # (its exit is reaped: _exited then commits the change)
 
-    def reload_all(self, why: str) -> None:
-        """SIGHUP, or ACL LOAD on one worker: every worker reloads (users file, certificates, TOML)."""
+    def reload_all(self, why: str, files: dict[str, str] | None = None) -> None:
+        """SIGHUP, or a worker's SIGHUP or file watch: every worker reloads (users file, certificates,
+        TOML) from the same bytes — ``files`` (encoded), as the file watch found them stable, or read
+        here now, once and re-read (read_now) — so no two workers can load different versions."""
         if self.stopping:
             return
         self.journal.clear()  # the files are the truth again
         self.generation += 1
         log.info("reload_workers", reason=why, workers=self.n)
-        self._broadcast({"op": "reload"})
+        msg: dict[str, Any] = {"op": "reload", "files": files}
+        if files is None:
+            try:  # (a few MiB at most, on the supervisor's loop: it carries no client traffic)
+                msg["files"] = encode_files(read_now(watched_files(self.config)))
+            except (FileChanged, FileUnreadable) as e:
+                msg = {"op": "reload", "error": str(e)}
+        self._broadcast(msg)
 
     def _broadcast(self, msg: dict[str, Any]) -> None:
         for slot in self.slots:

@@ -37,13 +37,15 @@ gets SIGTERM from the kernel: PR_SET_PDEATHSIG).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
 import socket
 import struct
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .acl import User
@@ -78,6 +80,15 @@ async def read_message(reader: asyncio.StreamReader) -> dict[str, Any] | None:
 def write_message(writer: asyncio.StreamWriter, msg: dict[str, Any]) -> None:
     data = json.dumps(msg).encode()  # ASCII: names with any bytes (surrogate-escaped) travel as \\udcXX
     writer.write(HEADER.pack(len(data)) + data)
+
+
+def encode_files(files: Mapping[Path, bytes] | None) -> dict[str, str] | None:
+    """Files' bytes for a message (path -> base64): read once, by one process, parsed by every worker."""
+    return None if files is None else {str(p): base64.b64encode(data).decode() for p, data in files.items()}
+
+
+def decode_files(files: Mapping[str, str] | None) -> dict[Path, bytes] | None:
+    return None if files is None else {Path(p): base64.b64decode(data) for p, data in files.items()}
 
 
 def user_lines(users: dict[str, User], names: Sequence[str]) -> dict[str, str]:
@@ -182,8 +193,8 @@ class WorkerLink(Endpoint):
                 sub.committed.set_result(msg.get("error", ""))
         elif op == "synced" and self.synced is not None and not self.synced.done():
             self.synced.set_result(None)
-        elif op == "reload" and self.proxy is not None:
-            self.proxy.reloader.reload()
+        elif op == "reload" and self.proxy is not None:  # (the files as the supervisor read them, once)
+            self.proxy.reloader.reload(decode_files(msg.get("files")), msg.get("error", ""))
         elif op in ("metrics", "ready"):
             self._spawn(self._answer(msg))
 
@@ -202,9 +213,10 @@ class WorkerLink(Endpoint):
             reply = {"ok": ok, "why": why}
         self.send({"id": msg["id"], **reply})
 
-    def request_reload(self) -> None:
-        """SIGHUP to this worker, or its file watch: every worker reloads, in the stream's order."""
-        self.send({"op": "reload_request"})
+    def request_reload(self, files: Mapping[Path, bytes] | None = None) -> None:
+        """SIGHUP to this worker, or its file watch (``files``: the bytes it found stable): every worker
+        reloads, in the stream's order, from the same bytes."""
+        self.send({"op": "reload_request", "files": encode_files(files)})
 
     # -- ACL changes -------------------------------------------------------------------------------
     def submit(self, command: str, args: Sequence[bytes]) -> Awaitable[bytes]:
@@ -245,8 +257,9 @@ class WorkerLink(Endpoint):
         command, args = decode_change(msg["change"])
         # (ids are this process's: a worker restarted in the same slot is not the origin of what it catches up on)
         sub = self.submitted.get(msg["id"]) if msg.get("origin") == self.index and msg.get("pid") == os.getpid() else None
-        if command == "load":
-            self._spawn(self._loaded(msg["seq"], reloader.acl_load(), sub))
+        if command == "load":  # (the users file as the supervisor read it, once, for every worker)
+            data = base64.b64decode(msg["data"]) if "data" in msg else None
+            self._spawn(self._loaded(msg["seq"], reloader.acl_load(data, msg.get("error", "")), sub))
             return
         reply, changed, deleted = reloader.change(Change(command, args))
         users = self.proxy.policy.users

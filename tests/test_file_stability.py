@@ -309,21 +309,26 @@ def wait_for_login(port: int, user: str, password: str, timeout: float = 40) -> 
     return time.monotonic() - start
 
 
-@pytest.mark.parametrize(("cut", "pause"), [("mid_line", 1.0), ("line_boundary", 1.0), ("mid_line", SETTLE + 1.5)])
+@pytest.mark.parametrize(("cut", "pause", "workers"), [
+    ("mid_line", 1.0, 1), ("line_boundary", 1.0, 1), ("mid_line", SETTLE + 1.5, 1),
+    ("mid_line", 1.0, 2), ("mid_line", SETTLE + 1.5, 2),
+])  # fmt: skip
 def test_a_users_file_rewritten_in_place_in_two_steps_is_loaded_only_whole(
-    tmp_path: Path, certs: Path, own_redis: RedisProc, cut: str, pause: float
+    tmp_path: Path, certs: Path, own_redis: RedisProc, cut: str, pause: float, workers: int
 ) -> None:
     """The issue's repro (mid_line: `user app on >pw ~* +@all`, pause, ` -@dangerous`), and a pause
     between lines (the half-written file has no `app`): neither is ever in force, the whole file is.
-    A pause longer than the settle mid-line: stable, but its last line unfinished, so still in doubt."""
+    A pause longer than the settle mid-line: stable, but its last line unfinished, so still in doubt.
+    With workers, one watches and every worker loads the bytes it found stable (each used to re-read
+    the file itself, mid-write)."""
     users = tmp_path / "users.acl"
     users.write_text(OLD)
     final = f"user default off\n{KEEP}\n{APP}\nuser v2 on >v2-pw +ping\n".encode()
     split = final.index(b" -@dangerous", final.index(b"user app")) if cut == "mid_line" else final.index(b"user app")
-    p = start_proxy(tmp_path, certs, users, own_redis.port, extra=WATCH)
+    p = start_proxy(tmp_path, certs, users, own_redis.port, extra=WATCH + ("workers = 2\n" if workers == 2 else ""))
     try:
         with probes(p.plain_port):
-            time.sleep(1)
+            time.sleep(1 if workers == 1 else 3)
             rewrite_in_place(users, final[:split], final[split:], pause=pause)
             wait_for_login(p.plain_port, "v2", "v2-pw")
             time.sleep(0.5)

@@ -210,6 +210,56 @@ def test_a_worker_that_does_not_apply_a_change_is_killed_not_left_stale(tmp_path
         p.stop()
 
 
+@pytest.mark.parametrize("how", ["ACL LOAD", "SIGHUP"])
+def test_workers_load_the_same_version_of_a_file_being_replaced(how: str, tmp_path: Path, certs: Path,
+                                                                redis_server: RedisProc) -> None:  # fmt: skip
+    """With workers, the users file is read once (by the supervisor) and every worker parses those bytes:
+    a file replaced again and again (temp + rename, the documented way) while a load runs can never
+    leave the two workers with different users in force (each used to read it at its own time)."""
+    import threading
+
+    wide = BASE + FILLER
+    narrow = BASE.replace("app on >app-pw ~* +@all -@dangerous", "app on >app-pw ~app:* +get") + FILLER
+    p, users = start(tmp_path, certs, redis_server.port, 2, wide)
+    try:
+        admins: dict[int, socket.socket] = {}
+        while len(admins) < 2:
+            s = conn(p, "admin")
+            admins.setdefault(worker_of(p, s), s)
+        for _ in range(4):
+            stop = threading.Event()
+
+            def flip(stop: threading.Event = stop) -> None:
+                version = 0
+                while not stop.is_set():
+                    version ^= 1
+                    tmp = users.with_suffix(".tmp")
+                    tmp.write_text((wide, narrow)[version])
+                    os.rename(tmp, users)
+                    time.sleep(0.002)
+
+            writer = threading.Thread(target=flip)
+            writer.start()
+            since = len(p.log.read_text().splitlines())
+            try:
+                if how == "ACL LOAD":
+                    ask(admins[0], b"ACL LOAD", timeout=90)
+                else:
+                    os.kill(p.proc.pid, signal.SIGHUP)
+                    def done(since: int = since) -> bool:
+                        return len(events(p, "config_reloaded", since)) + len(events(p, "config_reload_failed", since)) >= 2
+
+                    wait_for(done, 60)
+            finally:
+                stop.set()
+                writer.join()
+            time.sleep(1.0)
+            verdicts = {w: ask(s, b"ACL DRYRUN app GET sec:1") for w, s in admins.items()}
+            assert verdicts[0] == verdicts[1], verdicts
+    finally:
+        p.stop()
+
+
 # -- mirror mode ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def mirror_redis() -> Iterator[RedisProc]:

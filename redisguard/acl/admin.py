@@ -42,7 +42,7 @@ from typing import Literal
 from ..commands import CommandTable
 from ..resp import cstr, error_format
 from .user import ACLError, User, merge_selector_args
-from .users_file import UsersFileError, load_users
+from .users_file import UsersFileError, load_users, parse_users_bytes
 
 __all__ = [
     "ACLLog",
@@ -307,16 +307,20 @@ def acl_save(path: str | os.PathLike[str] | None, users: Mapping[str, User]) -> 
     return OK, None
 
 
-def acl_load(path: str | os.PathLike[str] | None, table: CommandTable, *, require_default: bool = True
-             ) -> tuple[dict[str, User] | None, bytes]:  # fmt: skip
+def acl_load(path: str | os.PathLike[str] | None, table: CommandTable, *, require_default: bool = True,
+             data: bytes | None = None) -> tuple[dict[str, User] | None, bytes]:  # fmt: skip
     """``ACL LOAD``: ``(users, +OK)`` or ``(None, -ERR <why>)``; all or nothing, like Redis.
 
     Reads the file (blocking: run it in a worker thread). ``require_default`` (redisguard's reload
-    policy, not Redis's) refuses a file without a ``user default`` line. Texts are users_file's."""
+    policy, not Redis's) refuses a file without a ``user default`` line. Texts are users_file's.
+    ``data``: the file's bytes as already read (with workers, read once for all of them)."""
     if path is None or str(path) == "":
         return None, ERR_NO_ACLFILE
     try:
-        users = load_users(path, table, require_default=require_default)
+        if data is None:
+            users = load_users(path, table, require_default=require_default)
+        else:
+            users = parse_users_bytes(data, table, str(path), require_default=require_default)
     except UsersFileError as e:
         return None, error_format(_bytes(str(e)))
     return users, OK

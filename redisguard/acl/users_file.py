@@ -99,14 +99,18 @@ def load_users(path: str | os.PathLike[str], table: CommandTable, *, require_def
 
     Read once and re-read (file_versions.read_now): a file that changes meanwhile is being written and
     is refused rather than parsed half-written."""
+    return parse_users_bytes(read_users_file(path), table, str(path), require_default=require_default)
+
+
+def read_users_file(path: str | os.PathLike[str]) -> bytes:
+    """A users file's bytes, read once and re-read (UsersFileError if it cannot be read or changed)."""
     p = Path(path)
     try:
-        data = read_now([p])[p]
+        return read_now([p])[p]
     except FileUnreadable as e:
         raise UsersFileError(f"cannot read users file {p}: {e.error.strerror}") from None
     except FileChanged as e:
         raise UsersFileError(f"users file {e}") from None
-    return parse_users_bytes(data, table, str(p), require_default=require_default)
 
 
 def render_users(users: dict[str, User]) -> str:
