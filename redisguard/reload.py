@@ -347,7 +347,13 @@ class Reloader:
         if self.shared.acl_replies is None:
 
             async def rebuild() -> None:
-                self.shared.offer_replies(await asyncio.to_thread(ACLReplies(users).prepare))
+                try:
+                    replies = await asyncio.to_thread(ACLReplies(users).prepare)
+                except (RuntimeError, KeyError):
+                    if users is self.shared.policy.users:
+                        raise
+                    return  # a later load replaced these users and is freeing them (_release): no longer wanted
+                self.shared.offer_replies(replies)
 
             self.background.add(task := asyncio.ensure_future(rebuild()))
             task.add_done_callback(self.background.discard)
