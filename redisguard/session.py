@@ -79,8 +79,8 @@ def take(out: list[bytes]) -> bytes:
 class Session(RequestPipeline, LoginsAndACL, StateCommands):
     __slots__ = (
         "_admin_done", "_decided", "_exec_changes", "_last", "_more", "_multi_subs", "_multi_user",
-        "_offload_basis", "_paused", "_pending", "_queued", "_replay", "_replay_auth", "_silent",
-        "_skip_next", "_skipping", "_unparsed", "authenticated", "awaiting", "in_multi", "listener", "local",
+        "_offload_basis", "_paused", "_pending", "_plain_rest", "_queued", "_replay", "_replay_auth", "_silent",
+        "_skip_next", "_skipping", "_spent", "_unparsed", "authenticated", "awaiting", "in_multi", "listener", "local",
         "multi_dirty", "offload", "parser", "peer", "replies", "reply_off", "resp", "shared", "source",
         "stopped", "subscriptions", "tls_identity", "to_client", "to_upstream", "upstream_login", "upstream_opened",
         "user", "wait", "_watching",
@@ -132,6 +132,8 @@ class Session(RequestPipeline, LoginsAndACL, StateCommands):
         self._replay = False  # the request at the head of _pending was started before the pause
         self._more = False  # the last batch ran out of budget with requests left to parse or decide
         self._unparsed: list[bytes] = []  # bytes that arrived while requests were waiting
+        self._spent = 0.0  # estimated ns of ACL checks this event-loop turn (TURN_NS)
+        self._plain_rest: list[list[bytes]] = []  # fast-path requests past the last turn's TURN_NS
         self._replay_auth = False  # ... and it is an AUTH whose throttle delay has been served
         self._decided: tuple[list[bytes], Verdict, list[bytes]] | None = None
         self._offload_basis: tuple[User, Policy, bool] | None = None  # whom and what offload is decided for
@@ -181,6 +183,7 @@ class Session(RequestPipeline, LoginsAndACL, StateCommands):
         closes a client only then)."""
         r = self.replies
         return (not r.slots and not self._pending and not self._unparsed and not self._paused and not self._more
+                and not self._plain_rest
                 and r.scanner.idle and not r.carry and not r.held)  # fmt: skip
 
     @property
@@ -188,7 +191,8 @@ class Session(RequestPipeline, LoginsAndACL, StateCommands):
         """Nothing owed to the client (not blocked, not waiting for replies), not subscribed nor
         monitoring: Redis's `timeout` may close it. Read from the state itself, not from ``mode``: a
         RESP3 client can be subscribed inside MULTI (mode MULTI), and Redis's CLIENT_PUBSUB spares it."""
-        return not self.replies.slots and not self._pending and not self.subscribed and not self.monitoring
+        return (not self.replies.slots and not self._pending and not self._plain_rest and not self.subscribed
+                and not self.monitoring)
 
     @property
     def subscribed(self) -> bool:

@@ -5,9 +5,11 @@
 A mixin of :class:`~redisguard.session.Session`, split out by job. ``client_data`` parses what
 arrived; when the bytes are exactly the canonical encoding of requests that are all simply forwarded,
 they go upstream as sent (the fast path); otherwise each request is decided in order by
-``Session._command``, at most ``BATCH`` per event-loop turn. A request that waits (a throttled AUTH,
-a huge request decided in a worker thread) pauses the session: the transport stops reading until
-``resume()`` or ``offloaded()``, and bytes that arrive meanwhile are parsed only after it.
+``Session._command``. Per event-loop turn a session decides at most ``BATCH`` requests and at most
+``TURN_NS`` of estimated ACL-check work, fast path included; the rest waits for the next turn. A
+request that waits (a throttled AUTH, a huge request decided in a worker thread) pauses the session:
+the transport stops reading until ``resume()`` or ``offloaded()``, and bytes that arrive meanwhile are
+parsed only after it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from .acl.glob import needs_matcher
 from .fast import COMPILED
 from .policy import Verdict, decide, dryrun
 from .reply_queue import RELAY
-from .resp import encode_command_pieces
+from .resp import encode_command_pieces, encode_requests
 from .session_acl import ACL_ADMIN
 
 if TYPE_CHECKING:
@@ -30,6 +32,10 @@ if TYPE_CHECKING:
 # Requests decided per call before the session yields to the event loop (the transport calls
 # resume() on the next turn): a write of 100,000 tiny requests must not hold the loop.
 BATCH = 256
+# Estimated ACL-check work (see OFFLOAD_NS) a session may do per event-loop turn, fast path included:
+# thousands of requests each far below OFFLOAD_NS (a GET against a thousand patterns) add up to
+# seconds of one turn otherwise. Once spent, the rest waits for the next turn (at least one a turn).
+TURN_NS = 1_000_000
 # A request whose ACL check is estimated to cost more than OFFLOAD_NS is decided (and re-encoded) off
 # the event loop, in a worker thread, so one huge MGET, or a 512 KiB key matched against a hundred
 # `*x*` patterns, cannot stall other clients; cheap requests, however large, stay on the loop.
@@ -51,7 +57,7 @@ _MATCH_NS = 1.5 if COMPILED else 60.0
 class _Cost:
     """What a user's rules make each argument and byte of a request cost to check (see OFFLOAD_NS)."""
 
-    __slots__ = ("per_arg", "per_byte", "never_over")
+    __slots__ = ("per_arg", "per_byte")
 
     def __init__(self, user: User | None) -> None:
         patterns = general = 0  # how many; the general matcher's pattern bytes
@@ -64,12 +70,13 @@ class _Cost:
                 general += sum(map(len, sel.channels))
         self.per_arg = _ARG_NS + patterns * _CALL_NS
         self.per_byte = _BYTE_NS + general * _MATCH_NS
-        # No request in fewer bytes than this can reach OFFLOAD_NS (an argument takes at least 2 bytes
-        # of the request, "a " inline), so most batches need no estimate at all.
-        self.never_over = OFFLOAD_NS / (self.per_arg / 2 + self.per_byte)
+
+    def of(self, argv: Sequence[bytes]) -> float:
+        """The estimated ns to check ``argv``."""
+        return len(argv) * self.per_arg + sum(map(len, argv)) * self.per_byte
 
     def over(self, argv: Sequence[bytes]) -> bool:
-        return len(argv) > OFFLOAD_ARGC or len(argv) * self.per_arg + sum(map(len, argv)) * self.per_byte > OFFLOAD_NS
+        return len(argv) > OFFLOAD_ARGC or self.of(argv) > OFFLOAD_NS
 
 
 # Users never change once they serve clients (a change makes a new User), so their cost is computed once.
@@ -93,6 +100,8 @@ class RequestPipeline:
     _unparsed: list[bytes]
     _paused: bool
     _more: bool
+    _spent: float
+    _plain_rest: list[list[bytes]]
     stopped: bool
     offload: list[bytes] | None
     _decided: tuple[list[bytes], Verdict, list[bytes]] | None
@@ -106,7 +115,8 @@ class RequestPipeline:
     @property
     def backlog(self) -> bool:
         """Requests are waiting for the next event-loop turn (the transport calls resume())."""
-        return (self._more or bool(self._pending) or bool(self._unparsed)) and not self._paused and not self.stopped
+        waiting = self._more or bool(self._pending) or bool(self._unparsed) or bool(self._plain_rest)
+        return waiting and not self._paused and not self.stopped
 
     @property
     def paused(self) -> bool:
@@ -116,38 +126,59 @@ class RequestPipeline:
     def client_data(self, data: bytes) -> None:
         if self.stopped or self.closing:
             return
-        if self._pending or self._paused or self._unparsed:
+        if self._pending or self._paused or self._unparsed or self._plain_rest:
             # Requests are waiting (a throttled AUTH, a decision off the loop, the next batch): parse
             # these bytes only once those are done, with the limits (pre-auth or not) in force then.
             self._unparsed.append(data)
             return
         requests = self.parser.feed(data)
         raw = self.parser.raw
-        if raw is not None and requests and self._all_plain(requests, len(raw)):
-            # The fast path: the bytes are exactly the canonical encoding of requests that are all
-            # simply forwarded, so they go upstream as sent.
-            if not self.upstream_opened:
-                self._open_upstream()
-            self.to_upstream.append(raw)
-            self.replies.expect(RELAY, len(requests))
+        if raw is not None and requests and self._fast_path(requests, raw):
             return
         self._pending.extend(requests)
         self._run()
+
+    def _fast_path(self, requests: list[list[bytes]], raw: bytes | None) -> bool:
+        """Forward the requests if they are all simply forwarded (as sent: ``raw``, their canonical
+        encoding); False leaves every one of them to ``decide``. Those past this turn's TURN_NS wait
+        in ``_plain_rest`` and are looked at again, with the rules in force then, on the next turn."""
+        n = self._plain(requests)
+        if n is None:
+            return False
+        if n:
+            if not self.upstream_opened:
+                self._open_upstream()
+            # A part is re-encoded: the same bytes, but for the "*0" requests Redis skips anyway.
+            self.to_upstream.append(raw if n == len(requests) and raw is not None else encode_requests(requests[:n]))
+            self.replies.expect(RELAY, n)
+        if n < len(requests):
+            self._plain_rest = requests[n:]
+            self._more = True  # the transport sees ``backlog`` and calls resume() next turn
+        return True
 
     def _run(self) -> None:
         """Decide the pending requests in order, until done or paused; then a protocol error, if any."""
         pending = self._pending
         parser = self.parser
         budget = BATCH
+        if self._plain_rest and not self._paused and not self.stopped:
+            rest, self._plain_rest = self._plain_rest, []
+            if not self._fast_path(rest, None):
+                pending.extend(rest)  # to decide: nothing was pending before them
+            elif self._plain_rest:
+                return  # this turn's TURN_NS is spent
         while True:
             while pending and not self._paused:
                 if self.stopped:
                     pending.clear()
                     return
-                if budget == 0:
+                if budget == 0 or self._spent >= TURN_NS:
                     self._more = True  # more next turn: the transport sees ``backlog`` and calls resume()
                     return
                 budget -= 1
+                spent = cost_of(self.user).of(pending[0])  # the user in force for it (an AUTH changes it)
+                if spent <= OFFLOAD_NS:  # a costlier one is decided off the loop
+                    self._spent += spent
                 self._command(pending[0])
                 if not self._replay:
                     pending.popleft()
@@ -157,7 +188,7 @@ class RequestPipeline:
             # Bytes that waited behind those requests, and requests the parser held back before AUTH
             # lifted the pre-auth limits: parsed now, with the limits in force now.
             if parser.error is None and not self.closing and (self._unparsed or parser.buffered):
-                if budget == 0:
+                if budget == 0 or self._spent >= TURN_NS:
                     self._more = True
                     return
                 data = b"".join(self._unparsed)
@@ -178,6 +209,7 @@ class RequestPipeline:
         """The transport's timer fired (a throttled AUTH): carry on with the pending requests."""
         self.wait = 0.0
         self._more = False
+        self._spent = 0.0  # a new turn
         self._paused = bool(self._exec_changes)  # an EXEC whose outcome is not known yet still holds it
         self._run()
 
@@ -191,31 +223,40 @@ class RequestPipeline:
             self._admin_done = extra
         # else: the users changed meanwhile: _run decides this request again (off the loop again)
         self._paused = False
+        self._spent = 0.0  # a new turn
         self._run()
         self._decided = self._admin_done = None
 
-    def _all_plain(self, requests: list[list[bytes]], size: int) -> bool:
-        """True if every request is allowed and simply forwarded (then they are counted as allowed).
+    def _plain(self, requests: list[list[bytes]]) -> int | None:
+        """How many of the requests (from the first) this turn forwards, all allowed and simply
+        forwarded (then they are counted as allowed); None if one of those is not: all are left to
+        ``decide``, request by request.
 
         Per request this is the user's precomputed :class:`~redisguard.fastpath.Plan` (arity and one
-        pattern match per key); anything else is left to ``decide``, request by request."""
+        pattern match per key), and its estimated cost counts against the turn's TURN_NS."""
         if not self.authenticated or self.in_multi or self.reply_off or self._skip_next or self.subscribed:
-            return False
+            return None
         if self.shared.profile is not None:
-            return False  # every request is recorded on the way through decide()
+            return None  # every request is recorded on the way through decide()
         allowed = self.policy.plan(self.user, self.special).allowed
         cost = cost_of(self.user)
-        estimate = size > cost.never_over
+        spent = self._spent
         labels = []
         for argv in requests:
-            if estimate and cost.over(argv):
-                return False
+            if spent >= TURN_NS:
+                break
+            c = cost.of(argv)
+            if c > OFFLOAD_NS or len(argv) > OFFLOAD_ARGC:  # cost.over(argv): decided off the loop
+                return None
             label = allowed(argv)
             if label is None:
-                return False
+                return None
             labels.append(label)
-        self.shared.observer.allowed(labels)
-        return True
+            spent += c
+        self._spent = spent
+        if labels:
+            self.shared.observer.allowed(labels)
+        return len(labels)
 
     def decide_offloaded(self, argv: list[bytes]) -> tuple[Verdict, list[bytes], Any]:
         """The work behind ``offload``, safe in a worker thread: the verdict, and the encoding to
@@ -239,6 +280,7 @@ class RequestPipeline:
         self.stopped = True
         self._pending.clear()
         self._unparsed.clear()
+        self._plain_rest = []
 
     def end_of_input(self) -> None:
         """The client sent its last byte: close once every reply it is owed has been sent."""

@@ -15,7 +15,7 @@ from redisguard.guards import AuthThrottle
 from redisguard.policy import Policy, Shared, decide
 from redisguard.resp import encode_command
 from redisguard.session import Mode, Session
-from redisguard.session_pipeline import OFFLOAD_ARGC
+from redisguard.session_pipeline import OFFLOAD_ARGC, TURN_NS, cost_of
 
 from .redis_model import redis_parse
 
@@ -130,6 +130,36 @@ def test_offload_is_decided_by_the_cost_of_matching(user: str, argv: list[bytes]
         s.offloaded(*s.decide_offloaded(s.offload))
     want = [argv, [b"PING"]] if verdict_allows(s, argv) else [[b"PING"]]
     assert forwarded(s) == want
+
+
+PREFIX_USERS = parse_users("user default off\nuser many on >many-pw " + " ".join(f"~p{i}:*" for i in range(1000)) + " +get\n",
+                           TABLE)  # fmt: skip
+
+
+@pytest.mark.parametrize("denied", [None, 7, 150])
+def test_estimated_work_per_turn_is_bounded_fast_path_included(denied: int | None) -> None:
+    """A pipeline of cheap requests (a GET against 1,000 patterns: far below OFFLOAD_NS each) is decided
+    TURN_NS of estimated work per turn, on the fast path or not (a refusal at request ``denied``), and
+    forwarded whole and in order over the turns (the refusal's reply waits in order behind the relayed)."""
+    s = Session(Shared(Policy(TABLE, PREFIX_USERS)), "test", "10.0.0.1:5000")
+    s.client_data(encode_command([b"AUTH", b"many", b"many-pw"]))
+    s.to_client.clear()
+    gets = [[b"GET", b"p999:%d" % i if i != denied else b"nomatch"] for i in range(300)]
+    each = cost_of(s.user).of(gets[0])
+    assert each < TURN_NS / 2  # never offloaded: only their number adds up
+    s.client_data(b"".join(encode_command(g) for g in gets))
+    per_turn = TURN_NS // each + 1  # the budget is checked before each request: it may run over by one
+    turns, seen = 1, 0
+    while True:
+        now = len(forwarded(s))
+        assert now - seen <= per_turn, (turns, now - seen)
+        seen = now
+        if not s.backlog:
+            break
+        s.resume()  # what the transport does on the next turn
+        turns += 1
+    assert turns >= 300 // per_turn
+    assert forwarded(s) == [g for i, g in enumerate(gets) if i != denied]
 
 
 def verdict_allows(s: Session, argv: list[bytes]) -> bool:
