@@ -59,7 +59,19 @@ def tls_args(certs: Path) -> list[str]:
 
 
 def start_node(d: Path, certs: Path, users: Path) -> ClusterNode:
+    """A node and its sidecar; both again on other ports if one was taken before it was bound (a free
+    port can become another socket's meanwhile: the cluster's own bus connections use ephemeral ports)."""
     d.mkdir()
+    for attempt in range(3):
+        try:
+            return _start_node(d, certs, users)
+        except RuntimeError as e:
+            if "address already in use" not in str(e) or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_node(d: Path, certs: Path, users: Path) -> ClusterNode:
     tls_port, bus_port, sidecar = free_port(), free_port(), (free_port(), free_port(), free_port())
     r = start_redis(extra=[
         "--cluster-enabled yes", f"--cluster-config-file {d / 'nodes.conf'}", f"--dir {d}", "--cluster-node-timeout 2000",
@@ -68,7 +80,12 @@ def start_node(d: Path, certs: Path, users: Path) -> ClusterNode:
         "--cluster-announce-ip 127.0.0.1", f"--cluster-announce-port {sidecar[0]}",
         f"--cluster-announce-tls-port {tls_port}", f"--cluster-announce-bus-port {bus_port}",
     ])  # fmt: skip
-    return ClusterNode(r, start_proxy(d, certs, users, r.port, ports=sidecar), tls_port, bus_port)
+    try:
+        return ClusterNode(r, start_proxy(d, certs, users, r.port, ports=sidecar), tls_port, bus_port)
+    except RuntimeError:
+        r.stop()
+        (d / "nodes.conf").unlink(missing_ok=True)
+        raise
 
 
 def operator_cli(certs: Path) -> list[str]:

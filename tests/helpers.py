@@ -127,7 +127,19 @@ def _limits(defaults: dict[str, str], override: str) -> str:
 def start_proxy(d: Path, certs: Path, users: Path, redis_port: int, nofile: int | None = None,
                 ports: tuple[int, int, int] | None = None, **kw: str) -> ProxyProc:  # fmt: skip
     """``nofile``: start redisguard with RLIMIT_NOFILE soft = hard = that (it cannot raise it); ``ports``:
-    its (TLS, plaintext, metrics) ports, else free ones."""
+    its (TLS, plaintext, metrics) ports, else free ones — chosen again if one was taken meanwhile (a
+    free port can become another socket's before redisguard binds it)."""
+    for attempt in range(3):
+        try:
+            return _start_proxy(d, certs, users, redis_port, nofile, ports, **kw)
+        except RuntimeError as e:
+            if ports is not None or "address already in use" not in str(e) or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_proxy(d: Path, certs: Path, users: Path, redis_port: int, nofile: int | None,
+                 ports: tuple[int, int, int] | None, **kw: str) -> ProxyProc:  # fmt: skip
     tls_port, plain_port, metrics_port = ports or (free_port(), free_port(), free_port())
     cfg = proxy_config(d, certs, users, redis_port, tls_port, plain_port, metrics_port, **kw)
     log = d / f"redisguard-{tls_port}.log"
