@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any
 from .audit import EventLimiter, get_logger
 from .config import Config, ListenerConfig
 from .guards import source_allowed, source_key
+from .handshakes import HandshakeBudget
 from .metrics import Metrics
 from .policy import Shared
 
 if TYPE_CHECKING:
     from .connection import ClientProtocol
-    from .handshakes import HandshakeBudget
 
 log = get_logger("redisguard")
 audit = get_logger("redisguard.audit")

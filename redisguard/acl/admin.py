@@ -42,7 +42,7 @@ from typing import Literal
 from ..commands import CommandTable
 from ..resp import cstr, error_format
 from .user import ACLError, User, merge_selector_args
-from .users_file import UsersFileError, load_users, parse_users_bytes
+from .users_file import UsersFileError, parse_users_bytes, read_users_file
 
 __all__ = [
     "ACLLog",
@@ -317,10 +317,8 @@ def acl_load(path: str | os.PathLike[str] | None, table: CommandTable, *, requir
     if path is None or str(path) == "":
         return None, ERR_NO_ACLFILE
     try:
-        if data is None:
-            users = load_users(path, table, require_default=require_default)
-        else:
-            users = parse_users_bytes(data, table, str(path), require_default=require_default)
+        data = read_users_file(path) if data is None else data
+        users = parse_users_bytes(data, table, str(path), require_default=require_default)
     except UsersFileError as e:
         return None, error_format(_bytes(str(e)))
     return users, OK
