@@ -16,15 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from typing import TYPE_CHECKING
 
 from .audit import get_logger
 from .config import Config
+from .identity import MirrorIdentity
 from .metrics import Metrics
 from .upstream import UpstreamReplyError, upstream_request
-
-if TYPE_CHECKING:
-    from .identity import MirrorIdentity
 
 log = get_logger("redisguard")
 audit = get_logger("redisguard.audit")

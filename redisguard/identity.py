@@ -62,7 +62,7 @@ import time
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import hiredis
 
@@ -71,12 +71,10 @@ from .acl.user import printable_name
 from .audit import get_logger
 from .commands import CommandTable
 from .config import Config, ConfigError, mirror_prefix_conflict
+from .metrics import Metrics
 from .policy import LoginRules, Shared, refused_commands, script_callable, service_may_run
 from .resp import encode_command
 from .upstream import queued, upstream_replies
-
-if TYPE_CHECKING:
-    from .metrics import Metrics
 
 log = get_logger("redisguard")
 
