@@ -14,8 +14,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from redisguard.acl import check, new_user  # noqa: E402
-from redisguard.commands import CommandTable  # noqa: E402
-from redisguard.policy import Policy, decide  # noqa: E402
+from redisguard.commands.table import CommandTable  # noqa: E402
+from redisguard.policy.decide import Policy, decide  # noqa: E402
 
 USERS = {
     "allcommands, allkeys": ["on", "~*", "&*", "+@all"],

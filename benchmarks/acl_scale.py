@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from redisguard.acl import load_users  # noqa: E402
-from redisguard.commands import CommandTable  # noqa: E402
+from redisguard.commands.table import CommandTable  # noqa: E402
 
 TEMPLATES = [
     "on #{h} ~app{i}:* %R~shared:* &events:{i} +@read +@write -@dangerous +ping",

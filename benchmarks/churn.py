@@ -31,8 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from redisguard.certs import init_dev_certs  # noqa: E402
-from redisguard.metrics import parse_samples  # noqa: E402
+from redisguard.cli.certs import init_dev_certs  # noqa: E402
+from redisguard.observe.metrics import parse_samples  # noqa: E402
 from tests.helpers import USERS_ACL, start_proxy, start_redis  # noqa: E402
 
 PENDING = 'redisguard_tls_handshakes_pending{listener="tls"}'

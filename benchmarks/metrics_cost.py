@@ -13,12 +13,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from redisguard.acl import parse_users  # noqa: E402
-from redisguard.commands import CommandTable  # noqa: E402
-from redisguard.metrics import Metrics  # noqa: E402
-from redisguard.observe import Observer  # noqa: E402
-from redisguard.policy import Policy, Shared  # noqa: E402
-from redisguard.resp import encode_command  # noqa: E402
-from redisguard.session import Session  # noqa: E402
+from redisguard.commands.table import CommandTable  # noqa: E402
+from redisguard.observe.events import Observer  # noqa: E402
+from redisguard.observe.metrics import Metrics  # noqa: E402
+from redisguard.policy.decide import Policy, Shared  # noqa: E402
+from redisguard.protocol.resp import encode_command  # noqa: E402
+from redisguard.session.core import Session  # noqa: E402
 
 
 def per_request_us(count: bool, rounds: int = 2000, depth: int = 50) -> float:
@@ -38,7 +38,7 @@ def per_request_us(count: bool, rounds: int = 2000, depth: int = 50) -> float:
 
 
 def main() -> None:
-    from redisguard.audit import configure_logging
+    from redisguard.observe.audit import configure_logging
 
     configure_logging("json", "warning")
     results = {True: [], False: []}  # type: dict[bool, list[float]]

@@ -50,7 +50,7 @@ from benchmarks.targets import (  # noqa: E402
     start_stunnel,
     workers_supported,
 )
-from redisguard.certs import init_dev_certs  # noqa: E402
+from redisguard.cli.certs import init_dev_certs  # noqa: E402
 
 WORKLOADS = [
     Workload("GET P=1", 1, tests="get"),
@@ -139,12 +139,12 @@ def allowed_rps(report: Report, name: str, pipeline: int) -> float | None:
 
 def redisguard_tickets(cfg: Path) -> str:
     """How redisguard's TLS server context handles resumption, read from the context it would build."""
-    from redisguard.config import load_config
-    from redisguard.tls import server_context
+    from redisguard.config.schema import load_config
+    from redisguard.transport.tls import server_context
 
     ctx = server_context(next(lst for lst in load_config(cfg).listeners if lst.type == "tls"))
     tickets = "off (OP_NO_TICKET)" if ctx.options & ssl.OP_NO_TICKET else f"on, {ctx.num_tickets} per handshake"
-    return (f"redisguard's TLS server context (redisguard/tls.py): OpenSSL's defaults for resumption: session tickets "
+    return (f"redisguard's TLS server context (redisguard/transport/tls.py): OpenSSL's defaults for resumption: session tickets "
             f"{tickets}; the ticket key is per context, so tickets do not survive a restart, a certificate reload, "
             f"or (with workers) a connection that lands on another worker process.")  # fmt: skip
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import hiredis
 import redis
 
-from redisguard.cluster import parse_nodes
-from redisguard.demo import free_port
-from redisguard.resp import encode_command
+from redisguard.cli.demo import free_port
+from redisguard.protocol.resp import encode_command
+from redisguard.upstream.cluster import parse_nodes
 
 from .helpers import UPSTREAM_PASSWORD, UPSTREAM_USER, ProxyProc, RedisProc, start_proxy, start_redis
 

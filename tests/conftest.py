@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from redisguard.certs import init_dev_certs
-from redisguard.commands import CommandTable
+from redisguard.cli.certs import init_dev_certs
+from redisguard.commands.table import CommandTable
 
 from .helpers import USERS_ACL, ProxyProc, RedisProc, start_proxy, start_redis
 

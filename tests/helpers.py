@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from redisguard.demo import free_port, wait_port, write_config  # the demo starts processes the same way
+from redisguard.cli.demo import free_port, wait_port, write_config  # the demo starts processes the same way
 
 UPSTREAM_USER = "svc"
 UPSTREAM_PASSWORD = "svc-test-password"

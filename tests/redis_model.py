@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from redisguard.request import split_args
+from redisguard.protocol.request import split_args
 
 INLINE_MAX = 64 * 1024
 MAX_BULK = 512 * 1024 * 1024

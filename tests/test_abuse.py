@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import pytest
 
-from redisguard.resp import encode_command
+from redisguard.protocol.resp import encode_command
 
 from .helpers import ProxyProc, raw_exchange, read_until
 

@@ -19,7 +19,7 @@ import pytest
 from redisguard.acl import User, parse_users
 from redisguard.acl.admin import ACLLog, acl_load, acl_save, deluser, render_acl_file, save_users_file, setuser
 from redisguard.acl.replies import ACLReplies, acl_list
-from redisguard.commands import CommandTable
+from redisguard.commands.table import CommandTable
 
 from .helpers import UPSTREAM_PASSWORD, UPSTREAM_USER, RedisProc, free_port, redis_server_binary, start_redis
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from redisguard.resp import encode_command
+from redisguard.protocol.resp import encode_command
 
 from .helpers import ProxyProc, RedisProc, raw_exchange, read_until, start_proxy, start_redis
 

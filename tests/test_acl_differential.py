@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from redisguard.acl import ACLError, check, compile_glob, new_user, stringmatch
-from redisguard.commands import CommandTable
+from redisguard.commands.table import CommandTable
 
 from .helpers import RedisProc, start_redis
 from .kernels import TWINS
@@ -100,7 +100,7 @@ def dryrun_text(table: CommandTable, user, argv: list[bytes]) -> bytes:  # type:
     """What ACL DRYRUN says, computed by redisguard (the reply redisguard itself sends)."""
     import hiredis
 
-    from redisguard.policy import Policy, dryrun
+    from redisguard.policy.decide import Policy, dryrun
 
     reader = hiredis.Reader()
     # (Redis's ACL alone: as in mirror identity, where redisguard adds no scripts rule of its own)
@@ -332,7 +332,7 @@ class RawConn:
         self.call(b"AUTH", b"svc", b"svc-test-password")
 
     def call(self, *argv: bytes):  # type: ignore[no-untyped-def]
-        from redisguard.resp import encode_command
+        from redisguard.protocol.resp import encode_command
 
         self.sock.sendall(encode_command(list(argv)))
         while (reply := self.reader.gets()) is False:
@@ -377,7 +377,7 @@ def test_key_extraction_matches_getkeysandflags(oracle: RedisProc, table: Comman
 
     argv = [a.encode() for a in shlex.split(line)]
     want = RawConn(oracle.port).getkeys(argv)
-    from redisguard.commands import get_keys
+    from redisguard.commands.table import get_keys
 
     cmd = table.lookup(argv)
     assert cmd is not None
@@ -387,7 +387,7 @@ def test_key_extraction_matches_getkeysandflags(oracle: RedisProc, table: Comman
 
 def test_key_extraction_random_commands(oracle: RedisProc, table: CommandTable) -> None:
     """Every keyed command, random arguments: our keys and access flags equal Redis's."""
-    from redisguard.commands import get_keys
+    from redisguard.commands.table import get_keys
 
     rng = random.Random(7)
     raw = RawConn(oracle.port)

@@ -15,7 +15,7 @@ import pytest
 from redisguard.acl import ACLReplies, UsersFileError, load_users, new_user, parse_users
 from redisguard.acl.replies import acl_getuser, acl_list, acl_users
 from redisguard.acl.user import Selector, User
-from redisguard.commands import Command, CommandTable
+from redisguard.commands.table import Command, CommandTable
 
 from .test_acl_differential import random_rules
 

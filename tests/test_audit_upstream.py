@@ -10,7 +10,7 @@ from pathlib import Path
 
 import redis
 
-from redisguard.posture import check_version
+from redisguard.cli.posture import check_version
 
 from .helpers import UPSTREAM_PASSWORD, UPSTREAM_USER, start_redis
 
@@ -111,7 +111,7 @@ def test_upstream_user_that_may_not_look(tmp_path: Path) -> None:
 
 
 def test_unreachable_upstream_is_one_line(tmp_path: Path) -> None:
-    from redisguard.demo import free_port
+    from redisguard.cli.demo import free_port
 
     (tmp_path / "users.acl").write_text("user default off\n")
     cfg = tmp_path / "rg.toml"

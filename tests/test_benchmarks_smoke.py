@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from redisguard.certs import init_dev_certs
+from redisguard.cli.certs import init_dev_certs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 

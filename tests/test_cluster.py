@@ -303,7 +303,7 @@ def test_check_config_and_audit_upstream_on_announce(cluster: list[ClusterNode],
     checks = {c["id"]: c for c in json.loads(audit.stdout)["checks"]}
     assert checks["cluster-announce"]["status"] == "pass" and checks["cluster-links"]["status"] == "pass", checks
     # a sidecar config whose TLS port the node does not announce
-    from redisguard.demo import free_port
+    from redisguard.cli.demo import free_port
 
     ports = free_port(), free_port(), free_port()
     users = tmp_path / "users.acl"

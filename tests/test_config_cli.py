@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from redisguard.certs import init_dev_certs
-from redisguard.config import ConfigError, load_config
+from redisguard.cli.certs import init_dev_certs
+from redisguard.config.schema import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 

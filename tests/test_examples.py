@@ -10,8 +10,8 @@ from typing import Any
 
 import yaml
 
-from redisguard.cli import SYSTEM_CONFIG
-from redisguard.config import Config, parse_config
+from redisguard.cli.main import SYSTEM_CONFIG
+from redisguard.config.schema import Config, parse_config
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "config" / "examples"

@@ -8,9 +8,9 @@ import random
 
 from redisguard.acl import ACLError, new_user
 from redisguard.acl.user import printable_name
-from redisguard.commands import CommandTable
-from redisguard.policy import Policy, decide
-from redisguard.session import Session
+from redisguard.commands.table import CommandTable
+from redisguard.policy.decide import Policy, decide
+from redisguard.session.core import Session
 
 from .test_acl_differential import random_argv, random_rules
 

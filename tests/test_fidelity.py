@@ -15,7 +15,7 @@ import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from redisguard.resp import encode_command
+from redisguard.protocol.resp import encode_command
 
 from .helpers import (
     UPSTREAM_PASSWORD,

@@ -26,16 +26,18 @@ from typing import Any
 import pytest
 import structlog.testing
 
-from redisguard import file_versions, tls, watch
 from redisguard.acl import UsersFileError, load_users
-from redisguard.certs import init_dev_certs
-from redisguard.commands import CommandTable
-from redisguard.config import ConfigError, ListenerConfig, TLSFiles, parse_config
-from redisguard.demo import scrape
-from redisguard.file_versions import FileChanged, FileVersion, difference, read_file, read_now
-from redisguard.metrics import Metrics, parse_samples
-from redisguard.resp import encode_command
-from redisguard.watch import FileWatch, unfinished
+from redisguard.cli.certs import init_dev_certs
+from redisguard.cli.demo import scrape
+from redisguard.commands.table import CommandTable
+from redisguard.config.schema import ConfigError, ListenerConfig, TLSFiles, parse_config
+from redisguard.files import versions as file_versions
+from redisguard.files.versions import FileChanged, FileVersion, difference, read_file, read_now
+from redisguard.observe.metrics import Metrics, parse_samples
+from redisguard.protocol.resp import encode_command
+from redisguard.runtime import watch
+from redisguard.runtime.watch import FileWatch, unfinished
+from redisguard.transport import tls
 
 from .helpers import RedisProc, start_proxy, start_redis
 
@@ -525,7 +527,7 @@ def test_a_reload_refuses_what_is_not_a_regular_file_or_too_big(tmp_path: Path, 
     later reload loaded), /dev/zero would never end: both refused at once, as is a file over the cap."""
     import errno as _errno
 
-    from redisguard import file_versions
+    from redisguard.files import versions as file_versions
 
     fifo = tmp_path / "users.fifo"
     os.mkfifo(fifo)

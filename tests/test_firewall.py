@@ -6,8 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from redisguard.config import load_config
-from redisguard.firewall import rules
+from redisguard.cli.firewall import rules
+from redisguard.config.schema import load_config
 
 CONFIG = """
 [[listener]]

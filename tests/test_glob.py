@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from redisguard.acl import check, compile_glob, new_user, stringmatch
-from redisguard.commands import CommandTable
+from redisguard.commands.table import CommandTable
 
 from .kernels import TWINS
 

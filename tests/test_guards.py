@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from redisguard.guards import AuthThrottle, source_allowed, source_key
+from redisguard.policy.guards import AuthThrottle, source_allowed, source_key
 
 
 class Clock:

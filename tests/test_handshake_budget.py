@@ -1,4 +1,4 @@
-"""The pending-handshake budget and its wait queue (redisguard/handshakes.py), on a real event loop with
+"""The pending-handshake budget and its wait queue (redisguard/transport/handshakes.py), on a real event loop with
 real socket pairs standing in for accepted sockets and stand-in clients for pending handshakes:
 sockets over a cap wait in turn per source, those that spoke go first, stalled ones give way only to
 them, the queue and each wait are bounded."""
@@ -10,7 +10,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 
-from redisguard.handshakes import STALLED, HandshakeBudget, Waiting
+from redisguard.transport.handshakes import STALLED, HandshakeBudget, Waiting
 
 
 class Gauge:

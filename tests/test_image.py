@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from redisguard.certs import init_dev_certs
-from redisguard.demo import free_port, wait_port
+from redisguard.cli.certs import init_dev_certs
+from redisguard.cli.demo import free_port, wait_port
 
 from .helpers import UPSTREAM_PASSWORD, UPSTREAM_USER, RedisProc
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from redisguard.commands import CommandTable
-from redisguard.metrics import parse_samples
-from redisguard.profile import MAX_PATTERNS, MAX_USES, TrafficProfile, key_pattern
+from redisguard.commands.table import CommandTable
+from redisguard.observe.metrics import parse_samples
+from redisguard.observe.profile import MAX_PATTERNS, MAX_USES, TrafficProfile, key_pattern
 
 from .helpers import ProxyProc, RedisProc, start_proxy
 

@@ -11,7 +11,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from redisguard.resp import ReplyScanner, encode_command
+from redisguard.protocol.resp import ReplyScanner, encode_command
 
 from .helpers import RedisProc, start_proxy
 

@@ -17,10 +17,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from redisguard.config import ConfigError, load_config
-from redisguard.demo import scrape
-from redisguard.policy import LoginRules, Policy, Shared
-from redisguard.session import Session
+from redisguard.cli.demo import scrape
+from redisguard.config.schema import ConfigError, load_config
+from redisguard.policy.decide import LoginRules, Policy, Shared
+from redisguard.session.core import Session
 
 from .helpers import ProxyProc, RedisProc, raw_exchange, start_proxy
 from .test_tls_policy import _config, ask, client_cert, tls_connect
@@ -169,7 +169,7 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
 
 
 def test_check_config_warns_about_login_rules_that_name_nobody(tmp_path: Path) -> None:
-    from redisguard.cli import config_warnings
+    from redisguard.cli.main import config_warnings
 
     p = _config(tmp_path, "", acl='cert_only = ["svc-*", "ops-*"]\nuser_sources = { ghost = ["10.0.0.0/8"], alice = ["unix"] }')
     _, warnings = config_warnings(str(p), bind=False)

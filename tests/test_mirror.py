@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from redisguard.acl import new_user
-from redisguard.identity import mirror_rules
+from redisguard.upstream.identity import mirror_rules
 
 from .helpers import UPSTREAM_PASSWORD, UPSTREAM_USER, ProxyProc, RedisProc, raw_exchange, start_proxy, start_redis
 

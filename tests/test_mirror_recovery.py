@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from redisguard.config import UpstreamConfig, mirror_prefix_conflict
-from redisguard.metrics import parse_samples
+from redisguard.config.schema import UpstreamConfig, mirror_prefix_conflict
+from redisguard.observe.metrics import parse_samples
 
 from .helpers import (
     UPSTREAM_PASSWORD,
@@ -307,8 +307,8 @@ def test_a_push_never_sets_nor_deletes_the_service_user(tmp_path: Path, certs: P
     import asyncio
 
     from redisguard.acl import load_users
-    from redisguard.config import load_config
-    from redisguard.identity import MirrorIdentity
+    from redisguard.config.schema import load_config
+    from redisguard.upstream.identity import MirrorIdentity
 
     (tmp_path / "users.acl").write_text(USERS)
     (tmp_path / "more.acl").write_text(USERS + "user svc on >svc-pw ~* +@all\n")
@@ -345,8 +345,8 @@ def test_mirror_prefix_conflict() -> None:
 # -- pure parts -------------------------------------------------------------------------------------
 
 def test_mirror_identity_refuses_the_conflict_however_the_mode_was_chosen(tmp_path: Path) -> None:
-    from redisguard.config import ConfigError, load_config
-    from redisguard.identity import MirrorIdentity
+    from redisguard.config.schema import ConfigError, load_config
+    from redisguard.upstream.identity import MirrorIdentity
 
     (tmp_path / "users.acl").write_text(USERS)
     (tmp_path / "c.toml").write_text('[[listener]]\nname = "p"\ntype = "tcp"\naddress = "127.0.0.1:0"\n'
@@ -359,7 +359,7 @@ def test_mirror_identity_refuses_the_conflict_however_the_mode_was_chosen(tmp_pa
 def test_login_reply_is_one_line_in_any_chunks() -> None:
     import asyncio
 
-    from redisguard.upstream_link import LOGIN_REPLY_MAX, UpstreamProtocol
+    from redisguard.transport.upstream_link import LOGIN_REPLY_MAX, UpstreamProtocol
 
     async def reply(*chunks: bytes) -> bytes:
         proto = UpstreamProtocol(None)  # type: ignore[arg-type]  # (the client is not reached while logging in)

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from redisguard import fast
-from redisguard.metrics import parse_samples as samples
-from redisguard.resp import encode_command
+from redisguard.observe.metrics import parse_samples as samples
+from redisguard.protocol.resp import encode_command
 
 from .helpers import USERS_ACL, ProxyProc, raw_exchange, read_until, start_proxy
 
@@ -286,7 +286,7 @@ def test_guards_sources_limits_throttle_idle(tmp_path: Path, certs: Path, redis_
 def test_sighup_reloads_certificates(tmp_path: Path, redis_server) -> None:  # type: ignore[no-untyped-def]
     import ssl
 
-    from redisguard.certs import init_dev_certs
+    from redisguard.cli.certs import init_dev_certs
 
     certs = tmp_path / "certs"
     init_dev_certs(certs)
@@ -317,8 +317,8 @@ def test_sighup_reloads_certificates(tmp_path: Path, redis_server) -> None:  # t
 
 def test_node_label_when_configured(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """[metrics] node: every series carries it (one sidecar per cluster node); without it, none does."""
-    from redisguard.config import ConfigError, parse_config
-    from redisguard.metrics import Metrics, parse_samples
+    from redisguard.config.schema import ConfigError, parse_config
+    from redisguard.observe.metrics import Metrics, parse_samples
 
     m = Metrics(node="node-1")
     m.commands.labels("alice", "get", "allowed").inc()

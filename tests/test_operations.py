@@ -20,12 +20,12 @@ from pathlib import Path
 import pytest
 import redis
 
-from redisguard.certs import init_dev_certs
-from redisguard.config import ConfigError, load_config
-from redisguard.demo import free_port
-from redisguard.metrics import parse_samples
-from redisguard.preflight import preflight
-from redisguard.reconfigure import changed_settings
+from redisguard.cli.certs import init_dev_certs
+from redisguard.cli.demo import free_port
+from redisguard.cli.preflight import preflight
+from redisguard.config.schema import ConfigError, load_config
+from redisguard.observe.metrics import parse_samples
+from redisguard.runtime.reconfigure import changed_settings
 
 from .helpers import UPSTREAM_PASSWORD, UPSTREAM_USER, USERS_ACL, ProxyProc, RedisProc, start_proxy, start_redis
 
@@ -188,7 +188,7 @@ def test_unknown_keys_are_reported_before_missing_ones(tmp_path: Path, snippet: 
 
 def test_every_documented_option_is_a_known_key() -> None:
     """The shipped config shows every option (commented where default): each one is accepted."""
-    from redisguard.config import KNOWN_KEYS
+    from redisguard.config.schema import KNOWN_KEYS
 
     section = ""
     text = (Path(__file__).resolve().parent.parent / "config" / "redisguard.toml").read_text()

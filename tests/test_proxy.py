@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from redisguard.resp import encode_command
+from redisguard.protocol.resp import encode_command
 
 from .helpers import ProxyProc, raw_exchange, start_proxy, start_redis
 

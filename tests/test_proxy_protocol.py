@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from redisguard.metrics import parse_samples
+from redisguard.observe.metrics import parse_samples
 
 from .helpers import USERS_ACL, ProxyProc, RedisProc, free_port, read_until, start_proxy, wait_port
 

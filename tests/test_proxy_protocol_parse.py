@@ -1,4 +1,4 @@
-"""The PROXY protocol parser (redisguard.proxy_protocol): v1, v2, incomplete input, bounds, fuzz."""
+"""The PROXY protocol parser (redisguard.protocol.proxy_header): v1, v2, incomplete input, bounds, fuzz."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from redisguard import proxy_protocol as pp
-from redisguard.proxy_protocol import MAX_HEADER, V2_SIGNATURE, ProxyHeader, ProxyHeaderError, build_v2, parse
+from redisguard.protocol import proxy_header as pp
+from redisguard.protocol.proxy_header import MAX_HEADER, V2_SIGNATURE, ProxyHeader, ProxyHeaderError, build_v2, parse
 
 
 def v2(command: int, fam: int, body: bytes, declared: int | None = None) -> bytes:
@@ -156,7 +156,7 @@ _BASE = '[acl]\nusers_file = "users.acl"\n[[listener]]\ntype = "tcp"\naddress = 
     ('proxy_protocl = true\n', r"did you mean proxy_protocol"),
 ])  # fmt: skip
 def test_config_errors_name_the_key(tmp_path: Path, snippet: str, message: str) -> None:
-    from redisguard.config import ConfigError, load_config
+    from redisguard.config.schema import ConfigError, load_config
 
     (tmp_path / "users.acl").write_text("user default off\n")
     (tmp_path / "rg.toml").write_text(_BASE + snippet)
@@ -165,8 +165,8 @@ def test_config_errors_name_the_key(tmp_path: Path, snippet: str, message: str) 
 
 
 def test_config_accepted_and_warned(tmp_path: Path) -> None:
-    from redisguard.config import load_config
-    from redisguard.preflight import proxy_protocol_warnings
+    from redisguard.cli.preflight import proxy_protocol_warnings
+    from redisguard.config.schema import load_config
 
     (tmp_path / "users.acl").write_text("user default off\n")
     (tmp_path / "rg.toml").write_text(

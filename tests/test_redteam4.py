@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from redisguard.acl import new_user
 from redisguard.acl.users_file import parse_users
-from redisguard.commands import CommandTable
-from redisguard.least_privilege import suggest_file
-from redisguard.policy import Policy, Shared
-from redisguard.profile import TrafficProfile
-from redisguard.resp import encode_command
-from redisguard.session import Session
+from redisguard.commands.table import CommandTable
+from redisguard.observe.least_privilege import suggest_file
+from redisguard.observe.profile import TrafficProfile
+from redisguard.policy.decide import Policy, Shared
+from redisguard.protocol.resp import encode_command
+from redisguard.session.core import Session
 
 
 def test_plan_entries_stay_bounded_with_unknown_names(table: CommandTable) -> None:

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from redisguard.request import RequestParser, split_args
-from redisguard.resp import ProtocolError, ReplyScanner, encode_command
+from redisguard.protocol.request import RequestParser, split_args
+from redisguard.protocol.resp import ProtocolError, ReplyScanner, encode_command
 
 from .redis_model import redis_parse
 
@@ -282,7 +282,7 @@ _args = st.lists(st.binary(max_size=600), min_size=1, max_size=70)
 def test_encode_requests_is_what_redis_reads(requests: list[list[bytes]]) -> None:
     """The canonical encoding (the fast path compares client bytes with it) reads back, in Redis's own
     reader, as exactly these requests; and it is RESP's canonical form, header by header."""
-    from redisguard.resp import encode_requests
+    from redisguard.protocol.resp import encode_requests
 
     data = encode_requests(requests)
     assert redis_parse(data) == (requests, None)
@@ -308,7 +308,7 @@ _reply = st.one_of(  # (bytes, nested deeper than whole_frames reads)
 def test_whole_frames_agrees_with_the_scanner(replies: list[tuple[bytes, bool]], cut: int, limit: int) -> None:
     """whole_frames says n only when the scanner finds exactly n frames ending at the chunk's end; it
     declines only nesting, a partial reply or more than ``limit`` replies."""
-    from redisguard.resp import whole_frames
+    from redisguard.protocol.resp import whole_frames
 
     full = b"".join(r for r, _ in replies)
     buf = full[:cut]

@@ -20,10 +20,10 @@ import pytest
 import redis
 
 from redisguard.acl import load_users
-from redisguard.commands import CommandTable
-from redisguard.metrics import Metrics
-from redisguard.policy import Policy, Shared
-from redisguard.reload import Change, Reloader
+from redisguard.commands.table import CommandTable
+from redisguard.observe.metrics import Metrics
+from redisguard.policy.decide import Policy, Shared
+from redisguard.runtime.reload import Change, Reloader
 
 from .helpers import UPSTREAM_PASSWORD, UPSTREAM_USER, ProxyProc, RedisProc, read_until, start_proxy, start_redis
 from .test_workers import children, http, wait_for

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from redisguard.preflight import root_warning
+from redisguard.cli.preflight import root_warning
 
 from .helpers import ProxyProc
 
@@ -25,6 +25,6 @@ def test_check_config_and_serve_warn_as_root(proxy: ProxyProc, tmp_path: Path) -
     assert ("warning: running as root (uid 0)" in res.stderr) == as_root, res.stderr
     assert ('"event": "running_as_root"' in proxy.log.read_text()) == as_root
     if as_root:  # and not as another user (the config and its files are readable by all here)
-        nobody = subprocess.run([sys.executable, "-c", "import os, sys; from redisguard.preflight import root_warning; "
+        nobody = subprocess.run([sys.executable, "-c", "import os, sys; from redisguard.cli.preflight import root_warning; "
                                  "os.setuid(65534); sys.exit(root_warning() is not None)"], timeout=60)  # fmt: skip
         assert nobody.returncode == 0

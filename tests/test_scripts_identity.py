@@ -22,12 +22,12 @@ import pytest
 import redis
 
 from redisguard.acl import new_user
-from redisguard.commands import CommandTable
-from redisguard.demo import free_port, wait_port
-from redisguard.fastpath import Plan
-from redisguard.identity import getuser_rules, mirror_rules, runnable_refused
-from redisguard.policy import Policy, covers, decide, dryrun, refused_commands, script_callable, service_may_run
-from redisguard.resp import encode_command
+from redisguard.cli.demo import free_port, wait_port
+from redisguard.commands.table import CommandTable
+from redisguard.policy.decide import Policy, covers, decide, dryrun, refused_commands, script_callable, service_may_run
+from redisguard.policy.plan import Plan
+from redisguard.protocol.resp import encode_command
+from redisguard.upstream.identity import getuser_rules, mirror_rules, runnable_refused
 
 from .helpers import (
     UPSTREAM_PASSWORD,
@@ -525,8 +525,8 @@ def test_probes_never_run(tmp_path: Path, certs: Path, own_redis: RedisProc, ups
     import asyncio
     from dataclasses import replace
 
-    from redisguard.config import load_config
-    from redisguard.upstream import queued
+    from redisguard.config.schema import load_config
+    from redisguard.upstream.client import queued
 
     users = tmp_path / "users.acl"
     users.write_text(USERS)

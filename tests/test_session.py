@@ -10,12 +10,12 @@ from hypothesis import strategies as st
 
 from redisguard import fast
 from redisguard.acl import parse_users
-from redisguard.commands import CommandTable
-from redisguard.guards import AuthThrottle
-from redisguard.policy import Policy, Shared, decide
-from redisguard.resp import encode_command
-from redisguard.session import Mode, Session
-from redisguard.session_pipeline import OFFLOAD_ARGC, TURN_NS, cost_of
+from redisguard.commands.table import CommandTable
+from redisguard.policy.decide import Policy, Shared, decide
+from redisguard.policy.guards import AuthThrottle
+from redisguard.protocol.resp import encode_command
+from redisguard.session.core import Mode, Session
+from redisguard.session.pipeline import OFFLOAD_ARGC, TURN_NS, cost_of
 
 from .redis_model import redis_parse
 

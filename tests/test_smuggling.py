@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from redisguard.resp import encode_command
+from redisguard.protocol.resp import encode_command
 
 from .helpers import UPSTREAM_PASSWORD, UPSTREAM_USER, ProxyProc, RedisProc, raw_exchange, read_until
 

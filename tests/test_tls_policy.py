@@ -19,9 +19,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from redisguard import certs as certs_mod
-from redisguard.config import ConfigError, load_config, offered_tls13_suites
-from redisguard.preflight import crl_problem
+from redisguard.cli import certs as certs_mod
+from redisguard.cli.preflight import crl_problem
+from redisguard.config.schema import ConfigError, load_config, offered_tls13_suites
 
 from .helpers import USERS_ACL, ProxyProc, RedisProc, start_proxy
 
@@ -218,7 +218,7 @@ def test_tls_policy_parsed_and_tcp_listeners_refuse_it(tmp_path: Path) -> None:
 
 
 def test_changed_tls_policy_is_named_by_its_keys(tmp_path: Path) -> None:
-    from redisguard.reconfigure import changed_settings
+    from redisguard.runtime.reconfigure import changed_settings
 
     old = load_config(_config(tmp_path, ""))
     new = load_config(_config(tmp_path, 'min_version = "1.3"\necdh_curves = ["secp384r1"]', acl='cert_only = ["svc-*"]'))

@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from redisguard import metrics_merge
-from redisguard.config import ConfigError, load_config
-from redisguard.metrics import Metrics, parse_samples
+from redisguard.config.schema import ConfigError, load_config
+from redisguard.observe import metrics_merge
+from redisguard.observe.metrics import Metrics, parse_samples
 
 from .helpers import USERS_ACL, ProxyProc, RedisProc, read_until, start_proxy
 

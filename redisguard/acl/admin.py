@@ -39,8 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ..commands import CommandTable
-from ..resp import cstr, error_format
+from redisguard.commands.table import CommandTable
+from redisguard.protocol.resp import cstr, error_format
+
 from .user import ACLError, User, merge_selector_args
 from .users_file import UsersFileError, parse_users_bytes, read_users_file
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..commands import Command, get_channels, get_keys
+from redisguard.commands.table import Command, get_channels, get_keys
+
 from .user import Selector, User
 
 OK = 0
@@ -108,7 +109,7 @@ def check(user: User, cmd: Command, argv: Sequence[bytes]) -> Denied | None:
 
 def _unrestricted_read(sel: Selector) -> bool:
     """ACLSelectorHasUnrestrictedKeyAccess(selector, CMD_KEY_ACCESS)."""
-    from ..commands import READ
+    from redisguard.commands.table import READ
 
     return sel.allkeys or any(kp.pattern == b"*" and kp.perms & READ for kp in sel.keys)
 

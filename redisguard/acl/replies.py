@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from ..resp import encode_bulk
+from redisguard.protocol.resp import encode_bulk
+
 from .user import Selector, User
 
 

@@ -12,7 +12,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..commands import READ, WRITE, Command, CommandTable
+from redisguard.commands.table import READ, WRITE, Command, CommandTable
+
 from .glob import compile_glob
 
 ALL_PERMS = READ | WRITE

@@ -13,8 +13,9 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from ..commands import CommandTable
-from ..request import split_args as resp_split_args
+from redisguard.commands.table import CommandTable
+from redisguard.protocol.request import split_args as resp_split_args
+
 from .selector import E_EBADMSG, E_ENODEV, ACLError, KeyPattern, Selector, _c_lower, _to_bytes
 
 __all__ = ["ACLError", "KeyPattern", "Selector", "User"]

@@ -20,8 +20,9 @@ import os
 import tempfile
 from pathlib import Path
 
-from ..commands import CommandTable
-from ..file_versions import FileChanged, FileUnreadable, read_now
+from redisguard.commands.table import CommandTable
+from redisguard.files.versions import FileChanged, FileUnreadable, read_now
+
 from .user import ACLError, User, default_user, merge_selector_args
 
 _SPACES = frozenset(" \t\r\n\v\f\0")

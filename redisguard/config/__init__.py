@@ -1,0 +1,1 @@
+"""Row 0: the configuration: every option declared once, parsed from a dict."""

@@ -1,0 +1,287 @@
+"""One client connection and its own upstream connection: the byte pumps, flow control, timeouts.
+
+Every protocol decision is in :mod:`redisguard.session.core`; this module moves bytes between the
+transports and the session, bounds what each connection may make the event loop do per turn
+(:class:`Slicer`), and runs what the session asks off the loop (throttle waits, huge decisions)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from typing import Any
+
+from redisguard.config.schema import ListenerConfig
+from redisguard.observe.audit import get_logger
+from redisguard.protocol.proxy_header import ProxyHeader
+from redisguard.protocol.slicer import Slicer
+from redisguard.session.core import Session, take
+from redisguard.transport.context import ConnectionContext, is_local, peer_name, source_of
+from redisguard.transport.edges import Admission, Endings
+from redisguard.transport.tls import certificate_identity
+from redisguard.transport.upstream_link import HIGH_WATER, UpstreamLink
+
+log = get_logger("redisguard")
+audit = get_logger("redisguard.audit")
+
+
+# One read buffer for every client connection. uvloop fills it and calls buffer_updated() at once,
+# one connection at a time (one thread, one loop), so sharing it is safe. A plain Protocol would make
+# uvloop's TLS path allocate 256 KiB per read (SSLObject.read) and shrink it: an mmap, mremap and munmap
+# per read with glibc, ~25 µs of CPU per request at pipeline depth 1.
+READ_BUFFER = memoryview(bytearray(256 * 1024))
+
+# A decision off the loop (RequestPipeline._offloads) runs Python in the decide thread between the
+# matcher's GIL-free stretches. CPython makes a thread that wants the GIL wait this long before it
+# asks for it back: its default, 5 ms, would add up to 5 ms to the event loop's every turn while a
+# costly request is decided. 0.5 ms keeps the loop's share; the thread switches cost ~µs.
+DECIDE_SWITCH_INTERVAL = 0.0005
+sys.setswitchinterval(min(sys.getswitchinterval(), DECIDE_SWITCH_INTERVAL))
+
+
+class ClientProtocol(Admission, Endings, asyncio.BufferedProtocol):
+    __slots__ = (
+        "closed", "counted", "ctx", "draining", "drain_seen", "eof", "handshake_source", "idle_timer", "last_active",
+        "link", "listener", "paused_by", "proxied", "session", "slicer", "timer", "transport", "waiting", "wake",
+    )  # fmt: skip
+
+    def __init__(self, ctx: ConnectionContext, listener: ListenerConfig) -> None:
+        self.ctx = ctx
+        self.listener = listener
+        self.transport: asyncio.Transport | None = None
+        self.link = UpstreamLink(self, ctx)
+        self.session: Session = None  # type: ignore[assignment]
+        self.closed = False
+        self.counted = False
+        self.timer: asyncio.TimerHandle | None = None
+        self.idle_timer: asyncio.TimerHandle | None = None
+        self.last_active = 0.0
+        self.paused_by: set[str] = set()
+        self.waiting = False  # the session is paused: a throttle timer or an offloaded decision runs
+        self.wake: asyncio.TimerHandle | None = None
+        self.slicer = Slicer(self._received, lambda: self.pause_reading("slice"), lambda: self.resume_reading("slice"),
+                             ready=lambda: not self.session.backlog and not self.session.paused,
+                             before=self._continue)  # fmt: skip
+        self.handshake_source: str | None = None  # set while this connection holds a pending-handshake slot
+        self.eof = False  # the client half-closed: close once its requests are answered
+        self.draining = False  # the proxy is stopping: close once answered and quiet (drain())
+        self.drain_seen = False  # bytes arrived since the last drain check
+        self.proxied: ProxyHeader | None = None  # the PROXY header that named the client (proxy_protocol listeners)
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.handshake_source is not None:
+            self.ctx.churn_since_trim += 1  # a TLS handshake's buffers were just freed
+        self.end_handshake()
+        if self.closed:
+            return
+        self.transport = transport  # type: ignore[assignment]
+        self.ctx.clients.add(self)
+        lst = self.listener
+        m = self.ctx.metrics
+        proxied = self.proxied
+        peername = transport.get_extra_info("peername") if proxied is None else proxied.source
+        peer = peer_name(peername)
+        reason = self.ctx.refusal(lst, peername)
+        if reason:
+            self.reject(transport, peername, reason)
+            return
+        self.counted = True
+        self.ctx.active[lst.name] += 1
+        m.connections.labels(lst.name).inc()
+        m.connections_active.labels(lst.name).inc()
+        transport.set_write_buffer_limits(high=HIGH_WATER)  # type: ignore[attr-defined]
+        identity = certificate_identity(transport, lst)
+        self.session = Session(self.ctx.shared, lst.name, peer, identity, local=is_local(peername),
+                               source=source_of(peername) or peer)  # fmt: skip
+        if lst.cert_user and (identity or transport.get_extra_info("peercert")):
+            self.session.login_certificate(identity)
+            if self.session.closing:  # unmapped_cert = "refuse": a verified certificate that names no user
+                return self.close()
+        via = {} if proxied is None else {"via": peer_name(transport.get_extra_info("peername"))}  # the load balancer
+        self.ctx.events.log(audit.info, "connection_accepted", listener=lst.name, peer=peer, tls_identity=identity,
+                              user=self.session.user.name if self.session.authenticated else "", **via)  # fmt: skip
+        if self.ctx.draining:  # admitted during the drain (a PROXY header or a handshake that just ended)
+            self.drain()
+        timeout = self.ctx.config.limits.auth_timeout
+        if timeout and not self.session.authenticated:  # a client certificate (or nopass default) has logged in
+            self.timer = asyncio.get_running_loop().call_later(timeout, self._auth_timeout)
+        if self.ctx.config.limits.idle_timeout:
+            self.last_active = time.monotonic()
+            self.idle_timer = asyncio.get_running_loop().call_later(self.ctx.config.limits.idle_timeout, self._check_idle)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return READ_BUFFER
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(bytes(READ_BUFFER[:nbytes]))
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        if self.draining:
+            self.drain_seen = True
+        if self.idle_timer is not None:
+            self.last_active = time.monotonic()
+        self.slicer.feed(data)
+
+    def _received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self.session.client_data(data)
+        self._after_session()
+
+    def _after_session(self) -> None:
+        """After the session ran: start what it waits for (a throttle delay, a decision off the loop),
+        not reading from the client meanwhile; then move the bytes."""
+        s = self.session
+        if self.timer is not None and s.authenticated:
+            self.timer.cancel()
+            self.timer = None
+        if (s.backlog or (self.slicer.queue and not s.paused)) and not self.closed:
+            self.slicer.kick()  # the session decided a batch (or resumed): the rest on the next turn
+        elif self.eof:
+            self._finish_input()
+        if s.paused and not self.waiting and not self.closed:
+            self.waiting = True
+            self.pause_reading("session")
+            loop = asyncio.get_running_loop()
+            if s.offload is not None:
+                job = loop.run_in_executor(self.ctx.executor, s.decide_offloaded, s.offload)
+                job.add_done_callback(self._offload_done)
+            elif s.wait > 0:
+                self.wake = loop.call_later(s.wait, self._resume)
+            elif s.awaiting is not None:  # the reply to an ACL change, once it is in force everywhere
+                s.awaiting = task = asyncio.ensure_future(s.awaiting)
+                task.add_done_callback(self._awaited)
+            # else: held until an upstream reply (an EXEC's outcome): upstream_received() resumes it
+        self.flush()
+
+    def _continue(self) -> None:
+        """A new turn: let the session decide its next batch of requests."""
+        if self.session.backlog and not self.closed:
+            self.session.resume()
+            self._after_session()
+
+    def _resume(self) -> None:
+        self.wake = None
+        self.waiting = False
+        if self.closed:
+            return
+        self.resume_reading("session")
+        self.session.resume()
+        self._after_session()
+
+    def _offload_done(self, job: asyncio.Future[Any]) -> None:
+        self.waiting = False
+        if self.closed or job.cancelled():
+            return
+        if job.exception() is not None:
+            log.error("internal_error", message="deciding a large request failed", error=repr(job.exception()))
+            self.close()
+            return
+        self.resume_reading("session")
+        self.session.offloaded(*job.result())
+        self._after_session()
+
+    def _awaited(self, task: asyncio.Future[bytes]) -> None:
+        self.waiting = False
+        if self.closed or task.cancelled():
+            return
+        if task.exception() is not None:
+            log.error("internal_error", message="applying an ACL change failed", error=repr(task.exception()))
+            self.close()
+            return
+        self.resume_reading("session")
+        self.session.acknowledged(task.result())
+        self._after_session()
+
+    def flush(self) -> None:
+        s = self.session
+        if s.to_upstream:
+            self.link.send(take(s.to_upstream))
+        if s.to_client and self.transport is not None and not self.closed:
+            self.transport.write(take(s.to_client))
+        if s.closing:
+            self.close()
+
+    def upstream_received(self) -> None:
+        """Redis's bytes were handled: a session held for one of its replies may go on now."""
+        s = self.session
+        if self.waiting and self.wake is None and not s.paused and s.offload is None and not self.closed:
+            self._resume()
+        else:
+            self.flush()
+
+    def upstream_failed(self, message: str) -> None:
+        """The upstream connection could not be made: the client is told so, and closed."""
+        if not self.closed:
+            self.session.upstream_failed(message)
+            self.flush()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()  # flushes what is buffered first
+        self.link.close()
+
+    def upstream_lost(self) -> None:
+        """Redis closed our connection (CLIENT KILL, `timeout`, a restart): the client sees its own
+        connection close after the replies already relayed, as it would talking to Redis directly."""
+        self.link.protocol = None
+        if not self.closed:
+            self.ctx.events.log(audit.info, "connection_closed", listener=self.listener.name, peer=self.session.peer,
+                                  user=self.session.user.name, reason="upstream closed the connection")  # fmt: skip
+            self.flush()
+            self.close()
+
+    def eof_received(self) -> bool | None:
+        """The client half-closed (shutdown(SHUT_WR)): answer what it sent, then close, as Redis does.
+        (asyncio's TLS transports cannot stay half-open: there the connection just closes.)"""
+        if self.listener.type == "tls" or self.closed:
+            return None
+        self.eof = True
+        self._finish_input()
+        return True
+
+    def _finish_input(self) -> None:
+        s = self.session
+        if self.eof and not self.closed and not self.slicer.queue and not s.backlog and not s.paused:
+            s.end_of_input()
+            self.flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.slicer.clear()
+        for timer in (self.timer, self.idle_timer, self.wake):
+            if timer is not None:
+                timer.cancel()
+        self.link.close()
+        if self.counted:
+            self.ctx.active[self.listener.name] -= 1
+            self.ctx.metrics.connections_active.labels(self.listener.name).dec()
+        self.ctx.clients.discard(self)
+        self.ctx.churn_since_trim += 1
+
+    # -- backpressure -----------------------------------------------------------------------------
+    # Reading from one side stops while the other side's write buffer is over HIGH_WATER, so memory
+    # per connection stays bounded whatever the peers do: a client that does not read its replies
+    # also stops being read (its refusals would otherwise pile up here), and Redis keeps the rest.
+    def pause_writing(self) -> None:  # the client reads slowly
+        self.link.pause("client")
+        self.pause_reading("client")
+
+    def resume_writing(self) -> None:
+        self.link.resume("client")
+        self.resume_reading("client")
+
+    def pause_reading(self, why: str = "upstream") -> None:
+        if self.transport is not None and not self.paused_by:
+            self.transport.pause_reading()
+        self.paused_by.add(why)
+
+    def resume_reading(self, why: str = "upstream") -> None:
+        self.paused_by.discard(why)
+        if self.transport is not None and not self.paused_by and not self.closed:
+            self.transport.resume_reading()
