@@ -32,7 +32,7 @@ def dockerfile_mounts() -> set[str]:
 
 
 def metrics_paths() -> set[str]:
-    return set(re.findall(r'path == b"(/\w+)"', (REPO / "redisguard" / "metrics.py").read_text()))
+    return set(re.findall(r'path == b"(/\w+)"', (REPO / "redisguard" / "observe" / "metrics.py").read_text()))
 
 
 def test_dockerfile_and_image_config() -> None:

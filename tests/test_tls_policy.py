@@ -21,7 +21,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from redisguard.cli import certs as certs_mod
 from redisguard.cli.preflight import crl_problem
-from redisguard.config.schema import ConfigError, load_config, offered_tls13_suites
+from redisguard.config.schema import ConfigError, load_config
+from redisguard.transport.tls import OPENSSL
 
 from .helpers import USERS_ACL, ProxyProc, RedisProc, start_proxy
 
@@ -202,24 +203,25 @@ def _config(tmp_path: Path, listener: str, acl: str = "", upstream: str = "", ce
 )
 def test_tls_policy_errors_name_the_key(tmp_path: Path, listener: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        load_config(_config(tmp_path, listener))
+        load_config(_config(tmp_path, listener), tls=OPENSSL)
 
 
 def test_tls_policy_parsed_and_tcp_listeners_refuse_it(tmp_path: Path) -> None:
-    suites = ", ".join(f'"{s}"' for s in reversed(offered_tls13_suites()))  # the fixed set, in any order, is accepted
+    suites = ", ".join(f'"{s}"' for s in reversed(OPENSSL.tls13_suites()))  # the fixed set, in any order, is accepted
     cfg = load_config(_config(tmp_path, f'min_version = "1.3"\nciphersuites = [{suites}]\nsession_tickets = false\n'
-                              'ecdh_curves = ["secp384r1"]'))  # fmt: skip
+                              'ecdh_curves = ["secp384r1"]'), tls=OPENSSL)  # fmt: skip
     pol = cfg.listeners[0].tls_policy
     assert (pol.min_version, pol.session_tickets, pol.ecdh_curves) == ("1.3", False, ("secp384r1",))
     tcp = tmp_path / "tcp.toml"
     tcp.write_text('[[listener]]\ntype = "tcp"\naddress = "127.0.0.1:0"\nmin_version = "1.3"\n[acl]\nusers_file = "users.acl"\n')
     with pytest.raises(ConfigError, match=r"listener\[0\].min_version: only for a tls listener"):
-        load_config(tcp)
+        load_config(tcp, tls=OPENSSL)
 
 
 def test_changed_tls_policy_is_named_by_its_keys(tmp_path: Path) -> None:
     from redisguard.runtime.reconfigure import changed_settings
 
-    old = load_config(_config(tmp_path, ""))
-    new = load_config(_config(tmp_path, 'min_version = "1.3"\necdh_curves = ["secp384r1"]', acl='cert_only = ["svc-*"]'))
+    old = load_config(_config(tmp_path, ""), tls=OPENSSL)
+    new = load_config(_config(tmp_path, 'min_version = "1.3"\necdh_curves = ["secp384r1"]', acl='cert_only = ["svc-*"]'),
+                      tls=OPENSSL)
     assert changed_settings(old, new) == ["listener[0].min_version", "listener[0].ecdh_curves", "acl.cert_only"]

@@ -115,9 +115,3 @@ def init_dev_certs(
     _write_cert(d / "client.pem", client)
     _write_key(d / "client.key", client_key)
     return [d / n for n in names]
-
-
-def not_after(path: str | os.PathLike[str], data: bytes | None = None) -> float:
-    """Expiry of the first certificate in a PEM file (``data``: its bytes as already read), as a Unix timestamp."""
-    cert = x509.load_pem_x509_certificate(Path(path).read_bytes() if data is None else data)
-    return cert.not_valid_after_utc.timestamp()

@@ -17,6 +17,7 @@ from redisguard.cli.preflight import preflight, proxy_protocol_warnings, root_wa
 from redisguard.commands.table import CommandTable
 from redisguard.config.schema import Config, ConfigError, load_config
 from redisguard.policy.decide import Policy, decide
+from redisguard.transport.tls import OPENSSL
 
 if TYPE_CHECKING:
     from redisguard.upstream.identity import Resolution
@@ -38,7 +39,7 @@ def _load(path: str) -> Config:
     """The config, or a ConfigError that says how to point at one when the file is missing."""
     if not Path(path).exists():
         raise ConfigError(f"config file not found: {path} (pass -c/--config PATH or set REDISGUARD_CONFIG)")
-    return load_config(path)
+    return load_config(path, tls=OPENSSL)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

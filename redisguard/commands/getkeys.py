@@ -7,17 +7,9 @@ getkeys functions where specs are not enough (variable flags, invalid or incompl
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
+from redisguard.commands.spec import READ, WRITE, Command, KeySpec
 from redisguard.protocol.request import string2ll
-
-if TYPE_CHECKING:
-    from redisguard.commands.table import Command, KeySpec
-
-
-# Key-spec access flags that make a key need read / write permission (acl.c ACLSelectorCheckKey).
-READ = 1
-WRITE = 2
 
 # Channel arguments per command (db.c commands_with_channels): (first, count or -1 for all, pattern).
 CHANNEL_COMMANDS: dict[str, tuple[int, int, bool]] = {

@@ -8,57 +8,18 @@ fallback when Redis is unreachable. Which arguments are keys and channels: :mod:
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from redisguard.commands.getkeys import _GETKEYS, _GETKEYS_NONE, CHANNEL_COMMANDS, READ, WRITE, _no_keys
+from redisguard.commands.getkeys import _GETKEYS, _GETKEYS_NONE, CHANNEL_COMMANDS, _no_keys
 from redisguard.commands.getkeys import get_channels as get_channels
 from redisguard.commands.getkeys import get_keys as get_keys
+from redisguard.commands.spec import READ as READ
+from redisguard.commands.spec import WRITE as WRITE
+from redisguard.commands.spec import Command as Command
+from redisguard.commands.spec import KeySpec as KeySpec
 from redisguard.protocol.resp import cstr
-
-
-@dataclass(frozen=True, slots=True)
-class KeySpec:
-    flags: frozenset[str]
-    bs_type: str  # "index" | "keyword" | "unknown"
-    bs_index: int = 0
-    bs_keyword: bytes = b""
-    bs_startfrom: int = 0
-    fk_type: str = "unknown"  # "range" | "keynum" | "unknown"
-    lastkey: int = 0
-    keystep: int = 1
-    limit: int = 0
-    keynumidx: int = 0
-    firstkey: int = 0
-
-    @property
-    def access(self) -> int:
-        f = self.flags
-        need = READ if "access" in f else 0
-        if "insert" in f or "delete" in f or "update" in f:
-            need |= WRITE
-        return need
-
-
-@dataclass(eq=False, slots=True)
-class Command:
-    name: str  # lowercase; "config|set" for a subcommand
-    arity: int
-    flags: frozenset[str]
-    categories: frozenset[str]  # without the leading '@'
-    key_specs: tuple[KeySpec, ...]
-    subcommands: dict[str, Command] = field(default_factory=dict)
-    parent: Command | None = None
-    has_keys: bool = False
-    spec_keys: bool = False  # key specs find the keys (some are keys, none has variable flags): get_keys
-    getkeys: Callable[[Sequence[bytes]], list[tuple[int, int]]] | None = None
-    channels: tuple[int, int, bool] | None = None
-
-    @property
-    def no_auth(self) -> bool:
-        return "no_auth" in self.flags
 
 
 def _pairs(items: Sequence[Any] | dict[Any, Any]) -> dict[str, Any]:

@@ -11,11 +11,10 @@ import difflib
 import ipaddress
 import os
 import re
-import ssl
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 
 class ConfigError(ValueError):
@@ -363,7 +362,7 @@ def _secret(sec: _Section, name: str) -> str:
     return ""
 
 
-def _listener(sec: _Section, index: int) -> ListenerConfig:
+def _listener(sec: _Section, index: int, openssl: TLSSupport | None) -> ListenerConfig:
     typ = sec.choice("type", LISTENER_TYPES, "tls")
     name = sec.get("name", str, f"{typ}{index}")
     host, port, path = "", 0, None
@@ -394,7 +393,7 @@ def _listener(sec: _Section, index: int) -> ListenerConfig:
         if crl is not None and client_auth == "none":
             raise sec.fail("crl_file", 'a CRL checks client certificates: it needs client_auth = "optional" or "required"')
         tls = TLSFiles(cert, key, ca, crl)
-        tls_policy = _tls_policy(sec)
+        tls_policy = _tls_policy(sec, openssl)
         unmapped = sec.choice("unmapped_cert", UNMAPPED_CERT, "default")
         if unmapped != "default" and not cert_user:
             raise sec.fail("unmapped_cert", "only means something with cert_user set (certificates that name a user)")
@@ -461,31 +460,29 @@ def _proxy_sources(sec: _Section, typ: str, enabled: bool) -> tuple[Network | st
 TLS_POLICY_KEYS = ("min_version", "ciphers", "ciphersuites", "ecdh_curves", "session_tickets")
 
 
-def offered_tls13_suites() -> tuple[str, ...]:
-    """The TLS 1.3 suites a server context of this Python offers: OpenSSL's defaults, or what OpenSSL's
-    own config (OPENSSL_CONF, ``Ciphersuites =``) sets for the process. Python's ssl cannot change them."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    return tuple(c["name"] for c in ctx.get_ciphers() if c["protocol"] == "TLSv1.3")
+class TLSSupport(Protocol):
+    """What this process's OpenSSL accepts (transport/tls.py's OpenSSLSupport): the config is checked
+    against it so that a typo fails at start and in check-config, naming the key."""
+
+    def ciphers_ok(self, ciphers: str) -> bool: ...
+    def tls13_suites(self) -> tuple[str, ...]: ...
+    def curve_ok(self, name: str) -> bool: ...
 
 
-def _tls_policy(sec: _Section) -> TLSPolicy:
-    """min_version, ciphers, ciphersuites, ecdh_curves, session_tickets: each checked against this
-    Python's OpenSSL now, so a typo fails at start (and in check-config), naming the key."""
+def _tls_policy(sec: _Section, openssl: TLSSupport | None) -> TLSPolicy:
+    """min_version, ciphers, ciphersuites, ecdh_curves, session_tickets: each checked (with ``openssl``:
+    against this process's OpenSSL too)."""
     version = sec.choice("min_version", TLS_VERSIONS, "1.2")
-    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ciphers = sec.get("ciphers", str, "")
-    if ciphers:
-        try:
-            probe.set_ciphers(ciphers)
-        except ssl.SSLError:
-            raise sec.fail("ciphers", f"OpenSSL selects no cipher from {ciphers!r} (an OpenSSL cipher string for "
-                           'TLS 1.2, e.g. "ECDHE+AESGCM:ECDHE+CHACHA20")') from None  # fmt: skip
+    if ciphers and openssl is not None and not openssl.ciphers_ok(ciphers):
+        raise sec.fail("ciphers", f"OpenSSL selects no cipher from {ciphers!r} (an OpenSSL cipher string for "
+                       'TLS 1.2, e.g. "ECDHE+AESGCM:ECDHE+CHACHA20")')  # fmt: skip
     suites = sec.get("ciphersuites", list, [])
     for name in suites:
         if name not in TLS13_SUITES:
             raise sec.fail("ciphersuites", f"not a TLS 1.3 cipher suite: {name!r} (known: {', '.join(TLS13_SUITES)})")
-    offered = offered_tls13_suites()
-    if suites and sorted(set(suites)) != sorted(offered):
+    offered = openssl.tls13_suites() if openssl is not None else ()
+    if suites and offered and sorted(set(suites)) != sorted(offered):
         raise sec.fail("ciphersuites", "Python's ssl module cannot choose TLS 1.3 cipher suites: this build always "
                        f"offers exactly {', '.join(offered)}. List those (to assert them) or leave ciphersuites out; "
                        "to restrict them for the whole process use OpenSSL's own config (OPENSSL_CONF with "
@@ -495,10 +492,8 @@ def _tls_policy(sec: _Section) -> TLSPolicy:
         raise sec.fail("ecdh_curves", "Python's ssl module can set one curve (set_ecdh_curve); list exactly one, "
                        'e.g. ["prime256v1"], or leave it out for OpenSSL\'s default list')  # fmt: skip
     for name in curves:
-        try:
-            probe.set_ecdh_curve(name)
-        except (ValueError, TypeError):
-            raise sec.fail("ecdh_curves", f"unknown elliptic curve {name!r} (e.g. prime256v1, secp384r1)") from None
+        if openssl is not None and not openssl.curve_ok(name):
+            raise sec.fail("ecdh_curves", f"unknown elliptic curve {name!r} (e.g. prime256v1, secp384r1)")
     return TLSPolicy(version, ciphers, tuple(suites), tuple(curves),
                      sec.get("session_tickets", bool, True))  # fmt: skip
 
@@ -523,12 +518,13 @@ def _user_sources(acl: _Section) -> tuple[tuple[str, tuple[Network | str, ...]],
     return tuple(out)
 
 
-def parse_config(data: dict[str, Any], base: Path, source: Path | None = None) -> Config:
+def parse_config(data: dict[str, Any], base: Path, source: Path | None = None, tls: TLSSupport | None = None) -> Config:
+    """The config in ``data`` (a parsed TOML document); ``tls``: check the TLS settings against OpenSSL too."""
     root = _Section(data, "", base)
     raw_listeners = root.get("listener", list, [])
     if not raw_listeners:
         raise ConfigError("listener: at least one [[listener]] is required")
-    listeners = tuple(_listener(_Section(d, f"listener[{i}]", base), i) for i, d in enumerate(raw_listeners))
+    listeners = tuple(_listener(_Section(d, f"listener[{i}]", base), i, tls) for i, d in enumerate(raw_listeners))
     names = [lst.name for lst in listeners]
     for n in names:
         if names.count(n) > 1:
@@ -664,8 +660,9 @@ def _server(sec: _Section, listeners: tuple[ListenerConfig, ...]) -> ServerConfi
     return ServerConfig(workers, drain, interval, settle)
 
 
-def load_config(path: str | os.PathLike[str], text: bytes | None = None) -> Config:
-    """The config file at ``path``; ``text``: its bytes as already read (a reload parses what it checked)."""
+def load_config(path: str | os.PathLike[str], text: bytes | None = None, tls: TLSSupport | None = None) -> Config:
+    """The config file at ``path``; ``text``: its bytes as already read (a reload parses what it checked);
+    ``tls``: as in :func:`parse_config` (serve and check-config pass OpenSSL's)."""
     p = Path(path)
     try:
         data = tomllib.loads(p.read_text() if text is None else text.decode())
@@ -674,6 +671,6 @@ def load_config(path: str | os.PathLike[str], text: bytes | None = None) -> Conf
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: invalid TOML: {e}") from None
     try:
-        return parse_config(data, p.resolve().parent, p)
+        return parse_config(data, p.resolve().parent, p, tls)
     except ConfigError as e:
         raise ConfigError(f"{p}: {e}") from None

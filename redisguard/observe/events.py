@@ -6,7 +6,7 @@ from redisguard.acl import User
 from redisguard.acl.user import printable_name
 from redisguard.observe.audit import RateLimiter, get_logger
 from redisguard.observe.metrics import Metrics
-from redisguard.session.core import Session
+from redisguard.policy.ports import ClientInfo
 
 audit = get_logger("redisguard.audit")
 
@@ -43,7 +43,7 @@ class Observer:
     def _user(self, name: str) -> str:
         return printable_name(name) if name in self.users else "unknown"
 
-    def command(self, session: Session, cmd: str, allowed: bool, reason: str) -> None:
+    def command(self, session: ClientInfo, cmd: str, allowed: bool, reason: str) -> None:
         user = printable_name(session.user.name)
         if reason in _REQUEST_ERRORS:
             if self.count:
@@ -70,14 +70,14 @@ class Observer:
             for key in labels:
                 counts[key] = counts.get(key, 0) + 1
 
-    def would_deny(self, session: Session, cmd: str, reason: str) -> None:
+    def would_deny(self, session: ClientInfo, cmd: str, reason: str) -> None:
         """Audit mode: the policy would refuse this request; it is forwarded."""
         user = printable_name(session.user.name)
         if self.count:
             self.metrics.denied.labels(user, cmd, reason, "audit").inc()
         self.limiter.log(self._audit_denied, "would_deny", session=session, user=user, cmd=cmd, reason=reason)
 
-    def upstream_auth_failed(self, session: Session) -> None:
+    def upstream_auth_failed(self, session: ClientInfo) -> None:
         """Redis refused the service user's (mirror mode: the mirror user's) AUTH on a client's upstream
         connection. In mirror mode the mirrors are verified, so the next connection finds it back."""
         self.metrics.upstream_auth_failures.inc()
@@ -90,15 +90,15 @@ class Observer:
         self.limiter.log(audit.error, "upstream_auth_failed", listener=session.listener, peer=session.peer,
                          user=printable_name(session.user.name), detail=detail)  # fmt: skip
 
-    def _audit_denied(self, event: str, session: Session, user: str, cmd: str, reason: str) -> None:
+    def _audit_denied(self, event: str, session: ClientInfo, user: str, cmd: str, reason: str) -> None:
         extra = {"keys": session.last_keys()} if self.audit_keys else {}  # only for the lines that are written
         audit.warning(event, user=user, command=cmd, reason=reason, listener=session.listener,
                       peer=session.peer, tls_identity=session.tls_identity, **extra)  # fmt: skip
 
-    def throttled(self, session: Session, delay: float) -> None:
+    def throttled(self, session: ClientInfo, delay: float) -> None:
         self.metrics.auth_throttled.labels(session.listener).inc()
 
-    def auth(self, session: Session, ok: bool, username: str, reason: str, method: str) -> None:
+    def auth(self, session: ClientInfo, ok: bool, username: str, reason: str, method: str) -> None:
         if ok:
             self.metrics.auth_successes.labels(session.listener, method).inc()
             audit.info("auth_success", user=printable_name(username), method=method, listener=session.listener,

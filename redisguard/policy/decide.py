@@ -19,21 +19,17 @@ from __future__ import annotations
 import functools
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from redisguard.acl import ACLReplies, User, admin, check
 from redisguard.acl.check import sort_restriction
 from redisguard.acl.glob import stringmatch
 from redisguard.acl.user import printable_name
 from redisguard.commands.table import Command, CommandTable, unknown_command_error
-from redisguard.observe.profile import TrafficProfile
 from redisguard.policy.guards import AuthThrottle, Network, source_allowed
 from redisguard.policy.plan import Plan
+from redisguard.policy.ports import Mirror, NullObserver, Observer, ProfileRecorder
 from redisguard.protocol.resp import cstr, encode_bulk, encode_command, error_format
-
-if TYPE_CHECKING:
-    from redisguard.session.core import Session
-    from redisguard.upstream.identity import MirrorIdentity
 
 NOAUTH = b"-NOAUTH Authentication required.\r\n"
 
@@ -46,41 +42,6 @@ SCRIPT_COMMANDS = frozenset({"eval", "evalsha", "eval_ro", "evalsha_ro", "fcall"
 SCRIPT_WHY = (b"scripts run with the rights of the proxy's service user, which are wider than this user's; use "
               b'[upstream] identity = "mirror"')  # fmt: skip
 SCRIPT_REFUSED = b"-NOPERM this user has no permissions to run the '%s' command: " + SCRIPT_WHY + b"\r\n"
-
-
-class Observer(Protocol):
-    """What a session reports; metrics and audit implement it (no-ops by default)."""
-
-    def command(self, session: Session, cmd: str, allowed: bool, reason: str) -> None: ...
-    def allowed(self, labels: list[tuple[str, str]]) -> None: ...
-    def would_deny(self, session: Session, cmd: str, reason: str) -> None: ...
-    def upstream_auth_failed(self, session: Session) -> None: ...
-    def auth(self, session: Session, ok: bool, username: str, reason: str, method: str) -> None: ...
-    def reply_latency(self, seconds: float) -> None: ...
-    def throttled(self, session: Session, delay: float) -> None: ...
-
-
-class _NullObserver:
-    def command(self, session: Session, cmd: str, allowed: bool, reason: str) -> None:
-        pass
-
-    def allowed(self, labels: list[tuple[str, str]]) -> None:
-        pass
-
-    def would_deny(self, session: Session, cmd: str, reason: str) -> None:
-        pass
-
-    def upstream_auth_failed(self, session: Session) -> None:
-        pass
-
-    def auth(self, session: Session, ok: bool, username: str, reason: str, method: str) -> None:
-        pass
-
-    def reply_latency(self, seconds: float) -> None:
-        pass
-
-    def throttled(self, session: Session, delay: float) -> None:
-        pass
 
 
 class Sequencer(Protocol):
@@ -137,7 +98,7 @@ class Policy:
     plans: dict[User, Plan] = field(default_factory=dict, init=False, compare=False, repr=False)
     logins: LoginRules = field(default_factory=LoginRules)  # who may log in how and from where
     # [upstream] identity = "mirror": each session logs in upstream as its user's mirror (identity.py)
-    mirror: MirrorIdentity | None = field(default=None, compare=False, repr=False)
+    mirror: Mirror | None = field(default=None, compare=False, repr=False)
     # Scripts of users narrower than the service user: "refuse" (service identity), "allow" (mirror
     # identity: Redis checks them as the caller; or the [upstream] service_scripts opt-in).
     service_scripts: str = "refuse"
@@ -221,11 +182,11 @@ class Shared:
     def __init__(self, policy: Policy, observer: Observer | None = None, throttle: AuthThrottle | None = None,
                  acl_replies: ACLReplies | None = None) -> None:  # fmt: skip
         self.policy = policy
-        self.observer: Observer = observer or _NullObserver()
+        self.observer: Observer = observer or NullObserver()
         self.throttle = throttle or AuthThrottle(0)
         self.acl_log = admin.ACLLog()
         self.acl_replies = acl_replies  # ACL USERS/LIST/GETUSER, built once per users load
-        self.profile: TrafficProfile | None = None  # what each user used ([profile] file), if kept
+        self.profile: ProfileRecorder | None = None  # what each user used ([profile] file), if kept
         # Set by the transport: moves or disconnects clients when the users change (changed=None:
         # compare every user, as ACL LOAD and a reload do).
         # Returns how many clients it disconnected.

@@ -16,16 +16,13 @@ exact answer. ``tests/test_fastpath.py`` checks that the two never disagree on w
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from redisguard.acl.check import denied_key
+from redisguard.acl.selector import Selector
+from redisguard.acl.user import User
 from redisguard.commands.getkeys import get_keys, keys_by_argc, keys_from_specs
-
-if TYPE_CHECKING:
-    from redisguard.acl.selector import Selector
-    from redisguard.acl.user import User
-    from redisguard.commands.table import Command
-    from redisguard.policy.decide import Policy
+from redisguard.commands.table import Command, CommandTable
 
 # Key positions are cached for argument counts below this (a client chooses argc: keep it bounded).
 _ARGC_CACHED = 64
@@ -45,6 +42,15 @@ class Entry:
         self.metric = (label, cmd.name)  # the (user, command) labels its allowed count goes under
 
 
+class Rules(Protocol):
+    """What a plan reads of the policy it belongs to (:class:`~redisguard.policy.decide.Policy`)."""
+
+    @property
+    def table(self) -> CommandTable: ...
+    def resolve(self, argv: Sequence[bytes]) -> Command | None: ...
+    def refuses_script(self, user: User, name: str) -> bool: ...
+
+
 class Plan:
     """One user's precomputed decisions. Entries are keyed by the command name as sent, for the
     all-lowercase and all-uppercase spellings only (so a client cannot grow the table: at most twice
@@ -52,7 +58,7 @@ class Plan:
 
     __slots__ = ("policy", "user", "label", "entries", "_special")
 
-    def __init__(self, policy: Policy, user: User, label: str, special: frozenset[str]) -> None:
+    def __init__(self, policy: Rules, user: User, label: str, special: frozenset[str]) -> None:
         self.policy = policy
         self.user = user
         self.label = label

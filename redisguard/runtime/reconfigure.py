@@ -15,6 +15,7 @@ from typing import Any
 
 from redisguard.config.schema import Config, load_config
 from redisguard.observe.audit import configure_logging, get_logger
+from redisguard.transport.tls import OPENSSL
 
 log = get_logger("redisguard")
 
@@ -85,5 +86,5 @@ def reread(running: Config, text: bytes | None = None) -> Reconfiguration:
     and checked them); ConfigError if it is invalid now."""
     if running.source is None:
         return Reconfiguration(None)
-    new = load_config(running.source, text)
+    new = load_config(running.source, text, tls=OPENSSL)
     return Reconfiguration(new, changed_settings(running, new))

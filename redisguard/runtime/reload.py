@@ -33,7 +33,6 @@ from typing import Any
 
 from redisguard.acl import ACLError, ACLReplies, User, UsersFileError, admin
 from redisguard.acl.users_file import parse_users, parse_users_bytes
-from redisguard.cli import certs
 from redisguard.commands.table import CommandTable
 from redisguard.config.schema import Config, ListenerConfig
 from redisguard.files.versions import read_now
@@ -47,7 +46,7 @@ from redisguard.protocol.resp import error_format
 from redisguard.runtime.reconfigure import Reconfiguration, reread
 from redisguard.runtime.watch import watched_files
 from redisguard.transport.context import ConnectionContext
-from redisguard.transport.tls import TLSConfigError, server_context
+from redisguard.transport.tls import TLSConfigError, not_after, server_context
 from redisguard.upstream.identity import MirrorError
 
 audit = get_logger("redisguard.audit")
@@ -56,9 +55,9 @@ audit = get_logger("redisguard.audit")
 def export_expiry(metrics: Metrics, lst: ListenerConfig, files: Mapping[Path, bytes]) -> None:
     """From the bytes the listener's context was built from (``files``, path -> bytes)."""
     assert lst.tls is not None
-    metrics.cert_expiry.labels(f"{lst.name}:server").set(certs.not_after(lst.tls.cert_file, files[lst.tls.cert_file]))
+    metrics.cert_expiry.labels(f"{lst.name}:server").set(not_after(lst.tls.cert_file, files[lst.tls.cert_file]))
     if lst.tls.ca_file:
-        metrics.cert_expiry.labels(f"{lst.name}:ca").set(certs.not_after(lst.tls.ca_file, files[lst.tls.ca_file]))
+        metrics.cert_expiry.labels(f"{lst.name}:ca").set(not_after(lst.tls.ca_file, files[lst.tls.ca_file]))
 
 
 def _release(users: dict[str, User]) -> None:

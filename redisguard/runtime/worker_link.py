@@ -46,16 +46,15 @@ import struct
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from redisguard.acl import User
 from redisguard.acl.admin import render_acl_file
 from redisguard.observe.audit import get_logger
+from redisguard.observe.metrics import Metrics
+from redisguard.policy.decide import Policy
 from redisguard.protocol.resp import error_format
-from redisguard.runtime.reload import Change, mirror_reply
-
-if TYPE_CHECKING:
-    from redisguard.runtime.server import Proxy
+from redisguard.runtime.reload import Change, Reloader, mirror_reply
 
 log = get_logger("redisguard")
 
@@ -94,6 +93,18 @@ def decode_files(files: Mapping[str, str] | None) -> dict[Path, bytes] | None:
 def user_lines(users: dict[str, User], names: Sequence[str]) -> dict[str, str]:
     return {n: render_acl_file({n: users[n]}).decode("utf-8", "surrogateescape") for n in names if n in users}
 
+
+
+class Worker(Protocol):
+    """The worker process's proxy as its link to the supervisor drives it (server.py's Proxy)."""
+
+    @property
+    def reloader(self) -> Reloader: ...
+    @property
+    def metrics(self) -> Metrics: ...
+    @property
+    def policy(self) -> Policy: ...
+    async def ready(self) -> tuple[bool, str]: ...
 
 class Endpoint:
     """One end of a supervisor-worker channel: messages queue until its stream is open."""
@@ -141,7 +152,7 @@ class WorkerLink(Endpoint):
         self.inherited = inherited  # unix listeners bound by the supervisor, by listener name
         self.writer: asyncio.StreamWriter | None = None
         self.backlog: list[dict[str, Any]] = []
-        self.proxy: Proxy | None = None
+        self.proxy: Worker | None = None
         self.tasks: set[asyncio.Future[Any]] = set()
         self.submitted: dict[int, Submitted] = {}
         self.next_id = 0
@@ -149,7 +160,7 @@ class WorkerLink(Endpoint):
         self.reader: asyncio.Future[None] | None = None
         self.synced: asyncio.Future[None] | None = None
 
-    def attach(self, proxy: Proxy) -> None:
+    def attach(self, proxy: Worker) -> None:
         """The policy is loaded: catch up with the changes made since the last reload."""
         self.proxy = proxy
         proxy.reloader.link = self

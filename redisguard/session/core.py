@@ -200,6 +200,12 @@ class Session(RequestPipeline, LoginsAndACL, StateCommands):
         subs = self.subscriptions
         return bool(subs[""] or subs["p"] or subs["s"])
 
+    def upstream_auth_refused(self) -> None:
+        self.shared.observer.upstream_auth_failed(self)
+
+    def reply_latency(self, seconds: float) -> None:
+        self.shared.observer.reply_latency(seconds)
+
     def _open_upstream(self) -> None:
         """Before the first request goes upstream: the service user's AUTH goes first.
 

@@ -22,12 +22,9 @@ from __future__ import annotations
 import re
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from redisguard.protocol.resp import Frame, ProtocolError, ReplyScanner, whole_frames
-
-if TYPE_CHECKING:
-    from redisguard.session.core import Session
 
 RELAY, SYNTH, SWALLOW, AUTHCHECK, CLOSE, PUBSUB, MONITOR, SWALLOW_MONITOR, EXEC_SUBS, SWALLOW_EXEC_SUBS = range(10)
 QUIET = {RELAY: SWALLOW, MONITOR: SWALLOW_MONITOR, EXEC_SUBS: SWALLOW_EXEC_SUBS}  # the same reply, silenced
@@ -41,13 +38,25 @@ PUBSUB_MESSAGES = (b"message", b"pmessage", b"smessage")
 CONFIRMATIONS = frozenset((b"subscribe", b"psubscribe", b"ssubscribe", b"unsubscribe", b"punsubscribe", b"sunsubscribe"))
 
 
+class ReplyOwner(Protocol):
+    """What the queue reads of, and reports to, the client it serves (the session)."""
+
+    @property
+    def resp(self) -> int: ...
+    @property
+    def subscribed(self) -> bool: ...
+    def exec_done(self, frame: bytes) -> None: ...  # an EXEC's reply: its subscription changes apply
+    def upstream_auth_refused(self) -> None: ...
+    def reply_latency(self, seconds: float) -> None: ...
+
+
 class ReplyQueue:
     __slots__ = (
         "carry", "clock", "closing", "held", "monitoring", "pubsub_owed", "relayed_done", "relayed_owed",
         "sample", "scanner", "session", "slots", "to_client",
     )  # fmt: skip
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: ReplyOwner) -> None:
         self.session = session
         self.to_client: list[bytes] = []
         self.closing = False  # close the client once to_client is flushed
@@ -144,14 +153,14 @@ class ReplyQueue:
             elif kind in (EXEC_SUBS, SWALLOW_EXEC_SUBS):
                 frame = b"".join(self.held) + seg
                 self.held.clear()
-                self.session._exec_done(frame)
+                self.session.exec_done(frame)
                 if kind == EXEC_SUBS:
                     self.to_client.append(frame)
             elif kind == AUTHCHECK:
                 frame = b"".join(self.held) + seg
                 self.held.clear()
                 if frame.startswith(b"-"):
-                    self.session.shared.observer.upstream_auth_failed(self.session)
+                    self.session.upstream_auth_refused()
                     self.failed("redisguard: upstream authentication failed; check [upstream] username and password")
                     return
             else:  # SWALLOW*: a reply the client must not see (an aborted EXEC's, CLIENT REPLY SKIP)
@@ -180,7 +189,7 @@ class ReplyQueue:
     def _relayed(self, n: int) -> None:
         self.relayed_done += n
         if self.sample is not None and self.relayed_done >= self.sample[0]:
-            self.session.shared.observer.reply_latency(self.clock() - self.sample[1])
+            self.session.reply_latency(self.clock() - self.sample[1])
             self.sample = None
 
     def is_push(self, fr: Frame, slot: int) -> bool:

@@ -89,7 +89,7 @@ class StateCommands:
             self._abort_exec(EXECABORT_ACL)
             return
         # Subscriptions queued in the transaction change only if EXEC runs (WATCH can abort it), which
-        # only EXEC's reply tells: they are applied when it arrives (_exec_done), and until then the
+        # only EXEC's reply tells: they are applied when it arrives (exec_done), and until then the
         # session decides nothing more (in RESP2 whether it is subscribed changes what Redis accepts
         # and how its replies read).
         changes = list(self._multi_subs)
@@ -120,7 +120,7 @@ class StateCommands:
         self._forward(argv)
         self._end_multi()
 
-    def _exec_done(self, frame: bytes) -> None:
+    def exec_done(self, frame: bytes) -> None:
         """EXEC's reply arrived: unless the transaction was aborted (null, EXECABORT), its subscription
         changes happen now; and the requests held behind it are decided."""
         changes = self._exec_changes.popleft()

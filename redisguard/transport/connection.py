@@ -14,10 +14,10 @@ from typing import Any
 from redisguard.config.schema import ListenerConfig
 from redisguard.observe.audit import get_logger
 from redisguard.protocol.proxy_header import ProxyHeader
-from redisguard.protocol.slicer import Slicer
 from redisguard.session.core import Session, take
 from redisguard.transport.context import ConnectionContext, is_local, peer_name, source_of
 from redisguard.transport.edges import Admission, Endings
+from redisguard.transport.slicer import Slicer
 from redisguard.transport.tls import certificate_identity
 from redisguard.transport.upstream_link import HIGH_WATER, UpstreamLink
 

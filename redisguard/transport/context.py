@@ -11,17 +11,15 @@ import errno
 import ipaddress
 import resource
 import ssl
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from redisguard.config.schema import Config, ListenerConfig
 from redisguard.observe.audit import EventLimiter, get_logger
 from redisguard.observe.metrics import Metrics
 from redisguard.policy.decide import Shared
 from redisguard.policy.guards import source_allowed, source_key
+from redisguard.session.core import Session
 from redisguard.transport.handshakes import HandshakeBudget
-
-if TYPE_CHECKING:
-    from redisguard.transport.connection import ClientProtocol
 
 log = get_logger("redisguard")
 audit = get_logger("redisguard.audit")
@@ -61,6 +59,21 @@ def is_local(peername: Any) -> bool:
     return addr.is_loopback
 
 
+class Client(Protocol):
+    """A client connection as the runtime drives it (connection.py's ClientProtocol): a reload rebinds
+    or closes its session, a drain winds it down."""
+
+    @property
+    def session(self) -> Session | None: ...
+    @property
+    def closed(self) -> bool: ...
+    @property
+    def listener(self) -> ListenerConfig: ...
+    def close(self) -> None: ...
+    def drain(self) -> None: ...
+    def abort(self) -> None: ...
+
+
 class ConnectionContext:
     def __init__(self, config: Config, shared: Shared, metrics: Metrics, handshakes: HandshakeBudget,
                  upstream_ssl: ssl.SSLContext | None) -> None:  # fmt: skip
@@ -69,7 +82,7 @@ class ConnectionContext:
         self.metrics = metrics
         self.handshakes = handshakes
         self.upstream_ssl = upstream_ssl
-        self.clients: set[ClientProtocol] = set()
+        self.clients: set[Client] = set()
         self.active = {lst.name: 0 for lst in config.listeners}
         # Each listener's max_connections (with [server] workers, this worker's share: rounded up).
         self.max_connections = {lst.name: share(lst.max_connections, config.server.workers) for lst in config.listeners}

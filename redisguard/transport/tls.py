@@ -11,6 +11,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+
 from redisguard.config.schema import ListenerConfig, UpstreamConfig
 from redisguard.files.problems import file_problem
 from redisguard.files.versions import FileChanged, FileUnreadable, read_now
@@ -201,3 +203,36 @@ def certificate_identity(transport: asyncio.BaseTransport, lst: ListenerConfig) 
     sslobj = transport.get_extra_info("ssl_object")
     cert = sslobj.getpeercert() if sslobj is not None else None
     return peer_identity(cert, lst.cert_user or "cn") if cert else ""
+
+
+def not_after(path: str | os.PathLike[str], data: bytes | None = None) -> float:
+    """Expiry of the first certificate in a PEM file (``data``: its bytes as already read), as a Unix timestamp."""
+    cert = x509.load_pem_x509_certificate(Path(path).read_bytes() if data is None else data)
+    return cert.not_valid_after_utc.timestamp()
+
+
+class OpenSSLSupport:
+    """This process's OpenSSL, as the config checks it (config.schema.TLSSupport)."""
+
+    def ciphers_ok(self, ciphers: str) -> bool:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).set_ciphers(ciphers)
+        except ssl.SSLError:
+            return False
+        return True
+
+    def tls13_suites(self) -> tuple[str, ...]:
+        """The TLS 1.3 suites a server context offers: OpenSSL's defaults, or what OpenSSL's own config
+        (OPENSSL_CONF, ``Ciphersuites =``) sets for the process. Python's ssl cannot change them."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        return tuple(c["name"] for c in ctx.get_ciphers() if c["protocol"] == "TLSv1.3")
+
+    def curve_ok(self, name: str) -> bool:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).set_ecdh_curve(name)
+        except (ValueError, TypeError):
+            return False
+        return True
+
+
+OPENSSL = OpenSSLSupport()

@@ -19,13 +19,11 @@ import contextlib
 import socket
 import ssl
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from redisguard.protocol.slicer import Slicer
-
-if TYPE_CHECKING:
-    from redisguard.transport.connection import ClientProtocol
-    from redisguard.transport.context import ConnectionContext
+from redisguard.session.core import Session
+from redisguard.transport.context import ConnectionContext
+from redisguard.transport.slicer import Slicer
 
 # Stop reading from one side when the other side's write buffer passes this (per connection).
 HIGH_WATER = 1024 * 1024
@@ -36,12 +34,29 @@ LOGIN_REPLY_MAX = 4096
 AUTH_FAILED = "redisguard: upstream authentication failed; Redis refused this user's mirror user"
 
 
+class LinkOwner(Protocol):
+    """The client connection an upstream link serves (connection.py's ClientProtocol)."""
+
+    @property
+    def session(self) -> Session: ...
+    @property
+    def closed(self) -> bool: ...
+    @property
+    def link(self) -> UpstreamLink: ...
+    def upstream_received(self) -> None: ...
+    def upstream_failed(self, message: str) -> None: ...
+    def upstream_lost(self) -> None: ...
+    def pause_reading(self, why: str = ...) -> None: ...
+    def resume_reading(self, why: str = ...) -> None: ...
+    def proxy_header(self) -> bytes: ...
+
+
 class UpstreamProtocol(asyncio.Protocol):
     __slots__ = (
         "abandoned", "client", "login", "login_reply", "paused_by", "slicer", "transport",
     )  # fmt: skip
 
-    def __init__(self, client: ClientProtocol) -> None:
+    def __init__(self, client: LinkOwner) -> None:
         self.client = client
         self.transport: asyncio.Transport | None = None
         self.paused_by: set[str] = set()
@@ -121,7 +136,7 @@ class UpstreamLink:
         "client", "ctx", "pending", "pending_bytes", "protocol", "task",
     )  # fmt: skip
 
-    def __init__(self, client: ClientProtocol, ctx: ConnectionContext) -> None:
+    def __init__(self, client: LinkOwner, ctx: ConnectionContext) -> None:
         self.client = client
         self.ctx = ctx
         self.protocol: UpstreamProtocol | None = None
