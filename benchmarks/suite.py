@@ -139,7 +139,7 @@ def allowed_rps(report: Report, name: str, pipeline: int) -> float | None:
 
 def redisguard_tickets(cfg: Path) -> str:
     """How redisguard's TLS server context handles resumption, read from the context it would build."""
-    from redisguard.config.schema import load_config
+    from redisguard.config.load import load_config
     from redisguard.transport.tls import server_context
 
     ctx = server_context(next(lst for lst in load_config(cfg).listeners if lst.type == "tls"))

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from redisguard.cli.certs import init_dev_certs
-from redisguard.config.schema import ConfigError, load_config
+from redisguard.config.load import load_config
+from redisguard.config.model import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -72,7 +73,7 @@ def test_config_errors_name_the_key(tmp_path: Path, snippet: str, message: str) 
 
 def test_protected_command_settings(tmp_path: Path) -> None:
     assert "[acl]\n" in BASE
-    with pytest.raises(ConfigError, match=r'acl.enable_debug_command: "no", "yes", "local" or "upstream", got \'maybe\''):
+    with pytest.raises(ConfigError, match=r"acl.enable_debug_command: must be one of no, yes, local, upstream; got 'maybe'"):
         load_config(write(tmp_path, BASE.replace("[acl]\n", '[acl]\nenable_debug_command = "maybe"\n')))
     cfg = load_config(write(tmp_path, BASE.replace("[acl]\n", '[acl]\nenable_module_command = "local"\n')))
     assert (cfg.acl.enable_debug_command, cfg.acl.enable_module_command) == ("upstream", "local")

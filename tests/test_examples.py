@@ -11,7 +11,8 @@ from typing import Any
 import yaml
 
 from redisguard.cli.main import SYSTEM_CONFIG
-from redisguard.config.schema import Config, parse_config
+from redisguard.config.model import Config
+from redisguard.config.parse import parse_config
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "config" / "examples"

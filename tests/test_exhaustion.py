@@ -17,7 +17,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from redisguard.config.schema import ConfigError, LimitsConfig, parse_config
+from redisguard.config.model import ConfigError, LimitsConfig
+from redisguard.config.parse import parse_config
 from redisguard.observe.metrics import parse_samples
 
 from .helpers import USERS_ACL, ProxyProc, free_port, read_until, start_proxy, wait_port

@@ -30,7 +30,8 @@ from redisguard.acl import UsersFileError, load_users
 from redisguard.cli.certs import init_dev_certs
 from redisguard.cli.demo import scrape
 from redisguard.commands.table import CommandTable
-from redisguard.config.schema import ConfigError, ListenerConfig, TLSFiles, parse_config
+from redisguard.config.model import ConfigError, ListenerConfig, TLSFiles
+from redisguard.config.parse import parse_config
 from redisguard.files import versions as file_versions
 from redisguard.files.versions import FileChanged, FileVersion, difference, read_file, read_now
 from redisguard.observe.metrics import Metrics, parse_samples

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from redisguard.cli.firewall import rules
-from redisguard.config.schema import load_config
+from redisguard.config.load import load_config
 
 CONFIG = """
 [[listener]]

@@ -18,7 +18,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from redisguard.cli.demo import scrape
-from redisguard.config.schema import ConfigError, load_config
+from redisguard.config.load import load_config
+from redisguard.config.model import ConfigError
 from redisguard.policy.decide import LoginRules, Policy, Shared
 from redisguard.session.core import Session
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from redisguard.config.schema import UpstreamConfig, mirror_prefix_conflict
+from redisguard.config.model import UpstreamConfig, mirror_prefix_conflict
 from redisguard.observe.metrics import parse_samples
 
 from .helpers import (
@@ -307,7 +307,7 @@ def test_a_push_never_sets_nor_deletes_the_service_user(tmp_path: Path, certs: P
     import asyncio
 
     from redisguard.acl import load_users
-    from redisguard.config.schema import load_config
+    from redisguard.config.load import load_config
     from redisguard.upstream.identity import MirrorIdentity
 
     (tmp_path / "users.acl").write_text(USERS)
@@ -345,7 +345,8 @@ def test_mirror_prefix_conflict() -> None:
 # -- pure parts -------------------------------------------------------------------------------------
 
 def test_mirror_identity_refuses_the_conflict_however_the_mode_was_chosen(tmp_path: Path) -> None:
-    from redisguard.config.schema import ConfigError, load_config
+    from redisguard.config.load import load_config
+    from redisguard.config.model import ConfigError
     from redisguard.upstream.identity import MirrorIdentity
 
     (tmp_path / "users.acl").write_text(USERS)

@@ -33,7 +33,8 @@ import pytest
 import redis
 
 from redisguard.acl import load_users, new_user
-from redisguard.config.schema import Config, load_config
+from redisguard.config.load import load_config
+from redisguard.config.model import Config
 from redisguard.upstream.identity import KEY_CONTEXT, MirrorIdentity, mirror_key, mirror_rules
 
 from .helpers import (

@@ -317,7 +317,8 @@ def test_sighup_reloads_certificates(tmp_path: Path, redis_server) -> None:  # t
 
 def test_node_label_when_configured(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """[metrics] node: every series carries it (one sidecar per cluster node); without it, none does."""
-    from redisguard.config.schema import ConfigError, parse_config
+    from redisguard.config.model import ConfigError
+    from redisguard.config.parse import parse_config
     from redisguard.observe.metrics import Metrics, parse_samples
 
     m = Metrics(node="node-1")

@@ -23,7 +23,8 @@ import redis
 from redisguard.cli.certs import init_dev_certs
 from redisguard.cli.demo import free_port
 from redisguard.cli.preflight import preflight
-from redisguard.config.schema import ConfigError, load_config
+from redisguard.config.load import load_config
+from redisguard.config.model import ConfigError
 from redisguard.observe.metrics import parse_samples
 from redisguard.runtime.reconfigure import changed_settings
 
@@ -188,7 +189,7 @@ def test_unknown_keys_are_reported_before_missing_ones(tmp_path: Path, snippet: 
 
 def test_every_documented_option_is_a_known_key() -> None:
     """The shipped config shows every option (commented where default): each one is accepted."""
-    from redisguard.config.schema import KNOWN_KEYS
+    from redisguard.config.options import KNOWN_KEYS
 
     section = ""
     text = (Path(__file__).resolve().parent.parent / "config" / "redisguard.toml").read_text()

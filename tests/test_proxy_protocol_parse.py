@@ -156,7 +156,8 @@ _BASE = '[acl]\nusers_file = "users.acl"\n[[listener]]\ntype = "tcp"\naddress = 
     ('proxy_protocl = true\n', r"did you mean proxy_protocol"),
 ])  # fmt: skip
 def test_config_errors_name_the_key(tmp_path: Path, snippet: str, message: str) -> None:
-    from redisguard.config.schema import ConfigError, load_config
+    from redisguard.config.load import load_config
+    from redisguard.config.model import ConfigError
 
     (tmp_path / "users.acl").write_text("user default off\n")
     (tmp_path / "rg.toml").write_text(_BASE + snippet)
@@ -166,7 +167,7 @@ def test_config_errors_name_the_key(tmp_path: Path, snippet: str, message: str) 
 
 def test_config_accepted_and_warned(tmp_path: Path) -> None:
     from redisguard.cli.preflight import proxy_protocol_warnings
-    from redisguard.config.schema import load_config
+    from redisguard.config.load import load_config
 
     (tmp_path / "users.acl").write_text("user default off\n")
     (tmp_path / "rg.toml").write_text(

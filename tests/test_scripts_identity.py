@@ -525,7 +525,7 @@ def test_probes_never_run(tmp_path: Path, certs: Path, own_redis: RedisProc, ups
     import asyncio
     from dataclasses import replace
 
-    from redisguard.config.schema import load_config
+    from redisguard.config.load import load_config
     from redisguard.upstream.client import queued
 
     users = tmp_path / "users.acl"

@@ -21,7 +21,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from redisguard.cli import certs as certs_mod
 from redisguard.cli.preflight import crl_problem
-from redisguard.config.schema import ConfigError, load_config
+from redisguard.config.load import load_config
+from redisguard.config.model import ConfigError
 from redisguard.transport.tls import OPENSSL
 
 from .helpers import USERS_ACL, ProxyProc, RedisProc, start_proxy

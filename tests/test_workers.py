@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from redisguard.config.schema import ConfigError, load_config
+from redisguard.config.load import load_config
+from redisguard.config.model import ConfigError
 from redisguard.observe import metrics_merge
 from redisguard.observe.metrics import Metrics, parse_samples
 

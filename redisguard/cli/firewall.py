@@ -13,7 +13,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from redisguard.config.schema import Config, _is_loopback
+from redisguard.config.model import Config
+from redisguard.config.parse import _is_loopback
 
 TABLE = "redisguard"
 

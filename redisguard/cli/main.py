@@ -15,7 +15,8 @@ from redisguard.acl import ACLError, UsersFileError, hash_password, load_users, 
 from redisguard.cli import acl as cli_acl
 from redisguard.cli.preflight import preflight, proxy_protocol_warnings, root_warning
 from redisguard.commands.table import CommandTable
-from redisguard.config.schema import Config, ConfigError, load_config
+from redisguard.config.load import load_config
+from redisguard.config.model import Config, ConfigError
 from redisguard.policy.decide import Policy, decide
 from redisguard.transport.tls import OPENSSL
 
@@ -150,7 +151,7 @@ def identity_findings(config: Config, users: dict[str, Any], table: CommandTable
     the users whose scripts are refused (or, opted in, run with the service user's wider rights)."""
     import asyncio
 
-    from redisguard.config.schema import mirror_prefix_conflict
+    from redisguard.config.model import mirror_prefix_conflict
     from redisguard.policy.decide import SCRIPT_COMMANDS, covers, refused_commands, script_callable
     from redisguard.upstream.identity import Resolution, resolve
 

@@ -20,7 +20,8 @@ from typing import Any
 
 import hiredis
 
-from redisguard.config.schema import Config, _is_loopback
+from redisguard.config.model import Config
+from redisguard.config.parse import _is_loopback
 from redisguard.upstream import cluster
 from redisguard.upstream.client import upstream_replies
 

@@ -18,7 +18,7 @@ import ssl
 import stat
 from pathlib import Path
 
-from redisguard.config.schema import Config, ListenerConfig
+from redisguard.config.model import Config, ListenerConfig
 from redisguard.files.problems import access_hint, file_problem
 from redisguard.transport.tls import TLSConfigError, server_context, upstream_context
 

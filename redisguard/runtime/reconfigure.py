@@ -2,7 +2,7 @@
 
 A reload always re-reads the users file and the certificates. It also re-reads the TOML (an invalid
 file fails the whole reload, so a broken config is noticed before the next restart), compares the
-new :class:`~redisguard.config.schema.Config` with the running one, applies the settings that are safe to
+new :class:`~redisguard.config.model.Config` with the running one, applies the settings that are safe to
 change live (:data:`LIVE`), and logs the names — never the values, some are secrets — of the
 changed settings that take effect only after a restart.
 """
@@ -13,7 +13,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from redisguard.config.schema import Config, load_config
+from redisguard.config.load import load_config
+from redisguard.config.model import Config
 from redisguard.observe.audit import configure_logging, get_logger
 from redisguard.transport.tls import OPENSSL
 

@@ -34,7 +34,7 @@ from typing import Any
 from redisguard.acl import ACLError, ACLReplies, User, UsersFileError, admin
 from redisguard.acl.users_file import parse_users, parse_users_bytes
 from redisguard.commands.table import CommandTable
-from redisguard.config.schema import Config, ListenerConfig
+from redisguard.config.model import Config, ListenerConfig
 from redisguard.files.versions import read_now
 from redisguard.observe.audit import get_logger
 from redisguard.observe.least_privilege import breakage

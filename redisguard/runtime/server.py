@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from redisguard.acl import ACLReplies, load_users
 from redisguard.acl.users_file import missing_default_message
 from redisguard.commands.table import CommandTable
-from redisguard.config.schema import Config, ListenerConfig
+from redisguard.config.model import Config, ListenerConfig
 from redisguard.observe.audit import get_logger
 from redisguard.observe.events import Observer
 from redisguard.observe.metrics import Metrics, serve_http

@@ -68,7 +68,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created
 
 from redisguard.acl import ACLError, UsersFileError
 from redisguard.acl.users_file import read_users_file
-from redisguard.config.schema import Config
+from redisguard.config.model import Config
 from redisguard.files.versions import FileChanged, FileUnreadable, read_now
 from redisguard.observe import metrics_merge
 from redisguard.observe.audit import get_logger

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from redisguard.config.schema import Config
+from redisguard.config.model import Config
 from redisguard.files.versions import FileChanged, FileRead, FileUnreadable, read_files, stat_version, unstable
 from redisguard.observe.audit import get_logger
 from redisguard.observe.metrics import Metrics

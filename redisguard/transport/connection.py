@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Any
 
-from redisguard.config.schema import ListenerConfig
+from redisguard.config.model import ListenerConfig
 from redisguard.observe.audit import get_logger
 from redisguard.protocol.proxy_header import ProxyHeader
 from redisguard.session.core import Session, take

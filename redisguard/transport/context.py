@@ -13,7 +13,7 @@ import resource
 import ssl
 from typing import Any, Protocol
 
-from redisguard.config.schema import Config, ListenerConfig
+from redisguard.config.model import Config, ListenerConfig
 from redisguard.observe.audit import EventLimiter, get_logger
 from redisguard.observe.metrics import Metrics
 from redisguard.policy.decide import Shared

@@ -12,7 +12,7 @@ import time
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from redisguard.config.schema import ListenerConfig
+from redisguard.config.model import ListenerConfig
 from redisguard.observe.audit import get_logger
 from redisguard.protocol.proxy_header import MAX_HEADER, ProxyHeader, ProxyHeaderError, parse
 from redisguard.transport.connection import ClientProtocol

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
-from redisguard.config.schema import ListenerConfig
+from redisguard.config.model import ListenerConfig
 from redisguard.protocol.proxy_header import MAX_HEADER, ProxyHeaderError, parse
 from redisguard.transport.connection import ClientProtocol
 from redisguard.transport.context import ConnectionContext, from_proxy

@@ -13,7 +13,7 @@ from typing import Any
 
 from cryptography import x509
 
-from redisguard.config.schema import ListenerConfig, UpstreamConfig
+from redisguard.config.model import ListenerConfig, UpstreamConfig
 from redisguard.files.problems import file_problem
 from redisguard.files.versions import FileChanged, FileUnreadable, read_now
 
@@ -212,7 +212,7 @@ def not_after(path: str | os.PathLike[str], data: bytes | None = None) -> float:
 
 
 class OpenSSLSupport:
-    """This process's OpenSSL, as the config checks it (config.schema.TLSSupport)."""
+    """This process's OpenSSL, as the config checks it (config.parse.TLSSupport)."""
 
     def ciphers_ok(self, ciphers: str) -> bool:
         try:

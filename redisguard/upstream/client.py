@@ -11,7 +11,7 @@ from typing import Any
 import hiredis
 
 from redisguard.commands.table import CommandTable
-from redisguard.config.schema import Config
+from redisguard.config.model import Config
 from redisguard.policy.decide import Policy
 from redisguard.protocol.proxy_header import build_v2
 from redisguard.protocol.resp import encode_command

@@ -32,7 +32,7 @@ from typing import Any
 
 import hiredis
 
-from redisguard.config.schema import Config
+from redisguard.config.model import Config
 from redisguard.upstream.client import upstream_replies
 
 PASS, WARN, FAIL, UNKNOWN = "pass", "warn", "fail", "unknown"

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import ssl
 
-from redisguard.config.schema import Config
+from redisguard.config.model import Config
 from redisguard.observe.audit import get_logger
 from redisguard.observe.metrics import Metrics
 from redisguard.upstream.client import UpstreamReplyError, upstream_request

@@ -69,7 +69,7 @@ import hiredis
 from redisguard.acl import ACLError, User, new_user
 from redisguard.acl.user import printable_name
 from redisguard.commands.table import CommandTable
-from redisguard.config.schema import Config, ConfigError, mirror_prefix_conflict
+from redisguard.config.model import Config, ConfigError, mirror_prefix_conflict
 from redisguard.observe.audit import get_logger
 from redisguard.observe.metrics import Metrics
 from redisguard.policy.decide import LoginRules, Shared, refused_commands, script_callable, service_may_run
