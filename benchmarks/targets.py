@@ -17,7 +17,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.acl_scale import users_text  # noqa: E402
-from redisguard.cli.demo import free_port, wait_port  # noqa: E402
+from redisguard.cli.procs import free_port, wait_port  # noqa: E402
 
 BENCH_USER = "bench"
 BENCH_PASSWORD = "bench-password"  # benchmark-only credential, lives in the temp dir's users file

@@ -18,11 +18,9 @@ from pathlib import Path
 import hiredis
 import redis
 
-from redisguard.cli.demo import free_port
 from redisguard.protocol.resp import encode_command
 from redisguard.upstream.cluster import parse_nodes
-
-from .helpers import UPSTREAM_PASSWORD, UPSTREAM_USER, ProxyProc, RedisProc, start_proxy, start_redis
+from tests.helpers import UPSTREAM_PASSWORD, UPSTREAM_USER, ProxyProc, RedisProc, free_port, start_proxy, start_redis
 
 CLUSTER_USERS = """\
 user default off

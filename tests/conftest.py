@@ -8,8 +8,7 @@ import redis
 
 from redisguard.cli.certs import init_dev_certs
 from redisguard.commands.table import CommandTable
-
-from .helpers import USERS_ACL, ProxyProc, RedisProc, start_proxy, start_redis
+from tests.helpers import USERS_ACL, ProxyProc, RedisProc, start_proxy, start_redis
 
 
 @pytest.fixture(scope="session")
@@ -76,6 +75,6 @@ def own_redis() -> Iterator[RedisProc]:
 @pytest.fixture
 def direct(redis_server: RedisProc) -> redis.Redis:
     """A connection straight to the upstream Redis (as the service user), for checking effects."""
-    from .helpers import UPSTREAM_PASSWORD, UPSTREAM_USER
+    from tests.helpers import UPSTREAM_PASSWORD, UPSTREAM_USER
 
     return redis.Redis(port=redis_server.port, username=UPSTREAM_USER, password=UPSTREAM_PASSWORD)

@@ -12,7 +12,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from redisguard.cli.demo import free_port, wait_port, write_config  # the demo starts processes the same way
+from redisguard.cli.procs import free_port as free_port  # (for tests: the demo starts processes the same way)
+from redisguard.cli.procs import scrape as scrape
+from redisguard.cli.procs import wait_port as wait_port
+from redisguard.cli.procs import write_config
 
 UPSTREAM_USER = "svc"
 UPSTREAM_PASSWORD = "svc-test-password"

@@ -2,7 +2,7 @@
 
 ``_speedups`` (C, built by ``pip install``) is used when it imports; otherwise, or with
 ``REDISGUARD_NO_EXTENSIONS=1`` in the environment (as aiohttp's ``AIOHTTP_NO_EXTENSIONS``), ``_pure``.
-Both give the same answer for every input (tests/test_fast.py); only the speed differs.
+Both give the same answer for every input (tests/fast/test_kernel.py); only the speed differs.
 
 - ``stringmatchlen(pattern, string, nocase=False) -> bool``: Redis 7.0's glob (util.c).
 """

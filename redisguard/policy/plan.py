@@ -10,7 +10,7 @@ argument count. What remains per request is the arity test and one pattern match
 The path only ever answers *allowed*; anything else (unknown, disabled, wrong arity, a denial,
 channels, SORT's BY/GET, commands the session handles itself, containers whose subcommand is in
 argv[1], first-argument rules) returns None and the request goes to ``decide``, which gives Redis's
-exact answer. ``tests/test_fastpath.py`` checks that the two never disagree on what is allowed.
+exact answer. ``tests/policy/test_plan.py`` checks that the two never disagree on what is allowed.
 """
 
 from __future__ import annotations
