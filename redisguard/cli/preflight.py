@@ -120,6 +120,7 @@ def bind_all(config: Config) -> list[str]:
     """Bind (and listen on) every address the proxy will, all held together, then let them go."""
     held: list[socket.socket] = []
     errors: list[str] = []
+    taken: list[tuple[str, int]] = []  # SO_REUSEPORT would let two of our own sockets share a port: asked here
     try:
         for lst in config.listeners:
             where = f"listener {lst.name!r}"
@@ -128,12 +129,12 @@ def bind_all(config: Config) -> list[str]:
                 if problem:
                     errors.append(f"{where}: {problem}")
                 continue
-            problem = _bind(lst.host, lst.port, held)
+            problem = _claim(lst.host, lst.port, taken) or _bind(lst.host, lst.port, held)
             if problem:
                 errors.append(f"{where}: cannot listen on {lst.host}:{lst.port}: {problem}")
         m = config.metrics
         if m.enabled:
-            problem = _bind(m.host, m.port, held)
+            problem = _claim(m.host, m.port, taken) or _bind(m.host, m.port, held)
             if problem:
                 errors.append(f"metrics.address: cannot listen on {m.host}:{m.port} (the metrics port for /metrics, "
                               f"/healthz, /readyz): {problem}; change [metrics] address or stop the other process")  # fmt: skip
@@ -143,9 +144,23 @@ def bind_all(config: Config) -> list[str]:
     return errors
 
 
+# As transport.listeners.REUSE_PORT (not imported: this module stays free of the connection code)
+REUSE_PORT = hasattr(socket, "SO_REUSEPORT")
+WILDCARDS = ("", "0.0.0.0", "::")
+
+
+def _claim(host: str, port: int, taken: list[tuple[str, int]]) -> str | None:
+    """Another address of this config on the same port (the same host, or either one a wildcard)?"""
+    if port and any(p == port and (h == host or h in WILDCARDS or host in WILDCARDS) for h, p in taken):
+        return _bind_error(OSError(errno.EADDRINUSE, "in use"), port)
+    taken.append((host, port))
+    return None
+
+
 def _bind(host: str, port: int, held: list[socket.socket]) -> str | None:
-    """Bind and listen as asyncio's create_server would (every address the host resolves to,
-    SO_REUSEADDR, IPv6 sockets v6-only); the sockets go into ``held``. None, or the problem."""
+    """Bind and listen as the proxy will (every address the host resolves to, SO_REUSEADDR and
+    SO_REUSEPORT: a port an older redisguard of this user still holds while it drains is free to us;
+    IPv6 sockets v6-only); the sockets go into ``held``. None, or the problem."""
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
@@ -154,11 +169,14 @@ def _bind(host: str, port: int, held: list[socket.socket]) -> str | None:
         s = socket.socket(family, typ, proto)
         held.append(s)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if REUSE_PORT:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         try:
             s.bind(addr)
-            s.listen(1)  # (with SO_REUSEADDR, Linux lets two sockets bind one port until one listens)
+            if not REUSE_PORT:  # (with SO_REUSEADDR, Linux lets two sockets bind one port until one listens; with
+                s.listen(1)  # SO_REUSEPORT, bind refuses another's listening port, and listening would take connections)
         except OSError as e:
             return _bind_error(e, port)
     return None

@@ -164,12 +164,13 @@ def parse_samples(text: str) -> dict[str, float]:
 
 async def serve_http(
     metrics: Metrics | Callable[[], Awaitable[bytes]], host: str, port: int,
-    ready: Callable[[], Awaitable[tuple[bool, str]]], sock: socket.socket | None = None,
+    ready: Callable[[], Awaitable[tuple[bool, str]]], sock: socket.socket | None = None, reuse_port: bool = False,
 ) -> asyncio.AbstractServer:  # fmt: skip
     """/metrics, /healthz (alive), /readyz (listeners up, certs loaded, upstream answers).
 
     ``metrics``: this process's, or (the supervisor of workers) a coroutine that renders the text;
-    ``sock``: an already bound socket instead of ``host`` and ``port``."""
+    ``sock``: an already bound socket instead of ``host`` and ``port`` (bound with SO_REUSEPORT if
+    ``reuse_port``)."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -199,4 +200,4 @@ async def serve_http(
 
     if sock is not None:
         return await asyncio.start_server(handle, sock=sock)
-    return await asyncio.start_server(handle, host, port)
+    return await asyncio.start_server(handle, host, port, reuse_port=reuse_port)
