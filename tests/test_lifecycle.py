@@ -6,6 +6,8 @@ from __future__ import annotations
 import signal
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -250,3 +252,48 @@ def test_a_replacement_binds_and_serves_while_the_old_one_drains(tmp_path: Path,
         old.stop()
         if new is not None:
             new.stop()
+
+
+def test_serve_takeover_starts_alongside_and_the_old_one_can_go(tmp_path: Path, certs: Path, redis_server: RedisProc
+                                                                ) -> None:  # fmt: skip
+    """A second redisguard on the ports a running one listens on is refused (it would share its clients
+    silently), unless it is started with --takeover: then both serve, and once the old one is stopped the
+    new one serves alone. A unix socket is replaced, and the old
+    process does not remove the new one's at its end."""
+    users = tmp_path / "users.acl"
+    users.write_text(USERS)
+    path = tmp_path / "rg.sock"
+    old = start_proxy(tmp_path, certs, users, redis_server.port,
+                      extra=f'[[listener]]\nname = "sock"\ntype = "unix"\npath = "{path}"\n')  # fmt: skip
+    serve = [sys.executable, "-m", "redisguard", "serve", "-c", str(old.config)]
+    new = None
+    try:
+        refused = subprocess.run(serve, capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2 and "address already in use" in refused.stderr
+        log = tmp_path / "takeover.log"
+        new = subprocess.Popen([*serve, "--takeover"], stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
+        deadline = time.monotonic() + 30
+        while "redisguard_started" not in log.read_text() and new.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "redisguard_started" in log.read_text(), log.read_text()
+        for i in range(20):  # both listen: every connection is served, by one or the other
+            s = _client(old, certs, tls=i % 2 == 0)
+            s.sendall(encode_command([b"PING"]))
+            assert s.recv(100) == b"+PONG\r\n"
+            s.close()
+        old.proc.send_signal(signal.SIGTERM)
+        assert old.proc.wait(30) == 0
+        s = _client(old, certs)  # (the same ports: the new process's now)
+        s.sendall(encode_command([b"PING"]))
+        assert s.recv(100) == b"+PONG\r\n"
+        s.close()
+        with socket.socket(socket.AF_UNIX) as u:
+            u.settimeout(10)
+            u.connect(str(path))
+            u.sendall(encode_command([b"AUTH", b"app", b"app-pw"]) + encode_command([b"PING"]))
+            assert read_until(u, b"+OK\r\n+PONG\r\n") == b"+OK\r\n+PONG\r\n"
+    finally:
+        old.stop()
+        if new is not None:
+            new.terminate()
+            new.wait(30)

@@ -136,12 +136,24 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=r,
         )
+        self.policy_info = Gauge("redisguard_policy_info", "1, labelled with the digest of the policy in force: "
+                                 "the users as ACL LIST lists them, [acl] disabled_commands and mode (sidecars of one "
+                                 "cluster should agree; a reload or ACL SETUSER replaces the series).", ["digest"],
+                                 registry=r)  # fmt: skip
+        self.policy_digest = ""
         self.malloc_trims = Counter("redisguard_malloc_trims", "Calls of malloc_trim(0) after connections closed.",
                                     registry=r)  # fmt: skip
 
     def reload_result(self, ok: bool) -> None:
         self.config_reloads.labels("success" if ok else "failure").inc()
         self.config_last_reload_ok.set(1 if ok else 0)
+
+    def set_policy_digest(self, digest: str) -> None:
+        """One series at a time: the old digest's goes."""
+        if digest != self.policy_digest:
+            self.policy_info.clear()
+            self.policy_info.labels(digest).set(1)
+            self.policy_digest = digest
 
     def set_build_info(self, redis_version: str) -> None:
         self.build_info.labels(__version__, platform.python_version(), redis_version, fast.KERNEL).set(1)

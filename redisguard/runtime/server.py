@@ -79,6 +79,7 @@ class Proxy:
         self.monitor = UpstreamMonitor(config, self.metrics)  # redisguard_upstream_up on a quiet host
         self.profile_store: ProfileStore | None = None  # the traffic profile's file ([profile])
         self.watch: FileWatch | None = None  # [server] reload_interval
+        self.policy_key: tuple[bytes, frozenset[str], bool] | None = None  # what the policy digest was made of
         self.unix_inodes: dict[Path, int] = {}  # the unix sockets this process made (its drain removes only those)
 
     @property
@@ -144,6 +145,8 @@ class Proxy:
         self.reloader = Reloader(cfg, self.table, self.shared, self.ctx, self._set_config)
         self.metrics.fd_accounted.set_function(lambda: self.ctx.fd_limit - self.ctx.fds_left())
         self.metrics.set_build_info(self.table.redis_version)
+        self.metrics.before_render.append(self._policy_info)
+        self._policy_info()
         if self.worker is not None:
             self.worker.attach(self)
 
@@ -220,6 +223,17 @@ class Proxy:
     def _factory(self, lst: ListenerConfig) -> Any:
         cls = ProxiedClientProtocol if lst.proxy_protocol else ClientProtocol  # tcp/unix; TLS reads it in listeners.py
         return lambda: cls(self.ctx, lst)
+
+    def _policy_info(self) -> None:
+        """Before a scrape: the digest of the policy in force, once its ACL LIST reply is built (off the
+        loop after every change; until then the previous digest stays, for a moment)."""
+        replies, policy = self.shared.acl_replies, self.policy
+        listed = replies.listed if replies is not None and replies.users is policy.users else None
+        if listed is not None:
+            key = (listed, policy.disabled, policy.audit_all)
+            if key != self.policy_key:  # (hashed once per change, not per scrape)
+                self.policy_key = key
+                self.metrics.set_policy_digest(policy.digest(listed))
 
     def _load_certificates(self, lst: ListenerConfig) -> None:
         """Build the listener's TLS context (new handshakes use it) and export expiry times."""
