@@ -43,7 +43,7 @@ def reloads(metrics_port: int) -> int:
 
 def wait_digest(port: int, old: str) -> list[str]:
     deadline = time.monotonic() + 10
-    while (now := digests(port)) == [old] and time.monotonic() < deadline:
+    while ((now := digests(port)) == [old] or len(now) != 1) and time.monotonic() < deadline:  # (workers: a moment apart)
         time.sleep(0.05)
     return now
 
@@ -105,3 +105,21 @@ def test_check_config_compares_with_peers(tmp_path: Path, certs: Path, redis_ser
     finally:
         a.stop()
         b.stop()
+
+
+def test_workers_publish_one_digest(tmp_path: Path, certs: Path, redis_server: RedisProc) -> None:
+    """With workers the supervisor merges their series: one digest, the config's, and after an ACL
+    SETUSER (which every worker applies before it is answered) one digest again, the new one."""
+    users = tmp_path / "users.acl"
+    users.write_text(USERS)
+    p = start_proxy(tmp_path, certs, users, redis_server.port, extra="[server]\nworkers = 2\n")
+    try:
+        (first,) = digests(p.metrics_port)
+        assert first == config_digest(load_config(p.config))
+        admin = redis.Redis(port=p.plain_port, username="admin", password="admin-pw")
+        assert admin.execute_command("ACL", "SETUSER", "rest", "+hset")
+        admin.close()
+        (changed,) = wait_digest(p.metrics_port, first)
+        assert changed != first
+    finally:
+        p.stop()
