@@ -95,6 +95,11 @@ class ACLReplies:
             self._users_reply = acl_users(self.users)
         return self._users_reply
 
+    @property
+    def listed(self) -> bytes | None:
+        """The ACL LIST reply if it is built (never builds it: safe on the event loop whatever the users)."""
+        return self._list_reply
+
     def acl_list(self) -> bytes:
         if self._list_reply is None:
             self._list_reply = acl_list(self.users)

@@ -51,7 +51,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = _load(args.config)
     except ConfigError as e:
         return _die(str(e))
-    problems = preflight(config)
+    problems = preflight(config, takeover=args.takeover)
     if problems:
         for problem in problems:
             print(f"redisguard: {problem}", file=sys.stderr)
@@ -207,6 +207,13 @@ def login_warnings(config: Config, users: dict[str, Any]) -> list[str]:
 def cmd_check_config(args: argparse.Namespace) -> int:
     notes: list[str] = []
     errors, warnings = config_warnings(args.config, bind=not args.skip_bind, notes=notes)
+    if args.peer and not errors:
+        from redisguard.cli.peers import compare, config_digest
+
+        digest = config_digest(_load(args.config))
+        notes.append(f"policy digest: {digest} (redisguard_policy_info)")
+        peer_errors, peer_notes = compare(digest, args.peer)
+        errors, notes = errors + peer_errors, notes + peer_notes
     for note in notes:
         print(f"note: {note}", file=sys.stderr)  # (stdout stays the one OK line scripts read)
     for w in warnings:
@@ -315,12 +322,16 @@ def main(argv: list[str] | None = None) -> int:
 
     s = command(sub, "serve", "run the proxy (SIGHUP reloads users and certificates, SIGTERM drains and stops)")
     _config_option(s)
+    s.add_argument("--takeover", action="store_true", help="start alongside a running redisguard of this user on "
+                   "the same ports, sharing new connections until it is stopped (a restart with no refused connection)")
     s.set_defaults(func=cmd_serve)
 
     s = command(sub, "check-config", "validate a config without starting: its users file, certificates and keys, "
                 "and that every listener and the metrics port can be bound")  # fmt: skip
     _config_option(s)
     s.add_argument("--skip-bind", action="store_true", help="do not test-bind addresses (a config for another host)")
+    s.add_argument("--peer", action="append", default=[], metavar="HOST:PORT",
+                   help="a peer sidecar's metrics address: fail unless it enforces this config's policy (repeatable)")
     s.set_defaults(func=cmd_check_config)
 
     s = command(sub, "audit-upstream", "connect to Redis as the configured upstream user and report its hardening "

@@ -26,12 +26,13 @@ from redisguard.transport.tls import TLSConfigError, server_context, upstream_co
 MAX_UNIX_PATH = 107
 
 
-def preflight(config: Config, bind: bool = True) -> list[str]:
+def preflight(config: Config, bind: bool = True, takeover: bool = False) -> list[str]:
     """One line per problem; ``bind=False`` skips the port and socket tests (checking a config for
-    another host, or inside an image build)."""
+    another host, or inside an image build); ``takeover`` (serve --takeover): a listener port that a
+    redisguard of this user holds is no problem (the restart handover, docs: SO_REUSEPORT)."""
     errors = files_and_tls(config)
     if bind:
-        errors += bind_all(config)
+        errors += bind_all(config, takeover)
     return errors
 
 
@@ -116,24 +117,30 @@ def proxy_protocol_warnings(config: Config) -> list[str]:
     return out
 
 
-def bind_all(config: Config) -> list[str]:
-    """Bind (and listen on) every address the proxy will, all held together, then let them go."""
+def bind_all(config: Config, takeover: bool = False) -> list[str]:
+    """Bind (and listen on) every address the proxy will, all held together, then let them go.
+
+    The proxy binds with SO_REUSEPORT (transport.listeners.REUSE_PORT), which would let it join a port
+    another redisguard of this user listens on and share its clients silently: a listener port is tested
+    without it, so that is refused unless ``takeover``. The metrics port is tested with it: a process
+    that drains keeps answering /readyz there till its end, and its replacement must start meanwhile."""
     held: list[socket.socket] = []
     errors: list[str] = []
+    taken: list[tuple[str, int]] = []
     try:
         for lst in config.listeners:
             where = f"listener {lst.name!r}"
             if lst.type == "unix":
-                problem = unix_path_problem(lst)
+                problem = unix_path_problem(lst, takeover)
                 if problem:
                     errors.append(f"{where}: {problem}")
                 continue
-            problem = _bind(lst.host, lst.port, held)
+            problem = _claim(lst.host, lst.port, taken) or _bind(lst.host, lst.port, held, share=takeover)
             if problem:
                 errors.append(f"{where}: cannot listen on {lst.host}:{lst.port}: {problem}")
         m = config.metrics
         if m.enabled:
-            problem = _bind(m.host, m.port, held)
+            problem = _claim(m.host, m.port, taken) or _bind(m.host, m.port, held, share=True)
             if problem:
                 errors.append(f"metrics.address: cannot listen on {m.host}:{m.port} (the metrics port for /metrics, "
                               f"/healthz, /readyz): {problem}; change [metrics] address or stop the other process")  # fmt: skip
@@ -143,9 +150,24 @@ def bind_all(config: Config) -> list[str]:
     return errors
 
 
-def _bind(host: str, port: int, held: list[socket.socket]) -> str | None:
+# As transport.listeners.REUSE_PORT (not imported: this module stays free of the connection code)
+REUSE_PORT = hasattr(socket, "SO_REUSEPORT")
+WILDCARDS = ("", "0.0.0.0", "::")
+
+
+def _claim(host: str, port: int, taken: list[tuple[str, int]]) -> str | None:
+    """Another address of this config on the same port (the same host, or either one a wildcard)? Asked
+    here: two sockets bound with SO_REUSEPORT do not conflict."""
+    if port and any(p == port and (h == host or h in WILDCARDS or host in WILDCARDS) for h, p in taken):
+        return _bind_error(OSError(errno.EADDRINUSE, "in use"), port)
+    taken.append((host, port))
+    return None
+
+
+def _bind(host: str, port: int, held: list[socket.socket], share: bool) -> str | None:
     """Bind and listen as asyncio's create_server would (every address the host resolves to,
-    SO_REUSEADDR, IPv6 sockets v6-only); the sockets go into ``held``. None, or the problem."""
+    SO_REUSEADDR, IPv6 sockets v6-only), with SO_REUSEPORT if ``share`` (a port a redisguard of this user
+    holds is free to us then); the sockets go into ``held``. None, or the problem."""
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
@@ -154,11 +176,15 @@ def _bind(host: str, port: int, held: list[socket.socket]) -> str | None:
         s = socket.socket(family, typ, proto)
         held.append(s)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        share = share and REUSE_PORT
+        if share:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         try:
             s.bind(addr)
-            s.listen(1)  # (with SO_REUSEADDR, Linux lets two sockets bind one port until one listens)
+            if not share:  # (with SO_REUSEADDR, Linux lets two sockets bind one port until one listens; with
+                s.listen(1)  # SO_REUSEPORT, bind refuses another's listening port, and listening would take connections)
         except OSError as e:
             return _bind_error(e, port)
     return None
@@ -175,8 +201,9 @@ def _bind_error(e: OSError, port: int) -> str:
     return e.strerror or str(e)
 
 
-def unix_path_problem(lst: ListenerConfig) -> str | None:
-    """Can a unix socket be created at the listener's path (and is nothing else using it)?"""
+def unix_path_problem(lst: ListenerConfig, takeover: bool = False) -> str | None:
+    """Can a unix socket be created at the listener's path (and is nothing else using it, unless
+    ``takeover``: then the socket is replaced, and the process that made it keeps its clients)?"""
     assert lst.path is not None
     path = lst.path
     if len(os.fsencode(path)) > MAX_UNIX_PATH:
@@ -194,7 +221,7 @@ def unix_path_problem(lst: ListenerConfig) -> str | None:
         return f"{path}: {e.strerror}"
     if not stat.S_ISSOCK(st.st_mode):
         return f"{path}: exists and is not a socket (redisguard would replace it): remove it or choose another path"
-    if _socket_in_use(path):
+    if not takeover and _socket_in_use(path):
         return f"{path}: another process is listening on this socket (is redisguard already running?)"
     return None
 

@@ -136,12 +136,24 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=r,
         )
+        self.policy_info = Gauge("redisguard_policy_info", "1, labelled with the digest of the policy in force: "
+                                 "the users as ACL LIST lists them, [acl] disabled_commands and mode (sidecars of one "
+                                 "cluster should agree; a reload or ACL SETUSER replaces the series).", ["digest"],
+                                 registry=r)  # fmt: skip
+        self.policy_digest = ""
         self.malloc_trims = Counter("redisguard_malloc_trims", "Calls of malloc_trim(0) after connections closed.",
                                     registry=r)  # fmt: skip
 
     def reload_result(self, ok: bool) -> None:
         self.config_reloads.labels("success" if ok else "failure").inc()
         self.config_last_reload_ok.set(1 if ok else 0)
+
+    def set_policy_digest(self, digest: str) -> None:
+        """One series at a time: the old digest's goes."""
+        if digest != self.policy_digest:
+            self.policy_info.clear()
+            self.policy_info.labels(digest).set(1)
+            self.policy_digest = digest
 
     def set_build_info(self, redis_version: str) -> None:
         self.build_info.labels(__version__, platform.python_version(), redis_version, fast.KERNEL).set(1)
@@ -164,12 +176,13 @@ def parse_samples(text: str) -> dict[str, float]:
 
 async def serve_http(
     metrics: Metrics | Callable[[], Awaitable[bytes]], host: str, port: int,
-    ready: Callable[[], Awaitable[tuple[bool, str]]], sock: socket.socket | None = None,
+    ready: Callable[[], Awaitable[tuple[bool, str]]], sock: socket.socket | None = None, reuse_port: bool = False,
 ) -> asyncio.AbstractServer:  # fmt: skip
     """/metrics, /healthz (alive), /readyz (listeners up, certs loaded, upstream answers).
 
     ``metrics``: this process's, or (the supervisor of workers) a coroutine that renders the text;
-    ``sock``: an already bound socket instead of ``host`` and ``port``."""
+    ``sock``: an already bound socket instead of ``host`` and ``port`` (bound with SO_REUSEPORT if
+    ``reuse_port``)."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -199,4 +212,4 @@ async def serve_http(
 
     if sock is not None:
         return await asyncio.start_server(handle, sock=sock)
-    return await asyncio.start_server(handle, host, port)
+    return await asyncio.start_server(handle, host, port, reuse_port=reuse_port)

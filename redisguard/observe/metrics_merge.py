@@ -28,6 +28,7 @@ GAUGE_RULES: dict[str, Callable[[Iterable[float]], float]] = {
     "redisguard_config_last_reload_successful": min,  # 0 if any worker's last reload failed
     "redisguard_certificate_expiry_timestamp_seconds": min,  # the soonest, should workers disagree
     "redisguard_build_info": max,
+    "redisguard_policy_info": max,  # 1 per digest; workers differ only while a change reaches them all
     "redisguard_file_descriptors_limit": max,  # a per-process limit: the busiest worker's headroom matters
     "redisguard_file_descriptors_accounted": max,
 }

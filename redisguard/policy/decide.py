@@ -17,6 +17,7 @@ users (:meth:`Policy.may_script`, computed by :func:`covers`), unless ``[upstrea
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -109,6 +110,16 @@ class Policy:
 
     def with_users(self, users: dict[str, User]) -> Policy:
         return replace(self, users=users)
+
+    def digest(self, acl_list: bytes) -> str:
+        """The policy's fingerprint, for comparing sidecars (redisguard_policy_info, check-config --peer):
+        SHA-256 of the users as ``ACL LIST`` answers them (``acl_list``: sorted by name, each user's rules in
+        Redis's canonical form, password hashes included, so the file's comments, order and spacing do not
+        count), [acl] disabled_commands and whether mode is audit; its first 16 hex digits."""
+        h = hashlib.sha256(acl_list)
+        h.update(b"\ndisabled_commands " + " ".join(sorted(self.disabled)).encode())
+        h.update(b"\nmode audit" if self.audit_all else b"\nmode enforce")
+        return "sha256:" + h.hexdigest()[:16]
 
     def audits(self, user: User) -> bool:
         """Is ``user`` in audit mode (its ACL denials forwarded, not enforced)?"""

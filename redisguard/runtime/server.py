@@ -37,7 +37,7 @@ from redisguard.runtime.watch import FileWatch
 from redisguard.transport.connection import ClientProtocol
 from redisguard.transport.context import ConnectionContext, share
 from redisguard.transport.handshakes import HandshakeBudget
-from redisguard.transport.listeners import TLSServer
+from redisguard.transport.listeners import REUSE_PORT, TLSServer
 from redisguard.transport.proxied import ProxiedClientProtocol
 from redisguard.transport.tls import read_listener_files, server_context, upstream_context
 from redisguard.upstream.client import fetch_command_table, protected_settings, upstream_request
@@ -79,6 +79,8 @@ class Proxy:
         self.monitor = UpstreamMonitor(config, self.metrics)  # redisguard_upstream_up on a quiet host
         self.profile_store: ProfileStore | None = None  # the traffic profile's file ([profile])
         self.watch: FileWatch | None = None  # [server] reload_interval
+        self.policy_key: tuple[bytes, frozenset[str], bool] | None = None  # what the policy digest was made of
+        self.unix_inodes: dict[Path, int] = {}  # the unix sockets this process made (its drain removes only those)
 
     @property
     def policy(self) -> Policy:
@@ -143,6 +145,8 @@ class Proxy:
         self.reloader = Reloader(cfg, self.table, self.shared, self.ctx, self._set_config)
         self.metrics.fd_accounted.set_function(lambda: self.ctx.fd_limit - self.ctx.fds_left())
         self.metrics.set_build_info(self.table.redis_version)
+        self.metrics.before_render.append(self._policy_info)
+        self._policy_info()
         if self.worker is not None:
             self.worker.attach(self)
 
@@ -161,7 +165,6 @@ class Proxy:
         gc.freeze()  # the users and the command table live as long as the process: keep them out of GC passes
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(self._exception_handler)
-        workers = self.worker is not None  # TCP: one SO_REUSEPORT socket per worker; unix: the supervisor's
         for lst in self.config.listeners:
             factory = self._factory(lst)
             if lst.type == "unix" and self.worker is not None:
@@ -172,16 +175,17 @@ class Proxy:
                     os.unlink(lst.path)
                 srv = await loop.create_unix_server(factory, str(lst.path))
                 os.chmod(lst.path, lst.socket_mode)
+                self.unix_inodes[lst.path] = os.stat(lst.path).st_ino
             elif lst.type == "tls":
                 self._load_certificates(lst)
-                srv = TLSServer(self.ctx, lst, reuse_port=workers)  # type: ignore[assignment]
-            else:
-                srv = await loop.create_server(factory, lst.host, lst.port, reuse_address=True, reuse_port=workers,
+                srv = TLSServer(self.ctx, lst)  # type: ignore[assignment]
+            else:  # (with workers, each binds its own: SO_REUSEPORT; unix sockets are the supervisor's)
+                srv = await loop.create_server(factory, lst.host, lst.port, reuse_address=True, reuse_port=REUSE_PORT,
                                                backlog=1024)  # fmt: skip
             self.servers.append(srv)
         if self.config.metrics.enabled and self.worker is None:  # with workers, the supervisor serves it
             m = self.config.metrics
-            self.servers.append(await serve_http(self.metrics, m.host, m.port, self.ready))
+            self.servers.append(await serve_http(self.metrics, m.host, m.port, self.ready, reuse_port=REUSE_PORT))
         self.ctx.fd_base = _open_fds()
         self.tick_due = time.monotonic() + TICK
         self.tick_handle = loop.call_later(TICK, self._tick)
@@ -219,6 +223,17 @@ class Proxy:
     def _factory(self, lst: ListenerConfig) -> Any:
         cls = ProxiedClientProtocol if lst.proxy_protocol else ClientProtocol  # tcp/unix; TLS reads it in listeners.py
         return lambda: cls(self.ctx, lst)
+
+    def _policy_info(self) -> None:
+        """Before a scrape: the digest of the policy in force, once its ACL LIST reply is built (off the
+        loop after every change; until then the previous digest stays, for a moment)."""
+        replies, policy = self.shared.acl_replies, self.policy
+        listed = replies.listed if replies is not None and replies.users is policy.users else None
+        if listed is not None:
+            key = (listed, policy.disabled, policy.audit_all)
+            if key != self.policy_key:  # (hashed once per change, not per scrape)
+                self.policy_key = key
+                self.metrics.set_policy_digest(policy.digest(listed))
 
     def _load_certificates(self, lst: ListenerConfig) -> None:
         """Build the listener's TLS context (new handshakes use it) and export expiry times."""
@@ -292,10 +307,15 @@ class Proxy:
             await self.profile_store.stop()
         if self.worker is not None:
             return  # the supervisor owns the unix socket paths
-        for lst in self.config.listeners:
-            if lst.type == "unix" and lst.path:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(lst.path)
+        for path, inode in self.unix_inodes.items():
+            remove_socket(path, inode)
+
+
+def remove_socket(path: Path, inode: int) -> None:
+    """Unlink the unix socket this process made at ``path``, not a replacement's made there during the drain."""
+    with contextlib.suppress(FileNotFoundError):
+        if os.stat(path).st_ino == inode:
+            os.unlink(path)
 
 
 def _raise_fd_limit() -> int:

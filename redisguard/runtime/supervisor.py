@@ -61,6 +61,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -73,9 +74,10 @@ from redisguard.files.versions import FileChanged, FileUnreadable, read_now
 from redisguard.observe import metrics_merge
 from redisguard.observe.audit import get_logger
 from redisguard.observe.metrics import serve_http
-from redisguard.runtime.server import run
+from redisguard.runtime.server import remove_socket, run
 from redisguard.runtime.watch import watched_files
 from redisguard.runtime.worker_link import Endpoint, Journal, WorkerLink, encode_files, read_message
+from redisguard.transport.listeners import REUSE_PORT
 
 log = get_logger("redisguard")
 
@@ -135,6 +137,7 @@ class Supervisor:
         self.pending: dict[int, Pending] = {}  # changes sent, by sequence number, not yet applied everywhere
         self.retired: metrics_merge.Families = {}  # counters of workers that exited
         self.inherited: dict[str, socket.socket] = {}  # unix listeners, by name
+        self.unix_inodes: dict[Path, int] = {}  # their paths (only these are removed at the end)
         self.metrics_sock: socket.socket | None = None
         self.stopping = False
         self.code = 0
@@ -160,13 +163,14 @@ class Supervisor:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.bind(str(lst.path))
             os.chmod(lst.path, lst.socket_mode)
+            self.unix_inodes[lst.path] = os.stat(lst.path).st_ino
             sock.listen(1024)
             sock.setblocking(False)
             self.inherited[lst.name] = sock
         m = self.config.metrics
         if m.enabled:
             family = socket.AF_INET6 if ":" in m.host else socket.AF_INET
-            self.metrics_sock = socket.create_server((m.host, m.port), family=family)
+            self.metrics_sock = socket.create_server((m.host, m.port), family=family, reuse_port=REUSE_PORT)
 
     # -- the supervisor's loop ---------------------------------------------------------------------
     async def run(self) -> int:
@@ -188,11 +192,10 @@ class Supervisor:
         code = await self.done
         if http is not None:
             http.close()
-        for lst in self.config.listeners:
-            if lst.type == "unix" and lst.path is not None:
-                self.inherited[lst.name].close()
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(lst.path)
+        for sock in self.inherited.values():
+            sock.close()
+        for path, inode in self.unix_inodes.items():
+            remove_socket(path, inode)
         log.info("redisguard_stopped", workers=self.n)
         return code
 

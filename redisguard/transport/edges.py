@@ -5,7 +5,10 @@ slot, a PROXY header's client) and endings (the auth and idle timeouts, the drai
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import socket
+import struct
+import termios
 import time
 from typing import Any
 
@@ -16,6 +19,10 @@ from redisguard.transport.context import peer_name, source_of
 audit = get_logger("redisguard.audit")
 # A draining client is closed once it has been at rest and silent this long.
 DRAIN_QUIET = 0.1
+# A TLS close waits for the client's close_notify (uvloop: up to 30 s), which an idle client that is not
+# reading never sends: once every byte we sent, our close_notify included, is acknowledged by its TCP
+# stack (nothing left in the kernel's send queue) the connection is cut, checked this often.
+DRAIN_LINGER = 0.2
 
 
 class Admission:
@@ -94,9 +101,12 @@ class Endings:
             self.transport.abort()  # type: ignore[union-attr]
 
     def drain(self) -> None:
-        """The proxy is stopping: answer what the client sends, and close it once it is at rest (nothing
-        owed, no reply half sent) and has sent nothing for DRAIN_QUIET seconds, so a pipeline still
-        arriving is served whole."""
+        """The proxy is stopping: answer what the client sends, and close it once nothing is in flight
+        and it has sent nothing for DRAIN_QUIET seconds, so a pipeline still arriving is served whole.
+
+        In flight: a request not yet answered (a blocked BLPOP included), a reply half sent, or an open
+        MULTI (its EXEC is still to come). Subscribed and MONITOR clients are closed once quiet, as a
+        Redis restart closes them (they resubscribe on reconnect)."""
         self.draining = True
         self.drain_seen = False
         asyncio.get_running_loop().call_later(DRAIN_QUIET, self._drain_check)
@@ -104,14 +114,36 @@ class Endings:
     def _drain_check(self) -> None:
         if self.closed:
             return
-        if self.session.at_rest and not self.drain_seen and not self.slicer.queue and not self.session.to_client:
+        s = self.session
+        if s.at_rest and not s.in_multi and not self.drain_seen and not self.slicer.queue and not s.to_client:
             self.close()  # (what the transport still buffers is flushed before it closes)
+            if self.listener.type == "tls":
+                asyncio.get_running_loop().call_later(DRAIN_LINGER, self._drain_linger)
             return
         self.drain_seen = False
         asyncio.get_running_loop().call_later(DRAIN_QUIET, self._drain_check)
+
+    def _drain_linger(self) -> None:
+        """A TLS client closed by the drain: cut once the peer has every byte (see DRAIN_LINGER)."""
+        if self.closed or self.transport is None:
+            return
+        if self.transport.get_write_buffer_size() == 0 and _unsent(self.transport) == 0:
+            self.abort()
+            return
+        asyncio.get_running_loop().call_later(DRAIN_LINGER, self._drain_linger)
 
     def abort(self) -> None:
         """The drain's time is up: cut the connection."""
         if self.transport is not None:
             self.transport.abort()
         self.link.close()
+
+
+def _unsent(transport: asyncio.BaseTransport) -> int:
+    """Bytes in the socket's kernel send queue not yet acknowledged by the peer (Linux SIOCOUTQ); -1 if
+    unknown (the drain's deadline cuts the connection then)."""
+    sock = transport.get_extra_info("socket")
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0])
+    except (AttributeError, OSError, ValueError):
+        return -1

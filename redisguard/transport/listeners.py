@@ -20,6 +20,11 @@ from redisguard.transport.context import from_proxy, peer_name, source_of
 from redisguard.transport.handshakes import Waiting
 
 audit = get_logger("redisguard.audit")
+# Every TCP and TLS listener (and the metrics port) binds with SO_REUSEPORT: [server] workers each bind
+# their own socket, and a replacement process can bind while the one it replaces still listens or drains
+# (docs/operations.md: a restart with no refused connection). Linux lets only a process of the same
+# effective uid join a port bound this way, so no other user can take a share of the connections.
+REUSE_PORT = hasattr(socket, "SO_REUSEPORT")
 # How early uvloop's handshake timer may fire against time.monotonic() (libuv's loop clock is cached
 # per iteration and counts whole milliseconds).
 HANDSHAKE_TIMER_SLACK = 0.05
@@ -56,12 +61,11 @@ class TLSServer:
     max_connections counting pending handshakes, the handshake budget, the file-descriptor reserve);
     a refused one is closed at once."""
 
-    def __init__(self, ctx: ConnectionContext, listener: ListenerConfig, reuse_port: bool = False) -> None:
+    def __init__(self, ctx: ConnectionContext, listener: ListenerConfig) -> None:
         self.ctx = ctx
         self.listener = listener
-        # reuse_port: each of [server] workers binds its own socket; the kernel spreads connections over them
         sock = socket.create_server((listener.host, listener.port), family=_family(listener.host), backlog=1024,
-                                    reuse_port=reuse_port)  # fmt: skip
+                                    reuse_port=REUSE_PORT)  # fmt: skip
         sock.setblocking(False)
         self.sockets = [sock]
         self.pending: set[asyncio.Task[None]] = set()
