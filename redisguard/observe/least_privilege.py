@@ -36,11 +36,14 @@ def suggest_rules(up: UserProfile) -> list[str]:
     for name in sorted(up.commands):
         if name not in ("auth", "hello"):  # no_auth commands: every user may run them
             rules.append("+" + name)
+    # Redis refuses a pattern after ~* (or &*); what * allows already, no other pattern needs to say
+    everywhere = up.keys.get(b"*", 0)
     for pattern, bits in sorted(up.keys.items()):
-        prefix = {READ: "%R~", WRITE: "%W~"}.get(bits, "~")
-        rules.append(prefix + _rule_text(pattern))
+        if pattern == b"*" or bits & ~everywhere:
+            prefix = {READ: "%R~", WRITE: "%W~"}.get(bits, "~")
+            rules.append(prefix + _rule_text(pattern))
     rules.append("resetchannels")
-    rules.extend("&" + _rule_text(c) for c in sorted(up.channels))
+    rules.extend("&" + _rule_text(c) for c in ([b"*"] if b"*" in up.channels else sorted(up.channels)))
     return rules
 
 

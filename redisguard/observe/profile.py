@@ -8,9 +8,11 @@ Key names are collapsed into patterns as they are recorded (the heuristic, state
 * a key with a separator (``:``, ``/``, ``.``, ``|``, ``-``, ``_``, ``#``) keeps its text up to and
   including the first one, plus ``*`` — ``session:ab12`` → ``session:*``, ``cache/img/1`` → ``cache/*``;
 * a key without one is kept as a literal pattern (glob characters escaped) — ``counter`` → ``counter``;
-* a key is also cut, and ends in ``*``, at its first byte that a users-file rule cannot carry as is
-  (anything but printable ASCII, a space, a quote) and after ``MAX_PATTERN_BYTES`` bytes — so a key name
-  can never become a rule of its own in what ``acl suggest`` prints (``"zz +@all"`` → ``zz*``);
+* a byte that a users-file rule cannot carry as is (anything but printable ASCII; a space, a quote)
+  becomes ``?``, which matches it (Redis's ACL file splits on spaces and has no quoting) — ``a b`` →
+  ``a?b``, ``\xe9t:1`` → ``?t:*`` — so a key name can never become a rule of its own in what ``acl
+  suggest`` prints (``"zz +@all"`` → ``zz?+@all``), nor widen to ``*``;
+* a key is cut, and ends in ``*``, after ``MAX_PATTERN_BYTES`` bytes;
 * a user holds at most ``MAX_PATTERNS`` key patterns (and channel patterns): past that, the user's
   keys (channels) collapse to ``*`` and the profile says so (``keys_truncated``).
 
@@ -18,6 +20,9 @@ Each key pattern remembers whether it was read, written or both, so the suggesti
 ``%W~`` or ``~``. Channels are collapsed the same way. Memory is bounded: users × (commands in the
 command table + MAX_PATTERNS + MAX_USES), whatever the traffic. ``uses`` (which command touched which key
 pattern) lets ``acl diff --against`` probe exactly the pairs that were seen.
+
+Profiles add up (:meth:`TrafficProfile.merge`, within the same bounds): a process records into its own
+profile, and :mod:`.profile_store` adds what it :meth:`~TrafficProfile.take`-s of it to the file.
 """
 
 from __future__ import annotations
@@ -49,12 +54,8 @@ def rule_safe(pattern: bytes) -> bool:
 def key_pattern(key: bytes) -> bytes:
     """The pattern a key is recorded under (see the module's heuristic)."""
     m = _SEPARATOR.search(key)
-    cut = m.end() if m is not None else len(key)
-    bad = _UNSAFE.search(key, 0, cut)
-    if bad is not None:
-        cut = bad.start()
-    cut = min(cut, MAX_PATTERN_BYTES)
-    literal = _GLOB_SPECIAL.sub(rb"\\\1", key[:cut])
+    cut = min(m.end() if m is not None else len(key), MAX_PATTERN_BYTES)
+    literal = _UNSAFE.sub(b"?", _GLOB_SPECIAL.sub(rb"\\\1", key[:cut]))
     return literal + b"*" if cut < len(key) else literal
 
 
@@ -71,11 +72,21 @@ class UserProfile:
         self.channels_truncated = False
 
     def add_key(self, cmd: str, key: bytes, access: int, budget: Budget) -> None:
-        pattern = b"*" if self.keys_truncated else key_pattern(key)
-        if pattern not in self.keys and (len(self.keys) >= MAX_PATTERNS or not budget.take_pattern()):
+        self.add_use(cmd, self.add_pattern(key_pattern(key), access, budget), budget)
+
+    def add_pattern(self, pattern: bytes, bits: int, budget: Budget) -> bytes:
+        """Record a key pattern with the access seen; the pattern it is held under (``*`` once collapsed)."""
+        if self.keys_truncated:
+            pattern = b"*"
+        elif pattern not in self.keys and (len(self.keys) >= MAX_PATTERNS or not budget.take_pattern()):
             self._collapse_keys()
             pattern = b"*"
-        self.keys[pattern] = self.keys.get(pattern, 0) | access
+        self.keys[pattern] = self.keys.get(pattern, 0) | bits
+        return pattern
+
+    def add_use(self, cmd: str, pattern: bytes, budget: Budget) -> None:
+        if self.keys_truncated:
+            pattern = b"*"
         seen = self.uses.get(cmd)
         if seen is None:
             seen = self.uses[cmd] = set()
@@ -96,11 +107,16 @@ class UserProfile:
         self.keys_truncated = True
 
     def add_channel(self, channel: bytes, is_pattern: bool, budget: Budget) -> None:
+        if not is_pattern:
+            self.add_channel_name(key_pattern(channel), budget)
+        elif len(channel) <= MAX_PATTERN_BYTES and _UNSAFE.search(channel) is None:
+            self.add_channel_name(channel, budget)  # a PSUBSCRIBE pattern is allowed only literally: as sent
+        else:  # ... or by &*, when no rule can carry it
+            self.add_channel_name(b"*", budget)
+
+    def add_channel_name(self, name: bytes, budget: Budget) -> None:
         if self.channels_truncated:
             return
-        # a PSUBSCRIBE pattern must be allowed literally: kept as sent when a rule can carry it
-        literal = is_pattern and len(channel) <= MAX_PATTERN_BYTES and _UNSAFE.search(channel) is None
-        name = channel if literal else key_pattern(channel)
         if name not in self.channels and (len(self.channels) >= MAX_PATTERNS or not budget.take_pattern()):
             self.channels = {b"*"}
             self.channels_truncated = True
@@ -133,6 +149,8 @@ class TrafficProfile:
         self.users: dict[str, UserProfile] = {}
         self.changed = False
         self.budget = Budget()
+        self.forgotten: set[str] = set()  # users gone since the last take(): the file forgets them too
+        self.in_flight: TrafficProfile | None = None  # taken, not yet in the file (the reload guard adds it)
 
     def record(self, user: str, cmd: Command, argv: Sequence[bytes], keys: Iterable[tuple[int, int]],
                channels: Iterable[tuple[int, bool]]) -> None:  # fmt: skip
@@ -151,7 +169,25 @@ class TrafficProfile:
         """Users that no longer exist (a reload, ACL DELUSER): their profile goes with them."""
         for name in names:
             self.users.pop(name, None)
+            self.forgotten.add(name)
+            self.changed = True
         self._recount()
+
+    def take(self) -> TrafficProfile:
+        """What was recorded (and forgotten) since the last take, moved out; this profile starts empty.
+        O(1) on the loop: the taken profile is no longer changed, so a thread may read it."""
+        out = TrafficProfile()
+        out.users, out.forgotten, out.budget = self.users, self.forgotten, self.budget
+        self.users, self.forgotten, self.budget = {}, set(), Budget()
+        self.changed = False
+        return out
+
+    def give_back(self, taken: TrafficProfile) -> None:
+        """A take() that could not be written: its counts are added back (no count is lost), except
+        users forgotten since."""
+        self.merge(taken, skip=self.forgotten)
+        self.forgotten |= taken.forgotten
+        self.changed = True
 
     def _recount(self) -> None:
         """The global budget from what is held now (after users went, or a file was merged in)."""
@@ -179,23 +215,33 @@ class TrafficProfile:
             up.n_uses = sum(map(len, up.uses.values()))
             up.keys_truncated = bool(u.get("keys_truncated"))
             up.channels_truncated = bool(u.get("channels_truncated"))
+        prof._recount()
         return prof
 
-    def merge(self, other: TrafficProfile) -> None:
-        """Add another profile (the file written by an earlier run) to this one."""
+    def merge(self, other: TrafficProfile, skip: Iterable[str] = ()) -> None:
+        """Add another profile (the file, another process's, one not written yet) to this one, within
+        this one's bounds: new patterns past them collapse to ``*`` as when recorded."""
+        skipped = set(skip)
         for name, o in other.users.items():
-            up = self.users.setdefault(name, UserProfile())
+            if name in skipped:
+                continue
+            up = self.users.get(name)
+            if up is None:
+                up = self.users[name] = UserProfile()
             for c, n in o.commands.items():
                 up.commands[c] = up.commands.get(c, 0) + n
+            if o.keys_truncated:
+                up._collapse_keys()
             for p, bits in o.keys.items():
-                up.keys[p] = up.keys.get(p, 0) | bits
-            up.channels |= o.channels
+                up.add_pattern(p, bits, self.budget)
             for c, ps in o.uses.items():
-                up.uses.setdefault(c, set()).update(ps)
-            up.n_uses = sum(map(len, up.uses.values()))
-            up.keys_truncated |= o.keys_truncated
-            up.channels_truncated |= o.channels_truncated
-        self._recount()
+                for p in ps:
+                    up.add_use(c, p, self.budget)
+            if o.channels_truncated:
+                up.channels, up.channels_truncated = {b"*"}, True
+            for ch in o.channels:
+                up.add_channel_name(ch, self.budget)
+        self.changed = True
 
     def dumps(self) -> str:
         return serialize(self.to_json())

@@ -40,7 +40,7 @@ from redisguard.observe.audit import get_logger
 from redisguard.observe.least_privilege import breakage
 from redisguard.observe.metrics import Metrics
 from redisguard.observe.profile import TrafficProfile
-from redisguard.observe.profile_store import snapshot
+from redisguard.observe.profile_store import observe
 from redisguard.policy.decide import Policy, Shared
 from redisguard.protocol.resp import error_format
 from redisguard.runtime.reconfigure import Reconfiguration, reread
@@ -287,7 +287,7 @@ class Reloader:
             audit.error("config_reload_failed", error=asked.error, detail="kept the previous users and certificates")
             return
 
-        def load(seen_data: dict[str, Any] | None, files: dict[Path, bytes] | None
+        def load(seen: Callable[[], TrafficProfile] | None, files: dict[Path, bytes] | None
                  ) -> tuple[dict[str, User], ACLReplies, dict[str, ssl.SSLContext], Reconfiguration,
                             dict[Path, bytes]]:  # fmt: skip
             # Every file read once (and checked); from here on only those bytes are parsed.
@@ -295,8 +295,8 @@ class Reloader:
             # the TOML too: what changed is applied or logged as needing a restart
             changes = reread(cfg, files.get(cfg.source) if cfg.source else None)
             users = parse_users_bytes(files[cfg.acl.users_file], self.table, str(cfg.acl.users_file), require_default=True)
-            if seen_data is not None:  # [acl] reload_guard: refuse a policy that breaks observed traffic
-                breaks = breakage(TrafficProfile.from_json(seen_data), users, self.table)
+            if seen is not None:  # [acl] reload_guard: refuse a policy that breaks observed traffic
+                breaks = breakage(seen(), users, self.table)  # (every worker's and earlier run's: the file)
                 if breaks:
                     b = breaks[0]
                     raise ValueError(f"reload_guard: the new users file would deny {len(breaks)} observed "
@@ -308,9 +308,9 @@ class Reloader:
         # wherever it runs: none while loading, and what is loaded is frozen out of later ones.
         gc.disable()
         try:
-            profile = self.shared.profile
-            # a copy (made on the loop a slice at a time: the live profile changes meanwhile)
-            seen = await snapshot(profile) if cfg.acl.reload_guard and profile else None
+            profile, where, seen = self.shared.profile, cfg.profile.file, None
+            if cfg.acl.reload_guard and isinstance(profile, TrafficProfile) and where is not None:
+                seen = await observe(profile, where)  # a copy, made on the loop a slice at a time
             users, acl_replies, contexts, changes, files = await asyncio.to_thread(load, seen, asked.files)
         except (UsersFileError, ACLError, TLSConfigError, OSError, ValueError) as e:
             gc.enable()
@@ -336,10 +336,10 @@ class Reloader:
     def users_changed(self, policy: Policy, changed: set[str] | None, deleted: Sequence[str]) -> int:
         """A reload or ACL SETUSER / DELUSER / LOAD changed the users: move or disconnect the other
         clients (how many were disconnected), and build the ACL replies off the loop if need be."""
-        users = policy.users
+        users, before = policy.users, self.shared.observer.users  # type: ignore[attr-defined]
         self.shared.observer.users = users  # type: ignore[attr-defined]
-        if self.shared.profile is not None:  # the profile of users that are gone goes with them
-            self.shared.profile.forget([name for name in self.shared.profile.users if name not in users])
+        if self.shared.profile is not None:  # the profile of users that are gone goes with them (file too)
+            self.shared.profile.forget([name for name in before if name not in users])
         dropped = self._rebind_sessions(users, changed, deleted)
         audit.info("users_changed", users=len(users), changed=sorted(changed) if changed is not None else "all",
                    deleted=list(deleted), disconnected=dropped)  # fmt: skip

@@ -141,7 +141,6 @@ class Proxy:
         if cfg.profile.file is not None:
             self.shared.profile = TrafficProfile()
             self.profile_store = ProfileStore(self.shared.profile, cfg.profile.file, cfg.profile.interval)
-            self.profile_store.load()
         self.reloader = Reloader(cfg, self.table, self.shared, self.ctx, self._set_config)
         self.metrics.fd_accounted.set_function(lambda: self.ctx.fd_limit - self.ctx.fds_left())
         self.metrics.set_build_info(self.table.redis_version)

@@ -207,10 +207,10 @@ def test_sighup_and_acl_admin_reach_every_worker(two) -> None:  # type: ignore[n
     admin.close()
 
 
-def admin_on(p: ProxyProc, worker: int) -> redis.Redis:
-    """An admin connection served by ``worker`` (connect until one lands there)."""
+def admin_on(p: ProxyProc, worker: int, username: str = "admin", password: str = "admin-pw") -> redis.Redis:
+    """A connection (of the admin, else ``username``) served by ``worker`` (connect until one lands there)."""
     for _ in range(100):
-        c = redis.Redis(port=p.plain_port, username="admin", password="admin-pw", single_connection_client=True)
+        c = redis.Redis(port=p.plain_port, username=username, password=password, single_connection_client=True)
         port = c.connection._sock.getsockname()[1]  # type: ignore[union-attr]
         if served_by(p, "auth_success", peer=f"127.0.0.1:{port}") == {worker}:
             return c
