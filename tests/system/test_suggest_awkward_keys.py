@@ -16,8 +16,7 @@ from redisguard.commands.table import CommandTable
 from redisguard.observe.least_privilege import suggest_file
 from redisguard.observe.profile import TrafficProfile, key_pattern, rule_safe
 from redisguard.policy.decide import Policy, decide
-
-from .helpers import RedisProc, start_redis
+from tests.helpers import RedisProc, start_redis
 
 AWKWARD = [b"a b", b'x"y', b"\x00k", b"\xe9t", b"it's", b"\xc3\xa9t\xc3\xa9:1", b"sp ace:x", b"\r\n" * 40]
 UNRELATED = [b"zz", b"ab", b"other:1", b"k", b"\xe9", b"t"]

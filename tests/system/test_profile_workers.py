@@ -17,10 +17,9 @@ import redis
 from redisguard.commands.table import CommandTable
 from redisguard.observe.profile import MAX_PATTERNS, TrafficProfile
 from redisguard.observe.profile_store import ProfileStore, add_to_file
-
-from .helpers import ProxyProc, RedisProc, start_proxy
-from .test_least_privilege import _cli
-from .test_workers import WORKERS, admin_on, children, http, metrics, served_by, wait_for
+from tests.helpers import ProxyProc, RedisProc, start_proxy
+from tests.system.test_least_privilege import _cli
+from tests.system.test_workers import WORKERS, admin_on, children, http, metrics, served_by, wait_for
 
 USERS = "user default off\nuser app on >app-pw ~* &* +@all\n"
 
