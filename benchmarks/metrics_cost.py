@@ -18,7 +18,7 @@ from redisguard.observe.events import Observer  # noqa: E402
 from redisguard.observe.metrics import Metrics  # noqa: E402
 from redisguard.policy.decide import Policy, Shared  # noqa: E402
 from redisguard.protocol.resp import encode_command  # noqa: E402
-from redisguard.session.core import Session  # noqa: E402
+from redisguard.session.machine import Session  # noqa: E402
 
 
 def per_request_us(count: bool, rounds: int = 2000, depth: int = 50) -> float:

@@ -1,11 +1,9 @@
-# mypy: disable-error-code="attr-defined,misc"
-# (a mixin of Session: the attributes it uses are Session's, checked there)
 """The request side of a session: parse, decide in order, in bounded batches, some off the loop.
 
-A mixin of :class:`~redisguard.session.core.Session`, split out by job. ``client_data`` parses what
+The :class:`Pipeline` owns the client's one :class:`~.state.Suspension`. ``client_data`` parses what
 arrived; when the bytes are exactly the canonical encoding of requests that are all simply forwarded,
 they go upstream as sent (the fast path); otherwise each request is decided in order by
-``Session._command``. Per event-loop turn a session decides at most ``BATCH`` requests and at most
+the session's ``command``. Per event-loop turn a session decides at most ``BATCH`` requests and at most
 ``TURN_NS`` of estimated ACL-check work, fast path included; the rest waits for the next turn. A
 request that waits (a throttled AUTH, a huge request decided in a worker thread) pauses the session:
 the transport stops reading until ``resume()`` or ``offloaded()``, and bytes that arrive meanwhile are
@@ -15,19 +13,19 @@ parsed only after it.
 from __future__ import annotations
 
 import weakref
-from collections import deque
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from redisguard.acl.glob import needs_matcher
+from redisguard.acl.user import User
 from redisguard.fast import COMPILED
 from redisguard.policy.decide import Verdict, decide, dryrun
+from redisguard.protocol.request import RequestParser
 from redisguard.protocol.resp import encode_command_pieces, encode_requests
-from redisguard.session.admin import ACL_ADMIN
+from redisguard.session import admin
+from redisguard.session.core import SPECIAL, Core
+from redisguard.session.effects import Offload
 from redisguard.session.replies import RELAY
-
-if TYPE_CHECKING:
-    from redisguard.acl.user import User
 
 # Requests decided per call before the session yields to the event loop (the transport calls
 # resume() on the next turn): a write of 100,000 tiny requests must not hold the loop.
@@ -92,140 +90,146 @@ def cost_of(user: User | None) -> _Cost:
     return cost
 
 
-class RequestPipeline:
-    __slots__ = ()
+class Pipeline:
+    """Parse, then decide in order: the fast path for runs of simply forwarded requests, ``command``
+    (the session's) for each of the others, in bounded batches; the suspension when one must wait."""
 
-    special: frozenset[str]  # commands Session handles itself (never on the fast path)
-    _pending: deque[list[bytes]]
-    _unparsed: list[bytes]
-    _paused: bool
-    _more: bool
-    _spent: float
-    _plain_rest: list[list[bytes]]
-    stopped: bool
-    offload: list[bytes] | None
-    _decided: tuple[list[bytes], Verdict, list[bytes]] | None
-    _exec_changes: Any
-    _offload_basis: Any
+    __slots__ = ("c", "command", "parser")
 
-    def _offloads(self, argv: Sequence[bytes]) -> bool:
+    def __init__(self, core: Core, command: Callable[[list[bytes]], None], parser: RequestParser) -> None:
+        self.c = core
+        self.command = command
+        self.parser = parser
+
+    def offloads(self, argv: Sequence[bytes]) -> bool:
         """Decided in a worker thread: requests costly to check, and the ACL subcommands that are work of their own."""
-        return cost_of(self.user).over(argv) or (len(argv) > 1 and argv[0].lower() == b"acl" and argv[1].lower() in ACL_ADMIN)
+        return cost_of(self.c.state.user).over(argv) or (
+            len(argv) > 1 and argv[0].lower() == b"acl" and argv[1].lower() in admin.ACL_ADMIN)
+
+    def offload(self, argv: list[bytes]) -> None:
+        """Check (and encode) ``argv`` off the loop, against the user and users of this moment: if they
+        change before the verdict is used (a revocation, ACL LOAD, a reload), it is made again."""
+        c = self.c
+        susp = c.susp
+        susp.effect = Offload(argv)
+        susp.basis = (c.state.user, c.policy, c.auth_required())
+        susp.paused = susp.replay = True
 
     @property
     def backlog(self) -> bool:
         """Requests are waiting for the next event-loop turn (the transport calls resume())."""
-        waiting = self._more or bool(self._pending) or bool(self._unparsed) or bool(self._plain_rest)
-        return waiting and not self._paused and not self.stopped
-
-    @property
-    def paused(self) -> bool:
-        """Waiting for resume() or offloaded(): the transport should not read from the client."""
-        return self._paused
+        s = self.c.susp
+        waiting = s.more or bool(s.pending) or bool(s.unparsed) or bool(s.plain_rest)
+        return waiting and not s.paused and not self.c.state.stopped
 
     def client_data(self, data: bytes) -> None:
-        if self.stopped or self.closing:
+        c, s = self.c, self.c.susp
+        if c.state.stopped or c.replies.closing:
             return
-        if self._pending or self._paused or self._unparsed or self._plain_rest:
+        if s.pending or s.paused or s.unparsed or s.plain_rest:
             # Requests are waiting (a throttled AUTH, a decision off the loop, the next batch): parse
             # these bytes only once those are done, with the limits (pre-auth or not) in force then.
-            self._unparsed.append(data)
+            s.unparsed.append(data)
             return
         requests = self.parser.feed(data)
         raw = self.parser.raw
         if raw is not None and requests and self._fast_path(requests, raw):
             return
-        self._pending.extend(requests)
-        self._run()
+        s.pending.extend(requests)
+        self.run()
 
     def _fast_path(self, requests: list[list[bytes]], raw: bytes | None) -> bool:
         """Forward the requests if they are all simply forwarded (as sent: ``raw``, their canonical
         encoding); False leaves every one of them to ``decide``. Those past this turn's TURN_NS wait
-        in ``_plain_rest`` and are looked at again, with the rules in force then, on the next turn."""
+        in ``plain_rest`` and are looked at again, with the rules in force then, on the next turn."""
+        c = self.c
         n = self._plain(requests)
         if n is None:
             return False
         if n:
-            if not self.upstream_opened:
-                self._open_upstream()
+            c.open_upstream()
             # A part is re-encoded: the same bytes, but for the "*0" requests Redis skips anyway.
-            self.to_upstream.append(raw if n == len(requests) and raw is not None else encode_requests(requests[:n]))
-            self.replies.expect(RELAY, n)
+            c.to_upstream.append(raw if n == len(requests) and raw is not None else encode_requests(requests[:n]))
+            c.replies.expect(RELAY, n)
         if n < len(requests):
-            self._plain_rest = requests[n:]
-            self._more = True  # the transport sees ``backlog`` and calls resume() next turn
+            c.susp.plain_rest = requests[n:]
+            c.susp.more = True  # the transport sees ``backlog`` and calls resume() next turn
         return True
 
-    def _run(self) -> None:
+    def run(self) -> None:
         """Decide the pending requests in order, until done or paused; then a protocol error, if any."""
-        pending = self._pending
+        c, s = self.c, self.c.susp
+        st = c.state
+        pending = s.pending
         parser = self.parser
         budget = BATCH
-        if self._plain_rest and not self._paused and not self.stopped:
-            rest, self._plain_rest = self._plain_rest, []
+        if s.plain_rest and not s.paused and not st.stopped:
+            rest, s.plain_rest = s.plain_rest, []
             if not self._fast_path(rest, None):
                 pending.extend(rest)  # to decide: nothing was pending before them
-            elif self._plain_rest:
+            elif s.plain_rest:
                 return  # this turn's TURN_NS is spent
         while True:
-            while pending and not self._paused:
-                if self.stopped:
+            while pending and not s.paused:
+                if st.stopped:
                     pending.clear()
                     return
-                if budget == 0 or self._spent >= TURN_NS:
-                    self._more = True  # more next turn: the transport sees ``backlog`` and calls resume()
+                if budget == 0 or s.spent >= TURN_NS:
+                    s.more = True  # more next turn: the transport sees ``backlog`` and calls resume()
                     return
                 budget -= 1
-                spent = cost_of(self.user).of(pending[0])  # the user in force for it (an AUTH changes it)
+                spent = cost_of(st.user).of(pending[0])  # the user in force for it (an AUTH changes it)
                 if spent <= OFFLOAD_NS:  # a costlier one is decided off the loop
-                    self._spent += spent
-                self._command(pending[0])
-                if not self._replay:
+                    s.spent += spent
+                self.command(pending[0])
+                if not s.replay:
                     pending.popleft()
-                parser.authenticated = self.authenticated or not self._auth_required()
-            if self._paused or self.stopped:
+                parser.authenticated = st.authenticated or not c.auth_required()
+            if s.paused or st.stopped:
                 return
             # Bytes that waited behind those requests, and requests the parser held back before AUTH
             # lifted the pre-auth limits: parsed now, with the limits in force now.
-            if parser.error is None and not self.closing and (self._unparsed or parser.buffered):
-                if budget == 0 or self._spent >= TURN_NS:
-                    self._more = True
+            if parser.error is None and not c.replies.closing and (s.unparsed or parser.buffered):
+                if budget == 0 or s.spent >= TURN_NS:
+                    s.more = True
                     return
-                data = b"".join(self._unparsed)
-                self._unparsed.clear()
+                data = b"".join(s.unparsed)
+                s.unparsed.clear()
                 more = parser.feed(data)
                 if more:
                     pending.extend(more)
                     continue
             break
-        if parser.error is not None and not self.stopped:
-            self.shared.observer.command(self, "unknown", False, "protocol")
-            self._skipping = self._skip_next  # CLIENT REPLY OFF/SKIP silence this error too, as in Redis
-            self._silent = self.reply_off or self._skipping
-            self._reply(parser.error.reply())
-            self._close_after_replies()
+        if parser.error is not None and not st.stopped:
+            c.shared.observer.command(c.client, "unknown", False, "protocol")
+            st.skipping = st.skip_next  # CLIENT REPLY OFF/SKIP silence this error too, as in Redis
+            st.silent = st.reply_off or st.skipping
+            c.reply(parser.error.reply())
+            c.close_after_replies()
 
     def resume(self) -> None:
-        """The transport's timer fired (a throttled AUTH): carry on with the pending requests."""
-        self.wait = 0.0
-        self._more = False
-        self._spent = 0.0  # a new turn
-        self._paused = bool(self._exec_changes)  # an EXEC whose outcome is not known yet still holds it
-        self._run()
+        """A new turn, or the throttle's timer fired: carry on with the pending requests."""
+        s = self.c.susp
+        s.effect = None
+        s.more = False
+        s.spent = 0.0  # a new turn
+        s.paused = bool(self.c.state.exec_changes)  # an EXEC whose outcome is not known yet still holds it
+        self.run()
 
     def offloaded(self, verdict: Verdict, encoded: list[bytes], extra: Any = None) -> None:
-        """The transport decided ``self.offload`` off the loop: use that verdict and carry on."""
-        argv, self.offload = self.offload, None
-        assert argv is not None and self._offload_basis is not None
-        user, policy, auth_required = self._offload_basis
-        if user is self.user and policy is self.policy and auth_required == self._auth_required():
-            self._decided = (argv, verdict, encoded)
-            self._admin_done = extra
-        # else: the users changed meanwhile: _run decides this request again (off the loop again)
-        self._paused = False
-        self._spent = 0.0  # a new turn
-        self._run()
-        self._decided = self._admin_done = None
+        """The request of the Offload effect was decided off the loop: use that verdict and carry on."""
+        c, s = self.c, self.c.susp
+        effect, s.effect = s.effect, None
+        assert isinstance(effect, Offload) and s.basis is not None
+        user, policy, auth_required = s.basis
+        if user is c.state.user and policy is c.policy and auth_required == c.auth_required():
+            s.decided = (effect.argv, verdict, encoded)
+            s.admin_done = extra
+        # else: the users changed meanwhile: run() decides this request again (off the loop again)
+        s.paused = False
+        s.spent = 0.0  # a new turn
+        self.run()
+        s.decided = s.admin_done = None
 
     def _plain(self, requests: list[list[bytes]]) -> int | None:
         """How many of the requests (from the first) this turn forwards, all allowed and simply
@@ -234,55 +238,54 @@ class RequestPipeline:
 
         Per request this is the user's precomputed :class:`~redisguard.policy.plan.Plan` (arity and one
         pattern match per key), and its estimated cost counts against the turn's TURN_NS."""
-        if not self.authenticated or self.in_multi or self.reply_off or self._skip_next or self.subscribed:
+        c = self.c
+        st = c.state
+        if not st.authenticated or st.in_multi or st.reply_off or st.skip_next or st.subscribed:
             return None
-        if self.shared.profile is not None:
+        if c.shared.profile is not None:
             return None  # every request is recorded on the way through decide()
-        allowed = self.policy.plan(self.user, self.special).allowed
-        cost = cost_of(self.user)
-        spent = self._spent
+        allowed = c.policy.plan(st.user, SPECIAL).allowed
+        cost = cost_of(st.user)
+        spent = c.susp.spent
         labels = []
         for argv in requests:
             if spent >= TURN_NS:
                 break
-            c = cost.of(argv)
-            if c > OFFLOAD_NS or len(argv) > OFFLOAD_ARGC:  # cost.over(argv): decided off the loop
+            cst = cost.of(argv)
+            if cst > OFFLOAD_NS or len(argv) > OFFLOAD_ARGC:  # cost.over(argv): decided off the loop
                 return None
             label = allowed(argv)
             if label is None:
                 return None
             labels.append(label)
-            spent += c
-        self._spent = spent
+            spent += cst
+        c.susp.spent = spent
         if labels:
-            self.shared.observer.allowed(labels)
+            c.shared.observer.allowed(labels)
         return len(labels)
 
     def decide_offloaded(self, argv: list[bytes]) -> tuple[Verdict, list[bytes], Any]:
-        """The work behind ``offload``, safe in a worker thread: the verdict, and the encoding to
-        forward if the request is allowed and simply forwarded (or the answer, or the new users, of
-        the ACL subcommands that are work of their own)."""
-        assert self._offload_basis is not None
-        user, policy, auth_required = self._offload_basis
-        verdict = decide(policy, user, argv, auth_required, self.local)
-        if verdict.error is not None or self.in_multi:
+        """The work behind an Offload, safe in a worker thread: the verdict, and the encoding to forward
+        if the request is allowed and simply forwarded (or the answer, or the new users, of the ACL
+        subcommands that are work of their own)."""
+        c = self.c
+        assert c.susp.basis is not None
+        user, policy, auth_required = c.susp.basis
+        verdict = decide(policy, user, argv, auth_required, c.state.local)
+        if verdict.error is not None or c.state.in_multi:
             return verdict, [], None
         if verdict.name == "acl|dryrun":  # the answer is a decision too: make it here
             return verdict, [dryrun(policy, argv[2:])], None
-        if verdict.name == "acl|load" and self.shared.sequencer is not None:
+        if verdict.name == "acl|load":
             return verdict, [], None  # read in its turn in the sequence of users changes
-        if verdict.name in ("acl|setuser", "acl|deluser", "acl|load", "acl|save"):
-            return verdict, [], (policy.users, self._acl_admin(verdict.name, argv, policy))
-        return verdict, encode_command_pieces(argv) if verdict.name not in self.special else [], None
+        if verdict.name in ("acl|setuser", "acl|deluser", "acl|save"):
+            return verdict, [], (policy.users, admin.compute(verdict.name, argv, policy))
+        return verdict, encode_command_pieces(argv) if verdict.name not in SPECIAL else [], None
 
     def kill(self) -> None:
         """The client is being disconnected (its user was deleted or changed): decide nothing more."""
-        self.stopped = True
-        self._pending.clear()
-        self._unparsed.clear()
-        self._plain_rest = []
-
-    def end_of_input(self) -> None:
-        """The client sent its last byte: close once every reply it is owed has been sent."""
-        if not self.stopped and not self.closing:
-            self._close_after_replies()
+        s = self.c.susp
+        self.c.state.stopped = True
+        s.pending.clear()
+        s.unparsed.clear()
+        s.plain_rest = []

@@ -14,7 +14,8 @@ from typing import Any
 from redisguard.config.model import ListenerConfig
 from redisguard.observe.audit import get_logger
 from redisguard.protocol.proxy_header import ProxyHeader
-from redisguard.session.core import Session, take
+from redisguard.session.effects import ChangeUsers, Effect, Offload, Sleep, apply_users_change
+from redisguard.session.machine import Session, take
 from redisguard.transport.context import ConnectionContext, is_local, peer_name, source_of
 from redisguard.transport.edges import Admission, Endings
 from redisguard.transport.slicer import Slicer
@@ -41,7 +42,8 @@ sys.setswitchinterval(min(sys.getswitchinterval(), DECIDE_SWITCH_INTERVAL))
 
 class ClientProtocol(Admission, Endings, asyncio.BufferedProtocol):
     __slots__ = (
-        "closed", "counted", "ctx", "draining", "drain_seen", "eof", "handshake_source", "idle_timer", "last_active",
+        "acl_change", "closed", "counted", "ctx", "draining", "drain_seen", "eof", "handshake_source", "idle_timer",
+        "last_active",
         "link", "listener", "paused_by", "proxied", "session", "slicer", "timer", "transport", "waiting", "wake",
     )  # fmt: skip
 
@@ -58,6 +60,7 @@ class ClientProtocol(Admission, Endings, asyncio.BufferedProtocol):
         self.last_active = 0.0
         self.paused_by: set[str] = set()
         self.waiting = False  # the session is paused: a throttle timer or an offloaded decision runs
+        self.acl_change: asyncio.Future[bytes] | None = None  # the session's ChangeUsers being put in force
         self.wake: asyncio.TimerHandle | None = None
         self.slicer = Slicer(self._received, lambda: self.pause_reading("slice"), lambda: self.resume_reading("slice"),
                              ready=lambda: not self.session.backlog and not self.session.paused,
@@ -145,17 +148,30 @@ class ClientProtocol(Admission, Endings, asyncio.BufferedProtocol):
         if s.paused and not self.waiting and not self.closed:
             self.waiting = True
             self.pause_reading("session")
-            loop = asyncio.get_running_loop()
-            if s.offload is not None:
-                job = loop.run_in_executor(self.ctx.executor, s.decide_offloaded, s.offload)
-                job.add_done_callback(self._offload_done)
-            elif s.wait > 0:
-                self.wake = loop.call_later(s.wait, self._resume)
-            elif s.awaiting is not None:  # the reply to an ACL change, once it is in force everywhere
-                s.awaiting = task = asyncio.ensure_future(s.awaiting)
-                task.add_done_callback(self._awaited)
-            # else: held until an upstream reply (an EXEC's outcome): upstream_received() resumes it
+            self._carry_out(s.effect)
         self.flush()
+
+    def _carry_out(self, effect: Effect | None) -> None:
+        """What the paused session waits for (session/effects.py)."""
+        loop = asyncio.get_running_loop()
+        if isinstance(effect, Offload):
+            job = loop.run_in_executor(self.ctx.executor, self.session.decide_offloaded, effect.argv)
+            job.add_done_callback(self._offload_done)
+        elif isinstance(effect, Sleep):
+            self.wake = loop.call_later(effect.seconds, self._resume)
+        elif isinstance(effect, ChangeUsers):  # the reply once the change is in force everywhere
+            sequencer = self.ctx.shared.sequencer
+            if sequencer is None:  # (a process without a reloader: in force here, at once)
+                self._acknowledge(apply_users_change(self.ctx.shared, effect)[0])
+                return
+            answer = sequencer.submit(effect.command, effect.args, effect.computed)
+            if isinstance(answer, bytes):
+                self._acknowledge(answer)
+                return
+            task = asyncio.ensure_future(answer)
+            self.acl_change = task  # (held: a task nobody references may be collected before it is done)
+            task.add_done_callback(self._awaited)
+        # else (None): held until an upstream reply (an EXEC's outcome): upstream_received() resumes it
 
     def _continue(self) -> None:
         """A new turn: let the session decide its next batch of requests."""
@@ -185,15 +201,22 @@ class ClientProtocol(Admission, Endings, asyncio.BufferedProtocol):
         self._after_session()
 
     def _awaited(self, task: asyncio.Future[bytes]) -> None:
-        self.waiting = False
+        self.acl_change = None
         if self.closed or task.cancelled():
+            self.waiting = False
             return
         if task.exception() is not None:
+            self.waiting = False
             log.error("internal_error", message="applying an ACL change failed", error=repr(task.exception()))
             self.close()
             return
+        self._acknowledge(task.result())
+
+    def _acknowledge(self, reply: bytes) -> None:
+        """The ACL change is in force: the session answers it and goes on."""
+        self.waiting = False
         self.resume_reading("session")
-        self.session.acknowledged(task.result())
+        self.session.acknowledged(reply)
         self._after_session()
 
     def flush(self) -> None:
@@ -208,7 +231,7 @@ class ClientProtocol(Admission, Endings, asyncio.BufferedProtocol):
     def upstream_received(self) -> None:
         """Redis's bytes were handled: a session held for one of its replies may go on now."""
         s = self.session
-        if self.waiting and self.wake is None and not s.paused and s.offload is None and not self.closed:
+        if self.waiting and self.wake is None and not s.paused and s.effect is None and not self.closed:
             self._resume()
         else:
             self.flush()

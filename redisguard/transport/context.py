@@ -18,7 +18,7 @@ from redisguard.observe.audit import EventLimiter, get_logger
 from redisguard.observe.metrics import Metrics
 from redisguard.policy.decide import Shared
 from redisguard.policy.guards import source_allowed, source_key
-from redisguard.session.core import Session
+from redisguard.session.machine import Session
 from redisguard.transport.handshakes import HandshakeBudget
 
 log = get_logger("redisguard")

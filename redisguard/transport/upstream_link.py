@@ -21,7 +21,7 @@ import ssl
 import time
 from typing import Protocol
 
-from redisguard.session.core import Session
+from redisguard.session.machine import Session
 from redisguard.transport.context import ConnectionContext
 from redisguard.transport.slicer import Slicer
 

@@ -10,7 +10,7 @@ from redisguard.acl import ACLError, new_user
 from redisguard.acl.user import printable_name
 from redisguard.commands.table import CommandTable
 from redisguard.policy.decide import Policy, decide
-from redisguard.session.core import Session
+from redisguard.session.machine import Session
 from tests.acl.test_differential import random_argv, random_rules
 
 USERS = int(os.environ.get("REDISGUARD_FASTPATH_USERS", "1500"))

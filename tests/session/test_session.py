@@ -14,7 +14,8 @@ from redisguard.commands.table import CommandTable
 from redisguard.policy.decide import Policy, Shared, decide
 from redisguard.policy.guards import AuthThrottle
 from redisguard.protocol.resp import encode_command
-from redisguard.session.core import Mode, Session
+from redisguard.session.effects import Offload, Sleep, carry_out
+from redisguard.session.machine import Mode, Session
 from redisguard.session.pipeline import OFFLOAD_ARGC, TURN_NS, cost_of
 from tests.redis_model import redis_parse
 
@@ -26,6 +27,12 @@ USERS = parse_users(
     TABLE,
 )
 
+
+
+def offload_argv(s: Session) -> list[bytes]:
+    """The request the session waits to have decided off the loop."""
+    assert isinstance(s.effect, Offload)
+    return s.effect.argv
 
 def session(user: str | None = "bob", throttle: AuthThrottle | None = None) -> Session:
     s = Session(Shared(Policy(TABLE, USERS), throttle=throttle), "test", "10.0.0.1:5000")
@@ -79,16 +86,16 @@ def test_huge_request_is_decided_off_the_loop() -> None:
     s = session()
     argv = [b"MGET", *[b"report:%d" % i for i in range(OFFLOAD_ARGC + 1)]]
     s.client_data(encode_command(argv) + encode_command([b"PING"]))
-    assert s.paused and s.offload == argv and not s.to_upstream  # nothing decided on the loop
+    assert s.paused and s.effect == Offload(argv) and not s.to_upstream  # nothing decided on the loop
     s.client_data(encode_command([b"GET", b"report:x"]))  # arrives while paused: queued behind
-    s.offloaded(*s.decide_offloaded(s.offload))
+    s.offloaded(*s.decide_offloaded(offload_argv(s)))
     assert not s.paused
     assert forwarded(s) == [argv, [b"PING"], [b"GET", b"report:x"]]
     s.upstream_data(b"*%d\r\n" % (len(argv) - 1) + b"$-1\r\n" * (len(argv) - 1) + b"+PONG\r\n$-1\r\n")
     denied = [b"MGET", *[b"report:%d" % i for i in range(OFFLOAD_ARGC)], b"secret"]
     s.to_upstream.clear()
     s.client_data(encode_command(denied))
-    s.offloaded(*s.decide_offloaded(s.offload))
+    s.offloaded(*s.decide_offloaded(offload_argv(s)))
     assert not s.to_upstream and s.to_client[-1].startswith(b"-NOPERM")
 
 
@@ -123,10 +130,10 @@ def test_offload_is_decided_by_the_cost_of_matching(user: str, argv: list[bytes]
     s.to_client.clear()
     s.client_data(encode_command(argv) + encode_command([b"PING"]))
     # the figures are the compiled matcher's; the pure twin's estimate is higher, it offloads more
-    assert (s.offload == argv) is offloaded if fast.COMPILED else (s.offload == argv or not offloaded)
-    if s.offload is not None:
+    assert (s.effect == Offload(argv)) is offloaded if fast.COMPILED else (s.effect == Offload(argv) or not offloaded)
+    if s.effect is not None:
         assert s.paused and not s.to_upstream
-        s.offloaded(*s.decide_offloaded(s.offload))
+        s.offloaded(*s.decide_offloaded(offload_argv(s)))
     want = [argv, [b"PING"]] if verdict_allows(s, argv) else [[b"PING"]]
     assert forwarded(s) == want
 
@@ -180,7 +187,8 @@ def throttled_session() -> Session:
 def test_throttled_auth_waits_then_is_checked() -> None:
     s = throttled_session()
     s.client_data(encode_command([b"AUTH", b"bob", b"bob-pw"]) + encode_command([b"GET", b"report:1"]))
-    assert s.paused and s.wait > 0 and not s.to_client and not s.to_upstream  # waits, nothing decided
+    assert s.paused and isinstance(s.effect, Sleep) and s.effect.seconds > 0  # waits, nothing decided
+    assert not s.to_client and not s.to_upstream
     s.resume()
     assert s.to_client == [b"+OK\r\n"] and forwarded(s) == [[b"GET", b"report:1"]]
 
@@ -203,7 +211,7 @@ def test_throttled_auth_then_a_big_request_in_the_same_write() -> None:
     s.client_data(encode_command(mget))  # what the transport has already read, while paused
     s.resume()
     while s.paused:
-        s.offloaded(*s.decide_offloaded(s.offload)) if s.offload is not None else s.resume()
+        carry_out(s)
     assert s.to_client == [b"+OK\r\n"] and forwarded(s) == [mget]
 
 
@@ -234,7 +242,7 @@ def test_fuzz_nothing_denied_reaches_redis(pieces: list[bytes], cuts: list[int])
     for a, b in zip([0, *bounds], [*bounds, len(stream)], strict=True):
         s.client_data(stream[a:b])
         while s.paused:
-            s.offloaded(*s.decide_offloaded(s.offload)) if s.offload is not None else s.resume()
+            carry_out(s)
     for argv in forwarded(s):
         if argv[0].upper() in (b"AUTH", b"DISCARD", b"UNWATCH"):
             continue  # the proxy's own AUTH as the service user, and the DISCARD of an aborted EXEC
@@ -282,14 +290,14 @@ def test_a_verdict_made_off_the_loop_is_not_used_after_a_revocation() -> None:
     s.client_data(encode_command([b"AUTH", b"ops", b"ops-pw"]))
     big = [b"MGET", *[b"k%d" % i for i in range(OFFLOAD_ARGC + 1)]]
     s.client_data(encode_command(big))
-    job = s.decide_offloaded(s.offload)  # decided as +@all ...
+    job = s.decide_offloaded(offload_argv(s))  # decided as +@all ...
     revoked = parse_users("user default off\nuser ops on >ops-pw ~* -@all +ping\n", TABLE)
     s.shared.swap(s.policy.with_users(revoked), {"ops"}, [])
     s.rebind(revoked, {"ops"}, [])  # ... but ACL SETUSER took +@all away meanwhile
     s.to_upstream.clear()
     s.offloaded(*job)
-    assert s.paused and s.offload == big and not s.to_upstream  # decided again, off the loop
-    s.offloaded(*s.decide_offloaded(s.offload))
+    assert s.paused and s.effect == Offload(big) and not s.to_upstream  # decided again, off the loop
+    s.offloaded(*s.decide_offloaded(offload_argv(s)))
     assert not s.to_upstream and s.to_client[-1].startswith(b"-NOPERM this user has no permissions to run the 'mget'")
 
 
@@ -300,20 +308,24 @@ def test_deleted_users_session_decides_nothing_more() -> None:
     assert not s.to_upstream
 
 
+def mode_of(s: Session) -> Mode:
+    return s.mode  # (read afresh each time: the mode changes under the type checker's feet)
+
+
 def test_modes_follow_the_commands() -> None:
     s = session("alice")
-    assert s.mode is Mode.NORMAL
+    assert mode_of(s) is Mode.NORMAL
     s.client_data(b"MULTI\r\n")
-    assert s.mode is Mode.MULTI
+    assert mode_of(s) is Mode.MULTI
     s.client_data(b"DISCARD\r\n")
-    assert s.mode is Mode.NORMAL
+    assert mode_of(s) is Mode.NORMAL
     s.client_data(b"SUBSCRIBE news\r\n")
-    assert s.mode is Mode.SUBSCRIBED and not s.idle
+    assert mode_of(s) is Mode.SUBSCRIBED and not s.idle
     s.upstream_data(b"*3\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n:1\r\n")
     s.client_data(b"UNSUBSCRIBE news\r\n")
-    assert s.mode is Mode.NORMAL
+    assert mode_of(s) is Mode.NORMAL
     s.client_data(b"QUIT\r\n")
-    assert s.mode is Mode.CLOSING
+    assert mode_of(s) is Mode.CLOSING
     m = session("alice")
     m.client_data(b"MONITOR\r\n")
     m.upstream_data(b"+OK\r\n")
@@ -359,8 +371,7 @@ def test_audited_user_cannot_change_other_users(table: CommandTable) -> None:
     s = Session(shared, "test", "10.0.0.1:5000")
     s.client_data(encode_command([b"AUTH", b"legacy-app", b"pw"]))
     s.client_data(encode_command([b"ACL", b"SETUSER", b"prod-admin", b"resetpass", b">pwned"]))
-    if s.offload is not None:  # decided off the loop in the proxy: do it inline here
-        s.offloaded(*s.decide_offloaded(s.offload))
+    carry_out(s)  # what the proxy does off the loop and everywhere, in-line here
     assert shared.policy.users["prod-admin"].check_password(b"admin-pw")
     assert not shared.policy.users["prod-admin"].check_password(b"pwned")
 

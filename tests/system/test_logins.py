@@ -20,7 +20,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from redisguard.config.load import load_config
 from redisguard.config.model import ConfigError
 from redisguard.policy.decide import LoginRules, Policy, Shared
-from redisguard.session.core import Session
+from redisguard.session.machine import Session
 from tests.helpers import ProxyProc, RedisProc, raw_exchange, scrape, start_proxy
 from tests.system.test_tls_policy import _config, ask, client_cert, tls_connect
 
