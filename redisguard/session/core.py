@@ -49,6 +49,7 @@ from redisguard.policy.guards import source_key
 from redisguard.protocol.request import RequestParser
 from redisguard.protocol.resp import encode_command
 from redisguard.session.admin import LoginsAndACL
+from redisguard.session.clients import ClientCommands
 from redisguard.session.pipeline import RequestPipeline
 from redisguard.session.replies import CONFIRMATIONS, PUBSUB, QUIET, RELAY, ReplyQueue
 from redisguard.session.state import StateCommands
@@ -76,13 +77,14 @@ def take(out: list[bytes]) -> bytes:
     return data
 
 
-class Session(RequestPipeline, LoginsAndACL, StateCommands):
+class Session(RequestPipeline, LoginsAndACL, StateCommands, ClientCommands):
     __slots__ = (
         "_admin_done", "_decided", "_exec_changes", "_last", "_more", "_multi_subs", "_multi_user",
         "_offload_basis", "_paused", "_pending", "_plain_rest", "_queued", "_replay", "_replay_auth", "_silent",
-        "_skip_next", "_skipping", "_spent", "_unparsed", "authenticated", "awaiting", "in_multi", "listener", "local",
-        "multi_dirty", "offload", "parser", "peer", "replies", "reply_off", "resp", "shared", "source",
-        "stopped", "subscriptions", "tls_identity", "to_client", "to_upstream", "upstream_login", "upstream_opened",
+        "_skip_next", "_skipping", "_spent", "_unparsed", "addrs", "authenticated", "awaiting", "in_multi", "listener", "local",
+        "multi_dirty", "offload", "parser", "peer", "peers", "replies", "reply_off", "resp", "shared", "source",
+        "stopped", "subscriptions", "tls_identity", "to_client", "to_upstream", "upstream_addr", "upstream_login",
+        "upstream_opened",
         "user", "wait", "_watching",
     )  # fmt: skip
 
@@ -102,6 +104,11 @@ class Session(RequestPipeline, LoginsAndACL, StateCommands):
         # the address AUTH throttling keys on (the transport's; else read off the peer string)
         self.source = source or source_key(peer.rpartition(":")[0] or peer)
         self.tls_identity = tls_identity
+        # What CLIENT LIST/INFO/KILL see (session/clients.py), set by the transport: this client as Redis
+        # would show it (addr, laddr), its upstream socket as Redis shows it, and the proxied clients by that.
+        self.addrs = (peer.encode(), b"")
+        self.upstream_addr = b""
+        self.peers: dict[bytes, Session] = {}
         self.to_upstream: list[bytes] = []
         self.replies = ReplyQueue(self)  # what the client is owed, in order
         self.to_client = self.replies.to_client  # the queue's output list (the same list, never replaced)
@@ -355,6 +362,8 @@ _HANDLERS: dict[str, Callable[[Session, Command, list[bytes]], None]] = {
     **{name: Session._cmd_acl for name in ["acl|" + s for s in
        ("whoami", "setuser", "deluser", "load", "save", "list", "users", "getuser", "dryrun", "log")]},
     "client|reply": Session._cmd_client,
+    **{name: Session._cmd_proxied_view for name in ("client|list", "client|info", "cluster|shards")},
+    "client|kill": Session._cmd_client_kill,
     "monitor": Session._cmd_monitor,
     "watch": Session._cmd_watch,
     "unwatch": Session._cmd_watch,

@@ -29,6 +29,14 @@ def peer_name(addr: Any) -> str:
     return f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else "unix"
 
 
+def redis_addr(addr: Any, unix_path: Any = "") -> bytes:
+    """A socket address as Redis's CLIENT LIST shows it: ``ip:port``, ``[ip6]:port``, ``path:0``."""
+    if isinstance(addr, tuple):
+        host = str(addr[0])
+        return (f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}").encode()
+    return f"{unix_path}:0".encode()
+
+
 def source_of(peername: Any) -> str:
     """The source a per-source limit counts: the address (an IPv6 client by its /64)."""
     return source_key(str(peername[0])) if isinstance(peername, tuple) else ""
@@ -83,6 +91,8 @@ class ConnectionContext:
         self.handshakes = handshakes
         self.upstream_ssl = upstream_ssl
         self.clients: set[Client] = set()
+        # Proxied clients by their upstream socket's address (Redis's addr=): CLIENT LIST/INFO/KILL.
+        self.upstream_clients: dict[bytes, Session] = {}
         self.active = {lst.name: 0 for lst in config.listeners}
         # Each listener's max_connections (with [server] workers, this worker's share: rounded up).
         self.max_connections = {lst.name: share(lst.max_connections, config.server.workers) for lst in config.listeners}
