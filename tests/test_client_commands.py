@@ -239,3 +239,18 @@ def test_client_commands_refused_inside_multi(both: dict[str, dict[str, Client]]
     assert admin.call("MULTI") == b"+OK\r\n"
     assert admin.call("CLIENT", "LIST") == b"-ERR redisguard: CLIENT LIST inside MULTI is not supported\r\n"
     assert admin.call("EXEC").startswith(b"-EXECABORT")
+
+
+def test_rewritten_replies_keep_their_place(both: dict[str, dict[str, Client]]) -> None:
+    """In a pipeline, behind CLIENT REPLY SKIP and OFF: each reply reaches the request that asked for it."""
+    for side in ("redis", "proxy"):
+        alice = both[side]["alice"]
+        alice.sock.sendall(b"PING\r\nCLIENT INFO\r\nECHO x\r\nCLIENT REPLY SKIP\r\nCLIENT LIST\r\nCLIENT KILL USER bob\r\n"
+                           b"CLIENT REPLY OFF\r\nCLIENT INFO\r\nCLIENT REPLY ON\r\nPING\r\n")  # fmt: skip
+        out = read_until(alice.sock, lambda d: d.endswith(b"+OK\r\n+PONG\r\n") or b"-ERR" in d, 10)
+        head, rest = out.split(b"\r\n", 1)
+        assert head == b"+PONG", side
+        info_len = int(rest.split(b"\r\n", 1)[0][1:])
+        info, after = rest.split(b"\r\n", 1)[1][:info_len], rest.split(b"\r\n", 1)[1][info_len:]
+        assert f"addr={alice.addr} laddr={alice.laddr} ".encode() in info and b" user=alice " in info, side
+        assert after == b"\r\n$1\r\nx\r\n:2\r\n+OK\r\n+PONG\r\n", side

@@ -19,6 +19,10 @@ user); the client must see itself and the other proxied clients as a direct clie
 - CLUSTER SHARDS: ``tls-port`` is Redis's own TLS port (tls-cluster); it becomes the node's ``port``
   (its sidecar's TLS listener, what the node announces to plaintext clients), or goes if there is none.
 
+Limits: ``peers`` is this process's (with ``[server] workers``, another worker's clients are not listed
+nor killable), and a unix-socket upstream shows every connection at one address (Redis's socket path),
+so there no row can be told apart and none is listed (CLIENT INFO, the caller's own, still is).
+
 Only these commands are held and decoded (``ReplyQueue.rewrite``); everything else is relayed as sent.
 """
 
@@ -61,6 +65,8 @@ def parse(buf: bytes, pos: int = 0) -> tuple[Any, int]:
 
 
 def encode(value: Any) -> bytes:
+    kind: bytes
+    head: bytes
     kind, head, body = value
     if body is None:
         return kind + head + b"\r\n"
