@@ -254,3 +254,15 @@ def test_rewritten_replies_keep_their_place(both: dict[str, dict[str, Client]]) 
         info, after = rest.split(b"\r\n", 1)[1][:info_len], rest.split(b"\r\n", 1)[1][info_len:]
         assert f"addr={alice.addr} laddr={alice.laddr} ".encode() in info and b" user=alice " in info, side
         assert after == b"\r\n$1\r\nx\r\n:2\r\n+OK\r\n+PONG\r\n", side
+
+
+def test_client_info_names_the_user_it_had_when_it_asked(both: dict[str, dict[str, Client]]) -> None:
+    for side in ("redis", "proxy"):
+        c = both[side]["alice"]
+        c.sock.sendall(b"CLIENT INFO\r\nAUTH admin admin-pw\r\nCLIENT INFO\r\nAUTH bob bob-pw\r\nCLIENT LIST\r\n")
+        out = read_until(c.sock, lambda d: d.count(b"\n\r\n") == 2 and d.endswith(b"\r\n") and b"NOPERM" in d, 10)
+        assert _users(out) == ["alice", "admin"], (side, out)  # and bob's CLIENT LIST: refused, as in Redis
+
+
+def _users(out: bytes) -> list[str]:
+    return [part.split(b" ")[0].decode() for part in out.split(b" user=")[1:]]

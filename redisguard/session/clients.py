@@ -120,15 +120,16 @@ def _field(name: bytes, fields: list[bytes]) -> bytes | None:
     return next((f[len(name) :] for f in fields if f.startswith(name)), None)
 
 
-def client_rows(body: bytes, peers: Any, me: Any = None) -> bytes:
-    """The rows of proxied clients, each naming the client, its listener and its redisguard user."""
+def client_rows(body: bytes, peers: Any, me: Any, my_user: bytes, only_me: bool = False) -> bytes:
+    """The rows of proxied clients, each naming the client, its listener and its redisguard user (the
+    caller's: ``my_user``, the one it had when it asked, as Redis would show it)."""
     out = []
     for line in body.split(b"\n"):
         fields = line.split(b" ")
-        s = peers.get(_field(b"addr=", fields)) or me
+        s = me if only_me else peers.get(_field(b"addr=", fields))
         if not line or s is None:
             continue
-        shown = {b"addr=": s.addrs[0], b"laddr=": s.addrs[1], b"user=": s.user.name.encode()}
+        shown = {b"addr=": s.addrs[0], b"laddr=": s.addrs[1], b"user=": my_user if s is me else s.user.name.encode()}
         out.append(b" ".join(f[: f.index(b"=") + 1] + shown[f[: f.index(b"=") + 1]]
                              if f[: f.find(b"=") + 1] in shown else f for f in fields) + b"\n")  # fmt: skip
     return b"".join(out)
@@ -167,13 +168,11 @@ class ClientCommands:
             self._reject(cmd, b"-ERR redisguard: %s inside MULTI is not supported\r\n"
                          % cmd.name.upper().replace("|", " ").encode(), "unsupported")  # fmt: skip
             return
-        peers = self.peers
         if cmd.name == "cluster|shards":
             self._forward_rewritten([argv], cluster_shards)
-        elif cmd.name == "client|info":
-            self._forward_rewritten([argv], lambda f: _string_reply(f[0], lambda b: client_rows(b, {}, self)))
-        else:
-            self._forward_rewritten([argv], lambda f: _string_reply(f[0], lambda b: client_rows(b, peers)))
+            return
+        peers, user, info = self.peers, self.user.name.encode(), cmd.name == "client|info"
+        self._forward_rewritten([argv], lambda f: _string_reply(f[0], lambda b: client_rows(b, peers, self, user, info)))
 
     def _cmd_client_kill(self, cmd: Command, argv: list[bytes]) -> None:
         if self.in_multi:
