@@ -20,7 +20,17 @@ import redis
 from redisguard.acl import new_user
 from redisguard.upstream.identity import mirror_rules
 
-from .helpers import UPSTREAM_PASSWORD, UPSTREAM_USER, ProxyProc, RedisProc, raw_exchange, read_until, start_proxy, start_redis
+from .helpers import (
+    UPSTREAM_PASSWORD,
+    UPSTREAM_USER,
+    ProxyProc,
+    RedisProc,
+    raw_exchange,
+    read_until,
+    start_proxy,
+    start_redis,  # fmt: skip
+    upstream_user,
+)
 
 USERS = """\
 user default off
@@ -62,15 +72,9 @@ def service(tmp_path_factory: pytest.TempPathFactory, certs: Path, own_redis: Re
     p.stop()
 
 
-def _row_user(upstream: redis.Redis, info: bytes) -> str | None:
-    """The user Redis itself shows for the connection whose id a CLIENT INFO through redisguard gave."""
-    rows = upstream.client_list(client_id=[int(info.split(b"id=")[1].split(b" ")[0])])
-    return str(rows[0]["user"]) if rows else None
-
-
-def upstream_user(upstream: redis.Redis, c: redis.Redis) -> str | None:
+def upstream_user_of(upstream: redis.Redis, c: redis.Redis) -> str | None:
     """The user a proxied client's upstream connection is logged in as, as Redis sees it."""
-    return _row_user(upstream, str(c.execute_command("CLIENT", "INFO")).encode())
+    return upstream_user(upstream, c.execute_command("CLIENT", "INFO"))
 
 
 def client(p: ProxyProc, user: str) -> redis.Redis:
@@ -93,7 +97,7 @@ def test_service_identity_refuses_scripts_that_would_reach_more(service: ProxyPr
     with pytest.raises(redis.exceptions.NoPermissionError, match="rights of the proxy's service user.*identity = \"mirror\""):
         alice.eval(SCRIPT, 0)
     assert client(service, "admin").eval(SCRIPT, 0) == "the-secret"
-    assert upstream_user(upstream, alice) == UPSTREAM_USER
+    assert upstream_user_of(upstream, alice) == UPSTREAM_USER
     res = subprocess.run([sys.executable, "-m", "redisguard", "check-config", "--skip-bind", "-c", str(service.config)],
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert "are refused for 'alice', 'bob'" not in res.stderr  # bob may not run scripts at all
@@ -108,7 +112,7 @@ def test_mirror_identity_redis_refuses_the_script(mirror: ProxyProc, upstream: r
     assert "can't access at least one of the keys" in str(e.value) or "NOPERM" in str(e.value)
     assert alice.eval("return redis.call('GET','app:1')", 0) == "one"  # its own keys still work in scripts
     assert alice.get("app:1") == "one"
-    assert upstream_user(upstream, alice) == "rg:alice"
+    assert upstream_user_of(upstream, alice) == "rg:alice"
     assert any(c["user"] == "rg:alice" for c in upstream.client_list())  # CLIENT LIST on Redis names the user
     res = subprocess.run([sys.executable, "-m", "redisguard", "check-config", "--skip-bind", "-c", str(mirror.config)],
                          capture_output=True, text=True, timeout=60)  # fmt: skip
@@ -134,7 +138,7 @@ def test_mirror_follows_acl_setuser_and_deluser(mirror: ProxyProc, upstream: red
     assert admin.execute_command("ACL", "SETUSER", "carol", "on", ">carol-pw", "~c:*", "+get", "+client|info") == "OK"
     eventually(lambda: "rg:carol" in upstream.acl_users())
     carol = client(mirror, "carol")
-    assert upstream_user(upstream, carol) == "rg:carol"
+    assert upstream_user_of(upstream, carol) == "rg:carol"
     assert " user=carol " in carol.execute_command("CLIENT", "INFO")  # through redisguard: its own name
     admin.execute_command("ACL", "SETUSER", "carol", "~d:*")
     eventually(lambda: upstream.acl_getuser("rg:carol")["keys"] == ["~c:*", "~d:*"])
@@ -150,7 +154,7 @@ def test_mirror_relogin_and_reset(mirror: ProxyProc, upstream: redis.Redis) -> N
         for user in ("alice", "bob", "admin"):
             s.sendall(f"AUTH {user} {user}-pw\r\nCLIENT INFO\r\n".encode())
             info = read_until(s, lambda d: d.endswith(b"\n\r\n"))
-            seen.append((int(info.split(b"id=")[1].split(b" ")[0]), _row_user(upstream, info)))
+            seen.append((int(info.split(b"id=")[1].split(b" ")[0]), upstream_user(upstream, info)))
         assert seen == [(seen[0][0], f"rg:{u}") for u in ("alice", "bob", "admin")]
     out = raw_exchange(mirror.plain_port, b"AUTH alice alice-pw\r\nCLIENT INFO\r\nAUTH bob bob-pw\r\nCLIENT INFO\r\n"
                        b"SET bob:1 x\r\nRESET\r\nCLIENT INFO\r\nAUTH admin admin-pw\r\nCLIENT INFO\r\n")  # fmt: skip
