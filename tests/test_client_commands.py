@@ -266,3 +266,11 @@ def test_client_info_names_the_user_it_had_when_it_asked(both: dict[str, dict[st
 
 def _users(out: bytes) -> list[str]:
     return [part.split(b" ")[0].decode() for part in out.split(b" user=")[1:]]
+
+
+def test_client_kill_may_kill_the_caller_last(both: dict[str, dict[str, Client]]) -> None:
+    for side in ("redis", "proxy"):
+        c = both[side]
+        c["admin"].sock.sendall(b"CLIENT KILL TYPE normal SKIPME no\r\n")
+        assert read_until(c["admin"].sock, b":4\r\n", 10) == b":4\r\n", side  # answered, then closed
+        assert all(x.closed() for x in c.values()), side
