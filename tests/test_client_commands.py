@@ -222,6 +222,7 @@ KILL_ERRORS = [
     ["TYPE", "bogus", "USER", "nobody"], ["USER", "nobody", "TYPE", "bogus"], ["USER", "nobody"],
     ["ID", "999999"], ["ADDR", "10.1.2.3:4"], ["1.2.3.4:5"], ["USER", "alice", "MAXAGE", "1"], ["USER", "alice", "TYPE"],
     ["USER", "nobody", "TYPE"], ["SKIPME", "no", "ID"],
+    ["USER", "no\r\nbody"], ["USER", "no\x00body"], ["USER", "\r\nx\r\n"],  # (as Redis prints them in an error)
     ["TYPE", "pubsub"], ["TYPE", "master"], ["TYPE", "replica"], ["SKIPME", "no", "FOO", "x"],
     ["SKIPME", "no", "SKIPME", "x"], ["SKIPME", "nope", "SKIPME", "no"], ["type", "NORMAL", "skipme", "YES", "id", "-1"],
 ]  # fmt: skip

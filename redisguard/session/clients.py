@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from redisguard.commands.table import Command
-from redisguard.protocol.resp import encode_command
+from redisguard.protocol.resp import cstr, encode_command, error_format
 from redisguard.session.replies import SWALLOW
 
 NO_SUCH_CLIENT = b"-ERR No such client\r\n"
@@ -220,7 +220,7 @@ class ClientCommands:
             if frames[0].startswith(b"-"):
                 return frames[0]
             if unknown:
-                return b"-ERR No such user '%s'\r\n" % unknown
+                return error_format(b"No such user '%s'" % cstr(unknown))
             return b":%d\r\n" % _killed(frames[1:])
 
         self._forward_rewritten([probe, *kills], answer)
