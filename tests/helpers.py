@@ -11,6 +11,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from redisguard.cli.procs import free_port as free_port  # (for tests: the demo starts processes the same way)
 from redisguard.cli.procs import scrape as scrape
@@ -159,6 +160,16 @@ def _start_proxy(d: Path, certs: Path, users: Path, redis_port: int, nofile: int
     except RuntimeError as e:
         raise RuntimeError(f"{e}\n--- redisguard log ---\n{log.read_text()}") from None
     return ProxyProc(proc, tls_port, plain_port, metrics_port, cfg, log)
+
+
+def upstream_user(upstream: Any, info: object) -> str | None:
+    """The user Redis itself shows for a proxied connection, found by the id in its CLIENT INFO through
+    redisguard (which names redisguard's own users there): the upstream identity. ``upstream``: a redis-py
+    client of Redis itself."""
+    text = info.decode() if isinstance(info, bytes) else str(info)
+    rows = upstream.client_list(client_id=[int(text.split("id=", 1)[1].split(" ", 1)[0])])
+    user = rows[0]["user"] if rows else None
+    return user.decode() if isinstance(user, bytes) else user
 
 
 def raw_exchange(

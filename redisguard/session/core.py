@@ -29,6 +29,7 @@ from redisguard.session.state import ClientState, Suspension
 # fast path, never forwarded by audit mode without their handler.
 ACL_HANDLED = ("whoami", "setuser", "deluser", "load", "save", "list", "users", "getuser", "dryrun", "log")
 SPECIAL = frozenset({"auth", "hello", "quit", "reset", "multi", "exec", "discard", "client|reply", "monitor", "watch",
+                     "client|list", "client|info", "client|kill", "cluster|shards",
                      "unwatch", "subscribe", "psubscribe", "ssubscribe", "unsubscribe", "punsubscribe", "sunsubscribe",
                      *("acl|" + s for s in ACL_HANDLED)})  # fmt: skip
 # Refused by Redis itself at queue time (GET takes exactly one argument), which flags the transaction.
@@ -38,7 +39,7 @@ ACL_LOG_OBJECT_MAX = 4096
 
 
 class Core:
-    __slots__ = ("client", "shared", "state", "susp", "replies", "to_upstream", "to_client")
+    __slots__ = ("client", "peers", "shared", "state", "susp", "replies", "to_upstream", "to_client")
 
     def __init__(self, shared: Shared, state: ClientState, replies: ReplyQueue, client: ClientInfo) -> None:
         self.client = client  # what observers are told about (the session)
@@ -48,6 +49,9 @@ class Core:
         self.replies = replies
         self.to_upstream: list[bytes] = []
         self.to_client = replies.to_client  # the queue's output list (the same list, never replaced)
+        # This process's proxied clients by their upstream socket (Redis's addr=), shared by all of them
+        # and kept by the transport: what CLIENT LIST/INFO/KILL may show and kill (session/clients.py).
+        self.peers: dict[bytes, ClientState] = {}
 
     @property
     def policy(self) -> Policy:

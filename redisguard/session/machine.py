@@ -39,7 +39,7 @@ from redisguard.commands.table import Command, get_channels, get_keys
 from redisguard.policy.decide import Policy, Shared, Verdict, decide
 from redisguard.policy.guards import source_key
 from redisguard.protocol.request import RequestParser
-from redisguard.session import admin, connection, logins, pubsub, transactions
+from redisguard.session import admin, clients, connection, logins, pubsub, transactions
 from redisguard.session.core import SPECIAL, Core
 from redisguard.session.effects import Effect
 from redisguard.session.pipeline import Pipeline
@@ -60,6 +60,8 @@ HANDLERS: dict[str, Handler] = {
     "reset": connection.reset,
     "client|reply": connection.client_reply,
     "monitor": connection.monitor,
+    **{name: clients.proxied_view for name in ("client|list", "client|info", "cluster|shards")},
+    "client|kill": clients.client_kill,
     "multi": transactions.multi,
     "exec": transactions.exec_,
     "discard": transactions.discard,
@@ -94,7 +96,7 @@ class Session:
     def __init__(self, shared: Shared, listener: str = "", peer: str = "", tls_identity: str = "",
                  local: bool = False, source: str = "") -> None:  # fmt: skip
         self.state = ClientState(listener, peer, source or source_key(peer.rpartition(":")[0] or peer), tls_identity,
-                                 local, shared.policy.default_user)  # fmt: skip
+                                 local, shared.policy.default_user, addrs=(peer.encode(), b""))  # fmt: skip
         self.replies = ReplyQueue(self)  # what the client is owed, in order
         self.core = Core(shared, self.state, self.replies, self)
         self.susp = self.core.susp

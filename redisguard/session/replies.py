@@ -9,7 +9,9 @@ never asked for: the requests behind an aborted EXEC, a reply silenced by CLIENT
 subscribe/unsubscribe confirmations, which RESP3 sends as push frames), ``MONITOR`` (its +OK, after
 which the feed's lines are out of band), ``EXEC_SUBS`` (an EXEC whose transaction (un)subscribed:
 undone if it was aborted; ``SWALLOW_EXEC_SUBS`` the same, silenced by CLIENT REPLY), ``CLOSE``
-(QUIT or a protocol error: close once flushed).
+(QUIT or a protocol error: close once flushed), ``REWRITE n fn`` (n upstream replies that name
+what is behind the proxy — CLIENT LIST/INFO/KILL, CLUSTER SHARDS — held whole and replaced by
+``fn(frames)``; only these few commands ever pay for decoding).
 
 Upstream bytes are scanned for frame ends (:class:`~redisguard.protocol.resp.ReplyScanner`), never decoded;
 push frames, RESP2 pub/sub messages and the monitor feed are out of band and relayed as they come.
@@ -22,11 +24,12 @@ from __future__ import annotations
 import re
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from redisguard.protocol.resp import Frame, ProtocolError, ReplyScanner, whole_frames
 
-RELAY, SYNTH, SWALLOW, AUTHCHECK, CLOSE, PUBSUB, MONITOR, SWALLOW_MONITOR, EXEC_SUBS, SWALLOW_EXEC_SUBS = range(10)
+RELAY, SYNTH, SWALLOW, AUTHCHECK, CLOSE, PUBSUB, MONITOR, SWALLOW_MONITOR, EXEC_SUBS, SWALLOW_EXEC_SUBS, REWRITE = range(11)
 QUIET = {RELAY: SWALLOW, MONITOR: SWALLOW_MONITOR, EXEC_SUBS: SWALLOW_EXEC_SUBS}  # the same reply, silenced
 _RELAYED = (RELAY, PUBSUB, MONITOR)
 # One forwarded request in this many is timed until its reply (redisguard_upstream_reply_seconds).
@@ -93,6 +96,10 @@ class ReplyQueue:
         else:
             self.slots.append([kind, n])
 
+    def rewrite(self, n: int, fn: Callable[[list[bytes]], bytes]) -> None:
+        """The next ``n`` upstream replies are owed to the client as ``fn`` of them (one reply)."""
+        self.slots.append([REWRITE, n, fn, []])
+
     def close_after(self) -> None:
         """Close once every reply owed so far has been sent."""
         if self.slots:
@@ -156,6 +163,11 @@ class ReplyQueue:
                 self.session.exec_done(frame)
                 if kind == EXEC_SUBS:
                     self.to_client.append(frame)
+            elif kind == REWRITE:
+                head[3].append(b"".join(self.held) + seg)
+                self.held.clear()
+                if head[1] == 1:
+                    self.to_client.append(head[2](head[3]))
             elif kind == AUTHCHECK:
                 frame = b"".join(self.held) + seg
                 self.held.clear()

@@ -62,6 +62,10 @@ class ClientState:
     skipping: bool = False
     stopped: bool = False
     last: tuple[Command | None, list[bytes]] = (None, [])  # the request being decided (audit keys, EXEC's argv)
+    # What CLIENT LIST/INFO/KILL show of it (session/clients.py), set by the transport: (addr, laddr) as
+    # Redis would show this client, and its upstream socket as Redis shows it (b"": none yet).
+    addrs: tuple[bytes, bytes] = (b"", b"")
+    upstream_addr: bytes = b""
 
     @property
     def subscribed(self) -> bool:

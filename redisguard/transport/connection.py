@@ -16,7 +16,7 @@ from redisguard.observe.audit import get_logger
 from redisguard.protocol.proxy_header import ProxyHeader
 from redisguard.session.effects import ChangeUsers, Effect, Offload, Sleep, apply_users_change
 from redisguard.session.machine import Session, take
-from redisguard.transport.context import ConnectionContext, is_local, peer_name, source_of
+from redisguard.transport.context import ConnectionContext, is_local, peer_name, redis_addr, source_of
 from redisguard.transport.edges import Admission, Endings
 from redisguard.transport.slicer import Slicer
 from redisguard.transport.tls import certificate_identity
@@ -97,6 +97,11 @@ class ClientProtocol(Admission, Endings, asyncio.BufferedProtocol):
         identity = certificate_identity(transport, lst)
         self.session = Session(self.ctx.shared, lst.name, peer, identity, local=is_local(peername),
                                source=source_of(peername) or peer)  # fmt: skip
+        # As Redis would show this client: its address (a PROXY header's), the listener's that it reached.
+        local = transport.get_extra_info("sockname") if proxied is None or proxied.destination is None \
+            else proxied.destination  # fmt: skip
+        self.session.state.addrs = (redis_addr(peername, lst.path), redis_addr(local, lst.path))
+        self.session.core.peers = self.ctx.upstream_clients
         if lst.cert_user and (identity or transport.get_extra_info("peercert")):
             self.session.login_certificate(identity)
             if self.session.closing:  # unmapped_cert = "refuse": a verified certificate that names no user

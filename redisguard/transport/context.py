@@ -19,6 +19,7 @@ from redisguard.observe.metrics import Metrics
 from redisguard.policy.decide import Shared
 from redisguard.policy.guards import source_allowed, source_key
 from redisguard.session.machine import Session
+from redisguard.session.state import ClientState
 from redisguard.transport.handshakes import HandshakeBudget
 
 log = get_logger("redisguard")
@@ -27,6 +28,14 @@ audit = get_logger("redisguard.audit")
 
 def peer_name(addr: Any) -> str:
     return f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else "unix"
+
+
+def redis_addr(addr: Any, unix_path: Any = "") -> bytes:
+    """A socket address as Redis's CLIENT LIST shows it: ``ip:port``, ``[ip6]:port``, ``path:0``."""
+    if isinstance(addr, tuple):
+        host = str(addr[0])
+        return (f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}").encode()
+    return f"{unix_path}:0".encode()
 
 
 def source_of(peername: Any) -> str:
@@ -83,6 +92,8 @@ class ConnectionContext:
         self.handshakes = handshakes
         self.upstream_ssl = upstream_ssl
         self.clients: set[Client] = set()
+        # Proxied clients by their upstream socket's address (Redis's addr=): CLIENT LIST/INFO/KILL.
+        self.upstream_clients: dict[bytes, ClientState] = {}
         self.active = {lst.name: 0 for lst in config.listeners}
         # Each listener's max_connections (with [server] workers, this worker's share: rounded up).
         self.max_connections = {lst.name: share(lst.max_connections, config.server.workers) for lst in config.listeners}

@@ -22,7 +22,7 @@ import time
 from typing import Protocol
 
 from redisguard.session.machine import Session
-from redisguard.transport.context import ConnectionContext
+from redisguard.transport.context import ConnectionContext, redis_addr
 from redisguard.transport.slicer import Slicer
 
 # Stop reading from one side when the other side's write buffer passes this (per connection).
@@ -158,7 +158,6 @@ class UpstreamLink:
 
     async def _connect(self) -> None:
         ctx = self.ctx
-        up = ctx.config.upstream
         m = ctx.metrics
         proto: UpstreamProtocol | None = None
         refused = b""
@@ -178,7 +177,7 @@ class UpstreamLink:
             m.upstream_up.set(0)
             ctx.upstream_error(e)
             self.pending.clear()
-            self.client.upstream_failed(f"redisguard: upstream Redis at {up.where} is unavailable")
+            self.client.upstream_failed("redisguard: upstream Redis is unavailable")  # (where: in the proxy's log)
             return
         except BaseException:  # cancelled (the client went): no connection left behind
             if proto is not None:
@@ -192,6 +191,11 @@ class UpstreamLink:
                 self.client.upstream_failed(AUTH_FAILED)
             return
         self.protocol = proto
+        sockname = proto.transport.get_extra_info("sockname")  # type: ignore[union-attr]
+        if isinstance(sockname, tuple):  # a unix socket's clients all show Redis's path: not told apart
+            state = self.client.session.state
+            state.upstream_addr = redis_addr(sockname)
+            ctx.upstream_clients[state.upstream_addr] = state
         if self.pending:
             proto.transport.write(b"".join(self.pending))  # type: ignore[union-attr]
             self.pending = []
@@ -250,6 +254,9 @@ class UpstreamLink:
             self.protocol.resume(why)
 
     def close(self) -> None:
+        session = self.client.session
+        if session is not None and self.ctx.upstream_clients.get(session.state.upstream_addr) is session.state:
+            del self.ctx.upstream_clients[session.state.upstream_addr]
         if self.task is not None and not self.task.done():
             self.task.cancel()
         if self.protocol is not None and self.protocol.transport is not None:

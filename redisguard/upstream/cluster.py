@@ -6,8 +6,9 @@ redisguard does no sharding of its own. Each Redis node sits behind its own redi
 *announces the sidecar's address* (``cluster-announce-ip``, ``cluster-announce-port`` = redisguard's
 TLS port), so everything Redis tells clients about the cluster — CLUSTER SLOTS / SHARDS / NODES and
 the ``-MOVED`` / ``-ASK`` redirections — already names redisguard listeners, and the proxy relays
-those replies unchanged. Policy needs nothing special either: CLUSTER subcommands, ASKING, READONLY
-and READWRITE carry their ACL categories in COMMAND INFO like any command, and every command's keys
+those replies unchanged (but CLUSTER SHARDS's ``tls-port``, Redis's own with tls-cluster: the session
+makes it the sidecar's ``port``, see session/clients.py). Policy needs nothing special either: CLUSTER
+subcommands, ASKING, READONLY and READWRITE carry their ACL categories in COMMAND INFO like any command, and every command's keys
 hash to one slot, so the per-key check is the same as on a single Redis.
 
 What must be right is the node's configuration, and that is what this module checks (for

@@ -13,7 +13,9 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import hiredis
 import pytest
 import redis
 from redis.crc import key_slot
@@ -406,3 +408,41 @@ def test_cluster_example_starts_serves_and_stops(tmp_path: Path) -> None:
         stop = subprocess.run(["bash", str(script), "stop", str(run)], env=env, capture_output=True, text=True, timeout=30)
         assert stop.returncode == 0, stop.stderr
     assert not list(run.glob("*.pid"))
+
+
+def _shards(data: bytes) -> list[dict[bytes, Any]]:
+    """CLUSTER SHARDS after a HELLO reply, each shard and node as a dict (RESP2 pairs or RESP3 maps),
+    replication offsets (which move on their own) left out."""
+    reader = hiredis.Reader()
+    reader.feed(data)
+    reader.gets()  # HELLO's
+
+    def as_dict(v: Any) -> dict[bytes, Any]:
+        return v if isinstance(v, dict) else dict(zip(v[::2], v[1::2], strict=True))
+
+    shards = [as_dict(s) for s in reader.gets()]
+    for s in shards:
+        s[b"nodes"] = [{k: v for k, v in as_dict(n).items() if k != b"replication-offset"} for n in s[b"nodes"]]
+    return shards
+
+
+@pytest.mark.parametrize("resp", [2, 3])
+def test_cluster_shards_names_only_sidecars(cluster: list[ClusterNode], certs: Path, resp: int) -> None:
+    """With tls-cluster, Redis's CLUSTER SHARDS gives each node's own TLS port as tls-port beside the
+    sidecar's port: through the sidecar, tls-port is the sidecar's too; everything else is Redis's, in
+    Redis's shapes (RESP2 arrays of pairs, RESP3 maps)."""
+    node = primaries(cluster)[0]
+    asked: list[list[str | bytes]] = [["HELLO", str(resp), "AUTH", "app", "app-pw"], ["CLUSTER", "SHARDS"]]
+    via = exchange(node.proxy.tls_port, asked, ca=certs / "ca.pem")
+    direct = exchange(node.redis.port, asked)
+    want = _shards(direct)
+    for s in want:
+        for n in s[b"nodes"]:
+            assert n[b"tls-port"] == next(c.tls_port for c in cluster if c.id.encode() == n[b"id"])  # Redis's own
+            n[b"tls-port"] = n[b"port"]
+    assert _shards(via) == want
+    sidecars = {c.proxy.tls_port for c in cluster}
+    assert {n[b"tls-port"] for s in want for n in s[b"nodes"]} == sidecars
+    assert (b"%" in via) == (resp == 3)  # maps only in RESP3, as Redis sends them
+    behind = {port for c in cluster for port in (c.tls_port, c.redis.port)}
+    assert not any(v in behind for s in _shards(via) for n in s[b"nodes"] for v in n.values())

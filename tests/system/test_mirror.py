@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,7 +19,17 @@ import redis
 
 from redisguard.acl import new_user
 from redisguard.upstream.identity import mirror_rules
-from tests.helpers import UPSTREAM_PASSWORD, UPSTREAM_USER, ProxyProc, RedisProc, raw_exchange, start_proxy, start_redis
+from tests.helpers import (
+    UPSTREAM_PASSWORD,
+    UPSTREAM_USER,
+    ProxyProc,
+    RedisProc,
+    raw_exchange,
+    read_until,
+    start_proxy,
+    start_redis,
+    upstream_user,
+)
 
 USERS = """\
 user default off
@@ -60,6 +71,11 @@ def service(tmp_path_factory: pytest.TempPathFactory, certs: Path, own_redis: Re
     p.stop()
 
 
+def upstream_user_of(upstream: redis.Redis, c: redis.Redis) -> str | None:
+    """The user a proxied client's upstream connection is logged in as, as Redis sees it."""
+    return upstream_user(upstream, c.execute_command("CLIENT", "INFO"))
+
+
 def client(p: ProxyProc, user: str) -> redis.Redis:
     return redis.Redis(port=p.plain_port, username=user, password=f"{user}-pw", decode_responses=True, socket_timeout=10)
 
@@ -71,7 +87,7 @@ def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-def test_service_identity_refuses_scripts_that_would_reach_more(service: ProxyProc) -> None:
+def test_service_identity_refuses_scripts_that_would_reach_more(service: ProxyProc, upstream: redis.Redis) -> None:
     """The gap, closed: Redis would run the script as the service user, so redisguard refuses it to alice,
     whose key patterns are narrower; admin (~* &* +@all, as wide as the service user) runs scripts."""
     alice = client(service, "alice")
@@ -80,7 +96,7 @@ def test_service_identity_refuses_scripts_that_would_reach_more(service: ProxyPr
     with pytest.raises(redis.exceptions.NoPermissionError, match="rights of the proxy's service user.*identity = \"mirror\""):
         alice.eval(SCRIPT, 0)
     assert client(service, "admin").eval(SCRIPT, 0) == "the-secret"
-    assert f"user={UPSTREAM_USER}" in alice.execute_command("CLIENT", "INFO")
+    assert upstream_user_of(upstream, alice) == UPSTREAM_USER
     res = subprocess.run([sys.executable, "-m", "redisguard", "check-config", "--skip-bind", "-c", str(service.config)],
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert "are refused for 'alice', 'bob'" not in res.stderr  # bob may not run scripts at all
@@ -95,7 +111,7 @@ def test_mirror_identity_redis_refuses_the_script(mirror: ProxyProc, upstream: r
     assert "can't access at least one of the keys" in str(e.value) or "NOPERM" in str(e.value)
     assert alice.eval("return redis.call('GET','app:1')", 0) == "one"  # its own keys still work in scripts
     assert alice.get("app:1") == "one"
-    assert "user=rg:alice" in alice.execute_command("CLIENT", "INFO")
+    assert upstream_user_of(upstream, alice) == "rg:alice"
     assert any(c["user"] == "rg:alice" for c in upstream.client_list())  # CLIENT LIST on Redis names the user
     res = subprocess.run([sys.executable, "-m", "redisguard", "check-config", "--skip-bind", "-c", str(mirror.config)],
                          capture_output=True, text=True, timeout=60)  # fmt: skip
@@ -121,19 +137,28 @@ def test_mirror_follows_acl_setuser_and_deluser(mirror: ProxyProc, upstream: red
     assert admin.execute_command("ACL", "SETUSER", "carol", "on", ">carol-pw", "~c:*", "+get", "+client|info") == "OK"
     eventually(lambda: "rg:carol" in upstream.acl_users())
     carol = client(mirror, "carol")
-    assert "user=rg:carol" in carol.execute_command("CLIENT", "INFO")
+    assert upstream_user_of(upstream, carol) == "rg:carol"
+    assert " user=carol " in carol.execute_command("CLIENT", "INFO")  # through redisguard: its own name
     admin.execute_command("ACL", "SETUSER", "carol", "~d:*")
     eventually(lambda: upstream.acl_getuser("rg:carol")["keys"] == ["~c:*", "~d:*"])
     assert admin.execute_command("ACL", "DELUSER", "carol") == 1
     eventually(lambda: "rg:carol" not in upstream.acl_users())
 
 
-def test_mirror_relogin_and_reset(mirror: ProxyProc) -> None:
-    """One client, one upstream connection: it logs in again as each user the client becomes."""
+def test_mirror_relogin_and_reset(mirror: ProxyProc, upstream: redis.Redis) -> None:
+    """One client, one upstream connection: it logs in again as each user the client becomes (Redis
+    names the mirror user; through redisguard CLIENT INFO names the redisguard user it had when it asked)."""
+    with socket.create_connection(("127.0.0.1", mirror.plain_port), timeout=10) as s:
+        seen = []
+        for user in ("alice", "bob", "admin"):
+            s.sendall(f"AUTH {user} {user}-pw\r\nCLIENT INFO\r\n".encode())
+            info = read_until(s, lambda d: d.endswith(b"\n\r\n"))
+            seen.append((int(info.split(b"id=")[1].split(b" ")[0]), upstream_user(upstream, info)))
+        assert seen == [(seen[0][0], f"rg:{u}") for u in ("alice", "bob", "admin")]
     out = raw_exchange(mirror.plain_port, b"AUTH alice alice-pw\r\nCLIENT INFO\r\nAUTH bob bob-pw\r\nCLIENT INFO\r\n"
                        b"SET bob:1 x\r\nRESET\r\nCLIENT INFO\r\nAUTH admin admin-pw\r\nCLIENT INFO\r\n")  # fmt: skip
     assert re.findall(rb"id=(\d+) .* user=(\S+)", out) == [(out.split(b"id=")[1].split(b" ")[0], u)
-                                                          for u in (b"rg:alice", b"rg:bob", b"rg:admin")]  # fmt: skip
+                                                          for u in (b"alice", b"bob", b"admin")]  # fmt: skip
     assert out.startswith(b"+OK\r\n") and b"-NOPERM this user has no permissions to run the 'set' command\r\n+RESET\r\n" \
         b"-NOAUTH Authentication required.\r\n+OK\r\n" in out
 
@@ -143,7 +168,7 @@ def test_mirror_relogin_under_client_reply_off(mirror: ProxyProc) -> None:
     out = raw_exchange(mirror.plain_port, b"AUTH alice alice-pw\r\nCLIENT REPLY OFF\r\nAUTH bob bob-pw\r\nGET bob:1\r\n"
                        b"CLIENT REPLY ON\r\nCLIENT INFO\r\nGET bob:1\r\n")  # fmt: skip
     assert out.startswith(b"+OK\r\n+OK\r\n$") and out.endswith(b"\r\n$-1\r\n"), out
-    assert b" user=rg:bob " in out
+    assert b" user=bob " in out
 
 
 def test_mirror_follows_a_reload(mirror: ProxyProc, upstream: redis.Redis) -> None:

@@ -434,3 +434,26 @@ def test_upstream_proxy_v2_to_an_intermediate_proxy(tmp_path: Path, certs: Path,
     finally:
         p.stop()
         relay.close()
+
+
+def test_client_info_shows_the_headers_addresses(pproxy: ProxyProc) -> None:
+    """CLIENT INFO / LIST name the client the header names (addr) and the address it connected to (laddr),
+    formatted as Redis formats them; without a header naming one (v2 LOCAL), the socket's own."""
+    info = b"*2\r\n$6\r\nCLIENT\r\n$4\r\nINFO\r\n"
+    login = auth("admin", "admin-pw")
+    for header, addr, laddr in ((v1("203.0.113.12", 42005), "203.0.113.12:42005", "10.0.0.1:6380"),
+                                (v2("2001:db8::12", 42006, "2001:db8::1", 7000), "[2001:db8::12]:42006",
+                                 "[2001:db8::1]:7000")):  # fmt: skip
+        out = tcp_call(Ports.pp, header + login + info, 3)
+        assert f" addr={addr} laddr={laddr} ".encode() in out and b" user=admin " in out, out
+    with connect(Ports.pp) as s:
+        s.sendall(v2("", 0, local=True) + login + info)
+        out = read_until(s, lambda b: b.count(b"\r\n") >= 3)
+        addr = "%s:%d" % s.getsockname()
+        assert f" addr={addr} laddr=127.0.0.1:{Ports.pp} ".encode() in out, out
+    with socket.socket(socket.AF_UNIX) as u:
+        u.settimeout(5)
+        u.connect(Ports.unix)
+        u.sendall(v2("", 0, local=True) + login + info)
+        out = read_until(u, lambda b: b.count(b"\r\n") >= 3)
+        assert f" addr={Ports.unix}:0 laddr={Ports.unix}:0 ".encode() in out, out  # as Redis shows a unix client
