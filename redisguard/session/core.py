@@ -20,7 +20,9 @@ request owes nothing and its refusal is dropped, as Redis does.
 
 Transactions: a command refused inside MULTI answers at once and marks the transaction, as Redis
 does; EXEC then answers ``-EXECABORT``, and the proxy makes Redis abort its transaction at EXEC as it
-would have (a request Redis refuses at queue time, then EXEC; their replies swallowed).
+would have (a request Redis refuses at queue time, then EXEC; their replies swallowed). A refusal Redis
+makes only when the command runs (``Verdict.at_exec``: SORT's BY/GET) is queued instead: a stand-in
+that reaches no key is forwarded, and its element of EXEC's reply becomes the refusal.
 
 Modes (:class:`Mode`, ``Session.mode``): NORMAL → MULTI (MULTI … EXEC/DISCARD/RESET), SUBSCRIBED
 (while any subscription is held), MONITOR (until the connection ends), CLOSING (QUIT, a protocol
@@ -79,7 +81,7 @@ def take(out: list[bytes]) -> bytes:
 class Session(RequestPipeline, LoginsAndACL, StateCommands):
     __slots__ = (
         "_admin_done", "_decided", "_exec_changes", "_last", "_more", "_multi_subs", "_multi_user",
-        "_offload_basis", "_paused", "_pending", "_plain_rest", "_queued", "_replay", "_replay_auth", "_silent",
+        "_offload_basis", "_paused", "_pending", "_plain_rest", "_queued", "_refused", "_replay", "_replay_auth", "_silent",
         "_skip_next", "_skipping", "_spent", "_unparsed", "authenticated", "awaiting", "in_multi", "listener", "local",
         "multi_dirty", "offload", "parser", "peer", "replies", "reply_off", "resp", "shared", "source",
         "stopped", "subscriptions", "tls_identity", "to_client", "to_upstream", "upstream_login", "upstream_opened",
@@ -139,6 +141,7 @@ class Session(RequestPipeline, LoginsAndACL, StateCommands):
         self._offload_basis: tuple[User, Policy, bool] | None = None  # whom and what offload is decided for
         self._multi_user: User | None = None
         self._queued: list[list[bytes]] = []  # the commands queued since MULTI
+        self._refused: dict[int, bytes] = {}  # of those, by position: what Redis will answer at EXEC instead
         self._admin_done: Any = None  # (users it was computed from, result) of an offloaded ACL admin command
         self.user: User
         self._become_default()
@@ -284,6 +287,7 @@ class Session(RequestPipeline, LoginsAndACL, StateCommands):
             verdict = decide(self.policy, self.user, argv, self._auth_required(), self.local)
         cmd = verdict.cmd
         self._last = (cmd, argv)
+        at_exec: bytes | None = None  # a refusal Redis makes when the command runs, after the checks below
         if verdict.error is not None:
             if verdict.reason in ACL_REASONS and cmd is not None and cmd.name not in self.special \
                     and self.policy.audits(self.user):  # fmt: skip
@@ -291,6 +295,8 @@ class Session(RequestPipeline, LoginsAndACL, StateCommands):
                 # as such. Never the commands redisguard answers itself (ACL SETUSER, ACL LIST, AUTH,
                 # ...): those act on redisguard's own users, beyond the audited user.
                 self.shared.observer.would_deny(self, verdict.name, verdict.reason)
+            elif verdict.at_exec:
+                at_exec = verdict.error
             else:
                 if verdict.reason in ACL_REASONS:
                     self._acl_log(verdict.reason, verdict.name.encode() if verdict.reason == "command" else argv[verdict.index])
@@ -303,6 +309,12 @@ class Session(RequestPipeline, LoginsAndACL, StateCommands):
             return
         if self.in_multi and "no_multi" in cmd.flags:  # Redis refuses it at queueing (and EXEC aborts)
             self._reject(cmd, b"-ERR Command not allowed inside a transaction\r\n", "context")
+            return
+        if at_exec is not None:
+            if self.in_multi:
+                self._queue_refused(cmd, argv, at_exec, verdict.reason)  # queued; the error comes inside EXEC's reply
+            else:
+                self._reject(cmd, at_exec, verdict.reason, verdict.name)  # (no ACL LOG entry, as in Redis)
             return
         if not self._replay_auth:  # a throttled AUTH was counted when it first arrived
             self.shared.observer.command(self, cmd.name, True, "")

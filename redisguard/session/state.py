@@ -17,6 +17,13 @@ from redisguard.policy.decide import decide
 from redisguard.protocol.resp import OK, encode_command
 from redisguard.session.replies import EXEC_SUBS, MONITOR, PUBSUB, SWALLOW
 
+# The stand-in forwarded inside MULTI for a command Redis refuses only when it runs (Verdict.at_exec):
+# Redis queues it and it fails at EXEC touching nothing, and the proxy puts the refusal in its place in
+# EXEC's reply. For SORT: the same key (already checked) and an option Redis answers with a syntax error
+# before it looks the key up — counted as the refused SORT is (a failed call, an ERR error).
+STAND_INS = {"sort": lambda argv: [argv[0], argv[1], b"redisguard-refused"],
+             "sort_ro": lambda argv: [argv[0], argv[1], b"redisguard-refused"]}  # fmt: skip
+
 EXECABORT = b"-EXECABORT Transaction discarded because of previous errors.\r\n"
 # Refused by Redis itself at queue time (GET takes exactly one argument), which flags the transaction.
 POISON = encode_command([b"GET"])
@@ -35,6 +42,7 @@ class StateCommands:
     _multi_subs: list[tuple[str, bytes, bool]]
     _multi_user: Any
     _queued: list[list[bytes]]
+    _refused: dict[int, bytes]
     _exec_changes: Any
     _watching: bool
     _skipping: bool
@@ -69,17 +77,29 @@ class StateCommands:
         """The transaction is over (EXEC, DISCARD, an aborted EXEC, RESET): forget what it queued."""
         self.in_multi = self.multi_dirty = self._watching = False  # (each of these also ends a WATCH)
         self._queued = []
+        self._refused = {}
         self._multi_subs = []
 
     def _rules_changed_since_multi(self) -> bool:
         """Redis's EXEC checks every queued command's ACL again: the user's rules may have changed
-        since (ACL SETUSER, LOAD, a reload). If any is no longer allowed here, the transaction goes."""
+        since (ACL SETUSER, LOAD, a reload). If any is no longer allowed here, the transaction goes.
+        A command refused at run time stays as it is if it would be refused the same way; if it would
+        now run, the proxy (which forwarded its stand-in) cannot run it: that too discards."""
         if self.user is self._multi_user:
             return False
         audit = self.policy.audits(self.user)  # audit mode: ACL verdicts on forwarded commands stop nothing
-        return any((v := decide(self.policy, self.user, q, False, self.local)).error is not None
+        refused = self._refused
+        return any((v := decide(self.policy, self.user, q, False, self.local)).error != refused.get(i)
                    and not (audit and v.reason in ("command", "key", "channel") and v.name not in self.special)
-                   for q in self._queued)  # fmt: skip
+                   for i, q in enumerate(self._queued))  # fmt: skip
+
+    def _queue_refused(self, cmd: Command, argv: list[bytes], error: bytes, reason: str) -> None:
+        """Inside MULTI, a command Redis refuses only when it runs: queued (Redis answers +QUEUED to
+        its stand-in), and ``error`` is its element of EXEC's reply."""
+        self.shared.observer.command(self, cmd.name, False, reason)
+        self._refused[len(self._queued)] = error
+        self._queued.append(argv)
+        self._forward(STAND_INS[cmd.name](argv))
 
     def _cmd_exec(self, cmd: Command, argv: list[bytes]) -> None:
         if self.in_multi and self.multi_dirty:
@@ -93,16 +113,23 @@ class StateCommands:
         # session decides nothing more (in RESP2 whether it is subscribed changes what Redis accepts
         # and how its replies read).
         changes = list(self._multi_subs)
+        # A silenced EXEC's reply is never seen: only one the client gets needs the run-time refusals.
+        refused = {} if self.reply_off or self._skipping else self._refused
         if changes and self.reply_off:
             # No reply to EXEC under OFF. No WATCH is in force (SUBSCRIBE after one was refused), so it
             # runs, and the confirmations inside it are pushes, sent anyway.
             self._apply_subscriptions(changes)
             self._forward(argv)
             self._expect(PUBSUB, len(changes))
-        elif changes:  # (a SKIP hides EXEC's reply from the client: the proxy still reads it)
-            self._exec_changes.append(changes)
-            self._paused = True  # (held, not started: the next request is decided after the reply)
-            self._forward(argv, 1, EXEC_SUBS)
+        elif changes or refused:  # (a SKIP hides EXEC's reply from the client: the proxy still reads it)
+            if changes:
+                self._exec_changes.append(changes)
+                self._paused = True  # (held, not started: the next request is decided after the reply)
+            if refused:
+                self._forward(argv, 0)
+                self.replies.expect_exec(refused, bool(changes))
+            else:
+                self._forward(argv, 1, EXEC_SUBS)
         else:
             self._forward(argv)
         self._end_multi()
