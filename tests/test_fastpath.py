@@ -63,7 +63,8 @@ def test_fast_path_agrees_with_decide(table: CommandTable) -> None:
 
 def test_common_requests_take_the_fast_path(table: CommandTable) -> None:
     user = new_user("app", table, ["on", "~cache:*", "%R~report:*", "+@all", "-@dangerous"])
-    plan = Policy(table, {"app": user}).plan(user, SPECIAL)
+    policy = Policy(table, {"app": user})  # (it keeps its plans; a plan asks it while it is in force)
+    plan = policy.plan(user, SPECIAL)
     for argv in ([b"GET", b"cache:1"], [b"get", b"report:9"], [b"SET", b"cache:1", b"v", b"EX", b"10"],
                  [b"MGET", b"cache:1", b"report:2"], [b"PING"], [b"HSET", b"cache:h", b"f", b"v"]):  # fmt: skip
         assert plan.allowed(argv) is not None, argv

@@ -14,7 +14,8 @@ from redisguard.session.core import Session
 
 def test_plan_entries_stay_bounded_with_unknown_names(table: CommandTable) -> None:
     user = new_user("weak", table, ["on", "nopass", "-@all"])
-    plan = Policy(table, {"weak": user}).plan(user, Session.special)
+    policy = Policy(table, {"weak": user})  # (it keeps its plans; a plan asks it while it is in force)
+    plan = policy.plan(user, Session.special)
     for i in range(5000):
         plan.allowed([b"nosuch%d" % i])
         plan.allowed([b"NOSUCH%d" % i])
