@@ -16,6 +16,8 @@ do not. Redis 7.0.15 ``ACL DRYRUN`` agrees: a ``%RW~*`` user is denied ``GET ""`
 from __future__ import annotations
 
 import functools
+import operator
+import re
 from collections.abc import Callable
 
 from ..fast import stringmatchlen
@@ -23,7 +25,7 @@ from ..fast import stringmatchlen
 stringmatch = stringmatchlen  # the kernel's: compiled, or its pure twin (redisguard.fast)
 
 
-_SPECIAL = frozenset(b"*?[\\")
+_SPECIAL = re.compile(rb"[*?\[\\]")  # (a regex: a users file compiles hundreds of thousands of patterns)
 
 
 def compile_glob(pattern: bytes) -> Callable[[bytes], bool]:
@@ -32,11 +34,13 @@ def compile_glob(pattern: bytes) -> Callable[[bytes], bool]:
     Each fast path must give ``stringmatch``'s answer for every string, ``b""`` included."""
     if pattern == b"*":
         return bool  # "*" matches every string except the empty one
-    if not any(c in _SPECIAL for c in pattern):
+    if _SPECIAL.search(pattern) is None:
         return pattern.__eq__
     body = pattern[:-1]
-    if pattern.endswith(b"*") and body and not any(c in _SPECIAL for c in body):
-        return lambda s: s.startswith(body)  # body is non-empty, so never true for b""
+    if pattern.endswith(b"*") and body and _SPECIAL.search(body) is None:
+        # body is non-empty, so never true for b""; a methodcaller: as fast as a lambda, a third of its
+        # size (a large users file holds hundreds of thousands of patterns)
+        return operator.methodcaller("startswith", body)
     return functools.partial(stringmatchlen, pattern)  # the kernel itself: no Python frame per call
 
 

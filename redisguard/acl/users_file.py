@@ -23,6 +23,7 @@ from pathlib import Path
 from redisguard.commands.table import CommandTable
 from redisguard.files.versions import FileChanged, FileUnreadable, read_now
 
+from .selector import CommandsKey, Selector
 from .user import ACLError, User, default_user, merge_selector_args
 
 _SPACES = frozenset(" \t\r\n\v\f\0")
@@ -48,6 +49,7 @@ def parse_users(text: str, table: CommandTable, filename: str = "users.acl", *, 
     ``implicit``), or, with ``require_default``, the file is an error."""
     users: dict[str, User] = {}
     errors: list[str] = []
+    command_sets: dict[CommandsKey, Selector] = {}  # each distinct command set once (Selector.share_commands)
     for lineno, line in enumerate(text.split("\n"), 1):
         line = line.strip(" \t\r\n")
         if not line or line.startswith("#"):
@@ -78,6 +80,8 @@ def parse_users(text: str, table: CommandTable, filename: str = "users.acl", *, 
                 user.apply(rule)
             except ACLError as e:
                 errors.append(f"{filename}:{lineno}: {e}. (rule '{rule}')")
+        for sel in user.selectors:
+            sel.share_commands(command_sets)
     if require_default and "default" not in users:
         errors.append(missing_default_message(filename))
     if errors:

@@ -241,6 +241,10 @@ class Verdict:
     reason: str  # "" | unknown_command | disabled | arity | noauth | command | key | channel
     name: str  # the command's name for metrics and logs ("unknown" if Redis does not know it)
     index: int = 0  # for key/channel denials: the argument Redis names in ACL LOG
+    # Redis makes this refusal when the command runs, not in processCommand: no ACL LOG entry, and inside
+    # MULTI the command is queued and the error is its element of EXEC's reply. In 7.0 only SORT's BY/GET
+    # check (sort.c: ACLUserCheckCmdWithUnrestrictedKeyAccess) is an ACL check made there.
+    at_exec: bool = False
 
 
 _PROTECTED = {"debug": ("DEBUG", "enable-debug-command"), "module|load": ("MODULE", "enable-module-command"),
@@ -277,7 +281,7 @@ def decide(policy: Policy, user: User, argv: Sequence[bytes], auth_required: boo
         # SORT's own run-time check (BY/GET patterns), which Redis makes as the connection's user
         err = sort_restriction(user, cmd, argv)
         if err:
-            return Verdict(cmd, err, "key", cmd.name)
+            return Verdict(cmd, err, "key", cmd.name, at_exec=True)
     if policy.refuses_script(user, cmd.name):
         return Verdict(cmd, SCRIPT_REFUSED % cmd.name.encode(), "script", cmd.name)
     return Verdict(cmd, None, "", cmd.name)

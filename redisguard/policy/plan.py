@@ -15,6 +15,7 @@ exact answer. ``tests/policy/test_plan.py`` checks that the two never disagree o
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -56,10 +57,13 @@ class Plan:
     all-lowercase and all-uppercase spellings only (so a client cannot grow the table: at most twice
     the command table); other spellings are folded first."""
 
-    __slots__ = ("policy", "user", "label", "entries", "_special")
+    __slots__ = ("_policy", "table", "user", "label", "entries", "_special")
 
     def __init__(self, policy: Rules, user: User, label: str, special: frozenset[str]) -> None:
-        self.policy = policy
+        # Weakly: the policy keeps its plans, and a cycle would outlive the policy (the reload's
+        # gc.freeze() exempts it from every later collection, and it holds users that are gone).
+        self._policy = weakref.ref(policy)
+        self.table = policy.table
         self.user = user
         self.label = label
         self.entries: dict[bytes, Entry | None] = {}
@@ -94,7 +98,7 @@ class Plan:
         low = name.lower()
         if low in self.entries:
             e = self.entries[low]
-        elif self.policy.table.lookup([low]) is None:
+        elif self.table.lookup([low]) is None:
             return None  # unknown to Redis: never stored, so a client cannot grow the table with names
         else:
             e = self.entries[low] = self._build(low)
@@ -103,10 +107,11 @@ class Plan:
         return e
 
     def _build(self, low: bytes) -> Entry | None:
-        policy = self.policy
-        cmd = policy.resolve([low])
+        policy = self._policy()
+        cmd = None if policy is None else policy.resolve([low])  # (a policy gone: decide() answers)
         if (
-            cmd is None
+            policy is None
+            or cmd is None
             or cmd.subcommands  # the command Redis runs depends on argv[1]
             or cmd.no_auth
             or cmd.channels is not None

@@ -8,7 +8,10 @@ functions of a Core and a request; :class:`~.machine.Session` composes it with t
 CLIENT REPLY OFF/SKIP silence a request's reply whoever makes it (Redis or the proxy), so a silenced
 request owes nothing and its refusal is dropped, as Redis does. A command refused inside MULTI
 answers at once and marks the transaction, as Redis does; EXEC then answers ``-EXECABORT``, and the
-proxy makes Redis abort its transaction at EXEC as it would have (:meth:`Core.abort_exec`).
+proxy makes Redis abort its transaction at EXEC as it would have (:meth:`Core.abort_exec`). A refusal
+Redis makes only when the command runs (``Verdict.at_exec``: SORT's BY/GET) is queued instead: a
+stand-in that reaches no key is forwarded, and its element of EXEC's reply becomes the refusal
+(:mod:`.transactions`).
 """
 
 from __future__ import annotations
@@ -143,6 +146,7 @@ class Core:
         st = self.state
         st.in_multi = st.multi_dirty = st.watching = False  # (each of these also ends a WATCH)
         st.queued = []
+        st.refused = {}
         st.multi_subs = []
 
     def abort_exec(self, reply: bytes) -> None:

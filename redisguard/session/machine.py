@@ -241,6 +241,7 @@ class Session:
         cmd = verdict.cmd
         st.last = (cmd, argv)
         observer = c.shared.observer
+        at_exec: bytes | None = None  # a refusal Redis makes when the command runs, after the checks below
         if verdict.error is not None:
             if verdict.reason in ACL_REASONS and cmd is not None and cmd.name not in SPECIAL \
                     and c.policy.audits(st.user):  # fmt: skip
@@ -248,6 +249,8 @@ class Session:
                 # as such. Never the commands redisguard answers itself (ACL SETUSER, ACL LIST, AUTH,
                 # ...): those act on redisguard's own users, beyond the audited user.
                 observer.would_deny(self, verdict.name, verdict.reason)
+            elif verdict.at_exec:
+                at_exec = verdict.error
             else:
                 if (why := ACL_REASONS.get(verdict.reason)) is not None:
                     c.acl_log(why, verdict.name.encode() if why == "command" else argv[verdict.index])
@@ -260,6 +263,12 @@ class Session:
             return
         if st.in_multi and "no_multi" in cmd.flags:  # Redis refuses it at queueing (and EXEC aborts)
             c.reject(cmd, b"-ERR Command not allowed inside a transaction\r\n", "context")
+            return
+        if at_exec is not None:
+            if st.in_multi:
+                transactions.queue_refused(c, cmd, argv, at_exec, verdict.reason)  # its error comes inside EXEC's reply
+            else:
+                c.reject(cmd, at_exec, verdict.reason, verdict.name)  # (no ACL LOG entry, as in Redis)
             return
         if not s.replay_auth:  # a throttled AUTH was counted when it first arrived
             observer.command(self, cmd.name, True, "")

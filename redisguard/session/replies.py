@@ -30,6 +30,7 @@ from typing import Any, Protocol
 from redisguard.protocol.resp import Frame, ProtocolError, ReplyScanner, whole_frames
 
 RELAY, SYNTH, SWALLOW, AUTHCHECK, CLOSE, PUBSUB, MONITOR, SWALLOW_MONITOR, EXEC_SUBS, SWALLOW_EXEC_SUBS, REWRITE = range(11)
+SPLICE = 11  # an EXEC whose reply gets the run-time refusals of its transaction spliced in: [SPLICE, 1, errors, subs]
 QUIET = {RELAY: SWALLOW, MONITOR: SWALLOW_MONITOR, EXEC_SUBS: SWALLOW_EXEC_SUBS}  # the same reply, silenced
 _RELAYED = (RELAY, PUBSUB, MONITOR)
 # One forwarded request in this many is timed until its reply (redisguard_upstream_reply_seconds).
@@ -100,6 +101,11 @@ class ReplyQueue:
         """The next ``n`` upstream replies are owed to the client as ``fn`` of them (one reply)."""
         self.slots.append([REWRITE, n, fn, []])
 
+    def expect_exec(self, errors: dict[int, bytes], subs: bool) -> None:
+        """EXEC's reply, with ``errors`` (by position) put in place of its stand-ins' elements; ``subs``:
+        the transaction (un)subscribed, and the session sees the reply (exec_done)."""
+        self.slots.append([SPLICE, 1, errors, subs])
+
     def close_after(self) -> None:
         """Close once every reply owed so far has been sent."""
         if self.slots:
@@ -168,6 +174,13 @@ class ReplyQueue:
                 self.held.clear()
                 if head[1] == 1:
                     self.to_client.append(head[2](head[3]))
+
+            elif kind == SPLICE:
+                frame = b"".join(self.held) + seg
+                self.held.clear()
+                if head[3]:
+                    self.session.exec_done(frame)
+                self.to_client.append(splice_exec(frame, head[2]))
             elif kind == AUTHCHECK:
                 frame = b"".join(self.held) + seg
                 self.held.clear()
@@ -247,3 +260,20 @@ class ReplyQueue:
         if not mid_frame:  # never append a line to half a reply: just close
             self.to_client.append(b"-ERR " + message.encode() + b"\r\n")
         self.closing = True
+
+
+def splice_exec(frame: bytes, errors: dict[int, bytes]) -> bytes:
+    """EXEC's reply ``frame`` with element i replaced by ``errors[i]``; unchanged if it is not the array
+    of the whole transaction (an aborted EXEC: a null, -EXECABORT)."""
+    if frame[:1] != b"*" or frame.startswith(b"*-"):
+        return frame
+    head = frame.index(b"\r\n") + 2
+    frames, _ = ReplyScanner().scan(frame[head:])
+    parts, start, i = [frame[:head]], head, 0
+    for fr in frames:
+        if fr.kind == _ATTR:
+            continue  # an attribute goes with the element after it
+        end = head + fr.end
+        parts.append(errors.get(i, frame[start:end]))
+        start, i = end, i + 1
+    return b"".join(parts) if i == int(frame[1 : head - 2]) and start == len(frame) else frame

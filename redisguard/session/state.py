@@ -51,6 +51,7 @@ class ClientState:
     watching: bool = False  # a WATCH is in force (it can make EXEC abort)
     multi_user: User | None = None
     queued: list[list[bytes]] = field(default_factory=list)
+    refused: dict[int, bytes] = field(default_factory=dict)  # of those, by position: what EXEC answers instead
     multi_subs: list[tuple[str, bytes, bool]] = field(default_factory=list)  # (kind, channel, unsubscribe)
     exec_changes: deque[list[tuple[str, bytes, bool]]] = field(default_factory=deque)
     # pub/sub: channels "", patterns "p", shard channels "s"

@@ -15,6 +15,13 @@ from redisguard.session.core import SPECIAL, Core
 from redisguard.session.pubsub import apply_subscriptions
 from redisguard.session.replies import EXEC_SUBS, PUBSUB
 
+# The stand-in forwarded inside MULTI for a command Redis refuses only when it runs (Verdict.at_exec):
+# Redis queues it and it fails at EXEC touching nothing, and the proxy puts the refusal in its place in
+# EXEC's reply. For SORT: the same key (already checked) and an option Redis answers with a syntax error
+# before it looks the key up — counted as the refused SORT is (a failed call, an ERR error).
+STAND_INS = {"sort": lambda argv: [argv[0], argv[1], b"redisguard-refused"],
+             "sort_ro": lambda argv: [argv[0], argv[1], b"redisguard-refused"]}  # fmt: skip
+
 EXECABORT = b"-EXECABORT Transaction discarded because of previous errors.\r\n"
 # Redis answers each queued command that lost its permission with this NOPERM inside EXEC's reply and
 # runs the rest; the proxy, which forwarded them when they were queued, discards the whole transaction.
@@ -30,14 +37,27 @@ def multi(c: Core, cmd: Command, argv: list[bytes]) -> None:
 
 def _rules_changed_since_multi(c: Core) -> bool:
     """Redis's EXEC checks every queued command's ACL again: the user's rules may have changed since
-    (ACL SETUSER, LOAD, a reload). If any is no longer allowed here, the transaction goes."""
+    (ACL SETUSER, LOAD, a reload). If any is no longer allowed here, the transaction goes. A command
+    refused at run time stays as it is if it would be refused the same way; if it would now run, the
+    proxy (which forwarded its stand-in) cannot run it: that too discards."""
     st = c.state
     if st.user is st.multi_user:
         return False
     audit = c.policy.audits(st.user)  # audit mode: ACL verdicts on forwarded commands stop nothing
-    return any((v := decide(c.policy, st.user, q, False, st.local)).error is not None
+    refused = st.refused
+    return any((v := decide(c.policy, st.user, q, False, st.local)).error != refused.get(i)
                and not (audit and v.reason in ("command", "key", "channel") and v.name not in SPECIAL)
-               for q in st.queued)  # fmt: skip
+               for i, q in enumerate(st.queued))  # fmt: skip
+
+
+def queue_refused(c: Core, cmd: Command, argv: list[bytes], error: bytes, reason: str) -> None:
+    """Inside MULTI, a command Redis refuses only when it runs: queued (Redis answers +QUEUED to its
+    stand-in), and ``error`` is its element of EXEC's reply."""
+    st = c.state
+    c.shared.observer.command(c.client, cmd.name, False, reason)
+    st.refused[len(st.queued)] = error
+    st.queued.append(argv)
+    c.forward(STAND_INS[cmd.name](argv))
 
 
 def exec_(c: Core, cmd: Command, argv: list[bytes]) -> None:
@@ -49,16 +69,23 @@ def exec_(c: Core, cmd: Command, argv: list[bytes]) -> None:
         c.abort_exec(EXECABORT_ACL)
         return
     changes = list(st.multi_subs)
+    # A silenced EXEC's reply is never seen: only one the client gets needs the run-time refusals.
+    refused = {} if st.reply_off or st.skipping else st.refused
     if changes and st.reply_off:
         # No reply to EXEC under OFF. No WATCH is in force (SUBSCRIBE after one was refused), so it
         # runs, and the confirmations inside it are pushes, sent anyway.
         apply_subscriptions(st, changes)
         c.forward(argv)
         c.expect(PUBSUB, len(changes))
-    elif changes:  # (a SKIP hides EXEC's reply from the client: the proxy still reads it)
-        st.exec_changes.append(changes)
-        c.susp.paused = True  # (held, not started: the next request is decided after the reply)
-        c.forward(argv, 1, EXEC_SUBS)
+    elif changes or refused:  # (a SKIP hides EXEC's reply from the client: the proxy still reads it)
+        if changes:
+            st.exec_changes.append(changes)
+            c.susp.paused = True  # (held, not started: the next request is decided after the reply)
+        if refused:
+            c.forward(argv, 0)
+            c.replies.expect_exec(refused, bool(changes))
+        else:
+            c.forward(argv, 1, EXEC_SUBS)
     else:
         c.forward(argv)
     c.end_multi()

@@ -115,7 +115,7 @@ class Endings:
         if self.closed:
             return
         s = self.session
-        if s.at_rest and not s.in_multi and not self.drain_seen and not self.slicer.queue and not s.to_client:
+        if s.at_rest and not s.state.in_multi and not self.drain_seen and not self.slicer.queue and not s.to_client:
             self.close()  # (what the transport still buffers is flushed before it closes)
             if self.listener.type == "tls":
                 asyncio.get_running_loop().call_later(DRAIN_LINGER, self._drain_linger)

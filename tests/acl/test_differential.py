@@ -11,6 +11,7 @@ import pytest
 import redis
 
 from redisguard.acl import ACLError, check, compile_glob, new_user, stringmatch
+from redisguard.acl.replies import ACLReplies
 from redisguard.commands.table import CommandTable
 from tests.helpers import RedisProc, start_redis
 from tests.kernels import TWINS
@@ -438,3 +439,69 @@ def test_sort_by_get_restriction_matches_redis(oracle: RedisProc, table: Command
             assert "NOPERM" in str(reply) or "no permissions" in str(reply), (line, reply)
         else:
             assert got == want, (user, line, reply)
+
+
+def _families(rules: str, table: CommandTable) -> list[list[tuple[str, int]]]:
+    """Per selector of an ACL LIST / GETUSER rule string: each command family's single rules in the order
+    given, as (family, kind) with kind 0 the container's own rule, 1 a subcommand's, 2 a first-arg's.
+    Redis walks its command dict (and each container's subcommand dict) in hash order, which its random
+    seed changes with each process: only this order within a family is fixed — the container's rule,
+    then its subcommands', then its first-arg rules (ACLDescribeSelectorCommandRulesSingleCommands)."""
+    out = []
+    for group in re.split(r"(\([^)]*\))", rules):
+        seq = []
+        for tok in group.strip("()").split():
+            if tok[:1] in "+-" and "@" not in tok:
+                name, _, arg = tok[1:].partition("|")
+                container = table.get(name)
+                kind = 0 if not arg else 1 if container is not None and container.subcommands else 2
+                seq.append((name, kind))
+        out.append(sorted(seq, key=lambda t: t[0]))  # (a stable sort: each family keeps its own order)
+    return out
+
+
+def test_container_subcommand_rules_describe_as_redis(oracle: RedisProc, table: CommandTable) -> None:
+    """Random rules heavy in container subcommands (+object|freq, -config|set, client|, acl|, xinfo|,
+    memory|, ...): ACL GETUSER (RESP2 and RESP3) and ACL LIST as Redis gives them, byte for byte once
+    the hash-ordered single rules are sorted, and in Redis's order within each command family."""
+    from tests.acl.test_admin import Raw, canon_rules, same
+
+    rng = random.Random(20261203)
+    containers = [c for c in table.commands.values() if c.subcommands]
+    picked = [c for c in containers if c.name in ("object", "config", "client", "acl", "xinfo", "memory")]
+    raw = Raw(oracle.port)
+    raw("AUTH", "svc", "svc-test-password")
+    compared = with_subs = 0
+    for i in range(150):
+        def rule() -> str:
+            c = rng.choice(picked if rng.random() < 0.7 else containers)
+            k = rng.random()
+            if k < 0.6:
+                return rng.choice("+-") + rng.choice([s.name for s in c.subcommands.values()])
+            if k < 0.75:
+                return rng.choice("+-") + c.name
+            if k < 0.85:
+                return rng.choice("+-") + rng.choice(["get", "set", "select", "@read", "@admin", "@slow", "@dangerous"])
+            return rng.choice(["+@all", "-@all", "+select|0"])
+
+        rules = ["on", *(rule() for _ in range(rng.randint(2, 10)))]
+        if rng.random() < 0.2:
+            rules.append("(" + " ".join(rule() for _ in range(rng.randint(1, 5))) + ")")
+        name = f"s{i}"
+        assert raw("ACL", "SETUSER", name, *rules) == b"+OK\r\n", rules
+        users = {name: new_user(name, table, rules)}
+        replies = ACLReplies(users)
+        for resp in (2, 3):
+            raw("HELLO", str(resp))
+            want, got = raw("ACL", "GETUSER", name), replies.acl_getuser(name.encode(), resp)
+            assert same(want, got), f"GETUSER RESP{resp} {rules}\n  redis {want!r}\n  ours  {got!r}"
+        raw("HELLO", "2")
+        line = next(x for x in raw("ACL", "LIST").decode().split("\r\n") if x.startswith(f"user {name} "))
+        ours = next(x for x in replies.acl_list().decode().split("\r\n") if x.startswith(f"user {name} "))
+        assert canon_rules(line) == canon_rules(ours), f"{rules}\n  redis {line}\n  ours  {ours}"
+        assert _families(line, table) == _families(ours, table), f"{rules}\n  redis {line}\n  ours  {ours}"
+        with_subs += "|" in ours
+        compared += 1
+        raw("ACL", "DELUSER", name)
+    raw.close()
+    assert compared == 150 and with_subs >= 100

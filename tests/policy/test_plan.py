@@ -62,7 +62,8 @@ def test_fast_path_agrees_with_decide(table: CommandTable) -> None:
 
 def test_common_requests_take_the_fast_path(table: CommandTable) -> None:
     user = new_user("app", table, ["on", "~cache:*", "%R~report:*", "+@all", "-@dangerous"])
-    plan = Policy(table, {"app": user}).plan(user, SPECIAL)
+    policy = Policy(table, {"app": user})  # (it keeps its plans; a plan asks it while it is in force)
+    plan = policy.plan(user, SPECIAL)
     for argv in ([b"GET", b"cache:1"], [b"get", b"report:9"], [b"SET", b"cache:1", b"v", b"EX", b"10"],
                  [b"MGET", b"cache:1", b"report:2"], [b"PING"], [b"HSET", b"cache:h", b"f", b"v"]):  # fmt: skip
         assert plan.allowed(argv) is not None, argv
@@ -85,7 +86,8 @@ def test_a_derived_policy_never_reuses_the_old_plans(table: CommandTable) -> Non
 
 def test_plan_entries_stay_bounded_with_unknown_names(table: CommandTable) -> None:
     user = new_user("weak", table, ["on", "nopass", "-@all"])
-    plan = Policy(table, {"weak": user}).plan(user, Session.special)
+    policy = Policy(table, {"weak": user})  # (it keeps its plans; a plan asks it while it is in force)
+    plan = policy.plan(user, Session.special)
     for i in range(5000):
         plan.allowed([b"nosuch%d" % i])
         plan.allowed([b"NOSUCH%d" % i])

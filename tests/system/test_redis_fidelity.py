@@ -33,6 +33,7 @@ POLICY = [
     "user alice on >alice-pw ~cache:* &events:* +@all -@dangerous -flushall",
     "user mon on >mon-pw ~* &* +@all",
     "user noexec on >n-pw ~* &* +@all -exec",
+    "user sorter on >s-pw ~cache:* +@all",
 ]
 
 
@@ -207,7 +208,8 @@ def test_acl_introspection_from_redisguard_policy(guarded: ProxyProc) -> None:
     out = exchange(guarded.plain_port, cmds([b"AUTH", b"mon", b"mon-pw"], [b"ACL", b"USERS"], [b"ACL", b"GETUSER", b"alice"],
                                              [b"ACL", b"SETUSER", b"x"], [b"ACL", b"LIST"],
                                              [b"ACL", b"DELUSER", b"x"]))  # fmt: skip
-    assert b"*4\r\n$5\r\nalice\r\n$7\r\ndefault\r\n$3\r\nmon\r\n$6\r\nnoexec\r\n" in out  # redisguard's users, not Redis's
+    # redisguard's users, not Redis's
+    assert b"*5\r\n$5\r\nalice\r\n$7\r\ndefault\r\n$3\r\nmon\r\n$6\r\nnoexec\r\n$6\r\nsorter\r\n" in out
     assert out.endswith(b"$30\r\nuser x off resetchannels -@all\r\n:1\r\n")  # SETUSER/DELUSER on redisguard's users
     assert b"user alice on #" in out and b"user mon on #" in out
 
@@ -554,3 +556,24 @@ def test_reply_off_exec_aborted_by_watch_live(proxy, redis_server) -> None:  # t
     direct = run(redis_server.port, UPSTREAM_USER.encode(), UPSTREAM_PASSWORD.encode())
     proxied = run(proxy.plain_port, b"alice", b"alice-pw")
     assert proxied == direct == b"+OK\r\n$7\r\nchanged\r\n+PONG\r\n"
+
+
+_SORTS = [
+    [b"ACL", b"LOG", b"RESET"], [b"RPUSH", b"cache:l", b"3", b"1", b"2"], [b"MULTI"],
+    [b"SORT", b"cache:l", b"GET", b"secret:*"], [b"INCR", b"cache:n"], [b"SORT", b"cache:l", b"BY", b"secret:*"],
+    [b"SORT", b"cache:l", b"BY", b"nosort"], [b"SORT_RO", b"cache:l", b"GET", b"#"],
+    [b"SORT", b"cache:l", b"BY", b"w*", b"GET", b"x", b"STORE", b"cache:d"], [b"SORT", b"cache:l", b"x", b"GET", b"#"],
+    [b"EXEC"], [b"SORT", b"cache:l", b"GET", b"secret:*"], [b"GET", b"cache:n"], [b"EXISTS", b"cache:d"],
+    [b"WATCH", b"cache:w"], [b"SET", b"cache:w", b"1"], [b"MULTI"], [b"SORT_RO", b"cache:l", b"BY", b"x*"], [b"EXEC"],
+    [b"MULTI"], [b"SORT", b"cache:l", b"GET", b"#", b"GET", b"x"], [b"GET"], [b"EXEC"], [b"ACL", b"LOG"],
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("login", [[b"AUTH", b"sorter", b"s-pw"], [b"HELLO", b"3", b"AUTH", b"sorter", b"s-pw"]],
+                         ids=["resp2", "resp3"])  # fmt: skip
+def test_sort_refusal_is_made_at_exec_as_redis_does(mirror, guarded, redis_server, login) -> None:  # type: ignore[no-untyped-def]
+    """SORT's BY/GET check runs inside the command: Redis queues the SORT (+QUEUED), runs the rest of
+    the transaction and puts the error in EXEC's array; no ACL LOG entry. The proxy forwards a stand-in
+    (the real SORT would read keys the user may not), and nothing of it leaks: not its reply, no key."""
+    out = same_as_redis(mirror, guarded, cmds(login, *_SORTS), redis_server)
+    assert b"+QUEUED\r\n" * 7 + b"*7\r\n-ERR GET option of SORT denied" in out and out.endswith(b"*0\r\n")

@@ -1,0 +1,53 @@
+"""A reload (ACL LOAD, SIGHUP: both put the new users in force through the same path) frees the users it
+replaced, and the policy that held them: nothing the old users were used for keeps them alive. The
+reload freezes what is alive into gc's permanent generation, so anything of the old policy caught in a
+reference cycle would never be freed: 10,000 users' worth of memory per reload."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import gc
+import weakref
+from pathlib import Path
+from types import SimpleNamespace
+
+from redisguard.acl import load_users
+from redisguard.commands.table import CommandTable
+from redisguard.observe.metrics import Metrics
+from redisguard.policy.decide import Policy, Shared, decide
+from redisguard.runtime.reload import Reloader
+from redisguard.session.machine import Session
+
+USERS = "user default off\nuser app on >pw ~app:* +@all\nuser ops on >pw ~* &* +@all (~x:* +get)\n"
+
+
+def test_old_users_and_policy_are_freed_after_a_reload(tmp_path: Path, table: CommandTable) -> None:
+    users = tmp_path / "users.acl"
+    users.write_text(USERS)
+    shared = Shared(Policy(table, load_users(users, table), users_file=str(users)))
+    shared.observer.users = {}  # type: ignore[attr-defined]
+    ctx = SimpleNamespace(metrics=Metrics(), clients=set(), executor=concurrent.futures.ThreadPoolExecutor(1))
+    reloader = Reloader(None, table, shared, ctx, lambda c: None)  # type: ignore[arg-type]
+    # What serving requests leaves behind: the users' fast-path plans, their scripts verdicts, decisions,
+    # and the ACL replies.
+    policy = shared.policy
+    for name in ("app", "ops"):
+        user = policy.users[name]
+        assert policy.plan(user, Session.special).allowed([b"GET", b"app:1"]) is not None
+        policy.may_script(user)
+        assert decide(policy, user, [b"GET", b"app:1"], False).error is None
+    shared.replies().acl_list()
+    old = [weakref.ref(policy), weakref.ref(policy.users["app"]), weakref.ref(policy.users["ops"].selectors[1])]
+    del policy, user
+
+    async def reloads() -> None:
+        for _ in range(2):
+            assert await reloader.acl_load() == b"+OK\r\n"
+
+    asyncio.run(reloads())
+    ctx.executor.shutdown()
+    gc.collect()
+    assert [r() for r in old] == [None, None, None]
+    assert shared.policy.users["app"].describe() == "on #" + shared.policy.users["app"].passwords[0] + \
+        " ~app:* resetchannels +@all"  # fmt: skip
