@@ -35,7 +35,7 @@ from redisguard.policy.guards import AuthThrottle
 from redisguard.runtime.reload import Reloader, export_expiry
 from redisguard.runtime.watch import FileWatch
 from redisguard.transport.connection import ClientProtocol
-from redisguard.transport.context import ConnectionContext, share
+from redisguard.transport.context import Client, ConnectionContext, share
 from redisguard.transport.handshakes import HandshakeBudget
 from redisguard.transport.listeners import TLSServer
 from redisguard.transport.proxied import ProxiedClientProtocol
@@ -67,7 +67,7 @@ class Proxy:
         self.config = config
         self.worker = worker
         self.metrics = Metrics(node=config.metrics.node)
-        self.servers: list[asyncio.AbstractServer | TLSServer] = []
+        self.servers: list[asyncio.Server | TLSServer] = []
         self.shared: Shared = None  # type: ignore[assignment]  # load_policy sets it
         self.ctx: ConnectionContext = None  # type: ignore[assignment]
         self.table: CommandTable = None  # type: ignore[assignment]
@@ -85,7 +85,7 @@ class Proxy:
         return self.shared.policy
 
     @property
-    def clients(self) -> set[ClientProtocol]:
+    def clients(self) -> set[Client]:
         return self.ctx.clients
 
     def _tick(self) -> None:
@@ -127,12 +127,13 @@ class Proxy:
                         cfg.upstream.password, cfg.limits.max_request_bytes, users_file=str(cfg.acl.users_file),
                         audit_all=cfg.acl.mode == "audit",
                         audit_users=tuple(u.encode("utf-8", "surrogateescape") for u in cfg.acl.audit_users),
-                        **protected)  # fmt: skip
+                        enable_debug_command=protected["enable_debug_command"],
+                        enable_module_command=protected["enable_module_command"])  # fmt: skip
         observer = Observer(self.metrics, users, cfg.metrics.enabled, cfg.log.audit_keys, cfg.log.audit_denied_per_second)
         lim, n = cfg.limits, cfg.server.workers  # with workers, each has its share of the proxy's limits
         self.shared = Shared(policy, observer, AuthThrottle(lim.auth_failures_per_minute / n), ACLReplies(users).prepare())
-        await install_identity(self.shared, cfg, self.metrics)  # login rules; identity = "mirror": the mirror users
-        self.monitor.mirror = self.shared.policy.mirror  # (whose health check verifies them)
+        # login rules; identity = "mirror": the mirror users (whose health check verifies them)
+        self.monitor.mirror = await install_identity(self.shared, cfg, self.metrics)
         handshakes = HandshakeBudget(share(lim.max_pending_handshakes, n), share(lim.max_handshakes_per_source, n),
                                      self.metrics.tls_handshakes_pending)  # fmt: skip
         self.ctx = ConnectionContext(cfg, self.shared, self.metrics, handshakes, upstream_context(cfg.upstream))
@@ -162,6 +163,7 @@ class Proxy:
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(self._exception_handler)
         workers = self.worker is not None  # TCP: one SO_REUSEPORT socket per worker; unix: the supervisor's
+        srv: asyncio.Server | TLSServer
         for lst in self.config.listeners:
             factory = self._factory(lst)
             if lst.type == "unix" and self.worker is not None:
@@ -174,7 +176,7 @@ class Proxy:
                 os.chmod(lst.path, lst.socket_mode)
             elif lst.type == "tls":
                 self._load_certificates(lst)
-                srv = TLSServer(self.ctx, lst, reuse_port=workers)  # type: ignore[assignment]
+                srv = TLSServer(self.ctx, lst, reuse_port=workers)
             else:
                 srv = await loop.create_server(factory, lst.host, lst.port, reuse_address=True, reuse_port=workers,
                                                backlog=1024)  # fmt: skip
