@@ -9,8 +9,11 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypedDict, cast
+
+import redis
 
 from redisguard.cli.procs import free_port as free_port  # (for tests: the demo starts processes the same way)
 from redisguard.cli.procs import scrape as scrape
@@ -34,8 +37,8 @@ def redis_server_binary() -> str:
 @dataclass
 class RedisProc:
     port: int
-    proc: subprocess.Popen[bytes]
     args: list[str]
+    proc: subprocess.Popen[bytes] = field(init=False)  # start() runs it
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -70,9 +73,31 @@ def start_redis(port: int | None = None, extra: list[str] | None = None, aclfile
         redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
         *users, *_split(extra or []),
     ]  # fmt: skip
-    r = RedisProc(port, None, args)  # type: ignore[arg-type]
+    r = RedisProc(port, args)
     r.start()
     return r
+
+
+class ACLUser(TypedDict):
+    """ACL GETUSER as redis-py decodes it (its annotation, one union for every field, says less)."""
+
+    flags: list[str]
+    passwords: list[str]
+    commands: list[str]
+    categories: list[str]
+    keys: list[str]
+    channels: list[str]
+    enabled: bool
+
+
+def find_acl_user(r: redis.Redis, name: str) -> ACLUser | None:
+    return cast(ACLUser | None, r.acl_getuser(name))
+
+
+def acl_user(r: redis.Redis, name: str) -> ACLUser:
+    got = find_acl_user(r, name)
+    assert got is not None, f"no ACL user {name!r}"
+    return got
 
 
 @dataclass

@@ -37,8 +37,8 @@ from redisguard.commands.table import CommandTable
 from redisguard.config.model import Config, ListenerConfig
 from redisguard.files.versions import read_now
 from redisguard.observe.audit import get_logger
-from redisguard.observe.least_privilege import breakage
 from redisguard.observe.events import Observer
+from redisguard.observe.least_privilege import breakage
 from redisguard.observe.metrics import Metrics
 from redisguard.observe.profile import TrafficProfile
 from redisguard.observe.profile_store import snapshot

@@ -460,7 +460,7 @@ def start_redis_aclfile(aclfile: Path) -> RedisProc:
     port = free_port()
     args = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
             "--aclfile", str(aclfile)]  # fmt: skip
-    r = RedisProc(port, None, args)  # type: ignore[arg-type]
+    r = RedisProc(port, args)
     r.start()
     return r
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from redisguard.acl import ACLError, check, compile_glob, new_user, stringmatch
+from redisguard.acl import ACLError, User, check, compile_glob, new_user, stringmatch
 from redisguard.commands.table import CommandTable
 from tests.helpers import RedisProc, start_redis
 from tests.kernels import TWINS
@@ -95,7 +95,7 @@ def random_argv(rng: random.Random, table: CommandTable, name: str) -> list[byte
     return argv
 
 
-def dryrun_text(table: CommandTable, user, argv: list[bytes]) -> bytes:  # type: ignore[no-untyped-def]
+def dryrun_text(table: CommandTable, user: User, argv: list[bytes]) -> bytes:
     """What ACL DRYRUN says, computed by redisguard (the reply redisguard itself sends)."""
     import hiredis
 
@@ -104,7 +104,8 @@ def dryrun_text(table: CommandTable, user, argv: list[bytes]) -> bytes:  # type:
     reader = hiredis.Reader()
     # (Redis's ACL alone: as in mirror identity, where redisguard adds no scripts rule of its own)
     reader.feed(dryrun(Policy(table, {user.name: user}, service_scripts="allow"), [user.name.encode(), *argv]))
-    return reader.gets()
+    reply: bytes = reader.gets()
+    return reply
 
 
 _DENIED_NAME = re.compile(rb"(This user has no permissions to access the ')(.*)(' (?:key|channel))", re.S)
@@ -263,11 +264,11 @@ def test_glob_random_patterns_match_redis(oracle: RedisProc, table: CommandTable
         key = names[0]
         assert compile_glob(pattern.encode())(key) == stringmatch(pattern.encode(), key)
     problems = []
-    for (pattern, argv, ours), reply in zip(cases, pipe.execute(), strict=True):
+    for (glob, argv, ours), reply in zip(cases, pipe.execute(), strict=True):
         if ours is None:
             assert reply == b"OK"  # the SETUSER
         elif (reply == b"OK") != ours:
-            problems.append(f"pattern {pattern!r} {argv[0]!r} {argv[1][:40]!r}: redis={reply[:80]!r} ours allow={ours}")
+            problems.append(f"pattern {glob!r} {argv[0]!r} {argv[1][:40]!r}: redis={reply[:80]!r} ours allow={ours}")
     assert not problems, "\n".join(problems[:30]) + f"\n({len(problems)} problems)"
 
 

@@ -282,6 +282,7 @@ def test_a_verdict_made_off_the_loop_is_not_used_after_a_revocation() -> None:
     s.client_data(encode_command([b"AUTH", b"ops", b"ops-pw"]))
     big = [b"MGET", *[b"k%d" % i for i in range(OFFLOAD_ARGC + 1)]]
     s.client_data(encode_command(big))
+    assert s.offload is not None
     job = s.decide_offloaded(s.offload)  # decided as +@all ...
     revoked = parse_users("user default off\nuser ops on >ops-pw ~* -@all +ping\n", TABLE)
     s.shared.swap(s.policy.with_users(revoked), {"ops"}, [])
@@ -303,17 +304,17 @@ def test_deleted_users_session_decides_nothing_more() -> None:
 def test_modes_follow_the_commands() -> None:
     s = session("alice")
     assert s.mode is Mode.NORMAL
-    s.client_data(b"MULTI\r\n")
-    assert s.mode is Mode.MULTI
-    s.client_data(b"DISCARD\r\n")
-    assert s.mode is Mode.NORMAL
-    s.client_data(b"SUBSCRIBE news\r\n")
-    assert s.mode is Mode.SUBSCRIBED and not s.idle
+
+    def after(request: bytes) -> Mode:
+        s.client_data(request)
+        return s.mode
+
+    assert after(b"MULTI\r\n") is Mode.MULTI
+    assert after(b"DISCARD\r\n") is Mode.NORMAL
+    assert after(b"SUBSCRIBE news\r\n") is Mode.SUBSCRIBED and not s.idle
     s.upstream_data(b"*3\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n:1\r\n")
-    s.client_data(b"UNSUBSCRIBE news\r\n")
-    assert s.mode is Mode.NORMAL
-    s.client_data(b"QUIT\r\n")
-    assert s.mode is Mode.CLOSING
+    assert after(b"UNSUBSCRIBE news\r\n") is Mode.NORMAL
+    assert after(b"QUIT\r\n") is Mode.CLOSING
     m = session("alice")
     m.client_data(b"MONITOR\r\n")
     m.upstream_data(b"+OK\r\n")

@@ -26,7 +26,8 @@ PROM = REPO / "config" / "prometheus"
 
 
 def scrape(p: ProxyProc) -> str:
-    return urllib.request.urlopen(f"http://127.0.0.1:{p.metrics_port}/metrics", timeout=5).read().decode()
+    body: bytes = urllib.request.urlopen(f"http://127.0.0.1:{p.metrics_port}/metrics", timeout=5).read()
+    return body.decode()
 
 
 def promtool() -> str:

@@ -123,7 +123,10 @@ def test_unreadable_key_names_path_owner_and_uid() -> None:
         (dev / "certs" / "server.pem").chmod(0o644)
         key = dev / "certs" / "server.key"
         cfg = tls_config(dev, "certs/server.pem", "certs/server.key")
-        check = lambda: preflight(load_config(cfg))  # noqa: E731 (what check-config and serve both print)
+
+        def check() -> list[str]:  # what check-config and serve both print
+            return preflight(load_config(cfg))
+
         if os.geteuid() == 0:
             assert check() == []  # root reads it (and every module the check needs is imported before the fork)
             uid, mode, (err,) = NOBODY, "0600", as_uid(NOBODY, check)

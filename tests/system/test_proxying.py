@@ -105,7 +105,7 @@ def test_hello3_auth_setname(tls_client, proxy: ProxyProc) -> None:  # type: ign
 def test_pipeline_1000_mixed_in_order(tls_client) -> None:  # type: ignore[no-untyped-def]
     c = tls_client()
     p = c.pipeline(transaction=False)
-    expected = []
+    expected: list[object] = []
     for i in range(1000):
         kind = i % 4
         if kind == 0:
@@ -261,7 +261,7 @@ def test_redis_cli_over_tls(proxy: ProxyProc, certs: Path) -> None:
 
 
 def test_200_concurrent_tls_clients(proxy: ProxyProc, certs: Path) -> None:
-    def one(i: int) -> bytes | None:
+    def one(i: int) -> bytes | str | None:
         c = redis.Redis(host="127.0.0.1", port=proxy.tls_port, ssl=True, ssl_ca_certs=str(certs / "ca.pem"),
                         username="alice", password="alice-pw", socket_timeout=30)  # fmt: skip
         try:

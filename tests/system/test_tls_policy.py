@@ -11,7 +11,7 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -80,8 +80,11 @@ def ask(s: ssl.SSLSocket, cmd: bytes) -> bytes:
     return s.recv(4096)
 
 
+Start = Callable[..., ProxyProc]  # start(listener settings, users file=...): a proxy with that [[listener]]
+
+
 @pytest.fixture
-def start(tmp_path: Path, certs: Path, users_file: Path, redis_server: RedisProc) -> Iterator:  # type: ignore[type-arg]
+def start(tmp_path: Path, certs: Path, users_file: Path, redis_server: RedisProc) -> Iterator[Start]:
     procs: list[ProxyProc] = []
 
     def run(listener: str, users: Path = users_file) -> ProxyProc:
@@ -96,7 +99,7 @@ def start(tmp_path: Path, certs: Path, users_file: Path, redis_server: RedisProc
         p.stop()
 
 
-def test_min_version_13_refuses_tls12(start, certs: Path, proxy: ProxyProc) -> None:  # type: ignore[no-untyped-def]
+def test_min_version_13_refuses_tls12(start: Start, certs: Path, proxy: ProxyProc) -> None:
     p = start('min_version = "1.3"')
     assert not handshake_ok(s_client(p.tls_port, "-tls1_2", certs=certs))
     res = s_client(p.tls_port, "-tls1_3", certs=certs)
@@ -104,7 +107,7 @@ def test_min_version_13_refuses_tls12(start, certs: Path, proxy: ProxyProc) -> N
     assert handshake_ok(s_client(proxy.tls_port, "-tls1_2", certs=certs))  # the default: 1.2 still welcome
 
 
-def test_tls12_ciphers_and_ecdh_curve(start, certs: Path) -> None:  # type: ignore[no-untyped-def]
+def test_tls12_ciphers_and_ecdh_curve(start: Start, certs: Path) -> None:
     p = start('ciphers = "ECDHE-ECDSA-AES256-GCM-SHA384"\necdh_curves = ["secp384r1"]')
     res = s_client(p.tls_port, "-tls1_2", certs=certs)
     assert handshake_ok(res) and "ECDHE-ECDSA-AES256-GCM-SHA384" in res.stdout
@@ -116,7 +119,7 @@ def test_tls12_ciphers_and_ecdh_curve(start, certs: Path) -> None:  # type: igno
 
 
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
-def test_session_tickets_off(start, certs: Path, proxy: ProxyProc, version: ssl.TLSVersion) -> None:  # type: ignore[no-untyped-def]
+def test_session_tickets_off(start: Start, certs: Path, proxy: ProxyProc, version: ssl.TLSVersion) -> None:
     def has_ticket(port: int) -> bool:
         with tls_connect(port, certs, version=version) as s:
             assert ask(s, b"PING\r\n").startswith(b"-NOAUTH")  # a reply: any post-handshake ticket has arrived
@@ -131,7 +134,7 @@ def test_session_tickets_off(start, certs: Path, proxy: ProxyProc, version: ssl.
         assert "TLS session ticket lifetime hint" not in s_client(p.tls_port, "-tls1_2", certs=certs).stdout
 
 
-def test_crl_refuses_a_revoked_client_certificate_and_is_reloaded(start, certs: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_crl_refuses_a_revoked_client_certificate_and_is_reloaded(start: Start, certs: Path, tmp_path: Path) -> None:
     alice = client_cert(certs, "alice", tmp_path)
     bob = client_cert(certs, "bob", tmp_path)
     crl = tmp_path / "ca.crl"

@@ -239,7 +239,8 @@ def test_concurrent_setuser_on_two_workers_converges(two) -> None:  # type: igno
     wait_for(lambda: getuser(a, "erin") == getuser(b, "erin") and getuser(a, "frank") == getuser(b, "frank") is not None)
     time.sleep(0.3)  # nothing still in flight changes it again
     assert getuser(a, "erin") == getuser(b, "erin")
-    a.close(), b.close()
+    a.close()
+    b.close()
 
 
 def test_a_killed_worker_is_restarted_and_counts_are_kept(two) -> None:  # type: ignore[no-untyped-def]
