@@ -9,9 +9,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypedDict, cast
+from typing import Any, Protocol, TypedDict, cast
 
 import redis
 
@@ -76,6 +77,12 @@ def start_redis(port: int | None = None, extra: list[str] | None = None, aclfile
     r = RedisProc(port, args)
     r.start()
     return r
+
+
+class TLSClient(Protocol):
+    """The tls_client fixture: a redis-py client of the session's proxy over TLS (as alice unless told)."""
+
+    def __call__(self, username: str | None = ..., password: str | None = ..., **kw: Any) -> redis.Redis: ...
 
 
 class ACLUser(TypedDict):
@@ -203,17 +210,17 @@ def raw_exchange(
         return _read(s, lambda _: False, timeout, None if expect_close else quiet)
 
 
-def read_until(sock: socket.socket, done, timeout: float = 5.0) -> bytes:  # type: ignore[no-untyped-def]
+def read_until(sock: socket.socket, done: bytes | Callable[[bytes], bool], timeout: float = 5.0) -> bytes:
     """Read from ``sock`` until ``done(data)`` is true, the peer closes, or ``timeout`` passes.
 
     ``done`` may be the expected bytes (then: until that many bytes arrived)."""
     if isinstance(done, bytes):
         want = len(done)
-        done = lambda data: len(data) >= want  # noqa: E731
+        return _read(sock, lambda data: len(data) >= want, timeout, None)
     return _read(sock, done, timeout, None)
 
 
-def _read(sock: socket.socket, done, timeout: float, quiet: float | None) -> bytes:  # type: ignore[no-untyped-def]
+def _read(sock: socket.socket, done: Callable[[bytes], bool], timeout: float, quiet: float | None) -> bytes:
     """The read loop behind both: stop on ``done``, EOF, ``timeout``, or ``quiet`` seconds of silence."""
     data = b""
     deadline = time.monotonic() + timeout

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -13,7 +14,7 @@ import redis
 from redisguard.acl import ACLError, User, check, compile_glob, new_user, stringmatch
 from redisguard.commands.table import CommandTable
 from tests.helpers import RedisProc, start_redis
-from tests.kernels import TWINS
+from tests.kernels import TWINS, Kernel
 
 SEED_USERS = 420  # x CASES_PER_USER commands each: >= 20,000 (user, command) verdicts per run
 CASES_PER_USER = 90
@@ -222,7 +223,7 @@ def test_rules_describe_and_verdicts_match_redis(oracle: RedisProc, table: Comma
     ],
 )
 @pytest.mark.parametrize("kernel", TWINS)
-def test_glob_matches_redis_semantics(oracle: RedisProc, pattern: str, string: bytes, kernel) -> None:  # type: ignore[no-untyped-def]
+def test_glob_matches_redis_semantics(oracle: RedisProc, pattern: str, string: bytes, kernel: Kernel) -> None:
     """stringmatchlen through ACL: a user with only %R~pattern may GET a key iff the glob matches
     (%R~* is an ordinary pattern, so this also pins down "*" against the empty key); both twins of
     the kernel, and compile_glob over the one in use."""
@@ -234,7 +235,7 @@ def test_glob_matches_redis_semantics(oracle: RedisProc, pattern: str, string: b
 
 
 @pytest.mark.parametrize("kernel", TWINS)
-def test_glob_random_patterns_match_redis(oracle: RedisProc, table: CommandTable, kernel) -> None:  # type: ignore[no-untyped-def]
+def test_glob_random_patterns_match_redis(oracle: RedisProc, table: CommandTable, kernel: Kernel) -> None:
     """Random patterns against random names (empty, NUL, CR/LF, high bytes, 1 MB), as key patterns
     (%R~p: never the allkeys flag) and channel patterns (&p), through ACL DRYRUN and through ours."""
     rng = random.Random(20261126)
@@ -287,7 +288,7 @@ def test_glob_random_patterns_match_redis(oracle: RedisProc, table: CommandTable
         (b"*\xff\x80*", b"\x80\xff" * 2000 + b"\xff\x80\xff"),
     ],
 )
-def test_adversarial_globs_match_redis(oracle: RedisProc, pattern: bytes, string: bytes, kernel) -> None:  # type: ignore[no-untyped-def]
+def test_adversarial_globs_match_redis(oracle: RedisProc, pattern: bytes, string: bytes, kernel: Kernel) -> None:
     """Patterns built to explode and the nesting limit (CVE-2022-36021), as Redis 7.0.15 answers them."""
     r = _conn(oracle)
     r.execute_command("ACL", "SETUSER", "adv", "reset", "on", "nopass", "+get", b"%R~" + pattern)
@@ -331,7 +332,7 @@ class RawConn:
         self.reader = hiredis.Reader()
         self.call(b"AUTH", b"svc", b"svc-test-password")
 
-    def call(self, *argv: bytes):  # type: ignore[no-untyped-def]
+    def call(self, *argv: bytes) -> Any:
         from redisguard.protocol.resp import encode_command
 
         self.sock.sendall(encode_command(list(argv)))

@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -79,7 +80,7 @@ def one_key_per_slot() -> list[str]:
     return [keys[s] for s in range(SLOTS)]
 
 
-def cluster_client(node: ClusterNode, certs: Path, user: str = "app", **kw) -> redis.RedisCluster:  # type: ignore[no-untyped-def]
+def cluster_client(node: ClusterNode, certs: Path, user: str = "app", **kw: Any) -> redis.RedisCluster:
     return redis.RedisCluster(host="127.0.0.1", port=node.proxy.tls_port, ssl=True, ssl_ca_certs=str(certs / "ca.pem"),
                               username=user, password=PASSWORDS[user], socket_timeout=10, **kw)  # fmt: skip
 

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from redisguard.commands.table import CommandTable
 from redisguard.config.load import load_config
 from redisguard.config.model import ConfigError
 from redisguard.policy.decide import LoginRules, Policy, Shared
@@ -150,7 +151,7 @@ def test_login_rules_sources_pure() -> None:
 
 @pytest.mark.parametrize(("peer", "address"), [("10.0.0.1:5000", "10.0.0.1"), ("::1:6000", "::1"), ("unix", "unix"),
                                                ("", "unix")])  # fmt: skip
-def test_session_address(table, peer: str, address: str) -> None:  # type: ignore[no-untyped-def]
+def test_session_address(table: CommandTable, peer: str, address: str) -> None:
     from redisguard.acl import default_user
 
     s = Session(Shared(Policy(table, {"default": default_user(table)})), "test", peer)

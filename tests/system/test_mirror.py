@@ -17,6 +17,7 @@ import pytest
 import redis
 
 from redisguard.acl import new_user
+from redisguard.commands.table import CommandTable
 from redisguard.upstream.identity import mirror_rules
 from tests.helpers import UPSTREAM_PASSWORD, UPSTREAM_USER, ProxyProc, RedisProc, acl_user, raw_exchange, start_proxy, start_redis
 
@@ -156,7 +157,7 @@ def test_mirror_follows_a_reload(mirror: ProxyProc, upstream: redis.Redis) -> No
     eventually(lambda: "rg:dave" not in upstream.acl_users())
 
 
-def test_mirror_rules_are_the_acl_list_form(table) -> None:  # type: ignore[no-untyped-def]
+def test_mirror_rules_are_the_acl_list_form(table: CommandTable) -> None:
     u = new_user("x", table, ["on", ">pw", "nopass", "~a:*", "%R~r:*", "&ch", "+get", "(~s:* +set)", "skip-sanitize-payload"])
     rules = mirror_rules(u)
     assert rules == ["skip-sanitize-payload", "~a:*", "%R~r:*", "resetchannels", "&ch", "-@all", "+get",

@@ -326,7 +326,7 @@ def test_mirror_key_derives_from_the_service_credentials(tmp_path: Path) -> None
     assert mirror_key(_config(tmp_path, password="")) is None
 
 
-def test_mirror_password_binds_name_and_rules(tmp_path: Path, table) -> None:  # type: ignore[no-untyped-def]
+def test_mirror_password_binds_name_and_rules(tmp_path: Path, table: CommandTable) -> None:
     a, b = MirrorIdentity(_config(tmp_path)), MirrorIdentity(_config(tmp_path))  # two instances
     x = new_user("x", table, ["on", "~a:*", "+get"])
     assert a.auth(x) == b.auth(x) and a.auth(x) is a.auth(x)  # the same password; encoded once per user
