@@ -68,10 +68,11 @@ class Proxy:
         self.worker = worker
         self.metrics = Metrics(node=config.metrics.node)
         self.servers: list[asyncio.Server | TLSServer] = []
-        self.shared: Shared = None  # type: ignore[assignment]  # load_policy sets it
-        self.ctx: ConnectionContext = None  # type: ignore[assignment]
-        self.table: CommandTable = None  # type: ignore[assignment]
-        self.reloader: Reloader = None  # type: ignore[assignment]
+        # set by load_policy (shared, table, ctx) and start (reloader), before anything reads them
+        self.shared: Shared
+        self.ctx: ConnectionContext
+        self.table: CommandTable
+        self.reloader: Reloader
         self.trim = _malloc_trim()
         self.next_trim = 0.0
         self.tick_due = 0.0

@@ -317,5 +317,5 @@ def test_exhaustion_limits_bad_values_name_the_key(tmp_path: Path, snippet: str,
     assert message in str(e.value)
 
 
-def _toml(text: str) -> dict:  # type: ignore[type-arg]
+def _toml(text: str) -> dict[str, Any]:
     return tomllib.loads(text)

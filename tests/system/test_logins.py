@@ -120,13 +120,14 @@ def nameless_cert(certs: Path, out: Path) -> tuple[Path, Path]:
     """A client certificate from the dev CA whose subject has no common name."""
     ca = x509.load_pem_x509_certificate((certs / "ca.pem").read_bytes())
     ca_key = serialization.load_pem_private_key((certs / "ca.key").read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)  # (the dev CA's: cli/certs.py)
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "no cn")]))
             .issuer_name(ca.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-            .sign(ca_key, hashes.SHA256()))  # type: ignore[arg-type]  # fmt: skip
+            .sign(ca_key, hashes.SHA256()))  # fmt: skip
     pem, key_path = out / "nameless.pem", out / "nameless.key"
     pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,

@@ -59,6 +59,13 @@ def guarded(tmp_path_factory: pytest.TempPathFactory, certs: Path, redis_server:
     p.stop()
 
 
+def _group(pattern: bytes, data: bytes) -> bytes:
+    """The first group of ``pattern`` in ``data``, which must match."""
+    m = re.search(pattern, data)
+    assert m is not None, (pattern, data[:200])
+    return m.group(1)
+
+
 def _flush(port: int) -> None:
     c = redis.Redis(port=port, username=UPSTREAM_USER, password=UPSTREAM_PASSWORD)
     pipe = c.pipeline(transaction=False)  # (FLUSHDB in each: the service user has -flushall, see start_redis)
@@ -380,7 +387,7 @@ def test_slow_reader_is_bounded(guarded: ProxyProc) -> None:
     read_until(s, b"+OK\r\n+OK\r\n")
     threading.Thread(target=lambda: s.sendall(cmds(*[[b"GET", b"cache:big1"]] * 300)), daemon=True).start()
     time.sleep(2)
-    rss = int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{guarded.proc.pid}/status").read_text()).group(1))  # type: ignore[union-attr]
+    rss = int(_group(rb"VmRSS:\s+(\d+)", Path(f"/proc/{guarded.proc.pid}/status").read_bytes()))
     assert rss < 150 * 1024, f"proxy RSS {rss} kB while a client is not reading"
     got = 0
     s.settimeout(10)
@@ -401,7 +408,7 @@ def test_tracking_redirect_and_caching_through_the_proxy(guarded: ProxyProc) -> 
     ):
         a.sendall(cmds([b"AUTH", b"mon", b"mon-pw"], [b"CLIENT", b"ID"]))
         time.sleep(0.2)
-        client_id = re.search(rb":(\d+)\r\n", read_until(a, lambda d: d.endswith(b"\r\n") and d.count(b"\r\n") >= 2)).group(1)  # type: ignore[union-attr]
+        client_id = _group(rb":(\d+)\r\n", read_until(a, lambda d: d.endswith(b"\r\n") and d.count(b"\r\n") >= 2))
         a.sendall(cmds([b"SUBSCRIBE", b"__redis__:invalidate"]))
         time.sleep(0.2)
         read_until(a, lambda d: d.endswith(b":1\r\n"))
@@ -505,7 +512,7 @@ def _monitored(port: int, run: Callable[[], object], user: bytes, password: byte
         run()
         time.sleep(0.3)
         stream = read_until(m, lambda d: False, timeout=1.0)
-    return [re.search(rb'\] "([^"]*)"', line).group(1) for line in stream.split(b"\r\n")  # type: ignore[union-attr]
+    return [_group(rb'\] "([^"]*)"', line) for line in stream.split(b"\r\n")
             if line.startswith(b"+") and b'"' in line and b'] "auth"' not in line.lower()]  # fmt: skip
 
 

@@ -313,8 +313,8 @@ def _sequence(tmp: Path, table: CommandTable) -> tuple[Reloader, Shared, Path]:
     users = tmp / "users.acl"
     users.write_text(BASE)
     shared = Shared(Policy(table, load_users(users, table), users_file=str(users)))
-    shared.observer.users = {}  # type: ignore[attr-defined]
     ctx = SimpleNamespace(metrics=Metrics(), clients=set(), executor=concurrent.futures.ThreadPoolExecutor(1))
+    # (a stand-in context, what the Reloader uses of one; no config: a users-only load never reads it)
     return Reloader(None, table, shared, ctx, lambda c: None), shared, users  # type: ignore[arg-type]
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from redisguard.cli import certs as certs_mod
@@ -42,8 +43,9 @@ def client_cert(certs: Path, name: str, out: Path) -> tuple[Path, Path, x509.Cer
     """A client certificate for ``name`` from the dev CA in ``certs``."""
     ca = x509.load_pem_x509_certificate((certs / "ca.pem").read_bytes())
     ca_key = serialization.load_pem_private_key((certs / "ca.key").read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)  # (the dev CA's: cli/certs.py)
     key = certs_mod._key()
-    cert = certs_mod._issue(name, key, ca, ca_key, 30, usage=ExtendedKeyUsageOID.CLIENT_AUTH)  # type: ignore[arg-type]
+    cert = certs_mod._issue(name, key, ca, ca_key, 30, usage=ExtendedKeyUsageOID.CLIENT_AUTH)
     pem, key_path = out / f"{name}.pem", out / f"{name}.key"
     certs_mod._write_cert(pem, cert)
     certs_mod._write_key(key_path, key)
@@ -53,6 +55,7 @@ def client_cert(certs: Path, name: str, out: Path) -> tuple[Path, Path, x509.Cer
 def write_crl(certs: Path, revoked: list[x509.Certificate], path: Path, next_update_days: float = 1) -> None:
     ca = x509.load_pem_x509_certificate((certs / "ca.pem").read_bytes())
     ca_key = serialization.load_pem_private_key((certs / "ca.key").read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)  # (the dev CA's: cli/certs.py)
     now = datetime.datetime.now(datetime.UTC)
     nxt = now + datetime.timedelta(days=next_update_days)
     b = (x509.CertificateRevocationListBuilder().issuer_name(ca.subject)
@@ -60,7 +63,7 @@ def write_crl(certs: Path, revoked: list[x509.Certificate], path: Path, next_upd
     for cert in revoked:
         b = b.add_revoked_certificate(x509.RevokedCertificateBuilder().serial_number(cert.serial_number)
                                       .revocation_date(now - datetime.timedelta(minutes=1)).build())  # fmt: skip
-    crl = b.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    crl = b.sign(ca_key, hashes.SHA256())
     path.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
 
 

@@ -212,7 +212,9 @@ def admin_on(p: ProxyProc, worker: int) -> redis.Redis:
     """An admin connection served by ``worker`` (connect until one lands there)."""
     for _ in range(100):
         c = redis.Redis(port=p.plain_port, username="admin", password="admin-pw", single_connection_client=True)
-        port = c.connection._sock.getsockname()[1]  # type: ignore[union-attr]
+        conn = c.connection  # (single_connection_client: connected at once)
+        assert conn is not None and conn._sock is not None
+        port = conn._sock.getsockname()[1]
         if served_by(p, "auth_success", peer=f"127.0.0.1:{port}") == {worker}:
             return c
         c.close()
