@@ -22,7 +22,7 @@ import redis  # noqa: E402
 
 from benchmarks.targets import Processes, redisguard_cmd, redisguard_config, start_redis  # noqa: E402
 from redisguard.cli.certs import init_dev_certs  # noqa: E402
-from redisguard.cli.demo import free_port, wait_port  # noqa: E402
+from redisguard.cli.procs import free_port, wait_port  # noqa: E402
 
 ADMIN, ADMIN_PASSWORD = "admin", "admin-bench-password"  # benchmark-only, in the temp dir's users file
 

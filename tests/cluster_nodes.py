@@ -17,6 +17,7 @@ from pathlib import Path
 
 import hiredis
 import redis
+from redis import Redis  # (annotations in ClusterNode: its field `redis` shadows the module there)
 
 from redisguard.protocol.resp import encode_command
 from redisguard.upstream.cluster import parse_nodes
@@ -40,7 +41,7 @@ class ClusterNode:
     bus_port: int
     id: str = ""
 
-    def direct(self, user: str = UPSTREAM_USER, password: str = UPSTREAM_PASSWORD) -> redis.Redis:
+    def direct(self, user: str = UPSTREAM_USER, password: str = UPSTREAM_PASSWORD) -> Redis:
         """Straight to the node's plain port (as its sidecar connects), as ``user``."""
         return redis.Redis(port=self.redis.port, username=user, password=password, socket_timeout=10)
 

@@ -2,13 +2,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
 from redisguard.cli.certs import init_dev_certs
 from redisguard.commands.table import CommandTable
-from tests.helpers import USERS_ACL, ProxyProc, RedisProc, start_proxy, start_redis
+from tests.helpers import USERS_ACL, ProxyProc, RedisProc, TLSClient, start_proxy, start_redis
 
 
 @pytest.fixture(scope="session")
@@ -46,10 +47,10 @@ def proxy(tmp_path_factory: pytest.TempPathFactory, certs: Path, users_file: Pat
 
 
 @pytest.fixture
-def tls_client(proxy: ProxyProc, certs: Path):  # type: ignore[no-untyped-def]
+def tls_client(proxy: ProxyProc, certs: Path) -> Iterator[TLSClient]:
     clients: list[redis.Redis] = []
 
-    def make(username: str | None = "alice", password: str | None = "alice-pw", **kw) -> redis.Redis:  # type: ignore[no-untyped-def]
+    def make(username: str | None = "alice", password: str | None = "alice-pw", **kw: Any) -> redis.Redis:
         c = redis.Redis(
             host="127.0.0.1", port=proxy.tls_port, ssl=True, ssl_ca_certs=str(certs / "ca.pem"),
             username=username, password=password, socket_timeout=10,

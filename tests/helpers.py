@@ -9,9 +9,12 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypedDict, cast
+
+import redis
 
 from redisguard.cli.procs import free_port as free_port  # (for tests: the demo starts processes the same way)
 from redisguard.cli.procs import scrape as scrape
@@ -35,8 +38,8 @@ def redis_server_binary() -> str:
 @dataclass
 class RedisProc:
     port: int
-    proc: subprocess.Popen[bytes]
     args: list[str]
+    proc: subprocess.Popen[bytes] = field(init=False)  # start() runs it
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -71,9 +74,37 @@ def start_redis(port: int | None = None, extra: list[str] | None = None, aclfile
         redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
         *users, *_split(extra or []),
     ]  # fmt: skip
-    r = RedisProc(port, None, args)  # type: ignore[arg-type]
+    r = RedisProc(port, args)
     r.start()
     return r
+
+
+class TLSClient(Protocol):
+    """The tls_client fixture: a redis-py client of the session's proxy over TLS (as alice unless told)."""
+
+    def __call__(self, username: str | None = ..., password: str | None = ..., **kw: Any) -> redis.Redis: ...
+
+
+class ACLUser(TypedDict):
+    """ACL GETUSER as redis-py decodes it (its annotation, one union for every field, says less)."""
+
+    flags: list[str]
+    passwords: list[str]
+    commands: list[str]
+    categories: list[str]
+    keys: list[str]
+    channels: list[str]
+    enabled: bool
+
+
+def find_acl_user(r: redis.Redis, name: str) -> ACLUser | None:
+    return cast(ACLUser | None, r.acl_getuser(name))
+
+
+def acl_user(r: redis.Redis, name: str) -> ACLUser:
+    got = find_acl_user(r, name)
+    assert got is not None, f"no ACL user {name!r}"
+    return got
 
 
 @dataclass
@@ -189,17 +220,17 @@ def raw_exchange(
         return _read(s, lambda _: False, timeout, None if expect_close else quiet)
 
 
-def read_until(sock: socket.socket, done, timeout: float = 5.0) -> bytes:  # type: ignore[no-untyped-def]
+def read_until(sock: socket.socket, done: bytes | Callable[[bytes], bool], timeout: float = 5.0) -> bytes:
     """Read from ``sock`` until ``done(data)`` is true, the peer closes, or ``timeout`` passes.
 
     ``done`` may be the expected bytes (then: until that many bytes arrived)."""
     if isinstance(done, bytes):
         want = len(done)
-        done = lambda data: len(data) >= want  # noqa: E731
+        return _read(sock, lambda data: len(data) >= want, timeout, None)
     return _read(sock, done, timeout, None)
 
 
-def _read(sock: socket.socket, done, timeout: float, quiet: float | None) -> bytes:  # type: ignore[no-untyped-def]
+def _read(sock: socket.socket, done: Callable[[bytes], bool], timeout: float, quiet: float | None) -> bytes:
     """The read loop behind both: stop on ``done``, EOF, ``timeout``, or ``quiet`` seconds of silence."""
     data = b""
     deadline = time.monotonic() + timeout

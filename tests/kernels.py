@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
+from typing import Protocol
 
 import pytest
 
-from redisguard.fast import _pure
+from redisguard.fast import _pure, _speedups  # (an ImportError here means `pip install` did not build the compiled twin)
 
 
-def compiled() -> ModuleType:
-    """The compiled twin; an ImportError here means `pip install` did not build it."""
-    return importlib.import_module("redisguard.fast._speedups")
+class Kernel(Protocol):
+    """Either twin's stringmatchlen (a test's ``kernel`` parameter)."""
+
+    def __call__(self, pattern: bytes, string: bytes, nocase: bool = False, /) -> bool: ...
 
 
-TWINS = [pytest.param(_pure.stringmatchlen, id="pure"), pytest.param(compiled().stringmatchlen, id="compiled")]
+TWINS = [pytest.param(_pure.stringmatchlen, id="pure"), pytest.param(_speedups.stringmatchlen, id="compiled")]

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from redisguard.acl import UsersFileError, load_users, render_users
+from redisguard.acl import User, UsersFileError, load_users, render_users
 from redisguard.commands.table import CommandTable
 from redisguard.observe.least_privilege import breakage, load_cases, run_tests, suggest_file, unified_diff
 from redisguard.observe.profile import TrafficProfile
@@ -26,7 +26,7 @@ def _profile(path: str) -> TrafficProfile:
         raise SystemExit(_die(f"{path}: {e}")) from None
 
 
-def _users(path: str, table: CommandTable):  # type: ignore[no-untyped-def]
+def _users(path: str, table: CommandTable) -> dict[str, User]:
     try:
         return load_users(path, table)
     except UsersFileError as e:
@@ -82,7 +82,8 @@ def cmd_test(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def add_commands(asub: argparse._SubParsersAction, command: Callable[..., argparse.ArgumentParser]) -> None:  # type: ignore[type-arg]
+def add_commands(asub: argparse._SubParsersAction[argparse.ArgumentParser],
+                 command: Callable[..., argparse.ArgumentParser]) -> None:  # fmt: skip
     a = command(asub, "suggest", "print, per user, the tightest ACL rules that allow all traffic in a profile "
                 "(the users-file format)")  # fmt: skip
     a.add_argument("--profile", required=True, help="the traffic profile ([profile] file)")

@@ -81,7 +81,8 @@ def _issue(
             critical=True,
         )  # fmt: skip
     else:
-        b = b.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)  # type: ignore[list-item]
+        assert usage is not None  # a leaf certificate names its use
+        b = b.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         b = b.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
     sans = list(sans)
     if sans:

@@ -8,12 +8,25 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, TypedDict
 
 from redisguard.cli.certs import init_dev_certs
 from redisguard.cli.procs import free_port, scrape, wait_port, write_config
 
+if TYPE_CHECKING:
+    from redis.retry import Retry
+
 ALICE_PASSWORD = "alice-demo-password"  # demo credential from config/users.acl
+
+
+class Quiet(TypedDict):
+    """The demo clients' redis-py options: no CLIENT SETINFO, no retries."""
+
+    lib_name: None
+    lib_version: None
+    retry: Retry
 
 
 def main(args: argparse.Namespace) -> int:
@@ -21,7 +34,7 @@ def main(args: argparse.Namespace) -> int:
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    quiet = {"lib_name": None, "lib_version": None, "retry": Retry(NoBackoff(), 0)}  # no CLIENT SETINFO, no retries
+    quiet: Quiet = {"lib_name": None, "lib_version": None, "retry": Retry(NoBackoff(), 0)}
 
     redis_server = shutil.which("redis-server")
     if redis_server is None:
@@ -53,7 +66,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"* redisguard: TLS on 127.0.0.1:{tls_port} -> redis 127.0.0.1:{redis_port}; metrics :{metrics_port}")
         before = scrape(metrics_port)
 
-        def show(cmd: str, fn) -> None:  # type: ignore[no-untyped-def]
+        def show(cmd: str, fn: Callable[[], object]) -> None:
             try:
                 print(f"  > {cmd:<38} {fn()!r}")
             except redis.RedisError as e:
@@ -86,7 +99,9 @@ def main(args: argparse.Namespace) -> int:
         show("GET cache:greeting", lambda: cc.get("cache:greeting"))
         print("\n* a pipeline keeps its order: SET / FLUSHALL / GET")
         p = c.pipeline(transaction=False)
-        p.set("cache:n", 1).flushall().get("cache:n")
+        p.set("cache:n", 1)
+        p.flushall()
+        p.get("cache:n")
         show("pipeline", lambda: [str(x) if isinstance(x, Exception) else x for x in p.execute(raise_on_error=False)])
         cli = shutil.which("redis-cli")
         if cli:

@@ -316,9 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--version", action="version", version=f"redisguard {__version__}, fast path: {fast.KERNEL}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(parent: argparse._SubParsersAction, name: str, text: str) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+    def command(parent: argparse._SubParsersAction[argparse.ArgumentParser], name: str, text: str) -> argparse.ArgumentParser:
         """A subcommand whose one-line help is also the first line of its --help description."""
-        return parent.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")  # type: ignore[no-any-return]
+        return parent.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
 
     s = command(sub, "serve", "run the proxy (SIGHUP reloads users and certificates, SIGTERM drains and stops)")
     _config_option(s)

@@ -10,7 +10,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import structlog
 
@@ -39,7 +39,7 @@ def configure_logging(fmt: str = "auto", level: str = "info") -> None:
 
 
 def get_logger(name: str = "redisguard") -> structlog.typing.FilteringBoundLogger:
-    return structlog.get_logger(name)
+    return cast(structlog.typing.FilteringBoundLogger, structlog.get_logger(name))  # the configured wrapper_class
 
 
 class RateLimiter:

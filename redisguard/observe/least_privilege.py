@@ -21,7 +21,7 @@ from pathlib import Path
 from redisguard.acl import User
 from redisguard.acl.user import split_args
 from redisguard.commands.getkeys import get_channels, get_keys
-from redisguard.commands.table import READ, WRITE, CommandTable
+from redisguard.commands.table import READ, WRITE, Command, CommandTable
 from redisguard.observe.profile import TrafficProfile, UserProfile, rule_safe
 from redisguard.policy.decide import Policy, decide
 
@@ -104,7 +104,7 @@ def breakage(profile: TrafficProfile, users: dict[str, User], table: CommandTabl
     return out
 
 
-def _probes(cmd, argv: list[bytes], up: UserProfile) -> list[tuple[str, list[bytes]]]:  # type: ignore[no-untyped-def]
+def _probes(cmd: Command, argv: list[bytes], up: UserProfile) -> list[tuple[str, list[bytes]]]:
     """Requests that stand for what was recorded: the command with a representative key for each
     recorded key pattern of the access the command needs (or no key), or each recorded channel."""
     base = list(argv)

@@ -161,7 +161,7 @@ class Metrics:
     def render(self) -> bytes:
         for hook in self.before_render:
             hook()
-        return generate_latest(_WithNode(self.registry, self.node) if self.node else self.registry)  # type: ignore[arg-type]
+        return generate_latest(_WithNode(self.registry, self.node) if self.node else self.registry)
 
 
 def parse_samples(text: str) -> dict[str, float]:
@@ -177,7 +177,7 @@ def parse_samples(text: str) -> dict[str, float]:
 async def serve_http(
     metrics: Metrics | Callable[[], Awaitable[bytes]], host: str, port: int,
     ready: Callable[[], Awaitable[tuple[bool, str]]], sock: socket.socket | None = None, reuse_port: bool = False,
-) -> asyncio.AbstractServer:  # fmt: skip
+) -> asyncio.Server:  # fmt: skip
     """/metrics, /healthz (alive), /readyz (listeners up, certs loaded, upstream answers).
 
     ``metrics``: this process's, or (the supervisor of workers) a coroutine that renders the text;

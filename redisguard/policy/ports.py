@@ -6,7 +6,7 @@ keeps the import arrows pointing down (the house's rule: no cycle, not even unde
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from typing import Protocol
 
 from redisguard.acl import User
@@ -37,7 +37,7 @@ class Mirror(Protocol):
 
     def auth(self, user: User) -> bytes: ...
     def users_changed(self, users: dict[str, User]) -> None: ...
-    def verify(self, reason: str) -> object: ...  # (a future the caller need not await)
+    def verify(self, reason: str) -> Awaitable[bool]: ...  # (a future the caller need not await)
 
 
 class PolicyView(Protocol):

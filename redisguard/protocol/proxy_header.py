@@ -149,10 +149,12 @@ def build_v2(source: Address | None, destination: Address | None) -> bytes:
     """A PROXY v2 header: PROXY TCP4/TCP6 when both addresses are IP addresses of one family,
     else LOCAL (what redisguard sends for its own connections and for unix-socket clients)."""
     if source is not None and destination is not None:
+        src: ipaddress.IPv4Address | ipaddress.IPv6Address | None
+        dst: ipaddress.IPv4Address | ipaddress.IPv6Address | None
         try:
             src, dst = ipaddress.ip_address(source[0].split("%")[0]), ipaddress.ip_address(destination[0].split("%")[0])
         except ValueError:
-            src = dst = None  # type: ignore[assignment]
+            src = dst = None
         if src is not None and isinstance(src, ipaddress.IPv6Address) and src.ipv4_mapped:
             src = src.ipv4_mapped
         if dst is not None and isinstance(dst, ipaddress.IPv6Address) and dst.ipv4_mapped:

@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from redisguard.acl import ACLError, ACLReplies, User, UsersFileError, admin
 from redisguard.acl.users_file import parse_users, parse_users_bytes
@@ -38,6 +38,7 @@ from redisguard.commands.table import CommandTable
 from redisguard.config.model import Config, ListenerConfig
 from redisguard.files.versions import read_now
 from redisguard.observe.audit import get_logger
+from redisguard.observe.events import Observer
 from redisguard.observe.least_privilege import breakage
 from redisguard.observe.metrics import Metrics
 from redisguard.observe.profile import TrafficProfile
@@ -111,6 +112,12 @@ class Load:
     error: str = ""  # the files could not be read (by the supervisor, for every worker): refused
 
 
+class ChangeOrder(Protocol):
+    """Where a worker sends its ACL changes to be put in order (worker_link.WorkerLink)."""
+
+    def submit(self, command: str, args: Sequence[bytes]) -> Awaitable[bytes]: ...
+
+
 class Reloader:
     def __init__(self, config: Config, table: CommandTable, shared: Shared, ctx: ConnectionContext,
                  set_config: Callable[[Config], None]) -> None:  # fmt: skip
@@ -127,7 +134,7 @@ class Reloader:
         shared.on_users_changed = self.users_changed
         shared.sequencer = self
         # With [server] workers: the supervisor orders this process's changes (worker_link.WorkerLink)
-        self.link: Any = None
+        self.link: ChangeOrder | None = None
 
     @property
     def policy(self) -> Policy:
@@ -191,10 +198,10 @@ class Reloader:
         why it could not be read (every worker then answers the same)."""
         users_file = self.policy.users_file
         files = None if data is None or not users_file else {Path(users_file): data}
-        load = Load(False, asyncio.get_running_loop().create_future(), files=files, error=error)
-        self.loads.append(load)
+        done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.loads.append(Load(False, done, files=files, error=error))
         self._start()
-        return load.done  # type: ignore[return-value]
+        return done
 
     def put_lines(self, lines: dict[str, str], deleted: Sequence[str]) -> None:
         """Users as another worker made them (users-file lines; the supervisor's journal of changes since
@@ -339,7 +346,8 @@ class Reloader:
         self.ctx.tls_contexts.update(contexts)
         new_cfg = changes.merged(cfg)
         self.set_config(new_cfg)
-        self.shared.observer.audit_keys = new_cfg.log.audit_keys  # type: ignore[attr-defined]
+        if isinstance(observer := self.shared.observer, Observer):
+            observer.audit_keys = new_cfg.log.audit_keys
         disabled = frozenset(new_cfg.acl.disabled_commands)
         # ACL SETUSER/DELUSER applied while the files were read hold on top
         dropped = await self._put_in_force(users, acl_replies, asked,
@@ -353,8 +361,11 @@ class Reloader:
     def users_changed(self, policy: Policy, changed: set[str] | None, deleted: Sequence[str]) -> int:
         """A reload or ACL SETUSER / DELUSER / LOAD changed the users: move or disconnect the other
         clients (how many were disconnected), and build the ACL replies off the loop if need be."""
-        users, before = policy.users, self.shared.observer.users  # type: ignore[attr-defined]
-        self.shared.observer.users = users  # type: ignore[attr-defined]
+        users = policy.users
+        observer = self.shared.observer
+        before = observer.users if isinstance(observer, Observer) else {}
+        if isinstance(observer, Observer):
+            observer.users = users
         if self.shared.profile is not None:  # the profile of users that are gone goes with them (file too)
             self.shared.profile.forget([name for name in before if name not in users])
         dropped = self._rebind_sessions(users, changed, deleted)

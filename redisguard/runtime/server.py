@@ -35,7 +35,7 @@ from redisguard.policy.guards import AuthThrottle
 from redisguard.runtime.reload import Reloader, export_expiry
 from redisguard.runtime.watch import FileWatch
 from redisguard.transport.connection import ClientProtocol
-from redisguard.transport.context import ConnectionContext, share
+from redisguard.transport.context import Client, ConnectionContext, share
 from redisguard.transport.handshakes import HandshakeBudget
 from redisguard.transport.listeners import REUSE_PORT, TLSServer
 from redisguard.transport.proxied import ProxiedClientProtocol
@@ -67,11 +67,12 @@ class Proxy:
         self.config = config
         self.worker = worker
         self.metrics = Metrics(node=config.metrics.node)
-        self.servers: list[asyncio.AbstractServer | TLSServer] = []
-        self.shared: Shared = None  # type: ignore[assignment]  # load_policy sets it
-        self.ctx: ConnectionContext = None  # type: ignore[assignment]
-        self.table: CommandTable = None  # type: ignore[assignment]
-        self.reloader: Reloader = None  # type: ignore[assignment]
+        self.servers: list[asyncio.Server | TLSServer] = []
+        # set by load_policy (shared, table, ctx) and start (reloader), before anything reads them
+        self.shared: Shared
+        self.ctx: ConnectionContext
+        self.table: CommandTable
+        self.reloader: Reloader
         self.trim = _malloc_trim()
         self.next_trim = 0.0
         self.tick_due = 0.0
@@ -87,7 +88,7 @@ class Proxy:
         return self.shared.policy
 
     @property
-    def clients(self) -> set[ClientProtocol]:
+    def clients(self) -> set[Client]:
         return self.ctx.clients
 
     def _tick(self) -> None:
@@ -129,12 +130,13 @@ class Proxy:
                         cfg.upstream.password, cfg.limits.max_request_bytes, users_file=str(cfg.acl.users_file),
                         audit_all=cfg.acl.mode == "audit",
                         audit_users=tuple(u.encode("utf-8", "surrogateescape") for u in cfg.acl.audit_users),
-                        **protected)  # fmt: skip
+                        enable_debug_command=protected["enable_debug_command"],
+                        enable_module_command=protected["enable_module_command"])  # fmt: skip
         observer = Observer(self.metrics, users, cfg.metrics.enabled, cfg.log.audit_keys, cfg.log.audit_denied_per_second)
         lim, n = cfg.limits, cfg.server.workers  # with workers, each has its share of the proxy's limits
         self.shared = Shared(policy, observer, AuthThrottle(lim.auth_failures_per_minute / n), ACLReplies(users).prepare())
-        await install_identity(self.shared, cfg, self.metrics)  # login rules; identity = "mirror": the mirror users
-        self.monitor.mirror = self.shared.policy.mirror  # (whose health check verifies them)
+        # login rules; identity = "mirror": the mirror users (whose health check verifies them)
+        self.monitor.mirror = await install_identity(self.shared, cfg, self.metrics)
         handshakes = HandshakeBudget(share(lim.max_pending_handshakes, n), share(lim.max_handshakes_per_source, n),
                                      self.metrics.tls_handshakes_pending)  # fmt: skip
         self.ctx = ConnectionContext(cfg, self.shared, self.metrics, handshakes, upstream_context(cfg.upstream))
@@ -164,6 +166,7 @@ class Proxy:
         gc.freeze()  # the users and the command table live as long as the process: keep them out of GC passes
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(self._exception_handler)
+        srv: asyncio.Server | TLSServer
         for lst in self.config.listeners:
             factory = self._factory(lst)
             if lst.type == "unix" and self.worker is not None:
@@ -177,7 +180,7 @@ class Proxy:
                 self.unix_inodes[lst.path] = os.stat(lst.path).st_ino
             elif lst.type == "tls":
                 self._load_certificates(lst)
-                srv = TLSServer(self.ctx, lst)  # type: ignore[assignment]
+                srv = TLSServer(self.ctx, lst)
             else:  # (with workers, each binds its own: SO_REUSEPORT; unix sockets are the supervisor's)
                 srv = await loop.create_server(factory, lst.host, lst.port, reuse_address=True, reuse_port=REUSE_PORT,
                                                backlog=1024)  # fmt: skip

@@ -7,13 +7,13 @@ transports and the session, bounds what each connection may make the event loop 
 from __future__ import annotations
 
 import asyncio
+import socket
 import sys
 import time
-from typing import Any
+from typing import Any, cast
 
 from redisguard.config.model import ListenerConfig
 from redisguard.observe.audit import get_logger
-from redisguard.protocol.proxy_header import ProxyHeader
 from redisguard.session.effects import ChangeUsers, Effect, Offload, Sleep, apply_users_change
 from redisguard.session.machine import Session, take
 from redisguard.transport.context import ConnectionContext, is_local, peer_name, redis_addr, source_of
@@ -40,11 +40,10 @@ DECIDE_SWITCH_INTERVAL = 0.0005
 sys.setswitchinterval(min(sys.getswitchinterval(), DECIDE_SWITCH_INTERVAL))
 
 
-class ClientProtocol(Admission, Endings, asyncio.BufferedProtocol):
+class ClientProtocol(asyncio.BufferedProtocol):
     __slots__ = (
-        "acl_change", "closed", "counted", "ctx", "draining", "drain_seen", "eof", "handshake_source", "idle_timer",
-        "last_active",
-        "link", "listener", "paused_by", "proxied", "session", "slicer", "timer", "transport", "waiting", "wake",
+        "acl_change", "admission", "closed", "counted", "ctx", "endings", "eof", "link", "listener", "paused_by",
+        "session", "slicer", "transport", "waiting", "wake",
     )  # fmt: skip
 
     def __init__(self, ctx: ConnectionContext, listener: ListenerConfig) -> None:
@@ -52,12 +51,12 @@ class ClientProtocol(Admission, Endings, asyncio.BufferedProtocol):
         self.listener = listener
         self.transport: asyncio.Transport | None = None
         self.link = UpstreamLink(self, ctx)
+        # None only until connection_made admits the client, before any byte is read (context.Client may see it)
         self.session: Session = None  # type: ignore[assignment]
         self.closed = False
         self.counted = False
-        self.timer: asyncio.TimerHandle | None = None
-        self.idle_timer: asyncio.TimerHandle | None = None
-        self.last_active = 0.0
+        self.admission = Admission(ctx, listener)
+        self.endings = Endings(self)
         self.paused_by: set[str] = set()
         self.waiting = False  # the session is paused: a throttle timer or an offloaded decision runs
         self.acl_change: asyncio.Future[bytes] | None = None  # the session's ChangeUsers being put in force
@@ -65,24 +64,20 @@ class ClientProtocol(Admission, Endings, asyncio.BufferedProtocol):
         self.slicer = Slicer(self._received, lambda: self.pause_reading("slice"), lambda: self.resume_reading("slice"),
                              ready=lambda: not self.session.backlog and not self.session.paused,
                              before=self._continue)  # fmt: skip
-        self.handshake_source: str | None = None  # set while this connection holds a pending-handshake slot
         self.eof = False  # the client half-closed: close once its requests are answered
-        self.draining = False  # the proxy is stopping: close once answered and quiet (drain())
-        self.drain_seen = False  # bytes arrived since the last drain check
-        self.proxied: ProxyHeader | None = None  # the PROXY header that named the client (proxy_protocol listeners)
 
     # -- lifecycle --------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self.handshake_source is not None:
+        if self.admission.source is not None:
             self.ctx.churn_since_trim += 1  # a TLS handshake's buffers were just freed
-        self.end_handshake()
+        self.admission.end_handshake()
         if self.closed:
             return
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = transport = cast(asyncio.Transport, transport)  # a stream protocol's transport
         self.ctx.clients.add(self)
         lst = self.listener
         m = self.ctx.metrics
-        proxied = self.proxied
+        proxied = self.admission.proxied
         peername = transport.get_extra_info("peername") if proxied is None else proxied.source
         peer = peer_name(peername)
         reason = self.ctx.refusal(lst, peername)
@@ -93,7 +88,7 @@ class ClientProtocol(Admission, Endings, asyncio.BufferedProtocol):
         self.ctx.active[lst.name] += 1
         m.connections.labels(lst.name).inc()
         m.connections_active.labels(lst.name).inc()
-        transport.set_write_buffer_limits(high=HIGH_WATER)  # type: ignore[attr-defined]
+        transport.set_write_buffer_limits(high=HIGH_WATER)
         identity = certificate_identity(transport, lst)
         self.session = Session(self.ctx.shared, lst.name, peer, identity, local=is_local(peername),
                                source=source_of(peername) or peer)  # fmt: skip
@@ -109,14 +104,7 @@ class ClientProtocol(Admission, Endings, asyncio.BufferedProtocol):
         via = {} if proxied is None else {"via": peer_name(transport.get_extra_info("peername"))}  # the load balancer
         self.ctx.events.log(audit.info, "connection_accepted", listener=lst.name, peer=peer, tls_identity=identity,
                               user=self.session.user.name if self.session.authenticated else "", **via)  # fmt: skip
-        if self.ctx.draining:  # admitted during the drain (a PROXY header or a handshake that just ended)
-            self.drain()
-        timeout = self.ctx.config.limits.auth_timeout
-        if timeout and not self.session.authenticated:  # a client certificate (or nopass default) has logged in
-            self.timer = asyncio.get_running_loop().call_later(timeout, self._auth_timeout)
-        if self.ctx.config.limits.idle_timeout:
-            self.last_active = time.monotonic()
-            self.idle_timer = asyncio.get_running_loop().call_later(self.ctx.config.limits.idle_timeout, self._check_idle)
+        self.endings.start()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return READ_BUFFER
@@ -127,10 +115,11 @@ class ClientProtocol(Admission, Endings, asyncio.BufferedProtocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
-        if self.draining:
-            self.drain_seen = True
-        if self.idle_timer is not None:
-            self.last_active = time.monotonic()
+        e = self.endings
+        if e.draining:
+            e.drain_seen = True
+        if e.idle_timer is not None:
+            e.last_active = time.monotonic()
         self.slicer.feed(data)
 
     def _received(self, data: bytes) -> None:
@@ -140,12 +129,10 @@ class ClientProtocol(Admission, Endings, asyncio.BufferedProtocol):
         self._after_session()
 
     def _after_session(self) -> None:
-        """After the session ran: start what it waits for (a throttle delay, a decision off the loop),
-        not reading from the client meanwhile; then move the bytes."""
+        """After the session ran: start what it waits for (a throttle delay, a decision off the loop), then move bytes."""
         s = self.session
-        if self.timer is not None and s.authenticated:
-            self.timer.cancel()
-            self.timer = None
+        if s.authenticated and self.endings.auth_timer is not None:
+            self.endings.authenticated()
         if (s.backlog or (self.slicer.queue and not s.paused)) and not self.closed:
             self.slicer.kick()  # the session decided a batch (or resumed): the rest on the next turn
         elif self.eof:
@@ -194,35 +181,34 @@ class ClientProtocol(Admission, Endings, asyncio.BufferedProtocol):
         self._after_session()
 
     def _offload_done(self, job: asyncio.Future[Any]) -> None:
-        self.waiting = False
-        if self.closed or job.cancelled():
-            return
-        if job.exception() is not None:
-            log.error("internal_error", message="deciding a large request failed", error=repr(job.exception()))
-            self.close()
-            return
-        self.resume_reading("session")
-        self.session.offloaded(*job.result())
-        self._after_session()
+        if self._settled(job, "deciding a large request failed"):
+            self.session.offloaded(*job.result())
+            self._after_session()
 
     def _awaited(self, task: asyncio.Future[bytes]) -> None:
         self.acl_change = None
-        if self.closed or task.cancelled():
-            self.waiting = False
-            return
-        if task.exception() is not None:
-            self.waiting = False
-            log.error("internal_error", message="applying an ACL change failed", error=repr(task.exception()))
-            self.close()
-            return
-        self._acknowledge(task.result())
+        if self._settled(task, "applying an ACL change failed"):
+            self.session.acknowledged(task.result())
+            self._after_session()
 
     def _acknowledge(self, reply: bytes) -> None:
-        """The ACL change is in force: the session answers it and goes on."""
+        """The ACL change is in force at once (no wait): the session answers it and goes on."""
         self.waiting = False
         self.resume_reading("session")
         self.session.acknowledged(reply)
         self._after_session()
+
+    def _settled(self, job: asyncio.Future[Any], failure: str) -> bool:
+        """A wait off the loop ended: True if it succeeded and the connection goes on (read again)."""
+        self.waiting = False
+        if self.closed or job.cancelled():
+            return False
+        if job.exception() is not None:
+            log.error("internal_error", message=failure, error=repr(job.exception()))
+            self.close()
+            return False
+        self.resume_reading("session")
+        return True
 
     def flush(self) -> None:
         s = self.session
@@ -251,6 +237,24 @@ class ClientProtocol(Admission, Endings, asyncio.BufferedProtocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()  # flushes what is buffered first
         self.link.close()
+
+    def abort(self) -> None:
+        """The drain's time is up: cut the connection."""
+        if self.transport is not None:
+            self.transport.abort()
+        self.link.close()
+
+    def drain(self) -> None:
+        self.endings.drain()
+
+    def reject(self, transport: asyncio.Transport | socket.socket, peername: Any, reason: str) -> None:
+        """Refuse this connection (counted, logged, closed: Admission.refuse)."""
+        self.closed = True
+        self.ctx.clients.discard(self)
+        self.admission.refuse(transport, peername, reason)
+
+    def proxy_header(self) -> bytes:
+        return self.admission.proxy_header(self.transport)
 
     def upstream_lost(self) -> None:
         """Redis closed our connection (CLIENT KILL, `timeout`, a restart): the client sees its own
@@ -282,9 +286,9 @@ class ClientProtocol(Admission, Endings, asyncio.BufferedProtocol):
             return
         self.closed = True
         self.slicer.clear()
-        for timer in (self.timer, self.idle_timer, self.wake):
-            if timer is not None:
-                timer.cancel()
+        self.endings.stop()
+        if self.wake is not None:
+            self.wake.cancel()
         self.link.close()
         if self.counted:
             self.ctx.active[self.listener.name] -= 1

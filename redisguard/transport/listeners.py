@@ -106,9 +106,9 @@ class TLSServer:
     def _start(self, client: ClientProtocol, conn: socket.socket, addr: Any, accepted: float) -> None:
         """Take a handshake slot and begin: the first bytes (or the PROXY header), then TLS."""
         proxied = self.listener.proxy_protocol
-        client.start_handshake(None if proxied else addr)
+        client.admission.start_handshake(None if proxied else addr)
         task = asyncio.ensure_future(self._handshake(client, conn, addr, accepted))
-        self.ctx.handshakes.silent[task] = ("" if proxied else source_of(addr), client, time.monotonic())
+        self.ctx.handshakes.silent[task] = ("" if proxied else source_of(addr), client.admission, time.monotonic())
         self.pending.add(task)
         task.add_done_callback(self.pending.discard)
         task.add_done_callback(self._forget)
@@ -155,7 +155,7 @@ class TLSServer:
             conn.close()  # a no-op if uvloop took the socket over (it detaches it)
             raise
         finally:
-            client.end_handshake()  # a no-op when connection_made already ended it
+            client.admission.end_handshake()  # a no-op when connection_made already ended it
 
     async def _proxy_header(self, client: ClientProtocol, conn: socket.socket, addr: Any, deadline: float) -> Any:
         """Read the PROXY header off the raw socket (exactly its bytes: the ClientHello stays there for
@@ -176,8 +176,8 @@ class TLSServer:
                 client.reject(conn, real, why)
                 return None
             if header.source is not None:
-                client.proxied = header
-                client.move_handshake(real)
+                client.admission.proxied = header
+                client.admission.move_handshake(real)
             return real
         ctx.proxy_header_failed(lst, addr, reason, detail)
         conn.close()
@@ -236,7 +236,8 @@ async def _client_hello(loop: asyncio.AbstractEventLoop, conn: socket.socket) ->
 
 def _queued(conn: socket.socket) -> int:
     """Bytes waiting in the socket, without copying them (FIONREAD)."""
-    return struct.unpack("i", fcntl.ioctl(conn.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+    queued: int = struct.unpack("i", fcntl.ioctl(conn.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+    return queued
 
 
 async def read_header(conn: socket.socket) -> ProxyHeader:

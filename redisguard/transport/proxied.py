@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import cast
 
 from redisguard.config.model import ListenerConfig
 from redisguard.protocol.proxy_header import MAX_HEADER, ProxyHeaderError, parse
@@ -33,7 +34,7 @@ class ProxiedClientProtocol(ClientProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # Not in ctx.clients (which hold sessions) until admitted: like a TLS handshake, the wait is counted
         # by its pending-handshake slot (fds_left, max_connections).
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = transport = cast(asyncio.Transport, transport)  # a stream protocol's transport
         lst = self.listener
         peername = transport.get_extra_info("peername")
         if not from_proxy(lst, peername):  # a PROXY header is trusted only from proxy_sources
@@ -41,7 +42,7 @@ class ProxiedClientProtocol(ClientProtocol):
         reason = self.ctx.refusal(lst, peername, handshake=True, proxied=True)
         if reason:
             return self.reject(transport, peername, reason)
-        self.start_handshake(None)
+        self.admission.start_handshake(None)
         self.header = b""
         self.header_timer = asyncio.get_running_loop().call_later(self.ctx.config.limits.handshake_timeout,
                                                                   self._header_timeout)  # fmt: skip
@@ -65,7 +66,7 @@ class ProxiedClientProtocol(ClientProtocol):
             self.header_timer.cancel()
             self.header_timer = None
         if header.source is not None:
-            self.proxied = header
+            self.admission.proxied = header
         assert self.transport is not None
         super().connection_made(self.transport)  # admitted as the client the header names
         if rest and not self.closed:
@@ -81,7 +82,7 @@ class ProxiedClientProtocol(ClientProtocol):
         self.ctx.proxy_header_failed(self.listener, self.transport.get_extra_info("peername"), reason, detail)
         self.header = None
         self.closed = True
-        self.end_handshake()
+        self.admission.end_handshake()
         if self.header_timer is not None:
             self.header_timer.cancel()
             self.header_timer = None
@@ -95,5 +96,5 @@ class ProxiedClientProtocol(ClientProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.header is not None and not self.closed:
             self._header_failed("closed", "closed before the end of the PROXY header")
-        self.end_handshake()
+        self.admission.end_handshake()
         super().connection_lost(exc)

@@ -19,7 +19,7 @@ import contextlib
 import socket
 import ssl
 import time
-from typing import Protocol
+from typing import Protocol, cast
 
 from redisguard.session.machine import Session
 from redisguard.transport.context import ConnectionContext, redis_addr
@@ -66,8 +66,8 @@ class UpstreamProtocol(asyncio.Protocol):
         self.abandoned = False  # a login attempt the link gave up: its close is not the client's business
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        transport.set_write_buffer_limits(high=HIGH_WATER)  # type: ignore[attr-defined]
+        self.transport = transport = cast(asyncio.Transport, transport)  # a stream protocol's transport
+        transport.set_write_buffer_limits(high=HIGH_WATER)
 
     def data_received(self, data: bytes) -> None:
         if self.login is not None:
@@ -197,7 +197,8 @@ class UpstreamLink:
             state.upstream_addr = redis_addr(sockname)
             ctx.upstream_clients[state.upstream_addr] = state
         if self.pending:
-            proto.transport.write(b"".join(self.pending))  # type: ignore[union-attr]
+            assert proto.transport is not None  # (connected: _open returned it)
+            proto.transport.write(b"".join(self.pending))
             self.pending = []
         if self.pending_bytes:
             self.pending_bytes = 0
@@ -216,21 +217,22 @@ class UpstreamLink:
                 lambda: UpstreamProtocol(self.client), up.host, up.port, ssl=ctx.upstream_ssl,
                 server_hostname=(up.tls_server_name or up.host) if ctx.upstream_ssl else None,
             )  # fmt: skip
-        _, proto = await asyncio.wait_for(coro, up.connect_timeout)
+        transport, proto = await asyncio.wait_for(coro, up.connect_timeout)
         ctx.metrics.upstream_connect_seconds.observe(time.perf_counter() - start)
         ctx.metrics.upstream_up.set(1)
         with contextlib.suppress(OSError):
-            sock = proto.transport.get_extra_info("socket")  # type: ignore[union-attr]
+            sock = transport.get_extra_info("socket")
             if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if up.proxy_protocol:  # for a proxy between us and Redis: the client's address, first
-            proto.transport.write(self.client.proxy_header())  # type: ignore[union-attr]
-        return proto  # type: ignore[return-value]
+            transport.write(self.client.proxy_header())
+        return proto
 
     async def _login(self, proto: UpstreamProtocol, login: bytes) -> bytes:
         """Send ``login`` (an AUTH) alone and wait for its reply: b"" if accepted, else Redis's error."""
         proto.login = fut = asyncio.get_running_loop().create_future()
-        proto.transport.write(login)  # type: ignore[union-attr]
+        assert proto.transport is not None  # (connected: _open returned it)
+        proto.transport.write(login)
         line = await asyncio.wait_for(fut, self.ctx.config.upstream.connect_timeout)
         return b"" if line.startswith(b"+") else line or b"-"
 

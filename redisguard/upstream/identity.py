@@ -108,11 +108,12 @@ def login_rules(config: Config) -> LoginRules:
     )
 
 
-async def install(shared: Shared, config: Config, metrics: Metrics | None = None) -> None:
+async def install(shared: Shared, config: Config, metrics: Metrics | None = None) -> MirrorIdentity | None:
     """At start, before any client: the login rules; in mirror mode the mirror users in Redis, in
-    service mode the service user's rights (for the scripts rule)."""
+    service mode the service user's rights (for the scripts rule). The mirror users' keeper, if any."""
     policy = replace(shared.policy, logins=login_rules(config))
     up = config.upstream
+    mirror = None
     if up.identity == "auto" and not up.resolved_identity:  # (serve resolves it before any worker forks)
         config = (await resolve(config, policy.table)).config
     if config.upstream.effective_identity == "mirror":
@@ -137,6 +138,7 @@ async def install(shared: Shared, config: Config, metrics: Metrics | None = None
             _background.add(task := asyncio.ensure_future(await_service_rights(shared, config, down)))
             task.add_done_callback(_background.discard)
     shared.policy = policy
+    return mirror
 
 
 def mirror_rules(user: User, refused: Sequence[str] = ()) -> list[str]:

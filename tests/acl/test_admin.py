@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from redisguard.acl import User, parse_users
-from redisguard.acl.admin import ACLLog, acl_load, acl_save, deluser, render_acl_file, save_users_file, setuser
+from redisguard.acl.admin import ACLLog, Context, Reason, acl_load, acl_save, deluser, render_acl_file, save_users_file, setuser
 from redisguard.acl.replies import ACLReplies, acl_list
 from redisguard.commands.table import CommandTable
 from tests.helpers import UPSTREAM_PASSWORD, UPSTREAM_USER, RedisProc, free_port, redis_server_binary, start_redis
@@ -372,7 +372,7 @@ def test_acl_log_matches_redis(raw: Raw, oracle: RedisProc) -> None:
     c = Raw(oracle.port)
     now = 1000.0
 
-    def denied(reason, context, obj, user, *argv: bytes | str) -> None:  # type: ignore[no-untyped-def]
+    def denied(reason: Reason, context: Context, obj: bytes | str, user: bytes | str, *argv: bytes | str) -> None:
         reply = c(*argv)
         assert reply.startswith((b"-NOPERM", b"-WRONGPASS", b"-ERR The user executing")), (argv, reply)
         log.add(reason, context, obj, user, "id=1 addr=x cmd=y", now)
@@ -460,7 +460,7 @@ def start_redis_aclfile(aclfile: Path) -> RedisProc:
     port = free_port()
     args = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
             "--aclfile", str(aclfile)]  # fmt: skip
-    r = RedisProc(port, None, args)  # type: ignore[arg-type]
+    r = RedisProc(port, args)
     r.start()
     return r
 

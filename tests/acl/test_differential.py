@@ -6,15 +6,16 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
 
-from redisguard.acl import ACLError, check, compile_glob, new_user, stringmatch
+from redisguard.acl import ACLError, User, check, compile_glob, new_user, stringmatch
 from redisguard.acl.replies import ACLReplies
 from redisguard.commands.table import CommandTable
 from tests.helpers import RedisProc, start_redis
-from tests.kernels import TWINS
+from tests.kernels import TWINS, Kernel
 
 SEED_USERS = 420  # x CASES_PER_USER commands each: >= 20,000 (user, command) verdicts per run
 CASES_PER_USER = 90
@@ -96,7 +97,7 @@ def random_argv(rng: random.Random, table: CommandTable, name: str) -> list[byte
     return argv
 
 
-def dryrun_text(table: CommandTable, user, argv: list[bytes]) -> bytes:  # type: ignore[no-untyped-def]
+def dryrun_text(table: CommandTable, user: User, argv: list[bytes]) -> bytes:
     """What ACL DRYRUN says, computed by redisguard (the reply redisguard itself sends)."""
     import hiredis
 
@@ -105,7 +106,8 @@ def dryrun_text(table: CommandTable, user, argv: list[bytes]) -> bytes:  # type:
     reader = hiredis.Reader()
     # (Redis's ACL alone: as in mirror identity, where redisguard adds no scripts rule of its own)
     reader.feed(dryrun(Policy(table, {user.name: user}, service_scripts="allow"), [user.name.encode(), *argv]))
-    return reader.gets()
+    reply: bytes = reader.gets()
+    return reply
 
 
 _DENIED_NAME = re.compile(rb"(This user has no permissions to access the ')(.*)(' (?:key|channel))", re.S)
@@ -222,7 +224,7 @@ def test_rules_describe_and_verdicts_match_redis(oracle: RedisProc, table: Comma
     ],
 )
 @pytest.mark.parametrize("kernel", TWINS)
-def test_glob_matches_redis_semantics(oracle: RedisProc, pattern: str, string: bytes, kernel) -> None:  # type: ignore[no-untyped-def]
+def test_glob_matches_redis_semantics(oracle: RedisProc, pattern: str, string: bytes, kernel: Kernel) -> None:
     """stringmatchlen through ACL: a user with only %R~pattern may GET a key iff the glob matches
     (%R~* is an ordinary pattern, so this also pins down "*" against the empty key); both twins of
     the kernel, and compile_glob over the one in use."""
@@ -234,7 +236,7 @@ def test_glob_matches_redis_semantics(oracle: RedisProc, pattern: str, string: b
 
 
 @pytest.mark.parametrize("kernel", TWINS)
-def test_glob_random_patterns_match_redis(oracle: RedisProc, table: CommandTable, kernel) -> None:  # type: ignore[no-untyped-def]
+def test_glob_random_patterns_match_redis(oracle: RedisProc, table: CommandTable, kernel: Kernel) -> None:
     """Random patterns against random names (empty, NUL, CR/LF, high bytes, 1 MB), as key patterns
     (%R~p: never the allkeys flag) and channel patterns (&p), through ACL DRYRUN and through ours."""
     rng = random.Random(20261126)
@@ -264,11 +266,11 @@ def test_glob_random_patterns_match_redis(oracle: RedisProc, table: CommandTable
         key = names[0]
         assert compile_glob(pattern.encode())(key) == stringmatch(pattern.encode(), key)
     problems = []
-    for (pattern, argv, ours), reply in zip(cases, pipe.execute(), strict=True):
+    for (glob, argv, ours), reply in zip(cases, pipe.execute(), strict=True):
         if ours is None:
             assert reply == b"OK"  # the SETUSER
         elif (reply == b"OK") != ours:
-            problems.append(f"pattern {pattern!r} {argv[0]!r} {argv[1][:40]!r}: redis={reply[:80]!r} ours allow={ours}")
+            problems.append(f"pattern {glob!r} {argv[0]!r} {argv[1][:40]!r}: redis={reply[:80]!r} ours allow={ours}")
     assert not problems, "\n".join(problems[:30]) + f"\n({len(problems)} problems)"
 
 
@@ -287,7 +289,7 @@ def test_glob_random_patterns_match_redis(oracle: RedisProc, table: CommandTable
         (b"*\xff\x80*", b"\x80\xff" * 2000 + b"\xff\x80\xff"),
     ],
 )
-def test_adversarial_globs_match_redis(oracle: RedisProc, pattern: bytes, string: bytes, kernel) -> None:  # type: ignore[no-untyped-def]
+def test_adversarial_globs_match_redis(oracle: RedisProc, pattern: bytes, string: bytes, kernel: Kernel) -> None:
     """Patterns built to explode and the nesting limit (CVE-2022-36021), as Redis 7.0.15 answers them."""
     r = _conn(oracle)
     r.execute_command("ACL", "SETUSER", "adv", "reset", "on", "nopass", "+get", b"%R~" + pattern)
@@ -331,7 +333,7 @@ class RawConn:
         self.reader = hiredis.Reader()
         self.call(b"AUTH", b"svc", b"svc-test-password")
 
-    def call(self, *argv: bytes):  # type: ignore[no-untyped-def]
+    def call(self, *argv: bytes) -> Any:
         from redisguard.protocol.resp import encode_command
 
         self.sock.sendall(encode_command(list(argv)))
@@ -397,7 +399,8 @@ def test_key_extraction_random_commands(oracle: RedisProc, table: CommandTable) 
         argv = random_argv(rng, table, name)
         want = raw.getkeys(argv)
         cmd = table.lookup(argv)
-        got = [(argv[i], need) for i, need in get_keys(cmd, argv)]  # type: ignore[arg-type]
+        assert cmd is not None
+        got = [(argv[i], need) for i, need in get_keys(cmd, argv)]
         assert sorted(got) == sorted(want), (argv, got, want)
         checked += 1
     assert checked > 1000

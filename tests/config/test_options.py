@@ -21,7 +21,8 @@ SAMPLE = REPO / "config" / "redisguard.toml"
 def sample_lines() -> dict[tuple[str, str], str]:
     """``(table, key) -> value text`` for each option line of the sample config: "#value" for a commented
     line that shows the default, "value" for a set value or an example (whose comment names the default)."""
-    table, out = "", {}
+    table = ""
+    out: dict[tuple[str, str], str] = {}
     for line in SAMPLE.read_text().splitlines():
         if m := re.match(r"#?\s*\[\[?(\w+)\]\]?\s*$", line):
             table = m.group(1)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from redisguard.acl import check, compile_glob, new_user, stringmatch
 from redisguard.commands.table import CommandTable
-from tests.kernels import TWINS
+from tests.kernels import TWINS, Kernel
 
 HUGE = b"a:" + b"\x00\r\n\xff" * (1 << 18)  # a bit over 1 MB
 
@@ -55,7 +55,7 @@ ORACLE = [
 
 @pytest.mark.parametrize("kernel", TWINS)
 @pytest.mark.parametrize(("pattern", "string", "want"), ORACLE)
-def test_known_redis_answers(pattern: bytes, string: bytes, want: bool, kernel) -> None:  # type: ignore[no-untyped-def]
+def test_known_redis_answers(pattern: bytes, string: bytes, want: bool, kernel: Kernel) -> None:
     assert kernel(pattern, string) is want
     assert stringmatch(pattern, string) is want
     assert compile_glob(pattern)(string) is want
@@ -99,7 +99,7 @@ def test_compile_glob_equals_stringmatch_random(pattern: bytes, string: bytes) -
      (b"?", False), (b"*\xff", True), (b"a[:]*", True)],
 )  # fmt: skip
 @pytest.mark.parametrize("kernel", TWINS)
-def test_one_megabyte_name(pattern: bytes, want: bool, kernel) -> None:  # type: ignore[no-untyped-def]
+def test_one_megabyte_name(pattern: bytes, want: bool, kernel: Kernel) -> None:
     assert kernel(pattern, HUGE) is want
     assert stringmatch(pattern, HUGE) is want
     assert compile_glob(pattern)(HUGE) is want

@@ -10,6 +10,7 @@ from redisguard.observe.profile import TrafficProfile
 
 def test_suggest_cannot_be_injected_through_key_names(table: CommandTable) -> None:
     get = table.get("get")
+    assert get is not None
     for evil in (b"zz +@all allkeys", b"zz\nuser intruder on nopass +@all allkeys"):
         prof = TrafficProfile()
         for key in (b"cache:1", evil):

@@ -6,6 +6,7 @@ import heapq
 import ipaddress
 import itertools
 import random
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -22,7 +23,7 @@ class Clock:
         return self.now
 
 
-def throttle(per_minute: float = 20, **kw) -> tuple[AuthThrottle, Clock]:  # type: ignore[no-untyped-def]
+def throttle(per_minute: float = 20, **kw: Any) -> tuple[AuthThrottle, Clock]:
     clock = Clock()
     return AuthThrottle(per_minute, clock=clock, **kw), clock
 
@@ -52,7 +53,8 @@ def test_source_key() -> None:
 # -- the lockout the security review found ------------------------------------------------------
 
 
-def simulate(attacker_users: list[str], seconds: float = 60.0, per_minute: float = 20, max_delay: float = 2.0):  # type: ignore[no-untyped-def]
+def simulate(attacker_users: list[str], seconds: float = 60.0, per_minute: float = 20,
+             max_delay: float = 2.0) -> tuple[list[float], list[bool], list[float]]:  # fmt: skip
     """One source address shared by an attacker (10 wrong AUTHs per second, each on its own connection,
     so its waits overlap) and alice (the right password every 0.8 s). Each AUTH is evaluated after the
     delay the throttle gave it on arrival; returns alice's delays and whether each of her logins worked."""

@@ -11,6 +11,7 @@ import gc
 import weakref
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 from redisguard.acl import load_users
 from redisguard.commands.table import CommandTable
@@ -38,7 +39,8 @@ def test_old_users_and_policy_are_freed_after_a_reload(tmp_path: Path, table: Co
         policy.may_script(user)
         assert decide(policy, user, [b"GET", b"app:1"], False).error is None
     shared.replies().acl_list()
-    old = [weakref.ref(policy), weakref.ref(policy.users["app"]), weakref.ref(policy.users["ops"].selectors[1])]
+    old: list[weakref.ref[Any]] = [
+        weakref.ref(policy), weakref.ref(policy.users["app"]), weakref.ref(policy.users["ops"].selectors[1])]
     del policy, user
 
     async def reloads() -> None:

@@ -10,12 +10,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
+import redis
 
 from redisguard.protocol.resp import encode_command
-from tests.helpers import ProxyProc, raw_exchange, read_until
+from tests.helpers import ProxyProc, RedisProc, raw_exchange, read_until
 
 PROBE = r"""
 import json, socket, sys, time
@@ -131,7 +133,7 @@ NOPERM_KEY = b"-NOPERM this user has no permissions to access one of the keys us
 
 
 @pytest.fixture(scope="module")
-def pattern_proxy(tmp_path_factory, certs, redis_server):  # type: ignore[no-untyped-def]
+def pattern_proxy(tmp_path_factory: pytest.TempPathFactory, certs: Path, redis_server: RedisProc) -> Iterator[ProxyProc]:
     from tests.helpers import USERS_ACL, start_proxy
 
     d = tmp_path_factory.mktemp("patterns")
@@ -142,7 +144,7 @@ def pattern_proxy(tmp_path_factory, certs, redis_server):  # type: ignore[no-unt
     p.stop()
 
 
-def _pattern_rounds(n: int, attack: str, direct) -> list[tuple[bytes, bytes]]:  # type: ignore[no-untyped-def]
+def _pattern_rounds(n: int, attack: str, direct: redis.Redis) -> list[tuple[bytes, bytes]]:
     """The requests of one attacker round for user p<n> and the exact replies Redis gives them. Keys are
     runs of ':' (every position starts a candidate match of every pattern) ending in the last pattern's
     `:p<n-1>:` (allowed, after all patterns are tried) or not (denied)."""
@@ -200,7 +202,7 @@ def _attack_rounds(proxy: ProxyProc, auth: bytes, request: bytes, want: bytes,
 # 63,000 bytes: the issue's repro, just under the 64 KiB that once sent a request off the loop
 @pytest.mark.parametrize("attack", ["GET 1KiB", "GET 63000", "GET 64KiB", "GET 512KiB", "MSET 1000"])
 @pytest.mark.parametrize("n", PATTERN_COUNTS)
-def test_key_patterns_do_not_stall_other_clients(pattern_proxy: ProxyProc, direct, n: int, attack: str) -> None:  # type: ignore[no-untyped-def]
+def test_key_patterns_do_not_stall_other_clients(pattern_proxy: ProxyProc, direct: redis.Redis, n: int, attack: str) -> None:
     """4 connections of a user with n `*:p<i>:*` patterns send keys of 1-512 KiB (GET) or MSET 1,000 keys,
     round after round, while another client PINGs: the PING stays fast (matching costly requests runs
     in the decide thread with the GIL released), and every attacker request is answered, in order,
@@ -230,7 +232,7 @@ def test_unauthenticated_long_line_in_tiny_records_is_refused_at_64k(proxy: Prox
         assert time.monotonic() - t < 5
 
 
-def test_reply_skip_with_a_refusal_does_not_shift_replies(proxy: ProxyProc, direct) -> None:  # type: ignore[no-untyped-def]
+def test_reply_skip_with_a_refusal_does_not_shift_replies(proxy: ProxyProc, direct: redis.Redis) -> None:
     direct.set("cache:1", "one")
     direct.set("cache:2", "two")
     out = raw_exchange(proxy.plain_port, b"AUTH alice alice-pw\r\nCLIENT REPLY SKIP\r\nGET victim:key\r\n"
@@ -256,7 +258,7 @@ def test_wrong_passwords_from_a_shared_address_do_not_lock_out_the_right_one(pro
             a.close()
 
 
-def test_reload_and_acl_list_with_many_users_do_not_stall(tmp_path, certs, redis_server) -> None:  # type: ignore[no-untyped-def]
+def test_reload_and_acl_list_with_many_users_do_not_stall(tmp_path: Path, certs: Path, redis_server: RedisProc) -> None:
     """10,001 users: ACL LIST answers from a reply built once per load, SIGHUP re-reads the file in a
     worker thread and compares 1,000 connected clients' users by fingerprint."""
     import signal
@@ -303,7 +305,7 @@ def test_reload_and_acl_list_with_many_users_do_not_stall(tmp_path, certs, redis
         p.stop()
 
 
-def test_pipelined_cheap_requests_do_not_stall_other_clients(pattern_proxy: ProxyProc, direct) -> None:  # type: ignore[no-untyped-def]
+def test_pipelined_cheap_requests_do_not_stall_other_clients(pattern_proxy: ProxyProc, direct: redis.Redis) -> None:
     """4 connections of a user with 1,000 prefix patterns pipeline 5,000 GETs round after round, of keys
     only the last pattern allows (each request far below OFFLOAD_NS, all of them seconds of checks), while
     another client PINGs: the session decides at most TURN_NS of estimated work per event-loop turn, fast

@@ -64,7 +64,7 @@ def both(mirror: RedisProc, proxy: ProxyProc, script: bytes) -> bytes:
     return got
 
 
-def test_setuser_deluser_getuser_list_match_redis(pair) -> None:  # type: ignore[no-untyped-def]
+def test_setuser_deluser_getuser_list_match_redis(pair: tuple[RedisProc, ProxyProc, Path]) -> None:
     mirror, proxy, _ = pair
     out = both(mirror, proxy, cmds(
         ADMIN,
@@ -80,7 +80,7 @@ def test_setuser_deluser_getuser_list_match_redis(pair) -> None:  # type: ignore
     assert b"Error in ACL SETUSER modifier 'bogus'" in out
 
 
-def test_acl_log_matches_redis(pair) -> None:  # type: ignore[no-untyped-def]
+def test_acl_log_matches_redis(pair: tuple[RedisProc, ProxyProc, Path]) -> None:
     mirror, proxy, _ = pair
     both(mirror, proxy, cmds(
         [b"AUTH", b"alice", b"wrong"], [b"AUTH", b"nobody", b"x"], [b"AUTH", b"alice", b"alice-pw"],
@@ -91,7 +91,7 @@ def test_acl_log_matches_redis(pair) -> None:  # type: ignore[no-untyped-def]
     ))  # fmt: skip
 
 
-def test_setuser_moves_live_sessions_and_deluser_disconnects(pair) -> None:  # type: ignore[no-untyped-def]
+def test_setuser_moves_live_sessions_and_deluser_disconnects(pair: tuple[RedisProc, ProxyProc, Path]) -> None:
     mirror, proxy, _ = pair
     for port in (mirror.port, proxy.plain_port):
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
@@ -107,7 +107,7 @@ def test_setuser_moves_live_sessions_and_deluser_disconnects(pair) -> None:  # t
                                        b"+@all", b"-@dangerous"]))  # fmt: skip
 
 
-def test_save_and_load(pair, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_save_and_load(pair: tuple[RedisProc, ProxyProc, Path], tmp_path: Path) -> None:
     mirror, proxy, users = pair
     users.chmod(0o640)
     out = raw_exchange(proxy.plain_port, cmds(ADMIN, [b"ACL", b"SETUSER", b"erin", b"on", b"nopass", b"+ping"],
@@ -123,7 +123,7 @@ def test_save_and_load(pair, tmp_path: Path) -> None:  # type: ignore[no-untyped
     assert out.startswith(b"+OK\r\n-ERR ") and b"no 'user default' line" in out and out.endswith(b"$3\r\nsvc\r\n")
 
 
-def test_subscriber_losing_a_selectors_channels_is_disconnected_as_in_redis(pair) -> None:  # type: ignore[no-untyped-def]
+def test_subscriber_losing_a_selectors_channels_is_disconnected_as_in_redis(pair: tuple[RedisProc, ProxyProc, Path]) -> None:
     mirror, proxy, _ = pair
     for port in (mirror.port, proxy.plain_port):
         raw_exchange(port, cmds(ADMIN, [b"ACL", b"SETUSER", b"sub", b"reset", b"on", b">pw", b"+@all", b"resetchannels",
@@ -138,7 +138,7 @@ def test_subscriber_losing_a_selectors_channels_is_disconnected_as_in_redis(pair
             assert read_until(s, lambda d: False, timeout=2) == b""
 
 
-def test_save_and_load_any_bytes_and_no_line_break_but_lf(pair) -> None:  # type: ignore[no-untyped-def]
+def test_save_and_load_any_bytes_and_no_line_break_but_lf(pair: tuple[RedisProc, ProxyProc, Path]) -> None:
     _, proxy, users = pair
     out = raw_exchange(proxy.plain_port, cmds(ADMIN, [b"ACL", b"SETUSER", b"caf\xe9", b"on", b"nopass", b"+ping"],
                                                [b"ACL", b"SAVE"], [b"ACL", b"LOAD"], [b"ACL", b"USERS"]))  # fmt: skip

@@ -119,8 +119,8 @@ def both(reference: RedisProc, proxy: ProxyProc) -> Iterator[dict[str, dict[str,
         made[side]["bob"].call("PING")
         made[side]["bob2"].call("PING")
     yield made
-    for side in made.values():
-        for c in side.values():
+    for clients in made.values():
+        for c in clients.values():
             c.close()
 
 
@@ -201,7 +201,7 @@ def test_proxy_connections_cannot_be_killed(both: dict[str, dict[str, Client]], 
     """A connection straight to Redis (and the proxy's own) is behind the proxy: not listed, not killable,
     by address or by ID."""
     direct = _as_service(upstream.port)
-    direct_id, direct_addr = direct.client_id(), direct.client_info()["addr"]
+    direct_id, direct_addr = direct.client_id(), str(direct.client_info()["addr"])
     admin = both["proxy"]["admin"]
     assert direct_addr not in _text(admin.call("CLIENT", "LIST"))
     assert admin.call("CLIENT", "KILL", "ADDR", direct_addr) == b":0\r\n"

@@ -81,7 +81,7 @@ def one_key_per_slot() -> list[str]:
     return [keys[s] for s in range(SLOTS)]
 
 
-def cluster_client(node: ClusterNode, certs: Path, user: str = "app", **kw) -> redis.RedisCluster:  # type: ignore[no-untyped-def]
+def cluster_client(node: ClusterNode, certs: Path, user: str = "app", **kw: Any) -> redis.RedisCluster:
     return redis.RedisCluster(host="127.0.0.1", port=node.proxy.tls_port, ssl=True, ssl_ca_certs=str(certs / "ca.pem"),
                               username=user, password=PASSWORDS[user], socket_timeout=10, **kw)  # fmt: skip
 
@@ -94,7 +94,7 @@ def both(node: ClusterNode, certs: Path, user: str, commands: list[list[str | by
     return via, direct
 
 
-CLUSTER_COMMANDS = [
+CLUSTER_COMMANDS: list[list[str | bytes]] = [
     ["CLUSTER", "SLOTS"], ["CLUSTER", "SHARDS"], ["CLUSTER", "NODES"], ["CLUSTER", "INFO"], ["CLUSTER", "MYID"],
     ["CLUSTER", "KEYSLOT", "cache:1"], ["CLUSTER", "COUNTKEYSINSLOT", "1"], ["CLUSTER", "GETKEYSINSLOT", "1", "1"],
     ["CLUSTER", "LINKS"], ["CLUSTER", "SETSLOT", "1", "STABLE"], ["CLUSTER", "FAILOVER"], ["CLUSTER", "RESET"],
@@ -160,7 +160,8 @@ def test_redirections_and_cluster_errors_pass_through_unchanged(cluster: list[Cl
 
 def replica_of(replica: ClusterNode) -> str:
     """The id of the primary ``replica`` replicates."""
-    line = next(x for x in replica.direct().execute_command("CLUSTER", "NODES").decode().splitlines() if "myself" in x)
+    nodes: bytes = replica.direct().execute_command("CLUSTER", "NODES")
+    line = next(x for x in nodes.decode().splitlines() if "myself" in x)
     return line.split(" ")[3]
 
 
@@ -398,7 +399,7 @@ def test_cluster_example_starts_serves_and_stops(tmp_path: Path) -> None:
         try:
             for i in range(50):
                 rc.set(f"example:{i}", i)
-            assert [int(rc.get(f"example:{i}")) for i in range(50)] == list(range(50))
+            assert [rc.get(f"example:{i}") for i in range(50)] == [str(i).encode() for i in range(50)]
             assert {n.port for n in rc.get_nodes()} <= set(range(sidecars, sidecars + 6))  # only sidecars announced
             with pytest.raises(redis.exceptions.NoPermissionError, match="no permissions to run the .flushall. command"):
                 rc.execute_command("FLUSHALL", target_nodes=redis.RedisCluster.PRIMARIES)

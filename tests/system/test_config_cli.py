@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from redisguard.cli.certs import init_dev_certs
+from redisguard.commands.table import CommandTable
 from redisguard.config.load import load_config
 from redisguard.config.model import ConfigError
 
@@ -167,7 +168,7 @@ def test_acl_check_and_hash_cli(tmp_path: Path) -> None:
     assert res.stdout.strip() == "#" + __import__("hashlib").sha256(b"pw").hexdigest()
 
 
-def test_users_file_errors_carry_file_and_line(tmp_path: Path, table) -> None:  # type: ignore[no-untyped-def]
+def test_users_file_errors_carry_file_and_line(tmp_path: Path, table: CommandTable) -> None:
     from redisguard.acl import UsersFileError, parse_users
 
     with pytest.raises(UsersFileError, match=r"u.acl:3: Syntax error"):

@@ -11,6 +11,7 @@ import tomllib
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -20,7 +21,7 @@ from redis.retry import Retry
 from redisguard.config.model import ConfigError, LimitsConfig
 from redisguard.config.parse import parse_config
 from redisguard.observe.metrics import parse_samples
-from tests.helpers import USERS_ACL, ProxyProc, free_port, read_until, start_proxy, wait_port
+from tests.helpers import USERS_ACL, ProxyProc, RedisProc, free_port, read_until, start_proxy, wait_port
 
 PENDING = 'redisguard_tls_handshakes_pending{listener="tls"}'
 
@@ -56,12 +57,12 @@ def silent(port: int, source: str, n: int) -> list[socket.socket]:
 
 
 @pytest.fixture
-def make_proxy(tmp_path: Path, certs: Path, redis_server) -> Iterator[Callable[..., ProxyProc]]:  # type: ignore[no-untyped-def]
+def make_proxy(tmp_path: Path, certs: Path, redis_server: RedisProc) -> Iterator[Callable[..., ProxyProc]]:
     users = tmp_path / "users.acl"
     users.write_text(USERS_ACL)
     started: list[ProxyProc] = []
 
-    def make(**kw) -> ProxyProc:  # type: ignore[no-untyped-def]
+    def make(**kw: Any) -> ProxyProc:
         p = start_proxy(tmp_path, certs, users, redis_server.port, **kw)
         started.append(p)
         return p
@@ -88,7 +89,7 @@ def tls_ping(p: ProxyProc, certs: Path, port: int = 0, source: str = "") -> bool
         c.close()
 
 
-def test_pending_handshake_flood_is_capped(make_proxy, certs: Path) -> None:  # type: ignore[no-untyped-def]
+def test_pending_handshake_flood_is_capped(make_proxy: Callable[..., ProxyProc], certs: Path) -> None:
     p = make_proxy(limits="max_pending_handshakes = 100\nmax_handshakes_per_source = 50\nhandshake_timeout = 60.0\n")
     flood: list[socket.socket] = []
     try:
@@ -129,7 +130,7 @@ def test_pending_handshake_flood_is_capped(make_proxy, certs: Path) -> None:  # 
     assert p.log.read_text().count('"connection_rejected"') < 265
 
 
-def test_a_silent_flood_cannot_fill_the_wait_queue_for_long(make_proxy, certs: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_silent_flood_cannot_fill_the_wait_queue_for_long(make_proxy: Callable[..., ProxyProc], certs: Path) -> None:
     """More silent sockets than the queue holds (4 x 20 = 80 waiting): once it fills, those silent for
     STALLED seconds are dropped, so a real client from the same address gets in within seconds."""
     p = make_proxy(limits="max_pending_handshakes = 20\nmax_handshakes_per_source = 10\nhandshake_timeout = 60.0\n")
@@ -150,7 +151,7 @@ def test_a_silent_flood_cannot_fill_the_wait_queue_for_long(make_proxy, certs: P
             sock.close()
 
 
-def test_a_reconnect_storm_from_one_address_is_served(make_proxy, certs: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_reconnect_storm_from_one_address_is_served(make_proxy: Callable[..., ProxyProc], certs: Path) -> None:
     """1,000 TLS clients connecting at once from one address (a pool warming up, a NAT, everyone back
     after a failover), with the default limits (64 handshakes per source): every one is served, in
     turn, none reset; meanwhile silent sockets from that address still cannot keep them out."""
@@ -197,7 +198,8 @@ def _client_hello(certs: Path) -> bytes:
 
 
 @pytest.mark.parametrize("stall", ["one byte", "a whole ClientHello"])
-def test_sockets_that_stall_after_speaking_cannot_lock_out_their_address(make_proxy, certs: Path, stall: str) -> None:  # type: ignore[no-untyped-def]
+def test_sockets_that_stall_after_speaking_cannot_lock_out_their_address(make_proxy: Callable[..., ProxyProc], certs: Path,
+                                                                         stall: str) -> None:  # fmt: skip
     """Sockets that send a byte of a ClientHello (or a whole one) and then nothing hold their source's
     handshake slots only until they are stalled (1 s without a whole ClientHello, 2 s in the TLS
     handshake after it): a real client from the same address (behind one NAT) waiting for a slot gets
@@ -220,7 +222,7 @@ def test_sockets_that_stall_after_speaking_cannot_lock_out_their_address(make_pr
             sock.close()
 
 
-def test_pending_handshakes_count_toward_max_connections(make_proxy, certs: Path) -> None:  # type: ignore[no-untyped-def]
+def test_pending_handshakes_count_toward_max_connections(make_proxy: Callable[..., ProxyProc], certs: Path) -> None:
     port = free_port()
     small = (f'[[listener]]\nname = "small"\ntype = "tls"\naddress = "127.0.0.1:{port}"\n'
              f'cert_file = "{certs / "server.pem"}"\nkey_file = "{certs / "server.key"}"\nmax_connections = 3\n')  # fmt: skip
@@ -241,7 +243,7 @@ def test_pending_handshakes_count_toward_max_connections(make_proxy, certs: Path
     assert tls_ping(p, certs, port)
 
 
-def test_fd_reserve_keeps_metrics_and_upstream_working(make_proxy) -> None:  # type: ignore[no-untyped-def]
+def test_fd_reserve_keeps_metrics_and_upstream_working(make_proxy: Callable[..., ProxyProc]) -> None:
     p = make_proxy(nofile=160)
     s = scrape(p)
     assert s["redisguard_file_descriptors_limit"] == 160
@@ -263,7 +265,7 @@ def test_fd_reserve_keeps_metrics_and_upstream_working(make_proxy) -> None:  # t
         kept.close()
 
 
-def test_connection_events_are_rate_limited(make_proxy) -> None:  # type: ignore[no-untyped-def]
+def test_connection_events_are_rate_limited(make_proxy: Callable[..., ProxyProc]) -> None:
     p = make_proxy(extra="audit_connections_per_second = 2.0\n")
     for _ in range(60):
         socket.create_connection(("127.0.0.1", p.plain_port), timeout=5).close()
@@ -315,5 +317,5 @@ def test_exhaustion_limits_bad_values_name_the_key(tmp_path: Path, snippet: str,
     assert message in str(e.value)
 
 
-def _toml(text: str) -> dict:  # type: ignore[type-arg]
+def _toml(text: str) -> dict[str, Any]:
     return tomllib.loads(text)

@@ -19,7 +19,7 @@ import ssl
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from redisguard.commands.table import CommandTable
 from redisguard.config.model import ConfigError, ListenerConfig, TLSFiles
 from redisguard.config.parse import parse_config
 from redisguard.files import versions as file_versions
-from redisguard.files.versions import FileChanged, FileVersion, difference, read_file, read_now
+from redisguard.files.versions import FileChanged, FileRead, FileVersion, difference, read_file, read_now
 from redisguard.observe.metrics import Metrics, parse_samples
 from redisguard.protocol.resp import encode_command
 from redisguard.runtime import watch
@@ -70,12 +70,12 @@ def test_read_file_versions_what_it_read(tmp_path: Path) -> None:
         read_file(tmp_path / "nope")
 
 
-def _between_reads(monkeypatch: pytest.MonkeyPatch, change: Callable[[], None]) -> None:
+def _between_reads(monkeypatch: pytest.MonkeyPatch, change: Callable[[], object]) -> None:
     """``change()`` runs right after read_now's first read, before its re-read."""
     real = file_versions.read_files
     calls = []
 
-    def read_files(paths):  # type: ignore[no-untyped-def]
+    def read_files(paths: Iterable[Path]) -> dict[Path, FileRead]:
         out = real(paths)
         calls.append(1)
         if len(calls) == 1:
@@ -134,9 +134,10 @@ def test_the_watcher_takes_only_files_that_read_the_same_after_the_settle(
                         "server": {"reload_interval": 0.5, "reload_settle": 0.1}}, tmp_path)  # fmt: skip
     metrics = Metrics()
     w = FileWatch(cfg, lambda files: None, metrics)
-    real, reads = watch.read_files, []
+    real = file_versions.read_files  # (what watch.py calls)
+    reads: list[dict[Path, FileRead]] = []
 
-    def read_files(paths):  # type: ignore[no-untyped-def]
+    def read_files(paths: Iterable[Path]) -> dict[Path, FileRead]:
         reads.append(out := real(paths))
         if len(reads) == 1:
             change(users)  # after the first read, before the one after the settle

@@ -11,6 +11,7 @@ import subprocess
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -39,9 +40,10 @@ def run_in(container: str, mounts: dict[Path, str], *argv: str) -> list[str]:
     return ["buildah", "run", "--isolation", "chroot", "--user", f"{UID}:{UID}", *vols, container, "--", *argv]
 
 
-def image_config() -> dict:  # type: ignore[type-arg]
+def image_config() -> dict[str, Any]:
     out = subprocess.run(["buildah", "inspect", "--type", "image", IMAGE], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)["Docker"]["config"]  # type: ignore[no-any-return]
+    config: dict[str, Any] = json.loads(out.stdout)["Docker"]["config"]
+    return config
 
 
 def test_image_metadata_and_no_baked_secrets(container: str) -> None:

@@ -37,8 +37,14 @@ def workload(r: redis.Redis, n: int = 40) -> list[str]:
     errors = []
     for i in range(n):
         p = r.pipeline(transaction=False)
-        p.set(f"session:{i}", "v", ex=60).get(f"session:{i}").get(f"cache:page:{i}").incr("counter")
-        p.hset(f"user:{i}", mapping={"name": "x"}).hgetall(f"user:{i}").lpush("queue:jobs", i).publish("events", "hi")
+        p.set(f"session:{i}", "v", ex=60)
+        p.get(f"session:{i}")
+        p.get(f"cache:page:{i}")
+        p.incr("counter")
+        p.hset(f"user:{i}", mapping={"name": "x"})
+        p.hgetall(f"user:{i}")
+        p.lpush("queue:jobs", i)
+        p.publish("events", "hi")
         errors += [str(x) for x in p.execute(raise_on_error=False) if isinstance(x, redis.ResponseError)]
     return errors
 

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from redisguard.commands.table import CommandTable
 from redisguard.config.load import load_config
 from redisguard.config.model import ConfigError
 from redisguard.policy.decide import LoginRules, Policy, Shared
@@ -119,13 +120,14 @@ def nameless_cert(certs: Path, out: Path) -> tuple[Path, Path]:
     """A client certificate from the dev CA whose subject has no common name."""
     ca = x509.load_pem_x509_certificate((certs / "ca.pem").read_bytes())
     ca_key = serialization.load_pem_private_key((certs / "ca.key").read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)  # (the dev CA's: cli/certs.py)
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "no cn")]))
             .issuer_name(ca.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-            .sign(ca_key, hashes.SHA256()))  # type: ignore[arg-type]  # fmt: skip
+            .sign(ca_key, hashes.SHA256()))  # fmt: skip
     pem, key_path = out / "nameless.pem", out / "nameless.key"
     pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -150,7 +152,7 @@ def test_login_rules_sources_pure() -> None:
 
 @pytest.mark.parametrize(("peer", "address"), [("10.0.0.1:5000", "10.0.0.1"), ("::1:6000", "::1"), ("unix", "unix"),
                                                ("", "unix")])  # fmt: skip
-def test_session_address(table, peer: str, address: str) -> None:  # type: ignore[no-untyped-def]
+def test_session_address(table: CommandTable, peer: str, address: str) -> None:
     from redisguard.acl import default_user
 
     s = Session(Shared(Policy(table, {"default": default_user(table)})), "test", peer)

@@ -18,12 +18,14 @@ import pytest
 import redis
 
 from redisguard.acl import new_user
+from redisguard.commands.table import CommandTable
 from redisguard.upstream.identity import mirror_rules
 from tests.helpers import (
     UPSTREAM_PASSWORD,
     UPSTREAM_USER,
     ProxyProc,
     RedisProc,
+    acl_user,
     raw_exchange,
     read_until,
     start_proxy,
@@ -122,10 +124,10 @@ def test_mirror_users_at_start(mirror: ProxyProc, upstream: redis.Redis) -> None
     names = set(upstream.acl_users())
     assert {"rg:default", "rg:alice", "rg:bob", "rg:admin", UPSTREAM_USER} <= names
     assert "rg:ghost" not in names  # stale mirrors are removed
-    got = upstream.acl_getuser("rg:alice")
+    got = acl_user(upstream, "rg:alice")
     assert got["enabled"] and got["keys"] == ["~app:*"] and len(got["passwords"]) == 1
     assert "nopass" not in got["flags"]
-    default = upstream.acl_getuser("rg:default")  # redisguard's default is off; its mirror is on, with no commands
+    default = acl_user(upstream, "rg:default")  # redisguard's default is off; its mirror is on, with no commands
     assert default["enabled"] and default["categories"] == ["-@all"] and not default["commands"]
     # the password is redisguard's alone: its hash is never logged (nor anything else of it)
     log = mirror.log.read_text()
@@ -140,7 +142,7 @@ def test_mirror_follows_acl_setuser_and_deluser(mirror: ProxyProc, upstream: red
     assert upstream_user_of(upstream, carol) == "rg:carol"
     assert " user=carol " in carol.execute_command("CLIENT", "INFO")  # through redisguard: its own name
     admin.execute_command("ACL", "SETUSER", "carol", "~d:*")
-    eventually(lambda: upstream.acl_getuser("rg:carol")["keys"] == ["~c:*", "~d:*"])
+    eventually(lambda: acl_user(upstream, "rg:carol")["keys"] == ["~c:*", "~d:*"])
     assert admin.execute_command("ACL", "DELUSER", "carol") == 1
     eventually(lambda: "rg:carol" not in upstream.acl_users())
 
@@ -175,13 +177,13 @@ def test_mirror_follows_a_reload(mirror: ProxyProc, upstream: redis.Redis) -> No
     users = Path(str(mirror.config).replace("redisguard.toml", "users.acl"))
     users.write_text(USERS.replace("~bob:*", "~bob:* ~shared:*") + "user dave on >dave-pw ~dave:* +get\n")
     os.kill(mirror.proc.pid, signal.SIGHUP)
-    eventually(lambda: "rg:dave" in upstream.acl_users() and upstream.acl_getuser("rg:bob")["keys"] == ["~bob:*", "~shared:*"])
+    eventually(lambda: "rg:dave" in upstream.acl_users() and acl_user(upstream, "rg:bob")["keys"] == ["~bob:*", "~shared:*"])
     users.write_text(USERS)
     os.kill(mirror.proc.pid, signal.SIGHUP)
     eventually(lambda: "rg:dave" not in upstream.acl_users())
 
 
-def test_mirror_rules_are_the_acl_list_form(table) -> None:  # type: ignore[no-untyped-def]
+def test_mirror_rules_are_the_acl_list_form(table: CommandTable) -> None:
     u = new_user("x", table, ["on", ">pw", "nopass", "~a:*", "%R~r:*", "&ch", "+get", "(~s:* +set)", "skip-sanitize-payload"])
     rules = mirror_rules(u)
     assert rules == ["skip-sanitize-payload", "~a:*", "%R~r:*", "resetchannels", "&ch", "-@all", "+get",

@@ -20,10 +20,12 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
+from redisguard.commands.table import CommandTable
 from redisguard.config.model import UpstreamConfig, mirror_prefix_conflict
 from redisguard.observe.metrics import parse_samples
 from tests.helpers import (
@@ -31,6 +33,7 @@ from tests.helpers import (
     UPSTREAM_USER,
     ProxyProc,
     RedisProc,
+    acl_user,
     free_port,
     proxy_config,
     raw_exchange,
@@ -96,7 +99,7 @@ def resyncs(p: ProxyProc, reason: str) -> float:
     return metrics(p)[f'redisguard_mirror_resync_total{{reason="{reason}"}}']
 
 
-def resync_lines(p: ProxyProc) -> list[dict[str, object]]:
+def resync_lines(p: ProxyProc) -> list[dict[str, Any]]:  # (JSON log lines)
     lines = [json.loads(x) for x in p.log.read_text().splitlines() if x.startswith("{")]
     return [x for x in lines if x.get("event") == "mirror_resync"]
 
@@ -146,7 +149,7 @@ def test_served_through_a_redis_restart(quiet: ProxyProc, own_redis: RedisProc) 
     assert {"rg:default", "rg:alice", "rg:bob", UPSTREAM_USER} <= set(upstream(own_redis).acl_users())
     line = resync_lines(quiet)[-1]
     assert line["reason"] == "auth" and line["recreated"] == 3 and line["level"] == "warning"
-    assert "rg:alice" in line["mirrors"]  # type: ignore[operator]
+    assert "rg:alice" in line["mirrors"]
     assert metrics(quiet)["redisguard_mirror_users_recreated_total"] >= 3
 
 
@@ -211,7 +214,7 @@ def test_acl_deluser_and_acl_load_on_redis(quiet: ProxyProc, own_redis: RedisPro
     assert served(quiet, "bob") == "rg:bob"
     report("ACL DELUSER rg:bob on Redis, next client (auth path)", time.monotonic() - start)
     up.execute_command("ACL", "LOAD")  # the aclfile has only the service user and default
-    assert not [u for u in up.acl_users() if u.startswith("rg:")]
+    assert not [u for u in up.acl_users() if u[:3] in ("rg:", b"rg:")]
     start = time.monotonic()
     assert served(quiet, "alice") == "rg:alice"
     report("ACL LOAD on Redis, next client (auth path)", time.monotonic() - start)
@@ -228,7 +231,7 @@ def test_sighup_always_verifies(quiet: ProxyProc, own_redis: RedisProc) -> None:
     os.kill(quiet.proc.pid, signal.SIGHUP)
     eventually(lambda: resyncs(quiet, "sighup") == before + 1)
     assert "rg:bob" in up.acl_users()
-    ours = up.acl_getuser("rg:alice")["passwords"]
+    ours = acl_user(up, "rg:alice")["passwords"]
     assert len(ours) == 1 and ours[0] not in quiet.log.read_text()  # no password hash in the log
     line = resync_lines(quiet)[-1]
     assert line["reason"] == "sighup" and line["recreated"] == 2
@@ -309,7 +312,7 @@ def test_service_user_inside_the_prefix_is_refused(tmp_path: Path, certs: Path, 
 
 
 def test_a_push_never_sets_nor_deletes_the_service_user(tmp_path: Path, certs: Path, own_redis: RedisProc,
-                                                        table) -> None:  # type: ignore[no-untyped-def]  # fmt: skip
+                                                        table: CommandTable) -> None:  # fmt: skip
     """Defence in depth behind the refusal: were the service user inside the prefix anyway, neither the
     push of a redisguard user of the same name, nor stale deletion, nor a full verification touches it."""
     import asyncio

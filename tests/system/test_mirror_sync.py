@@ -33,6 +33,7 @@ import pytest
 import redis
 
 from redisguard.acl import load_users, new_user
+from redisguard.commands.table import CommandTable
 from redisguard.config.load import load_config
 from redisguard.config.model import Config
 from redisguard.upstream.identity import KEY_CONTEXT, MirrorIdentity, mirror_key, mirror_rules
@@ -41,6 +42,8 @@ from tests.helpers import (
     UPSTREAM_USER,
     ProxyProc,
     RedisProc,
+    acl_user,
+    find_acl_user,
     free_port,
     proxy_config,
     read_until,
@@ -101,7 +104,7 @@ def events(p: ProxyProc, name: str) -> list[dict[str, object]]:
 
 
 def keys_of(up: redis.Redis, mirror: str) -> bytes | None:
-    user = up.acl_getuser(mirror)
+    user = find_acl_user(up, mirror)
     return None if user is None else b" ".join(k.encode() if isinstance(k, str) else k for k in user["keys"])
 
 
@@ -174,7 +177,7 @@ def test_a_refused_push_is_retried_until_redis_has_it(tmp_path: Path, certs: Pat
 
 
 def test_a_refused_background_push_is_marked_and_retried(tmp_path: Path, certs: Path, own_redis: RedisProc,
-                                                         table) -> None:  # type: ignore[no-untyped-def]  # fmt: skip
+                                                         table: CommandTable) -> None:  # fmt: skip
     """In one process: a users change whose ACL SETUSER Redis refuses is not taken for done."""
     up = upstream(own_redis)
     (tmp_path / "users.acl").write_text(USERS)
@@ -247,14 +250,14 @@ def test_instances_sharing_the_service_user_share_the_mirror_passwords(tmp_path_
     up = upstream(own_redis)
     a, b = (proxy(tmp_path_factory.mktemp(n), certs, own_redis, "t:", identity="auto") for n in "ab")
     try:
-        before = up.acl_getuser("t:x")["passwords"]
+        before = acl_user(up, "t:x")["passwords"]
         for i in range(30):
             assert ask(login((a, b)[i % 2], "x"), b"SET app:1 v\r\n") == b"+OK\r\n"
         a.stop()
         a = proxy(tmp_path_factory.mktemp("a2"), certs, own_redis, "t:", identity="auto")
         for i in range(10):
             assert ask(login((a, b)[i % 2], "x"), b"SET app:1 v\r\n") == b"+OK\r\n"
-        assert up.acl_getuser("t:x")["passwords"] == before
+        assert acl_user(up, "t:x")["passwords"] == before
         for p in (a, b):
             m = metrics(p)
             assert sum(v for k, v in m.items() if k.startswith("redisguard_mirror_resync_total")) == 0, m
@@ -323,7 +326,7 @@ def test_mirror_key_derives_from_the_service_credentials(tmp_path: Path) -> None
     assert mirror_key(_config(tmp_path, password="")) is None
 
 
-def test_mirror_password_binds_name_and_rules(tmp_path: Path, table) -> None:  # type: ignore[no-untyped-def]
+def test_mirror_password_binds_name_and_rules(tmp_path: Path, table: CommandTable) -> None:
     a, b = MirrorIdentity(_config(tmp_path)), MirrorIdentity(_config(tmp_path))  # two instances
     x = new_user("x", table, ["on", "~a:*", "+get"])
     assert a.auth(x) == b.auth(x) and a.auth(x) is a.auth(x)  # the same password; encoded once per user

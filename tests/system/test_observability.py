@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,14 +20,15 @@ import pytest
 from redisguard import fast
 from redisguard.observe.metrics import parse_samples as samples
 from redisguard.protocol.resp import encode_command
-from tests.helpers import USERS_ACL, ProxyProc, raw_exchange, read_until, start_proxy
+from tests.helpers import USERS_ACL, ProxyProc, RedisProc, TLSClient, raw_exchange, read_until, start_proxy
 
 REPO = Path(__file__).resolve().parents[2]
 PROM = REPO / "config" / "prometheus"
 
 
 def scrape(p: ProxyProc) -> str:
-    return urllib.request.urlopen(f"http://127.0.0.1:{p.metrics_port}/metrics", timeout=5).read().decode()
+    body: bytes = urllib.request.urlopen(f"http://127.0.0.1:{p.metrics_port}/metrics", timeout=5).read()
+    return body.decode()
 
 
 def promtool() -> str:
@@ -36,7 +38,7 @@ def promtool() -> str:
 
 
 @pytest.fixture
-def fresh(tmp_path: Path, certs: Path, redis_server):  # type: ignore[no-untyped-def]
+def fresh(tmp_path: Path, certs: Path, redis_server: RedisProc) -> Iterator[tuple[ProxyProc, Path]]:
     users = tmp_path / "users.acl"
     users.write_text(USERS_ACL)
     p = start_proxy(tmp_path, certs, users, redis_server.port, extra="audit_denied_per_second = 1000.0\n")
@@ -44,7 +46,7 @@ def fresh(tmp_path: Path, certs: Path, redis_server):  # type: ignore[no-untyped
     p.stop()
 
 
-def test_exact_counters_after_scripted_traffic(fresh, certs: Path) -> None:  # type: ignore[no-untyped-def]
+def test_exact_counters_after_scripted_traffic(fresh: tuple[ProxyProc, Path], certs: Path) -> None:
     p, _ = fresh
     cmds = [
         [b"PING"],  # noauth (user default)
@@ -96,7 +98,7 @@ def test_exact_counters_after_scripted_traffic(fresh, certs: Path) -> None:  # t
     assert "127.0.0.1" not in scrape(p)  # no client addresses in labels
 
 
-def test_health_endpoints(fresh) -> None:  # type: ignore[no-untyped-def]
+def test_health_endpoints(fresh: tuple[ProxyProc, Path]) -> None:
     p, _ = fresh
     base = f"http://127.0.0.1:{p.metrics_port}"
     assert urllib.request.urlopen(base + "/healthz").read() == b"ok\n"
@@ -107,7 +109,7 @@ def test_health_endpoints(fresh) -> None:  # type: ignore[no-untyped-def]
     assert e.value.code == 404
 
 
-def test_promtool_check_metrics_on_a_real_scrape(fresh, tls_client) -> None:  # type: ignore[no-untyped-def]
+def test_promtool_check_metrics_on_a_real_scrape(fresh: tuple[ProxyProc, Path], tls_client: TLSClient) -> None:
     p, _ = fresh
     raw_exchange(p.plain_port, b"AUTH alice alice-pw\r\nGET cache:1\r\nGET x\r\n")
     res = subprocess.run([promtool(), "check", "metrics"], input=scrape(p), capture_output=True, text=True)
@@ -126,7 +128,7 @@ def _names_in(expr: str) -> set[str]:
     return {re.sub(r"_(bucket|count|sum)$", "", m) for m in re.findall(r"\bredisguard_[a-z_]+", expr)}
 
 
-def test_dashboard_and_alerts_use_only_real_metrics(fresh) -> None:  # type: ignore[no-untyped-def]
+def test_dashboard_and_alerts_use_only_real_metrics(fresh: tuple[ProxyProc, Path]) -> None:
     p, _ = fresh
     text = scrape(p)
     exported = set(re.findall(r"^# TYPE (redisguard_[a-z_]+) ", text, re.M))
@@ -145,7 +147,7 @@ def test_dashboard_and_alerts_use_only_real_metrics(fresh) -> None:  # type: ign
     assert all(t["datasource"]["uid"] == "${datasource}" for pn in dash["panels"] for t in pn["targets"])
 
 
-def test_audit_log_fields_and_no_secrets(fresh) -> None:  # type: ignore[no-untyped-def]
+def test_audit_log_fields_and_no_secrets(fresh: tuple[ProxyProc, Path]) -> None:
     p, _ = fresh
     raw_exchange(p.plain_port, b"AUTH alice wrong-secret-123\r\nAUTH alice alice-pw\r\nSET secret:k topsecretvalue\r\n")
     time.sleep(0.3)
@@ -164,7 +166,7 @@ def test_audit_log_fields_and_no_secrets(fresh) -> None:  # type: ignore[no-unty
     assert any(e["event"] == "redisguard_started" for e in events)
 
 
-def test_denied_flood_is_rate_limited(tmp_path: Path, certs: Path, redis_server) -> None:  # type: ignore[no-untyped-def]
+def test_denied_flood_is_rate_limited(tmp_path: Path, certs: Path, redis_server: RedisProc) -> None:
     users = tmp_path / "users.acl"
     users.write_text(USERS_ACL)
     p = start_proxy(tmp_path, certs, users, redis_server.port, extra="audit_denied_per_second = 5.0\naudit_keys = true\n")
@@ -181,7 +183,7 @@ def test_denied_flood_is_rate_limited(tmp_path: Path, certs: Path, redis_server)
         p.stop()
 
 
-def test_sighup_reloads_users_and_certificates(fresh) -> None:  # type: ignore[no-untyped-def]
+def test_sighup_reloads_users_and_certificates(fresh: tuple[ProxyProc, Path]) -> None:
     p, users = fresh
     assert raw_exchange(p.plain_port, b"AUTH carol carol-pw\r\n").startswith(b"-WRONGPASS")
     kept = socket.create_connection(("127.0.0.1", p.plain_port), timeout=5)
@@ -223,7 +225,7 @@ def refused(port: int) -> bool:
         return True
 
 
-def test_guards_sources_limits_throttle_idle(tmp_path: Path, certs: Path, redis_server) -> None:  # type: ignore[no-untyped-def]
+def test_guards_sources_limits_throttle_idle(tmp_path: Path, certs: Path, redis_server: RedisProc) -> None:
     users = tmp_path / "users.acl"
     users.write_text(USERS_ACL)
     extra = (
@@ -282,7 +284,7 @@ def test_guards_sources_limits_throttle_idle(tmp_path: Path, certs: Path, redis_
         p.stop()
 
 
-def test_sighup_reloads_certificates(tmp_path: Path, redis_server) -> None:  # type: ignore[no-untyped-def]
+def test_sighup_reloads_certificates(tmp_path: Path, redis_server: RedisProc) -> None:
     import ssl
 
     from redisguard.cli.certs import init_dev_certs
@@ -314,7 +316,7 @@ def test_sighup_reloads_certificates(tmp_path: Path, redis_server) -> None:  # t
         p.stop()
 
 
-def test_node_label_when_configured(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_node_label_when_configured(tmp_path: Path) -> None:
     """[metrics] node: every series carries it (one sidecar per cluster node); without it, none does."""
     from redisguard.config.model import ConfigError
     from redisguard.config.parse import parse_config

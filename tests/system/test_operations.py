@@ -123,7 +123,10 @@ def test_unreadable_key_names_path_owner_and_uid() -> None:
         (dev / "certs" / "server.pem").chmod(0o644)
         key = dev / "certs" / "server.key"
         cfg = tls_config(dev, "certs/server.pem", "certs/server.key")
-        check = lambda: preflight(load_config(cfg))  # noqa: E731 (what check-config and serve both print)
+
+        def check() -> list[str]:  # what check-config and serve both print
+            return preflight(load_config(cfg))
+
         if os.geteuid() == 0:
             assert check() == []  # root reads it (and every module the check needs is imported before the fork)
             uid, mode, (err,) = NOBODY, "0600", as_uid(NOBODY, check)
@@ -228,7 +231,7 @@ def metric(p: ProxyProc) -> dict[str, float]:
     return parse_samples(text)
 
 
-def wait_for(cond, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+def wait_for(cond: Callable[[], object], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         assert time.monotonic() < deadline, "condition not met in time"
@@ -301,7 +304,7 @@ def test_changed_settings_names_keys_not_values(tmp_path: Path) -> None:
     assert changed_settings(old, old) == []
 
 
-def test_sighup_applies_log_level_and_names_what_needs_a_restart(tmp_path: Path, certs: Path, redis_server) -> None:  # type: ignore[no-untyped-def]
+def test_sighup_applies_log_level_and_names_what_needs_a_restart(tmp_path: Path, certs: Path, redis_server: RedisProc) -> None:
     users = tmp_path / "users.acl"
     users.write_text(USERS_ACL)
     p = start_proxy(tmp_path, certs, users, redis_server.port)

@@ -57,7 +57,8 @@ def test_two_workers_add_up_in_one_profile(tmp_path: Path, certs: Path, redis_se
         # both workers' periodic saves: 10 STRLEN in the metrics, 10 in the profile
         wait_for(lambda: allowed(p, "strlen") == 10 and counts(profile).get("strlen") == 10)
         assert counts(profile)["getrange"] == 5 == allowed(p, "getrange")
-        a.close(), b.close()
+        a.close()
+        b.close()
 
         # [acl] reload_guard: worker 0 never saw GETRANGE, and refuses a users file without it all the same
         users.write_text(USERS.replace("+@all", "+@all -getrange"))
@@ -76,7 +77,8 @@ def test_two_workers_add_up_in_one_profile(tmp_path: Path, certs: Path, redis_se
         for i in range(4):
             assert a.strlen(f"t:{i}") == 0
         assert b.strlen("t:x") == 0 and b.strlen("t:y") == 0
-        a.close(), b.close()
+        a.close()
+        b.close()
         wait_for(lambda: allowed(p, "strlen") == 16)
     finally:
         p.stop()  # every worker saves what is left at shutdown

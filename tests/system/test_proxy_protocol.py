@@ -277,7 +277,7 @@ def test_handshake_budget_per_source_is_the_headers(pproxy: ProxyProc, certs: Pa
         assert read_until(s, lambda b: False, timeout=3) == b""
     name, labels = "redisguard_connections_rejected_total", {"listener": "tls", "reason": "handshake_limit_source"}
     want = metric(before, name, **labels) + 1
-    assert wait_for(pproxy, name, want, **labels) == want
+    assert wait_for(pproxy, name, want, 5.0, **labels) == want
     c = TLSOverRaw(pproxy.tls_port, certs / "ca.pem", v1("203.0.113.41", 48003))  # the balancer's other clients go on
     assert c.call(auth("alice", "alice-pw") + PING, 2) == b"+OK\r\n+PONG\r\n"
     c.close()
@@ -324,9 +324,9 @@ def test_bad_headers_are_refused_and_counted_without_stalling_others(pproxy: Pro
             assert wait_for(pproxy, fail, want, listener=lst, reason=reason) >= want, (lst, reason)
     e = wait_event(pproxy, "proxy_header_failed", listener="tls", reason="timeout")
     assert str(e["peer"]).startswith("127.0.0.1:")
-    s = scrape(pproxy)
-    assert metric(s, "redisguard_tls_handshakes_pending", listener="pp") == 0  # every slot was given back
-    assert metric(s, "redisguard_tls_handshakes_pending", listener="tls") == 0
+    now = scrape(pproxy)
+    assert metric(now, "redisguard_tls_handshakes_pending", listener="pp") == 0  # every slot was given back
+    assert metric(now, "redisguard_tls_handshakes_pending", listener="tls") == 0
 
 
 # -- [upstream] proxy_protocol: a PROXY v2 header to a proxy in front of Redis ---------------------------------

@@ -15,20 +15,20 @@ import pytest
 import redis
 
 from redisguard.protocol.resp import encode_command
-from tests.helpers import ProxyProc, raw_exchange, start_proxy, start_redis
+from tests.helpers import ProxyProc, RedisProc, TLSClient, raw_exchange, start_proxy, start_redis
 
 NOPERM_KEY = "this user has no permissions to access one of the keys used as arguments"
 WRONGPASS = "invalid username-password pair or user is disabled."
 
 
-def test_allowed_command_reaches_redis(tls_client, direct) -> None:  # type: ignore[no-untyped-def]
+def test_allowed_command_reaches_redis(tls_client: TLSClient, direct: redis.Redis) -> None:
     c = tls_client()
     assert c.set("cache:e2e", "v1") is True
     assert c.get("cache:e2e") == b"v1"
     assert direct.get("cache:e2e") == b"v1"
 
 
-def test_denied_key_and_command(tls_client, direct) -> None:  # type: ignore[no-untyped-def]
+def test_denied_key_and_command(tls_client: TLSClient, direct: redis.Redis) -> None:
     c = tls_client()
     with pytest.raises(redis.exceptions.NoPermissionError, match=NOPERM_KEY):
         c.set("other:key", "x")
@@ -37,7 +37,7 @@ def test_denied_key_and_command(tls_client, direct) -> None:  # type: ignore[no-
         c.execute_command("CLIENT", "KILL", "ID", "999999")
 
 
-def test_disabled_command_answers_as_unknown(tls_client, direct) -> None:  # type: ignore[no-untyped-def]
+def test_disabled_command_answers_as_unknown(tls_client: TLSClient, direct: redis.Redis) -> None:
     admin = tls_client("admin", "admin-pw")
     direct.set("cache:survives", "1")
     with pytest.raises(redis.ResponseError, match="^unknown command 'FLUSHALL', with args beginning with: $"):
@@ -71,7 +71,7 @@ def test_auth_forms(proxy: ProxyProc) -> None:
     )
 
 
-def test_auth_errors_match_real_redis(redis_server, proxy: ProxyProc) -> None:  # type: ignore[no-untyped-def]
+def test_auth_errors_match_real_redis(redis_server: RedisProc, proxy: ProxyProc) -> None:
     """The same unauthenticated conversation against Redis (default user off) and the proxy."""
     r = start_redis(extra=["--user", "default off", "--user", "alice on >alice-pw ~cache:* +@all"])
     try:
@@ -89,7 +89,7 @@ def test_auth_errors_match_real_redis(redis_server, proxy: ProxyProc) -> None:  
         r.stop()
 
 
-def test_hello3_auth_setname(tls_client, proxy: ProxyProc) -> None:  # type: ignore[no-untyped-def]
+def test_hello3_auth_setname(tls_client: TLSClient, proxy: ProxyProc) -> None:
     c = tls_client(protocol=3)
     assert c.ping() is True
     out = raw_exchange(
@@ -102,10 +102,10 @@ def test_hello3_auth_setname(tls_client, proxy: ProxyProc) -> None:  # type: ign
     assert out.endswith(b"$4\r\napp1\r\n")
 
 
-def test_pipeline_1000_mixed_in_order(tls_client) -> None:  # type: ignore[no-untyped-def]
+def test_pipeline_1000_mixed_in_order(tls_client: TLSClient) -> None:
     c = tls_client()
     p = c.pipeline(transaction=False)
-    expected = []
+    expected: list[object] = []
     for i in range(1000):
         kind = i % 4
         if kind == 0:
@@ -142,16 +142,19 @@ def test_pipeline_order_raw_bytes(proxy: ProxyProc) -> None:
     )
 
 
-def test_multi_with_denied_command_aborts(tls_client, direct) -> None:  # type: ignore[no-untyped-def]
+def test_multi_with_denied_command_aborts(tls_client: TLSClient, direct: redis.Redis) -> None:
     direct.delete("cache:tx")
     c = tls_client()
     p = c.pipeline(transaction=True)
-    p.set("cache:tx", "1").set("forbidden:tx", "2").get("cache:tx")
+    p.set("cache:tx", "1")
+    p.set("forbidden:tx", "2")
+    p.get("cache:tx")
     with pytest.raises(redis.exceptions.NoPermissionError, match="Command # 2 .SET forbidden:tx 2."):
         p.execute()
     assert direct.get("cache:tx") is None
     p = c.pipeline(transaction=True)
-    p.set("cache:tx", "1").get("cache:tx")
+    p.set("cache:tx", "1")
+    p.get("cache:tx")
     assert p.execute() == [True, b"1"]
 
 
@@ -170,7 +173,7 @@ def test_inline_commands(proxy: ProxyProc) -> None:
         b"*2\r\n$3\r\nGET\r\n:1\r\n",
     ],
 )
-def test_malformed_resp_matches_redis_and_closes(redis_server, proxy: ProxyProc, data: bytes) -> None:  # type: ignore[no-untyped-def]
+def test_malformed_resp_matches_redis_and_closes(redis_server: RedisProc, proxy: ProxyProc, data: bytes) -> None:
     # Authenticate first on both so that the post-auth limits apply, as with a real client.
     r = start_redis(extra=["--user", "default off", "--user", "alice on >alice-pw ~cache:* +@all"])
     try:
@@ -261,7 +264,7 @@ def test_redis_cli_over_tls(proxy: ProxyProc, certs: Path) -> None:
 
 
 def test_200_concurrent_tls_clients(proxy: ProxyProc, certs: Path) -> None:
-    def one(i: int) -> bytes | None:
+    def one(i: int) -> bytes | str | None:
         c = redis.Redis(host="127.0.0.1", port=proxy.tls_port, ssl=True, ssl_ca_certs=str(certs / "ca.pem"),
                         username="alice", password="alice-pw", socket_timeout=30)  # fmt: skip
         try:
@@ -323,7 +326,7 @@ def test_upstream_bad_credentials_is_a_clear_error(tmp_path: Path, certs: Path, 
         r.stop()
 
 
-def test_unauthenticated_clients_cost_redis_no_connection(proxy: ProxyProc, direct) -> None:  # type: ignore[no-untyped-def]
+def test_unauthenticated_clients_cost_redis_no_connection(proxy: ProxyProc, direct: redis.Redis) -> None:
     before = len(direct.client_list())
     idle = [socket.create_connection(("127.0.0.1", proxy.plain_port)) for _ in range(20)]
     for s in idle:
@@ -360,7 +363,7 @@ def test_multi_exec_bytes_match_redis(proxy: ProxyProc) -> None:
         r.stop()
 
 
-def test_unix_socket_listener(tmp_path: Path, certs: Path, users_file: Path, redis_server) -> None:  # type: ignore[no-untyped-def]
+def test_unix_socket_listener(tmp_path: Path, certs: Path, users_file: Path, redis_server: RedisProc) -> None:
     sock = tmp_path / "rg.sock"
     extra = f'[[listener]]\nname = "sock"\ntype = "unix"\npath = "{sock}"\nsocket_mode = "600"\n'
     p = start_proxy(tmp_path, certs, users_file, redis_server.port, extra=extra)

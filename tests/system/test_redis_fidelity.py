@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -21,6 +22,7 @@ from tests.helpers import (
     UPSTREAM_USER,
     ProxyProc,
     RedisProc,
+    TLSClient,
     raw_exchange,
     read_until,
     start_proxy,
@@ -58,6 +60,13 @@ def guarded(tmp_path_factory: pytest.TempPathFactory, certs: Path, redis_server:
     p.stop()
 
 
+def _group(pattern: bytes, data: bytes) -> bytes:
+    """The first group of ``pattern`` in ``data``, which must match."""
+    m = re.search(pattern, data)
+    assert m is not None, (pattern, data[:200])
+    return m.group(1)
+
+
 def _flush(port: int) -> None:
     c = redis.Redis(port=port, username=UPSTREAM_USER, password=UPSTREAM_PASSWORD)
     pipe = c.pipeline(transaction=False)  # (FLUSHDB in each: the service user has -flushall, see start_redis)
@@ -74,7 +83,7 @@ def exchange(port: int, data: bytes, chunks: list[int] | None = None, quiet: flo
 _ID = re.compile(rb"(\$2\r\nid\r\n:)\d+")
 
 
-def same_as_redis(mirror: RedisProc, guarded: ProxyProc, script: bytes, redis_server: RedisProc, **kw) -> bytes:  # type: ignore[no-untyped-def]
+def same_as_redis(mirror: RedisProc, guarded: ProxyProc, script: bytes, redis_server: RedisProc, **kw: Any) -> bytes:
     _flush(mirror.port)
     _flush(redis_server.port)
     want = exchange(mirror.port, script, **kw)
@@ -91,7 +100,7 @@ def cmds(*argvs: list[bytes] | str) -> bytes:
 LOGIN = [b"AUTH", b"alice", b"alice-pw"]
 
 
-def test_deep_pipeline_10000_mixed(mirror, guarded, redis_server) -> None:  # type: ignore[no-untyped-def]
+def test_deep_pipeline_10000_mixed(mirror: RedisProc, guarded: ProxyProc, redis_server: RedisProc) -> None:
     parts = [LOGIN]
     for i in range(10_000):
         k = i % 7
@@ -110,7 +119,7 @@ def test_deep_pipeline_10000_mixed(mirror, guarded, redis_server) -> None:  # ty
     assert out.count(b"\r\n-NOPERM") >= 2 * 1428
 
 
-def test_transactions(mirror, guarded, redis_server) -> None:  # type: ignore[no-untyped-def]
+def test_transactions(mirror: RedisProc, guarded: ProxyProc, redis_server: RedisProc) -> None:
     script = cmds(
         LOGIN, [b"EXEC"], [b"DISCARD"], [b"MULTI"], [b"MULTI"], [b"SET", b"cache:a", b"1"], [b"WATCH", b"cache:a"],
         [b"EXEC"], [b"WATCH", b"cache:a"], [b"MULTI"], [b"INCR", b"cache:a"], [b"GET", b"x"], [b"EXEC"],
@@ -120,7 +129,7 @@ def test_transactions(mirror, guarded, redis_server) -> None:  # type: ignore[no
     same_as_redis(mirror, guarded, script, redis_server)
 
 
-def test_exec_itself_denied(mirror, guarded, redis_server) -> None:  # type: ignore[no-untyped-def]
+def test_exec_itself_denied(mirror: RedisProc, guarded: ProxyProc, redis_server: RedisProc) -> None:
     script = cmds(
         [b"AUTH", b"noexec", b"n-pw"], [b"MULTI"], [b"SET", b"a", b"1"], [b"EXEC"], [b"GET", b"a"], [b"EXEC"],
         [b"MULTI"], [b"EXEC", b"extra"], [b"DISCARD"],
@@ -129,7 +138,7 @@ def test_exec_itself_denied(mirror, guarded, redis_server) -> None:  # type: ign
     assert b"-EXECABORT Transaction discarded because of: NOPERM this user has no permissions to run the 'exec'" in out
 
 
-def test_pubsub_resp2(mirror, guarded, redis_server) -> None:  # type: ignore[no-untyped-def]
+def test_pubsub_resp2(mirror: RedisProc, guarded: ProxyProc, redis_server: RedisProc) -> None:
     script = cmds(
         LOGIN, [b"SUBSCRIBE", b"events:a", b"events:b"], [b"SUBSCRIBE", b"forbidden"], [b"PING"],
         [b"PING", b"hello"], [b"PSUBSCRIBE", b"events:*"], [b"PSUBSCRIBE", b"events:a*"], [b"GET", b"cache:x"],
@@ -140,7 +149,7 @@ def test_pubsub_resp2(mirror, guarded, redis_server) -> None:  # type: ignore[no
     assert b"channels used as arguments" in out
 
 
-def test_pubsub_resp3_messages_and_replies(mirror, guarded, redis_server) -> None:  # type: ignore[no-untyped-def]
+def test_pubsub_resp3_messages_and_replies(mirror: RedisProc, guarded: ProxyProc, redis_server: RedisProc) -> None:
     script = cmds(
         [b"HELLO", b"3", b"AUTH", b"alice", b"alice-pw"], [b"SUBSCRIBE", b"events:a"], [b"PUBLISH", b"events:a", b"m1"],
         [b"PUBLISH", b"nope", b"m2"], [b"GET", b"secret"], [b"PSUBSCRIBE", b"events:*"], [b"PUBLISH", b"events:a", b"m3"],
@@ -150,7 +159,7 @@ def test_pubsub_resp3_messages_and_replies(mirror, guarded, redis_server) -> Non
     assert b">3\r\n$7\r\nmessage\r\n" in out and b">4\r\n$8\r\npmessage\r\n" in out
 
 
-def test_resp3_types(mirror, guarded, redis_server) -> None:  # type: ignore[no-untyped-def]
+def test_resp3_types(mirror: RedisProc, guarded: ProxyProc, redis_server: RedisProc) -> None:
     script = cmds(
         [b"HELLO", b"3", b"AUTH", b"alice", b"alice-pw", b"SETNAME", b"fid"], [b"HSET", b"cache:h", b"f", b"v"],
         [b"HGETALL", b"cache:h"], [b"SADD", b"cache:s", b"a"], [b"SMEMBERS", b"cache:s"],
@@ -161,7 +170,7 @@ def test_resp3_types(mirror, guarded, redis_server) -> None:  # type: ignore[no-
     assert b"%1\r\n$1\r\nf\r\n$1\r\nv\r\n" in out and b"~1\r\n" in out and b",1.5\r\n" in out and b"_\r\n" in out
 
 
-def test_client_reply_modes(mirror, guarded, redis_server) -> None:  # type: ignore[no-untyped-def]
+def test_client_reply_modes(mirror: RedisProc, guarded: ProxyProc, redis_server: RedisProc) -> None:
     script = cmds(
         LOGIN, [b"CLIENT", b"REPLY", b"OFF"], [b"SET", b"cache:a", b"1"], [b"GET", b"secret"], [b"NOSUCH"],
         [b"CLIENT", b"REPLY", b"ON"], [b"GET", b"cache:a"], [b"CLIENT", b"REPLY", b"SKIP"], [b"GET", b"cache:a"],
@@ -172,7 +181,7 @@ def test_client_reply_modes(mirror, guarded, redis_server) -> None:  # type: ign
     same_as_redis(mirror, guarded, script, redis_server)
 
 
-def test_inline_pipeline_and_reset(mirror, guarded, redis_server) -> None:  # type: ignore[no-untyped-def]
+def test_inline_pipeline_and_reset(mirror: RedisProc, guarded: ProxyProc, redis_server: RedisProc) -> None:
     script = (
         b"AUTH alice alice-pw\r\nSET cache:i 'x y'\r\nGET cache:i\r\nGET secret\r\n\r\nPING\r\n"
         + cmds([b"MULTI"], [b"SET", b"cache:r", b"1"])
@@ -181,7 +190,7 @@ def test_inline_pipeline_and_reset(mirror, guarded, redis_server) -> None:  # ty
     same_as_redis(mirror, guarded, script, redis_server)
 
 
-def test_select_blocking_and_misc(mirror, guarded, redis_server) -> None:  # type: ignore[no-untyped-def]
+def test_select_blocking_and_misc(mirror: RedisProc, guarded: ProxyProc, redis_server: RedisProc) -> None:
     script = cmds(
         LOGIN, [b"SELECT", b"3"], [b"SET", b"cache:db3", b"1"], [b"SELECT", b"0"], [b"GET", b"cache:db3"],
         [b"SWAPDB", b"0", b"3"], [b"BLPOP", b"cache:q", b"0.2"], [b"RPUSH", b"cache:q", b"a"],
@@ -197,7 +206,7 @@ def test_select_blocking_and_misc(mirror, guarded, redis_server) -> None:  # typ
 
 @settings(max_examples=25, deadline=None)
 @given(st.data())
-def test_any_split_of_a_pipeline(mirror, guarded, redis_server, data: st.DataObject) -> None:  # type: ignore[no-untyped-def]
+def test_any_split_of_a_pipeline(mirror: RedisProc, guarded: ProxyProc, redis_server: RedisProc, data: st.DataObject) -> None:
     script = cmds(LOGIN, [b"SET", b"cache:s", b"x" * 300], [b"GET", b"secret"], "GET cache:s\r\n", [b"MULTI"],
                   [b"GET", b"no"], [b"EXEC"], [b"HELLO", b"3"], [b"GET", b"cache:s"])  # fmt: skip
     cuts = sorted(set(data.draw(st.lists(st.integers(1, len(script) - 1), max_size=12))))
@@ -214,7 +223,7 @@ def test_acl_introspection_from_redisguard_policy(guarded: ProxyProc) -> None:
     assert b"user alice on #" in out and b"user mon on #" in out
 
 
-def test_acl_getuser_dryrun_whoami_match_redis(mirror, guarded, redis_server) -> None:  # type: ignore[no-untyped-def]
+def test_acl_getuser_dryrun_whoami_match_redis(mirror: RedisProc, guarded: ProxyProc, redis_server: RedisProc) -> None:
     script = cmds(
         [b"AUTH", b"mon", b"mon-pw"], [b"ACL", b"GETUSER", b"alice"], [b"ACL", b"GETUSER", b"nobody"],
         [b"ACL", b"DRYRUN", b"alice", b"SET", b"x", b"1"], [b"ACL", b"DRYRUN", b"alice", b"PUBLISH", b"c", b"m"],
@@ -225,7 +234,7 @@ def test_acl_getuser_dryrun_whoami_match_redis(mirror, guarded, redis_server) ->
     same_as_redis(mirror, guarded, script, redis_server)
 
 
-def test_large_values_stream_through(tls_client) -> None:  # type: ignore[no-untyped-def]
+def test_large_values_stream_through(tls_client: TLSClient) -> None:
     c = tls_client("admin", "admin-pw")
     big = b"\x00\xff" * (15 * 1024 * 1024)  # 30 MB
     assert c.set("cache:big", big) is True
@@ -248,7 +257,7 @@ def test_monitor_stream(guarded: ProxyProc) -> None:
 
 
 def test_redis_py_pubsub_transaction_and_resp3(guarded: ProxyProc, certs: Path) -> None:
-    def client(**kw) -> redis.Redis:  # type: ignore[no-untyped-def]
+    def client(**kw: Any) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=guarded.tls_port, ssl=True, ssl_ca_certs=str(certs / "ca.pem"),
                            username="alice", password="alice-pw", socket_timeout=10, **kw)  # fmt: skip
 
@@ -336,7 +345,8 @@ def test_upstream_restart_closes_client_cleanly(tmp_path: Path, certs: Path) -> 
         r.stop()
 
 
-def test_client_kill_on_redis_closes_the_client_as_redis_would(mirror, guarded, redis_server) -> None:  # type: ignore[no-untyped-def]
+def test_client_kill_on_redis_closes_the_client_as_redis_would(mirror: RedisProc, guarded: ProxyProc,
+                                                               redis_server: RedisProc) -> None:  # fmt: skip
     """CLIENT KILL (here: of every normal client but the killer) on the upstream closes the proxied
     client's connection, after the replies Redis sent before; the same script straight to Redis."""
     script = cmds(LOGIN, [b"SET", b"cache:k", b"v"], [b"GET", b"cache:k"])
@@ -351,7 +361,7 @@ def test_client_kill_on_redis_closes_the_client_as_redis_would(mirror, guarded, 
             assert read_until(s, lambda d: False, timeout=3) == b""  # EOF, no error line
 
 
-def test_half_close_gets_every_reply(mirror, guarded, redis_server) -> None:  # type: ignore[no-untyped-def]
+def test_half_close_gets_every_reply(mirror: RedisProc, guarded: ProxyProc, redis_server: RedisProc) -> None:
     script = cmds(LOGIN, [b"SET", b"cache:h", b"1"], [b"INCR", b"cache:h"], [b"GET", b"other"], [b"GET", b"cache:h"])
     outs = []
     for port in (mirror.port, guarded.plain_port):
@@ -364,7 +374,7 @@ def test_half_close_gets_every_reply(mirror, guarded, redis_server) -> None:  # 
     assert outs[1] == outs[0] and outs[0].endswith(b"$1\r\n2\r\n")
 
 
-def test_protected_commands_answer_as_redis(mirror, guarded, redis_server) -> None:  # type: ignore[no-untyped-def]
+def test_protected_commands_answer_as_redis(mirror: RedisProc, guarded: ProxyProc, redis_server: RedisProc) -> None:
     """DEBUG and MODULE LOAD are refused before AUTH and ACL, with Redis's text (enable-*-command no)."""
     same_as_redis(mirror, guarded, cmds([b"DEBUG", b"SLEEP", b"0"], [b"MODULE", b"LOAD", b"/x.so"], LOGIN,
                                         [b"DEBUG", b"SLEEP", b"0"], [b"MODULE", b"UNLOAD", b"x"]), redis_server)  # fmt: skip
@@ -379,7 +389,7 @@ def test_slow_reader_is_bounded(guarded: ProxyProc) -> None:
     read_until(s, b"+OK\r\n+OK\r\n")
     threading.Thread(target=lambda: s.sendall(cmds(*[[b"GET", b"cache:big1"]] * 300)), daemon=True).start()
     time.sleep(2)
-    rss = int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{guarded.proc.pid}/status").read_text()).group(1))  # type: ignore[union-attr]
+    rss = int(_group(rb"VmRSS:\s+(\d+)", Path(f"/proc/{guarded.proc.pid}/status").read_bytes()))
     assert rss < 150 * 1024, f"proxy RSS {rss} kB while a client is not reading"
     got = 0
     s.settimeout(10)
@@ -400,7 +410,7 @@ def test_tracking_redirect_and_caching_through_the_proxy(guarded: ProxyProc) -> 
     ):
         a.sendall(cmds([b"AUTH", b"mon", b"mon-pw"], [b"CLIENT", b"ID"]))
         time.sleep(0.2)
-        client_id = re.search(rb":(\d+)\r\n", read_until(a, lambda d: d.endswith(b"\r\n") and d.count(b"\r\n") >= 2)).group(1)  # type: ignore[union-attr]
+        client_id = _group(rb":(\d+)\r\n", read_until(a, lambda d: d.endswith(b"\r\n") and d.count(b"\r\n") >= 2))
         a.sendall(cmds([b"SUBSCRIBE", b"__redis__:invalidate"]))
         time.sleep(0.2)
         read_until(a, lambda d: d.endswith(b":1\r\n"))
@@ -443,11 +453,11 @@ REPLY_ORDER = {
 
 
 @pytest.mark.parametrize("name", list(REPLY_ORDER))
-def test_reply_order_matches_redis(mirror, guarded, redis_server, name: str) -> None:  # type: ignore[no-untyped-def]
+def test_reply_order_matches_redis(mirror: RedisProc, guarded: ProxyProc, redis_server: RedisProc, name: str) -> None:
     same_as_redis(mirror, guarded, cmds(*REPLY_ORDER[name]), redis_server)
 
 
-def test_acl_answered_here_is_refused_inside_multi(guarded) -> None:  # type: ignore[no-untyped-def]
+def test_acl_answered_here_is_refused_inside_multi(guarded: ProxyProc) -> None:
     """Redis would queue ACL WHOAMI and answer it in EXEC's array; the proxy answers ACL from its own
     users, so inside MULTI it refuses instead (and EXEC aborts), never answering out of order."""
     out = exchange(guarded.plain_port, cmds(LOGIN, [b"MULTI"], [b"ACL", b"WHOAMI"], [b"GET", b"cache:a"], [b"EXEC"]))
@@ -458,7 +468,7 @@ def test_acl_answered_here_is_refused_inside_multi(guarded) -> None:  # type: ig
 _MONITOR_LINE = re.compile(rb"\+\d+\.\d+ \[\d+ [^\]]+\] [^\r]*\r\n")
 
 
-def test_pipelining_after_monitor(mirror, guarded, redis_server) -> None:  # type: ignore[no-untyped-def]
+def test_pipelining_after_monitor(mirror: RedisProc, guarded: ProxyProc, redis_server: RedisProc) -> None:
     """After MONITOR Redis still answers PING and RESET, refuses keyspace commands, and feeds the monitor
     stream in between: the same through redisguard (monitor lines normalized: times and addresses)."""
     script = cmds([b"AUTH", b"mon", b"mon-pw"], [b"MONITOR"], [b"PING"], [b"GET", b"cache:x"], [b"RESET"], [b"PING"])
@@ -467,12 +477,13 @@ def test_pipelining_after_monitor(mirror, guarded, redis_server) -> None:  # typ
     assert got == want and want.endswith(b"+RESET\r\n-NOAUTH Authentication required.\r\n")
 
 
-def test_protocol_error_after_valid_requests_matches_redis(mirror, guarded, redis_server) -> None:  # type: ignore[no-untyped-def]
+def test_protocol_error_after_valid_requests_matches_redis(mirror: RedisProc, guarded: ProxyProc,
+                                                           redis_server: RedisProc) -> None:  # fmt: skip
     same_as_redis(mirror, guarded, cmds(LOGIN, [b"SET", b"cache:p", b"1"], [b"GET", b"cache:p"]) + b"*x\r\nPING\r\n",
                   redis_server)  # fmt: skip
 
 
-def test_command_names_fold_ascii_only(mirror, guarded, redis_server) -> None:  # type: ignore[no-untyped-def]
+def test_command_names_fold_ascii_only(mirror: RedisProc, guarded: ProxyProc, redis_server: RedisProc) -> None:
     """Redis folds command names in ASCII only: the Kelvin sign in "\u212aEYS" does not make it KEYS."""
     same_as_redis(mirror, guarded, cmds(LOGIN, ["\u212aEYS".encode(), b"*"], [b"CONFIG", "G\u0130T".encode(), b"x"],
                                         [b"gEt", b"cache:x"]), redis_server)  # fmt: skip
@@ -487,7 +498,8 @@ def test_command_names_fold_ascii_only(mirror, guarded, redis_server) -> None:  
     ("ACL DRYRUN naming a command with a NUL", cmds([b"AUTH", b"mon", b"mon-pw"], [b"ACL", b"DRYRUN", b"alice", b"g\0et\r\n"])),
     ("HELLO with an option holding CR LF", cmds([b"HELLO", b"2", b"\r\n:1\r\n"], LOGIN, [b"PING"])),
 ]], ids=lambda v: v if isinstance(v, str) else "")  # fmt: skip
-def test_client_bytes_in_error_lines_match_redis(mirror, guarded, redis_server, name: str, script: bytes) -> None:  # type: ignore[no-untyped-def]
+def test_client_bytes_in_error_lines_match_redis(mirror: RedisProc, guarded: ProxyProc, redis_server: RedisProc, name: str,
+                                                 script: bytes) -> None:  # fmt: skip
     """addReplyErrorFormat: a client's CR or LF inside an error text becomes a space (the error line
     can never end early and fake a reply), a NUL ends the argument, other bytes are sent raw."""
     same_as_redis(mirror, guarded, script, redis_server)
@@ -502,7 +514,7 @@ def _monitored(port: int, run: Callable[[], object], user: bytes, password: byte
         run()
         time.sleep(0.3)
         stream = read_until(m, lambda d: False, timeout=1.0)
-    return [re.search(rb'\] "([^"]*)"', line).group(1) for line in stream.split(b"\r\n")  # type: ignore[union-attr]
+    return [_group(rb'\] "([^"]*)"', line) for line in stream.split(b"\r\n")
             if line.startswith(b"+") and b'"' in line and b'] "auth"' not in line.lower()]  # fmt: skip
 
 
@@ -511,7 +523,8 @@ def _monitored(port: int, run: Callable[[], object], user: bytes, password: byte
     ("a refused key queued", [[b"MULTI"], [b"SET", b"cache:m", b"1"], [b"GET", b"other:k"], [b"EXEC"]]),
     ("lower case", [[b"multi"], [b"set", b"cache:m", b"1"], [b"flushall"], [b"exec"]]),
 ])  # fmt: skip
-def test_monitor_sees_the_failed_exec_as_redis_does(mirror, guarded, redis_server, name: str, script) -> None:  # type: ignore[no-untyped-def]
+def test_monitor_sees_the_failed_exec_as_redis_does(mirror: RedisProc, guarded: ProxyProc, redis_server: RedisProc,
+                                                    name: str, script: list[list[bytes]]) -> None:  # fmt: skip
     """Redis's test "MONITOR correctly handles multi-exec cases": a transaction aborted by a refusal
     shows MULTI then EXEC (the refused command is never fed to monitors); through redisguard Redis
     sees the same, not a DISCARD."""
@@ -524,7 +537,7 @@ def test_monitor_sees_the_failed_exec_as_redis_does(mirror, guarded, redis_serve
     assert redis.Redis(port=redis_server.port, username=UPSTREAM_USER, password=UPSTREAM_PASSWORD).get("cache:m") is None
 
 
-def test_reply_off_exec_aborted_by_watch_live(proxy, redis_server) -> None:  # type: ignore[no-untyped-def]
+def test_reply_off_exec_aborted_by_watch_live(proxy: ProxyProc, redis_server: RedisProc) -> None:
     """The same sequence straight to Redis and through redisguard gives the same bytes (after AUTH)."""
     import socket
 
@@ -532,7 +545,7 @@ def test_reply_off_exec_aborted_by_watch_live(proxy, redis_server) -> None:  # t
 
     from tests.helpers import UPSTREAM_PASSWORD, UPSTREAM_USER
 
-    def read_until(s: socket.socket, done) -> bytes:  # type: ignore[no-untyped-def]
+    def read_until(s: socket.socket, done: Callable[[bytes], bool]) -> bytes:
         out = b""
         while not done(out):
             chunk = s.recv(65536)

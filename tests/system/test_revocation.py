@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import redis
@@ -89,8 +90,8 @@ def worker_of(p: ProxyProc, s: socket.socket) -> int:
     return worker
 
 
-def events(p: ProxyProc, name: str, since: int = 0) -> list[dict[str, object]]:
-    """The log's ``name`` events (from line ``since`` on)."""
+def events(p: ProxyProc, name: str, since: int = 0) -> list[dict[str, Any]]:
+    """The log's ``name`` events (from line ``since`` on): JSON objects, whatever each field holds."""
     return [e for line in p.log.read_text().splitlines()[since:] if line.startswith("{")
             and (e := json.loads(line))["event"] == name]  # fmt: skip
 
@@ -289,7 +290,8 @@ def test_mirror_setuser_then_auth_at_once(workers: int, tmp_path: Path, certs: P
             assert b"rg:" + name not in up.acl_users()  # Redis has the deletion when DELUSER answers
             s2 = socket.create_connection(("127.0.0.1", p.plain_port), timeout=10)
             assert ask(s2, b"AUTH %s pw" % name).startswith(b"-WRONGPASS")
-            s.close(), s2.close()
+            s.close()
+            s2.close()
         # Redis refuses the mirror change: the client is told so, not +OK
         up.execute_command("ACL", "SETUSER", UPSTREAM_USER, "-acl|setuser")
         try:  # (restored by Redis's default user: the service user can no longer do it)
@@ -311,8 +313,8 @@ def _sequence(tmp: Path, table: CommandTable) -> tuple[Reloader, Shared, Path]:
     users = tmp / "users.acl"
     users.write_text(BASE)
     shared = Shared(Policy(table, load_users(users, table), users_file=str(users)))
-    shared.observer.users = {}  # type: ignore[attr-defined]
     ctx = SimpleNamespace(metrics=Metrics(), clients=set(), executor=concurrent.futures.ThreadPoolExecutor(1))
+    # (a stand-in context, what the Reloader uses of one; no config: a users-only load never reads it)
     return Reloader(None, table, shared, ctx, lambda c: None), shared, users  # type: ignore[arg-type]
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from redisguard.acl import new_user
+from redisguard.acl import User, new_user
 from redisguard.commands.table import CommandTable
 from redisguard.policy.decide import Policy, covers, decide, dryrun, refused_commands, script_callable, service_may_run
 from redisguard.policy.plan import Plan
@@ -32,6 +32,7 @@ from tests.helpers import (
     UPSTREAM_USER,
     ProxyProc,
     RedisProc,
+    acl_user,
     free_port,
     proxy_config,
     raw_exchange,
@@ -106,7 +107,7 @@ def test_covers_compares_what_a_script_can_reach(table: CommandTable) -> None:
     assert "flushall" in scriptable and "keys" in scriptable and "get" in scriptable
     assert not {"eval", "config|get", "debug", "module|load", "acl|setuser", "shutdown"} & scriptable  # noscript
 
-    def u(rules: str) -> object:
+    def u(rules: str) -> User:
         return new_user("u", table, rules.split())
 
     svc = u("~* &* +@all -flushall")
@@ -214,7 +215,7 @@ def _proxy(factory: pytest.TempPathFactory, certs: Path, redis_port: int, name: 
     d = factory.mktemp(name)
     users = d / "users.acl"
     users.write_text(USERS)
-    return start_proxy(d, certs, users, redis_port, **kw)
+    return start_proxy(d, certs, users, redis_port, None, None, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -279,9 +280,9 @@ def test_dryrun_answers_as_redis_does(service: ProxyProc) -> None:
     """ACL DRYRUN through redisguard, byte for byte against a redis-server whose FLUSHALL is renamed away
     (as [acl] disabled_commands is) and whose user lacks EVAL: the shape of each answer."""
     port = free_port()
-    r = RedisProc(port, None, [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+    r = RedisProc(port, [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                                "--rename-command", "FLUSHALL", "", "--user", "narrow", "on", "nopass", "~*", "+get",
-                               "--user", "default", "on", "nopass", "~*", "&*", "+@all"])  # type: ignore[arg-type]  # fmt: skip
+                               "--user", "default", "on", "nopass", "~*", "&*", "+@all"])  # fmt: skip
     r.start()
     try:
         asks = ([b"ACL", b"DRYRUN", b"default", b"FLUSHALL"], [b"ACL", b"DRYRUN", b"default", b"flushall", b"async"],
@@ -420,8 +421,8 @@ def test_redis_down_then_a_service_user_that_may_run_a_disabled_command(tmp_path
     users.write_text(USERS)
     port = free_port()
     p = start_proxy(tmp_path, certs, users, port)  # identity = "service", FLUSHALL disabled
-    r = RedisProc(port, None, [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--user",
-                               UPSTREAM_USER, "on", f">{UPSTREAM_PASSWORD}", "~*", "&*", "+@all"])  # type: ignore[arg-type]  # fmt: skip
+    r = RedisProc(port, [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--user",
+                               UPSTREAM_USER, "on", f">{UPSTREAM_PASSWORD}", "~*", "&*", "+@all"])  # fmt: skip
     try:
         r.start()
         deadline = time.monotonic() + 60
@@ -463,7 +464,7 @@ def test_default_is_mirror_where_the_service_user_manages_acl_users(
             assert upstream_user(upstream, client(p, "wide").execute_command("CLIENT", "INFO")) == "rg:wide"
         # the repros now run with the caller's rights: Redis refuses them from inside the script
         wide, nodanger, narrow = client(p, "wide"), client(p, "nodanger"), client(p, "narrow")
-        assert "-flushall" in upstream.acl_getuser("rg:wide")["commands"]  # disabled here: taken from the mirror
+        assert "-flushall" in acl_user(upstream, "rg:wide")["commands"]  # disabled here: taken from the mirror
         with pytest.raises(redis.ResponseError, match=CMD_REFUSED):
             wide.eval("return redis.call('FLUSHALL')", 0)
         for script in ("return redis.call('KEYS', '*')", "return redis.call('SWAPDB', 0, 1)"):
@@ -485,8 +486,8 @@ def test_default_is_mirror_where_the_service_user_manages_acl_users(
                                                          'disabled_commands = ["FLUSHALL", "CONFIG", "KEYS"]'))  # fmt: skip
         os.kill(p.proc.pid, signal.SIGHUP)
         deadline = time.monotonic() + 20
-        while "-keys" not in upstream.acl_getuser("rg:wide")["commands"]:
-            assert time.monotonic() < deadline, upstream.acl_getuser("rg:wide")
+        while "-keys" not in acl_user(upstream, "rg:wide")["commands"]:
+            assert time.monotonic() < deadline, acl_user(upstream, "rg:wide")
             time.sleep(0.1)
         with pytest.raises(redis.ResponseError, match=CMD_REFUSED):
             client(p, "wide").eval("return redis.call('KEYS', 'sec:*')", 0)

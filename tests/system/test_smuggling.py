@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+import redis
 
 from redisguard.protocol.resp import encode_command
 from tests.helpers import UPSTREAM_PASSWORD, UPSTREAM_USER, ProxyProc, RedisProc, raw_exchange, read_until
@@ -161,7 +162,7 @@ def test_live_differential_against_redis(proxy: ProxyProc, redis_server: RedisPr
 
 
 def test_resp3_frames_run_nothing_for_a_read_only_user(proxy: ProxyProc, redis_server: RedisProc,
-                                                      monitor: Monitor, direct) -> None:  # type: ignore[no-untyped-def]
+                                                      monitor: Monitor, direct: redis.Redis) -> None:
     """The attack that found the class: bob (+get ~report:*) smuggles FLUSHALL / CONFIG / SET in frames
     hiredis reads as a request and Redis reads as inline commands."""
     direct.set("report:keep", "1")

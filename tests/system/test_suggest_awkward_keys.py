@@ -42,7 +42,7 @@ def _acl_load(acl_redis: tuple[RedisProc, Path], suggested: str) -> redis.Redis:
 
 def _redis_allows(c: redis.Redis, *argv: bytes) -> bool:
     try:
-        return c.execute_command("ACL", "DRYRUN", "app", *argv) == b"OK"
+        return bool(c.execute_command("ACL", "DRYRUN", "app", *argv) == b"OK")
     except redis.ResponseError as e:
         assert "permissions" in str(e), e
         return False

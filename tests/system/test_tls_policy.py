@@ -11,12 +11,13 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from redisguard.cli import certs as certs_mod
@@ -42,8 +43,9 @@ def client_cert(certs: Path, name: str, out: Path) -> tuple[Path, Path, x509.Cer
     """A client certificate for ``name`` from the dev CA in ``certs``."""
     ca = x509.load_pem_x509_certificate((certs / "ca.pem").read_bytes())
     ca_key = serialization.load_pem_private_key((certs / "ca.key").read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)  # (the dev CA's: cli/certs.py)
     key = certs_mod._key()
-    cert = certs_mod._issue(name, key, ca, ca_key, 30, usage=ExtendedKeyUsageOID.CLIENT_AUTH)  # type: ignore[arg-type]
+    cert = certs_mod._issue(name, key, ca, ca_key, 30, usage=ExtendedKeyUsageOID.CLIENT_AUTH)
     pem, key_path = out / f"{name}.pem", out / f"{name}.key"
     certs_mod._write_cert(pem, cert)
     certs_mod._write_key(key_path, key)
@@ -53,6 +55,7 @@ def client_cert(certs: Path, name: str, out: Path) -> tuple[Path, Path, x509.Cer
 def write_crl(certs: Path, revoked: list[x509.Certificate], path: Path, next_update_days: float = 1) -> None:
     ca = x509.load_pem_x509_certificate((certs / "ca.pem").read_bytes())
     ca_key = serialization.load_pem_private_key((certs / "ca.key").read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)  # (the dev CA's: cli/certs.py)
     now = datetime.datetime.now(datetime.UTC)
     nxt = now + datetime.timedelta(days=next_update_days)
     b = (x509.CertificateRevocationListBuilder().issuer_name(ca.subject)
@@ -60,7 +63,7 @@ def write_crl(certs: Path, revoked: list[x509.Certificate], path: Path, next_upd
     for cert in revoked:
         b = b.add_revoked_certificate(x509.RevokedCertificateBuilder().serial_number(cert.serial_number)
                                       .revocation_date(now - datetime.timedelta(minutes=1)).build())  # fmt: skip
-    crl = b.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    crl = b.sign(ca_key, hashes.SHA256())
     path.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
 
 
@@ -80,8 +83,11 @@ def ask(s: ssl.SSLSocket, cmd: bytes) -> bytes:
     return s.recv(4096)
 
 
+Start = Callable[..., ProxyProc]  # start(listener settings, users file=...): a proxy with that [[listener]]
+
+
 @pytest.fixture
-def start(tmp_path: Path, certs: Path, users_file: Path, redis_server: RedisProc) -> Iterator:  # type: ignore[type-arg]
+def start(tmp_path: Path, certs: Path, users_file: Path, redis_server: RedisProc) -> Iterator[Start]:
     procs: list[ProxyProc] = []
 
     def run(listener: str, users: Path = users_file) -> ProxyProc:
@@ -96,7 +102,7 @@ def start(tmp_path: Path, certs: Path, users_file: Path, redis_server: RedisProc
         p.stop()
 
 
-def test_min_version_13_refuses_tls12(start, certs: Path, proxy: ProxyProc) -> None:  # type: ignore[no-untyped-def]
+def test_min_version_13_refuses_tls12(start: Start, certs: Path, proxy: ProxyProc) -> None:
     p = start('min_version = "1.3"')
     assert not handshake_ok(s_client(p.tls_port, "-tls1_2", certs=certs))
     res = s_client(p.tls_port, "-tls1_3", certs=certs)
@@ -104,7 +110,7 @@ def test_min_version_13_refuses_tls12(start, certs: Path, proxy: ProxyProc) -> N
     assert handshake_ok(s_client(proxy.tls_port, "-tls1_2", certs=certs))  # the default: 1.2 still welcome
 
 
-def test_tls12_ciphers_and_ecdh_curve(start, certs: Path) -> None:  # type: ignore[no-untyped-def]
+def test_tls12_ciphers_and_ecdh_curve(start: Start, certs: Path) -> None:
     p = start('ciphers = "ECDHE-ECDSA-AES256-GCM-SHA384"\necdh_curves = ["secp384r1"]')
     res = s_client(p.tls_port, "-tls1_2", certs=certs)
     assert handshake_ok(res) and "ECDHE-ECDSA-AES256-GCM-SHA384" in res.stdout
@@ -116,7 +122,7 @@ def test_tls12_ciphers_and_ecdh_curve(start, certs: Path) -> None:  # type: igno
 
 
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
-def test_session_tickets_off(start, certs: Path, proxy: ProxyProc, version: ssl.TLSVersion) -> None:  # type: ignore[no-untyped-def]
+def test_session_tickets_off(start: Start, certs: Path, proxy: ProxyProc, version: ssl.TLSVersion) -> None:
     def has_ticket(port: int) -> bool:
         with tls_connect(port, certs, version=version) as s:
             assert ask(s, b"PING\r\n").startswith(b"-NOAUTH")  # a reply: any post-handshake ticket has arrived
@@ -131,7 +137,7 @@ def test_session_tickets_off(start, certs: Path, proxy: ProxyProc, version: ssl.
         assert "TLS session ticket lifetime hint" not in s_client(p.tls_port, "-tls1_2", certs=certs).stdout
 
 
-def test_crl_refuses_a_revoked_client_certificate_and_is_reloaded(start, certs: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_crl_refuses_a_revoked_client_certificate_and_is_reloaded(start: Start, certs: Path, tmp_path: Path) -> None:
     alice = client_cert(certs, "alice", tmp_path)
     bob = client_cert(certs, "bob", tmp_path)
     crl = tmp_path / "ca.crl"

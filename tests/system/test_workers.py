@@ -144,7 +144,8 @@ def two(tmp_path_factory: pytest.TempPathFactory, certs: Path, redis_server: Red
     p.stop()
 
 
-def test_many_tls_clients_land_on_both_workers_and_metrics_add_up(two, certs: Path, redis_server: RedisProc) -> None:  # type: ignore[no-untyped-def]
+def test_many_tls_clients_land_on_both_workers_and_metrics_add_up(two: tuple[ProxyProc, Path], certs: Path,
+                                                                  redis_server: RedisProc) -> None:  # fmt: skip
     p, _ = two
     pids = children(p.proc.pid)
     assert len(pids) == 2
@@ -182,7 +183,7 @@ def test_many_tls_clients_land_on_both_workers_and_metrics_add_up(two, certs: Pa
     on_both_workers(p, lambda: login(p, "alice", "alice-pw", unix=sock), "connection_accepted", listener="sock")
 
 
-def test_sighup_and_acl_admin_reach_every_worker(two) -> None:  # type: ignore[no-untyped-def]
+def test_sighup_and_acl_admin_reach_every_worker(two: tuple[ProxyProc, Path]) -> None:
     p, users = two
     users.write_text(USERS_ACL + "user carol on >carol-pw ~* +@all\n")
     since = len(log_lines(p))
@@ -211,14 +212,16 @@ def admin_on(p: ProxyProc, worker: int, username: str = "admin", password: str =
     """A connection (of the admin, else ``username``) served by ``worker`` (connect until one lands there)."""
     for _ in range(100):
         c = redis.Redis(port=p.plain_port, username=username, password=password, single_connection_client=True)
-        port = c.connection._sock.getsockname()[1]  # type: ignore[union-attr]
+        conn = c.connection  # (single_connection_client: connected at once)
+        assert conn is not None and conn._sock is not None
+        port = conn._sock.getsockname()[1]
         if served_by(p, "auth_success", peer=f"127.0.0.1:{port}") == {worker}:
             return c
         c.close()
     raise AssertionError(f"no connection landed on worker {worker}")
 
 
-def test_concurrent_setuser_on_two_workers_converges(two) -> None:  # type: ignore[no-untyped-def]
+def test_concurrent_setuser_on_two_workers_converges(two: tuple[ProxyProc, Path]) -> None:
     p, _ = two
     a, b = admin_on(p, 0), admin_on(p, 1)
     # Read your writes: the echo of an earlier change of one's own never undoes a later one.
@@ -239,10 +242,11 @@ def test_concurrent_setuser_on_two_workers_converges(two) -> None:  # type: igno
     wait_for(lambda: getuser(a, "erin") == getuser(b, "erin") and getuser(a, "frank") == getuser(b, "frank") is not None)
     time.sleep(0.3)  # nothing still in flight changes it again
     assert getuser(a, "erin") == getuser(b, "erin")
-    a.close(), b.close()
+    a.close()
+    b.close()
 
 
-def test_a_killed_worker_is_restarted_and_counts_are_kept(two) -> None:  # type: ignore[no-untyped-def]
+def test_a_killed_worker_is_restarted_and_counts_are_kept(two: tuple[ProxyProc, Path]) -> None:
     p, _ = two
     before = metrics(p)
     allowed = before['redisguard_commands_total{command="set",result="allowed",user="alice"}']
