@@ -30,6 +30,7 @@ what the client may send next, in the order CLOSING, MONITOR, MULTI, SUBSCRIBED.
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -100,7 +101,7 @@ class Session:
         self.replies = ReplyQueue(self)  # what the client is owed, in order
         self.core = Core(shared, self.state, self.replies, self)
         self.susp = self.core.susp
-        self.pipeline = Pipeline(self.core, self.command, RequestParser(shared.policy.max_request_bytes))
+        self.pipeline = Pipeline(self.core, functools.partial(command, self), RequestParser(shared.policy.max_request_bytes))
         self.core.become_default()
         self.pipeline.parser.authenticated = self.state.authenticated or not self.core.auth_required()
 
@@ -220,68 +221,6 @@ class Session:
             return []
         return [argv[i].decode("utf-8", "replace")[:200] for i, _ in get_keys(cmd, argv)][:16]
 
-    # -- one request ------------------------------------------------------------------------------
-    def command(self, argv: list[bytes]) -> None:
-        """Decide one request and run it: a handler, or forwarded."""
-        c, st, s = self.core, self.state, self.susp
-        replay, s.replay = s.replay, False
-        if not replay:
-            # CLIENT REPLY: like Redis's resetClient(), SKIP applies to the very next request, whatever it is.
-            st.skipping = st.skip_next
-            st.silent = st.reply_off or st.skipping
-            st.skip_next = False
-        decided = s.decided
-        if decided is not None and decided[0] is argv:
-            verdict: Verdict = decided[1]
-        elif self.pipeline.offloads(argv):
-            self.pipeline.offload(argv)  # checking (and encoding) this many arguments is done off the loop
-            return
-        else:
-            verdict = decide(c.policy, st.user, argv, c.auth_required(), st.local)
-        cmd = verdict.cmd
-        st.last = (cmd, argv)
-        observer = c.shared.observer
-        at_exec: bytes | None = None  # a refusal Redis makes when the command runs, after the checks below
-        if verdict.error is not None:
-            if verdict.reason in ACL_REASONS and cmd is not None and cmd.name not in SPECIAL \
-                    and c.policy.audits(st.user):  # fmt: skip
-                # audit mode: what the policy would deny is forwarded to Redis, and logged and counted
-                # as such. Never the commands redisguard answers itself (ACL SETUSER, ACL LIST, AUTH,
-                # ...): those act on redisguard's own users, beyond the audited user.
-                observer.would_deny(self, verdict.name, verdict.reason)
-            elif verdict.at_exec:
-                at_exec = verdict.error
-            else:
-                if (why := ACL_REASONS.get(verdict.reason)) is not None:
-                    c.acl_log(why, verdict.name.encode() if why == "command" else argv[verdict.index])
-                c.reject(cmd, verdict.error, verdict.reason, verdict.name)
-                return
-        assert cmd is not None
-        if st.resp == 2 and st.subscribed and cmd.name not in _SUBSCRIBED_CONTEXT:
-            c.reject(cmd, b"-ERR Can't execute '%s': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / "
-                     b"RESET are allowed in this context\r\n" % cmd.name.encode(), "context")  # fmt: skip
-            return
-        if st.in_multi and "no_multi" in cmd.flags:  # Redis refuses it at queueing (and EXEC aborts)
-            c.reject(cmd, b"-ERR Command not allowed inside a transaction\r\n", "context")
-            return
-        if at_exec is not None:
-            if st.in_multi:
-                transactions.queue_refused(c, cmd, argv, at_exec, verdict.reason)  # its error comes inside EXEC's reply
-            else:
-                c.reject(cmd, at_exec, verdict.reason, verdict.name)  # (no ACL LOG entry, as in Redis)
-            return
-        if not s.replay_auth:  # a throttled AUTH was counted when it first arrived
-            observer.command(self, cmd.name, True, "")
-            if c.shared.profile is not None and st.authenticated:
-                c.shared.profile.record(st.user.name, cmd, argv, get_keys(cmd, argv), get_channels(cmd, argv))
-        if st.in_multi and cmd.name not in ("exec", "discard"):
-            st.queued.append(argv)  # EXEC checks them again if the user's rules changed meanwhile
-        handler = HANDLERS.get(cmd.name)
-        if handler is not None:
-            handler(c, cmd, argv)
-        else:
-            c.forward(argv)
-
     # -- client → session ----------------------------------------------------------------------
     def client_data(self, data: bytes) -> None:
         self.pipeline.client_data(data)
@@ -346,3 +285,66 @@ class Session:
     def data_for_upstream(self) -> bytes:
         """What to send Redis now (and forget it)."""
         return take(self.core.to_upstream)
+
+
+def command(session: Session, argv: list[bytes]) -> None:
+    """Decide one request and run it: a handler, or forwarded (the pipeline calls it for each request
+    the fast path does not take)."""
+    c, st, s = session.core, session.state, session.susp
+    replay, s.replay = s.replay, False
+    if not replay:
+        # CLIENT REPLY: like Redis's resetClient(), SKIP applies to the very next request, whatever it is.
+        st.skipping = st.skip_next
+        st.silent = st.reply_off or st.skipping
+        st.skip_next = False
+    decided = s.decided
+    if decided is not None and decided[0] is argv:
+        verdict: Verdict = decided[1]
+    elif session.pipeline.offloads(argv):
+        session.pipeline.offload(argv)  # checking (and encoding) this many arguments is done off the loop
+        return
+    else:
+        verdict = decide(c.policy, st.user, argv, c.auth_required(), st.local)
+    cmd = verdict.cmd
+    st.last = (cmd, argv)
+    observer = c.shared.observer
+    at_exec: bytes | None = None  # a refusal Redis makes when the command runs, after the checks below
+    if verdict.error is not None:
+        if verdict.reason in ACL_REASONS and cmd is not None and cmd.name not in SPECIAL \
+                and c.policy.audits(st.user):  # fmt: skip
+            # audit mode: what the policy would deny is forwarded to Redis, and logged and counted
+            # as such. Never the commands redisguard answers itself (ACL SETUSER, ACL LIST, AUTH,
+            # ...): those act on redisguard's own users, beyond the audited user.
+            observer.would_deny(session, verdict.name, verdict.reason)
+        elif verdict.at_exec:
+            at_exec = verdict.error
+        else:
+            if (why := ACL_REASONS.get(verdict.reason)) is not None:
+                c.acl_log(why, verdict.name.encode() if why == "command" else argv[verdict.index])
+            c.reject(cmd, verdict.error, verdict.reason, verdict.name)
+            return
+    assert cmd is not None
+    if st.resp == 2 and st.subscribed and cmd.name not in _SUBSCRIBED_CONTEXT:
+        c.reject(cmd, b"-ERR Can't execute '%s': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / "
+                 b"RESET are allowed in this context\r\n" % cmd.name.encode(), "context")  # fmt: skip
+        return
+    if st.in_multi and "no_multi" in cmd.flags:  # Redis refuses it at queueing (and EXEC aborts)
+        c.reject(cmd, b"-ERR Command not allowed inside a transaction\r\n", "context")
+        return
+    if at_exec is not None:
+        if st.in_multi:
+            transactions.queue_refused(c, cmd, argv, at_exec, verdict.reason)  # its error comes inside EXEC's reply
+        else:
+            c.reject(cmd, at_exec, verdict.reason, verdict.name)  # (no ACL LOG entry, as in Redis)
+        return
+    if not s.replay_auth:  # a throttled AUTH was counted when it first arrived
+        observer.command(session, cmd.name, True, "")
+        if c.shared.profile is not None and st.authenticated:
+            c.shared.profile.record(st.user.name, cmd, argv, get_keys(cmd, argv), get_channels(cmd, argv))
+    if st.in_multi and cmd.name not in ("exec", "discard"):
+        st.queued.append(argv)  # EXEC checks them again if the user's rules changed meanwhile
+    handler = HANDLERS.get(cmd.name)
+    if handler is not None:
+        handler(c, cmd, argv)
+    else:
+        c.forward(argv)
