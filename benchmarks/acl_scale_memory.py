@@ -4,7 +4,9 @@ Writes USERS (default 10,000) users of 20 key patterns and 2 selectors each (~5 
 redis-server and redisguard, prints the start-up time (process start to the TLS port accepting) and
 redisguard's RSS, then RELOADS (default 10) reloads, SIGHUP and ACL LOAD in turn, each followed by the
 RSS once the reload is in force. Bounded memory: the RSS after the last reload is within 10% of the
-RSS after the first (the old users are freed, not kept)."""
+RSS after the first (the old users are freed, not kept). Meanwhile another client PINGs without pause:
+the longest PING during each reload, and during an ACL LIST right after each ACL LOAD, is how long
+the reload (or the reply) held the event loop for everyone else."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -44,6 +47,27 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
+class Prober(threading.Thread):
+    """PINGs without pause on its own connection; ``take()`` gives the longest PING since the last take."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.c = redis.Redis(port=port, ssl=True, ssl_cert_reqs="none", username=ADMIN, password=ADMIN_PASSWORD,
+                             socket_timeout=120)
+        self.worst = 0.0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            t = time.perf_counter()
+            self.c.ping()
+            self.worst = max(self.worst, time.perf_counter() - t)
+
+    def take(self) -> float:
+        worst, self.worst = self.worst, 0.0
+        return worst
+
+
 def reloads_done(log: Path) -> int:
     return log.read_text(errors="replace").count('"users_changed"')
 
@@ -72,8 +96,11 @@ def main() -> None:
             c = redis.Redis(port=port, ssl=True, ssl_cert_reqs="none", username=ADMIN, password=ADMIN_PASSWORD,
                             socket_timeout=120)
             after = []
+            prober = Prober(port)
+            prober.start()
             for r in range(rounds):
                 before = reloads_done(log)
+                prober.take()
                 how = "SIGHUP" if r % 2 == 0 else "ACL LOAD"
                 if r % 2 == 0:
                     os.kill(p.pid, signal.SIGHUP)
@@ -84,7 +111,14 @@ def main() -> None:
                     time.sleep(0.1)
                 time.sleep(3.0)  # the old users are freed in a worker thread after the swap
                 after.append(rss_mib(p.pid))
-                print(f"reload {r + 1:2} ({how:8}): RSS {after[-1]:.0f} MiB")
+                line = f"reload {r + 1:2} ({how:8}): RSS {after[-1]:.0f} MiB, PING max {prober.take() * 1000:.0f} ms"
+                if how == "ACL LOAD":
+                    t = time.perf_counter()
+                    c.execute_command("ACL", "LIST")
+                    line += f"; ACL LIST after it {time.perf_counter() - t:.2f} s, PING max {prober.take() * 1000:.0f} ms"
+                print(line)
+            prober.stop.set()
+            prober.join()
             c.close()
             growth = after[-1] / after[0] - 1
             print(f"after {rounds} reloads: {growth:+.1%} against the first ({'bounded' if growth <= 0.10 else 'GROWING'})")

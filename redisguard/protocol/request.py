@@ -161,6 +161,13 @@ class RequestParser:
         """Between requests, with nothing buffered."""
         return not self._buf and not self._mbulk and not self._parts
 
+    def discard(self) -> None:
+        """Nothing more will be fed (the client is gone): let go of the request read so far."""
+        self._buf, self._argv, self._parts = bytearray(), [], []
+        self._scanned = self._have = self._cost = self._mbulk = 0
+        self._bulklen = -1
+        self._hidden = False
+
     def feed(self, data: bytes) -> list[list[bytes]]:
         self.raw = None
         if self.error is not None:

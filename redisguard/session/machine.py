@@ -45,7 +45,7 @@ from redisguard.session.core import SPECIAL, Core
 from redisguard.session.effects import Effect
 from redisguard.session.pipeline import Pipeline
 from redisguard.session.replies import ReplyQueue
-from redisguard.session.state import ClientState
+from redisguard.session.state import NO_REQUEST, ClientState
 
 # The verdicts that are the ACL's (audit mode forwards these; the others are Redis's own answers).
 ACL_REASONS: dict[str, Reason] = {"command": "command", "key": "key", "channel": "channel"}
@@ -290,6 +290,15 @@ class Session:
 def command(session: Session, argv: list[bytes]) -> None:
     """Decide one request and run it: a handler, or forwarded (the pipeline calls it for each request
     the fast path does not take)."""
+    try:
+        _command(session, argv)
+    finally:
+        # ``last`` is the request being decided, no longer: kept, one huge request would stay in memory
+        # (and be walked by every GC pass) as long as the connection lives.
+        session.state.last = NO_REQUEST
+
+
+def _command(session: Session, argv: list[bytes]) -> None:
     c, st, s = session.core, session.state, session.susp
     replay, s.replay = s.replay, False
     if not replay:

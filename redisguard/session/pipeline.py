@@ -26,6 +26,7 @@ from redisguard.session import admin
 from redisguard.session.core import SPECIAL, Core
 from redisguard.session.effects import Offload
 from redisguard.session.replies import RELAY
+from redisguard.session.state import NO_REQUEST
 
 # Requests decided per call before the session yields to the event loop (the transport calls
 # resume() on the next turn): a write of 100,000 tiny requests must not hold the loop.
@@ -70,11 +71,14 @@ class _Cost:
         self.per_byte = _BYTE_NS + general * _MATCH_NS
 
     def of(self, argv: Sequence[bytes]) -> float:
-        """The estimated ns to check ``argv``."""
+        """The estimated ns to check ``argv``; over OFFLOAD_NS, without a look at each argument, when
+        there are more than OFFLOAD_ARGC (the estimate itself would be work in proportion to them)."""
+        if len(argv) > OFFLOAD_ARGC:
+            return OFFLOAD_NS + 1.0
         return len(argv) * self.per_arg + sum(map(len, argv)) * self.per_byte
 
     def over(self, argv: Sequence[bytes]) -> bool:
-        return len(argv) > OFFLOAD_ARGC or self.of(argv) > OFFLOAD_NS
+        return self.of(argv) > OFFLOAD_NS
 
 
 # Users never change once they serve clients (a change makes a new User), so their cost is computed once.
@@ -252,7 +256,7 @@ class Pipeline:
             if spent >= TURN_NS:
                 break
             cst = cost.of(argv)
-            if cst > OFFLOAD_NS or len(argv) > OFFLOAD_ARGC:  # cost.over(argv): decided off the loop
+            if cst > OFFLOAD_NS:  # cost.over(argv): decided off the loop
                 return None
             label = allowed(argv)
             if label is None:
@@ -289,3 +293,6 @@ class Pipeline:
         s.pending.clear()
         s.unparsed.clear()
         s.plain_rest = []
+        s.decided = None
+        self.c.state.last = NO_REQUEST
+        self.parser.discard()  # (a disconnected client's half-read request is let go at once)

@@ -31,6 +31,8 @@ from redisguard.acl import User
 from redisguard.commands.table import Command
 from redisguard.policy.decide import Policy, Verdict
 
+NO_REQUEST: tuple[Command | None, list[bytes]] = (None, [])  # ``last`` between requests
+
 
 @dataclass(eq=False)
 class ClientState:
@@ -62,7 +64,7 @@ class ClientState:
     silent: bool = False
     skipping: bool = False
     stopped: bool = False
-    last: tuple[Command | None, list[bytes]] = (None, [])  # the request being decided (audit keys, EXEC's argv)
+    last: tuple[Command | None, list[bytes]] = NO_REQUEST  # the request being decided (audit keys, EXEC's argv)
     # What CLIENT LIST/INFO/KILL show of it (session/clients.py), set by the transport: (addr, laddr) as
     # Redis would show this client, and its upstream socket as Redis shows it (b"": none yet).
     addrs: tuple[bytes, bytes] = (b"", b"")

@@ -286,6 +286,7 @@ class ClientProtocol(asyncio.BufferedProtocol):
             return
         self.closed = True
         self.slicer.clear()
+        self.session.kill()  # what it holds goes now, not when the GC finds this protocol's cycles
         self.endings.stop()
         if self.wake is not None:
             self.wake.cancel()

@@ -92,13 +92,13 @@ def test_acl_log_matches_redis(pair: tuple[RedisProc, ProxyProc, Path]) -> None:
 
 
 def test_setuser_moves_live_sessions_and_deluser_disconnects(pair: tuple[RedisProc, ProxyProc, Path]) -> None:
-    mirror, proxy, _ = pair
+    mirror, proxy, _ = pair  # (keys no other test sets: the proxy's Redis may be shared)
     for port in (mirror.port, proxy.plain_port):
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-            s.sendall(cmds([b"AUTH", b"alice", b"alice-pw"], [b"GET", b"cache:a"]))
+            s.sendall(cmds([b"AUTH", b"alice", b"alice-pw"], [b"GET", b"cache:never-set"]))
             assert read_until(s, b"+OK\r\n$-1\r\n") == b"+OK\r\n$-1\r\n"
             raw_exchange(port, cmds(ADMIN, [b"ACL", b"SETUSER", b"alice", b"resetkeys", b"~other:*"]))
-            s.sendall(cmds([b"GET", b"cache:a"], [b"GET", b"other:a"]))  # the new rules apply at once
+            s.sendall(cmds([b"GET", b"cache:never-set"], [b"GET", b"other:never-set"]))  # the new rules apply at once
             want = b"-NOPERM this user has no permissions to access one of the keys used as arguments\r\n$-1\r\n"
             assert read_until(s, want) == want
             raw_exchange(port, cmds(ADMIN, [b"ACL", b"DELUSER", b"alice"]))
