@@ -21,7 +21,7 @@ from redisguard.policy.decide import Policy, decide
 from redisguard.transport.tls import OPENSSL
 
 if TYPE_CHECKING:
-    from redisguard.upstream.identity import Resolution
+    from redisguard.upstream.service import Resolution
 
 # -c/--config when not given: $REDISGUARD_CONFIG, else the packaged location (the container image's too).
 SYSTEM_CONFIG = "/etc/redisguard/redisguard.toml"
@@ -90,11 +90,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _resolve_identity(config: Config) -> Resolution:
-    """[upstream] identity as Redis answers it (identity.resolve), logged; with the shipped command table."""
+    """[upstream] identity as Redis answers it (upstream.service.resolve), logged; with the shipped command table."""
     import asyncio
 
     from redisguard.observe.audit import get_logger
-    from redisguard.upstream.identity import resolve
+    from redisguard.upstream.service import resolve
 
     resolution = asyncio.run(resolve(config, CommandTable.snapshot()))
     get_logger("redisguard").info("upstream_identity", identity=resolution.identity, why=resolution.why)
@@ -153,7 +153,7 @@ def identity_findings(config: Config, users: dict[str, Any], table: CommandTable
 
     from redisguard.config.model import mirror_prefix_conflict
     from redisguard.policy.decide import SCRIPT_COMMANDS, covers, refused_commands, script_callable
-    from redisguard.upstream.identity import Resolution, resolve
+    from redisguard.upstream.service import Resolution, resolve
 
     up = config.upstream
     if ask_redis:

@@ -95,7 +95,7 @@ class UpstreamConfig:
     # Service identity: scripts (EVAL*, FCALL*, FUNCTION LOAD/RESTORE) of users narrower than the service
     # user are refused ("refuse"), or run with the service user's rights ("allow": the operator's risk).
     service_scripts: str = D("upstream", "service_scripts")
-    # What "auto" resolved to at start-up (identity.resolve, once, before any worker forks); not an option.
+    # What "auto" resolved to at start-up (upstream.service.resolve, once, before any worker forks); not an option.
     resolved_identity: str = ""
     # Send a PROXY v2 header first on every upstream connection (for an intermediate proxy in front of
     # Redis: Redis itself does not accept PROXY headers).

@@ -19,7 +19,7 @@ from redisguard import __version__, fast
 
 # redisguard_upstream_errors_total{reason}: every value exists from the start (at 0), for increase() in alerts.
 UPSTREAM_ERROR_REASONS = ("auth", "noperm", "timeout", "refused", "tls", "connect", "error")
-# redisguard_mirror_resync_total{reason}: what found mirror users missing from Redis (identity.py).
+# redisguard_mirror_resync_total{reason}: what found mirror users missing from Redis (upstream.mirror_verify).
 MIRROR_RESYNC_REASONS = ("auth", "reconnect", "health", "sighup")
 
 

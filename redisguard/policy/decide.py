@@ -103,7 +103,7 @@ class Policy:
     # Scripts of users narrower than the service user: "refuse" (service identity), "allow" (mirror
     # identity: Redis checks them as the caller; or the [upstream] service_scripts opt-in).
     service_scripts: str = "refuse"
-    # The service user's rights as Redis reports them (identity.service_user); None: unknown, every right.
+    # The service user's rights as Redis reports them (upstream.service.service_user); None: unknown, every right.
     service_user: User | None = field(default=None, compare=False, repr=False)
     # Per user, may_script()'s answer under this policy (a new policy starts empty, as plans do).
     scripters: dict[User, bool] = field(default_factory=dict, init=False, compare=False, repr=False)
@@ -311,7 +311,7 @@ def service_may_run(service: User | None, scriptable: frozenset[str]) -> frozens
     """The script-callable commands a script run as ``service`` may call, with some arguments on some
     keys: a command's own rule, a subcommand's or a first-argument rule (``+flushall|async``) counts;
     ``service`` None (unknown) may run every one. The one answer to "may the service user run X" for
-    the scripts rule (:func:`covers`) and the start-up check (identity.runnable_refused)."""
+    the scripts rule (:func:`covers`) and the start-up check (upstream.service.runnable_refused)."""
     if service is None:
         return scriptable
     return frozenset(n for s in service.selectors for n in (*s.allowed, *s.firstargs)) & scriptable

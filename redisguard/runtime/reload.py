@@ -49,7 +49,7 @@ from redisguard.runtime.reconfigure import Reconfiguration, reread
 from redisguard.runtime.watch import watched_files
 from redisguard.transport.context import ConnectionContext
 from redisguard.transport.tls import TLSConfigError, not_after, server_context
-from redisguard.upstream.identity import MirrorError
+from redisguard.upstream.mirror_sync import MirrorError
 
 audit = get_logger("redisguard.audit")
 

@@ -17,6 +17,9 @@ from redisguard.protocol.proxy_header import build_v2
 from redisguard.protocol.resp import encode_command
 from redisguard.transport.tls import upstream_context
 
+# Seconds Redis has to answer a request of ours about users (a start-up question, a batch of mirror changes).
+TIMEOUT = 10.0
+
 
 class UpstreamReplyError(ConnectionError):
     """Redis answered one of our commands with an error (``reply``: its text, e.g. ``WRONGPASS ...``)."""

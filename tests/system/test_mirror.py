@@ -19,7 +19,7 @@ import redis
 
 from redisguard.acl import new_user
 from redisguard.commands.table import CommandTable
-from redisguard.upstream.identity import mirror_rules
+from redisguard.upstream.mirror_users import mirror_rules
 from tests.helpers import (
     UPSTREAM_PASSWORD,
     UPSTREAM_USER,

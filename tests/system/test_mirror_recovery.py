@@ -329,14 +329,14 @@ def test_a_push_never_sets_nor_deletes_the_service_user(tmp_path: Path, certs: P
     up.execute_command("ACL", "SETUSER", "u:svc", "on", ">the-real-one", "~*", "+@all")
     before = up.execute_command("ACL", "GETUSER", "u:svc")
     mirror = MirrorIdentity(load_config(cfg))
-    mirror.protected |= {"u:svc"}  # as if the service user were u:svc
+    mirror.mirrors.protected |= {"u:svc"}  # as if the service user were u:svc
 
     async def run() -> bool:
         await mirror.start(load_users(tmp_path / "users.acl", table))  # u:svc looks like a stale mirror
         ok = await mirror.verify("sighup")
         mirror.users_changed(load_users(tmp_path / "more.acl", table))  # ... and like the mirror of user svc
-        assert mirror._task is not None
-        await mirror._task
+        assert mirror.sync.task is not None
+        await mirror.sync.task
         return ok and await mirror.verify("sighup")
 
     assert asyncio.run(run())

@@ -36,7 +36,8 @@ from redisguard.acl import load_users, new_user
 from redisguard.commands.table import CommandTable
 from redisguard.config.load import load_config
 from redisguard.config.model import Config
-from redisguard.upstream.identity import KEY_CONTEXT, MirrorIdentity, mirror_key, mirror_rules
+from redisguard.upstream.identity import MirrorIdentity
+from redisguard.upstream.mirror_users import KEY_CONTEXT, MirrorUsers, mirror_key, mirror_rules
 from tests.helpers import (
     UPSTREAM_PASSWORD,
     UPSTREAM_USER,
@@ -189,22 +190,22 @@ def test_a_refused_background_push_is_marked_and_retried(tmp_path: Path, certs: 
 
     async def run() -> float:
         await mirror.start(load_users(tmp_path / "users.acl", table))
-        assert mirror._synced["k:x"].startswith("~* ")
+        assert mirror.sync.synced["k:x"].startswith("~* ")
         spinner.sendall(f"AUTH {UPSTREAM_USER} {UPSTREAM_PASSWORD}\r\n".encode() + SPIN)
         await asyncio.sleep(0.5)  # (past busy-reply-threshold)
         mirror.users_changed(load_users(tmp_path / "narrow.acl", table))
-        while "k:x" in mirror._synced:  # refused: marked not pushed
+        while "k:x" in mirror.sync.synced:  # refused: marked not pushed
             await asyncio.sleep(0.05)
         await asyncio.sleep(1.5)
-        assert "k:x" not in mirror._synced and mirror._task is not None and not mirror._task.done()
+        assert "k:x" not in mirror.sync.synced and mirror.sync.task is not None and not mirror.sync.task.done()
         await asyncio.to_thread(unbusy, up)
         start = time.monotonic()
-        await asyncio.wait_for(mirror._task, GOAL)
+        await asyncio.wait_for(mirror.sync.task, GOAL)
         return time.monotonic() - start
 
     try:
         report("-BUSY background push, retried after SCRIPT KILL", asyncio.run(run()))
-        assert mirror._synced["k:x"].startswith("~v:* ") and keys_of(up, "k:x") == b"~v:*"
+        assert mirror.sync.synced["k:x"].startswith("~v:* ") and keys_of(up, "k:x") == b"~v:*"
     finally:
         unbusy(up)
         spinner.close()
@@ -327,14 +328,14 @@ def test_mirror_key_derives_from_the_service_credentials(tmp_path: Path) -> None
 
 
 def test_mirror_password_binds_name_and_rules(tmp_path: Path, table: CommandTable) -> None:
-    a, b = MirrorIdentity(_config(tmp_path)), MirrorIdentity(_config(tmp_path))  # two instances
+    a, b = MirrorUsers(_config(tmp_path)), MirrorUsers(_config(tmp_path))  # two instances
     x = new_user("x", table, ["on", "~a:*", "+get"])
     assert a.auth(x) == b.auth(x) and a.auth(x) is a.auth(x)  # the same password; encoded once per user
     text = " ".join(mirror_rules(x))
     assert a.auth(x) == b"*3\r\n$4\r\nAUTH\r\n$4\r\nrg:x\r\n$64\r\n" + a.password("x", text).encode() + b"\r\n"
     assert a.password("x", text) != a.password("x", text.replace("~a:*", "~*"))
     assert a.password("ab", "c") != a.password("a", "bc")
-    assert MirrorIdentity(_config(tmp_path, password="other")).auth(x) != a.auth(x)
+    assert MirrorUsers(_config(tmp_path, password="other")).auth(x) != a.auth(x)
     setuser = a.setuser(x, mirror_rules(x))
     assert setuser[5] == b"#" + hashlib.sha256(a.password("x", text).encode()).hexdigest().encode()
     narrower = new_user("x", table, ["on", "~a:1", "+get"])

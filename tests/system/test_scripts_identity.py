@@ -26,7 +26,8 @@ from redisguard.commands.table import CommandTable
 from redisguard.policy.decide import Policy, covers, decide, dryrun, refused_commands, script_callable, service_may_run
 from redisguard.policy.plan import Plan
 from redisguard.protocol.resp import encode_command
-from redisguard.upstream.identity import getuser_rules, mirror_rules, runnable_refused
+from redisguard.upstream.mirror_users import mirror_rules
+from redisguard.upstream.service import getuser_rules, runnable_refused
 from tests.helpers import (
     UPSTREAM_PASSWORD,
     UPSTREAM_USER,
