@@ -9,10 +9,10 @@ the command table — Redis's per-selector bitmap — plus the deprecated first-
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from redisguard.commands.table import READ, WRITE, Command, CommandTable
+from redisguard.commands.table import READ, WRITE, ACLIndex, Command, CommandTable
 
 from .glob import compile_glob
 
@@ -165,13 +165,13 @@ class Selector:
         elif low in ("nocommands", "-@all"):
             self.set_all(False)
         elif op[:1] in ("~", "%"):
-            self._add_key_pattern(op)
+            if self.allkeys:
+                raise ACLError(E_EEXIST)
+            self._add_key_pattern(*parse_key_rule(op))
         elif op[:1] == "&":
             if self.allchannels:
                 raise ACLError(E_EISDIR)
-            pat = _to_bytes(op[1:])
-            if _SPACE.search(pat):
-                raise ACLError(E_EINVAL)
+            pat = parse_channel_rule(op)
             if pat not in self.channels:
                 self.channels.append(pat)
         elif op[:2] in ("+@", "-@"):
@@ -183,65 +183,22 @@ class Selector:
         else:
             raise ACLError(E_EINVAL)
 
-    def _add_key_pattern(self, op: str) -> None:
-        if self.allkeys:
-            raise ACLError(E_EEXIST)
-        raw = _to_bytes(op)
-        perms = 0
-        offset = 1
-        if raw[:1] == b"%":
-            while offset < len(raw):
-                c = raw[offset : offset + 1].upper()
-                if c == b"R" and not perms & READ:
-                    perms |= READ
-                elif c == b"W" and not perms & WRITE:
-                    perms |= WRITE
-                elif c == b"~":
-                    offset += 1
-                    break
-                else:
-                    raise ACLError(E_EINVAL)
-                offset += 1
-        else:
-            perms = ALL_PERMS
-        if not perms:
-            raise ACLError(E_EINVAL)
-        pat = raw[offset:]
-        if _SPACE.search(pat):
-            raise ACLError(E_EINVAL)
+    def _add_key_pattern(self, pat: bytes, perms: int) -> None:
         for kp in self.keys:
-            if kp.pattern == pat:
+            if kp.pattern == pat:  # a repeated pattern ORs its perms in, as Redis does
                 kp.perms |= perms
                 return
         self.keys.append(KeyPattern(pat, perms, compile_glob(pat)))
 
     def _command_rule(self, op: str) -> None:
-        allow = op[0] == "+"
-        body = op[1:]
-        if not allow or "|" not in body:
-            cmd = _lookup(self.table, body) if body.count("|") <= 1 else None
-            if cmd is None:
-                raise ACLError(E_ENOENT)
-            self.change_perm(cmd, allow)
-            return
-        base, _, sub = body.rpartition("|")
-        parent = _lookup(self.table, base) if base.count("|") <= 1 else None
-        if parent is None:
-            raise ACLError(E_ENOENT)
-        if parent.parent is not None:
-            raise ACLError(E_ECHILD)
-        if not sub:
-            raise ACLError(E_EINVAL)
-        if parent.subcommands:
-            cmd = _lookup(self.table, body)
-            if cmd is None:
-                raise ACLError(E_ENOENT)
-            self.change_perm(cmd, True)
+        cmd, firstarg = parse_command_rule(self.table, op)
+        if firstarg is None:
+            self.change_perm(cmd, op[0] == "+")
             return
         # Deprecated "+select|0": allow one first argument of an otherwise blocked command.
-        allowed = self.firstargs.setdefault(parent.name, [])
-        if sub.translate(_ASCII_LOWER) not in (a.translate(_ASCII_LOWER) for a in allowed):
-            allowed.append(sub)
+        allowed = self.firstargs.setdefault(cmd.name, [])
+        if firstarg.translate(_ASCII_LOWER) not in (a.translate(_ASCII_LOWER) for a in allowed):
+            allowed.append(firstarg)
 
     # -- describe ---------------------------------------------------------------------------------
     def key_rules(self) -> list[str]:
@@ -268,65 +225,135 @@ class Selector:
 
         Computed once per state of the selector (any change to its command bits forgets it)."""
         if self._described is None:
-            self._described = self._describe_commands()
+            self._described = describe_command_rules(self.table, self.allowed, self.future, self.firstargs)
         return self._described
 
-    def _describe_commands(self) -> str:
-        # Redis works on two scratch selectors: ``fake``, what the rules emitted so far grant, and
-        # ``temp``, the user's bits with each chosen category taken out (added back, when the base is
-        # +@all). Here both are bit masks over the table's ACLIndex.
-        index = self.table.acl
-        allowed = index.mask_of(self.allowed)
-        additive = not self.future
-        fake = 0 if additive else index.all_mask
-        temp = allowed
-        rules = ["-@all" if additive else "+@all"]
-        sign = "+@" if additive else "-@"
-        members_mask, members_count, closure_mask = index.members_mask, index.members_count, index.closure_mask
-        pending = list(self.table.categories)
-        while pending:
-            best, mindiff, maxsame = None, 2**31, 0
-            for cat in pending:
-                on = (temp & members_mask[cat]).bit_count()
-                off = members_count[cat] - on
-                diff, same = (off, on) if additive else (on, off)
-                if same > diff and (diff < mindiff or (diff == mindiff and same > maxsame)):
-                    best, mindiff, maxsame = cat, diff, same
-            if best is None:
-                break
-            c = closure_mask[best]
-            if additive:
-                fake |= c
-                temp &= ~c
-            else:
-                fake &= ~c
-                temp |= c
-            rules.append(sign + best)
-            pending.remove(best)
-        # Single commands, in table order: only the top-level commands whose family still differs
-        # from ``fake`` (or that carry first-arg rules) can emit anything.
-        diff_bits = allowed ^ fake
-        tops = set(self.firstargs)
-        top = index.top
-        while diff_bits:
-            low = diff_bits & -diff_bits
-            tops.add(top[low.bit_length() - 1])
-            diff_bits ^= low
-        commands = self.table.commands
-        for name in sorted(tops, key=index.index.__getitem__):
-            fake = self._describe_single(commands[name], fake, allowed, rules)
-        return " ".join(rules)
 
-    def _describe_single(self, cmd: Command, fake: int, allowed: int, rules: list[str]) -> int:
-        index = self.table.acl
-        b = index.bit[cmd.name]
-        userbit = bool(allowed & b)
-        if userbit != bool(fake & b):
-            rules.append(("+" if userbit else "-") + cmd.name)
-            fam = index.family_mask[cmd.name]
-            fake = fake | fam if userbit else fake & ~fam
-        for sub in cmd.subcommands.values():
-            fake = self._describe_single(sub, fake, allowed, rules)
-        if not userbit:
-            rules.extend(f"+{cmd.name}|{arg}" for arg in self.firstargs.get(cmd.name, ()))
-        return fake
+# -- the parts of a rule and of a description that are no selector's state --------------------------
+# Pure functions of a rule (or of the bits being described) and the command table, so the class keeps
+# only what changes a selector.
+def parse_key_rule(op: str) -> tuple[bytes, int]:
+    """``~pattern`` or ``%RW~pattern`` (ACLSetSelector): the pattern and the permissions it grants."""
+    raw = _to_bytes(op)
+    perms = 0
+    offset = 1
+    if raw[:1] == b"%":
+        while offset < len(raw):
+            c = raw[offset : offset + 1].upper()
+            if c == b"R" and not perms & READ:
+                perms |= READ
+            elif c == b"W" and not perms & WRITE:
+                perms |= WRITE
+            elif c == b"~":
+                offset += 1
+                break
+            else:
+                raise ACLError(E_EINVAL)
+            offset += 1
+    else:
+        perms = ALL_PERMS
+    if not perms:
+        raise ACLError(E_EINVAL)
+    pat = raw[offset:]
+    if _SPACE.search(pat):
+        raise ACLError(E_EINVAL)
+    return pat, perms
+
+
+def parse_channel_rule(op: str) -> bytes:
+    """``&pattern``: the channel pattern."""
+    pat = _to_bytes(op[1:])
+    if _SPACE.search(pat):
+        raise ACLError(E_EINVAL)
+    return pat
+
+
+def parse_command_rule(table: CommandTable, op: str) -> tuple[Command, str | None]:
+    """``+cmd``, ``-cmd``, ``+cmd|sub`` or the deprecated ``+cmd|firstarg`` (ACLSetSelector): the command
+    whose bits the rule sets, or (with the first argument it allows) the command it is a first-arg rule of."""
+    body = op[1:]
+    if op[0] != "+" or "|" not in body:
+        cmd = _lookup(table, body) if body.count("|") <= 1 else None
+        if cmd is None:
+            raise ACLError(E_ENOENT)
+        return cmd, None
+    base, _, sub = body.rpartition("|")
+    parent = _lookup(table, base) if base.count("|") <= 1 else None
+    if parent is None:
+        raise ACLError(E_ENOENT)
+    if parent.parent is not None:
+        raise ACLError(E_ECHILD)
+    if not sub:
+        raise ACLError(E_EINVAL)
+    if not parent.subcommands:
+        return parent, sub
+    cmd = _lookup(table, body)
+    if cmd is None:
+        raise ACLError(E_ENOENT)
+    return cmd, None
+
+
+def describe_command_rules(table: CommandTable, names: set[str] | frozenset[str], future: bool,
+                           firstargs: Mapping[str, Sequence[str]]) -> str:  # fmt: skip
+    """ACLDescribeSelectorCommandRules (7.0) of the allowed ``names``: +@all/-@all (``future``: +@all was
+    the base), greedy categories, then single commands and first-arg rules."""
+    # Redis works on two scratch selectors: ``fake``, what the rules emitted so far grant, and
+    # ``temp``, the user's bits with each chosen category taken out (added back, when the base is
+    # +@all). Here both are bit masks over the table's ACLIndex.
+    index = table.acl
+    allowed = index.mask_of(names)
+    additive = not future
+    fake = 0 if additive else index.all_mask
+    temp = allowed
+    rules = ["-@all" if additive else "+@all"]
+    sign = "+@" if additive else "-@"
+    members_mask, members_count, closure_mask = index.members_mask, index.members_count, index.closure_mask
+    pending = list(table.categories)
+    while pending:
+        best, mindiff, maxsame = None, 2**31, 0
+        for cat in pending:
+            on = (temp & members_mask[cat]).bit_count()
+            off = members_count[cat] - on
+            diff, same = (off, on) if additive else (on, off)
+            if same > diff and (diff < mindiff or (diff == mindiff and same > maxsame)):
+                best, mindiff, maxsame = cat, diff, same
+        if best is None:
+            break
+        c = closure_mask[best]
+        if additive:
+            fake |= c
+            temp &= ~c
+        else:
+            fake &= ~c
+            temp |= c
+        rules.append(sign + best)
+        pending.remove(best)
+    # Single commands, in table order: only the top-level commands whose family still differs
+    # from ``fake`` (or that carry first-arg rules) can emit anything.
+    diff_bits = allowed ^ fake
+    tops = set(firstargs)
+    top = index.top
+    while diff_bits:
+        low = diff_bits & -diff_bits
+        tops.add(top[low.bit_length() - 1])
+        diff_bits ^= low
+    commands = table.commands
+    for name in sorted(tops, key=index.index.__getitem__):
+        fake = _describe_single(index, commands[name], fake, allowed, firstargs, rules)
+    return " ".join(rules)
+
+
+def _describe_single(
+    index: ACLIndex, cmd: Command, fake: int, allowed: int, firstargs: Mapping[str, Sequence[str]], rules: list[str]
+) -> int:
+    b = index.bit[cmd.name]
+    userbit = bool(allowed & b)
+    if userbit != bool(fake & b):
+        rules.append(("+" if userbit else "-") + cmd.name)
+        fam = index.family_mask[cmd.name]
+        fake = fake | fam if userbit else fake & ~fam
+    for sub in cmd.subcommands.values():
+        fake = _describe_single(index, sub, fake, allowed, firstargs, rules)
+    if not userbit:
+        rules.extend(f"+{cmd.name}|{arg}" for arg in firstargs.get(cmd.name, ()))
+    return fake

@@ -2,27 +2,25 @@
 
 Every protocol decision is in :mod:`redisguard.session.core`; this module moves bytes between the
 transports and the session, bounds what each connection may make the event loop do per turn
-(:class:`Slicer`), and runs what the session asks off the loop (throttle waits, huge decisions)."""
+(:class:`Slicer`), and has what the paused session waits for carried out (:class:`~.waits.Waits`)."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
-import sys
 import time
 from typing import Any, cast
 
 from redisguard.config.model import ListenerConfig
 from redisguard.observe.audit import get_logger
-from redisguard.session.effects import ChangeUsers, Effect, Offload, Sleep, apply_users_change
 from redisguard.session.machine import Session, take
 from redisguard.transport.context import ConnectionContext, is_local, peer_name, redis_addr, source_of
 from redisguard.transport.edges import Admission, Endings
 from redisguard.transport.slicer import Slicer
 from redisguard.transport.tls import certificate_identity
 from redisguard.transport.upstream_link import HIGH_WATER, UpstreamLink
+from redisguard.transport.waits import Waits
 
-log = get_logger("redisguard")
 audit = get_logger("redisguard.audit")
 
 
@@ -32,18 +30,11 @@ audit = get_logger("redisguard.audit")
 # per read with glibc, ~25 µs of CPU per request at pipeline depth 1.
 READ_BUFFER = memoryview(bytearray(256 * 1024))
 
-# A decision off the loop (RequestPipeline._offloads) runs Python in the decide thread between the
-# matcher's GIL-free stretches. CPython makes a thread that wants the GIL wait this long before it
-# asks for it back: its default, 5 ms, would add up to 5 ms to the event loop's every turn while a
-# costly request is decided. 0.5 ms keeps the loop's share; the thread switches cost ~µs.
-DECIDE_SWITCH_INTERVAL = 0.0005
-sys.setswitchinterval(min(sys.getswitchinterval(), DECIDE_SWITCH_INTERVAL))
-
 
 class ClientProtocol(asyncio.BufferedProtocol):
     __slots__ = (
-        "acl_change", "admission", "closed", "counted", "ctx", "endings", "eof", "link", "listener", "paused_by",
-        "session", "slicer", "transport", "waiting", "wake",
+        "admission", "closed", "counted", "ctx", "endings", "eof", "link", "listener", "paused_by", "session",
+        "slicer", "transport", "waits",
     )  # fmt: skip
 
     def __init__(self, ctx: ConnectionContext, listener: ListenerConfig) -> None:
@@ -58,9 +49,7 @@ class ClientProtocol(asyncio.BufferedProtocol):
         self.admission = Admission(ctx, listener)
         self.endings = Endings(self)
         self.paused_by: set[str] = set()
-        self.waiting = False  # the session is paused: a throttle timer or an offloaded decision runs
-        self.acl_change: asyncio.Future[bytes] | None = None  # the session's ChangeUsers being put in force
-        self.wake: asyncio.TimerHandle | None = None
+        self.waits = Waits(self)
         self.slicer = Slicer(self._received, lambda: self.pause_reading("slice"), lambda: self.resume_reading("slice"),
                              ready=lambda: not self.session.backlog and not self.session.paused,
                              before=self._continue)  # fmt: skip
@@ -126,9 +115,9 @@ class ClientProtocol(asyncio.BufferedProtocol):
         if self.closed:
             return
         self.session.client_data(data)
-        self._after_session()
+        self.after_session()
 
-    def _after_session(self) -> None:
+    def after_session(self) -> None:
         """After the session ran: start what it waits for (a throttle delay, a decision off the loop), then move bytes."""
         s = self.session
         if s.authenticated and self.endings.auth_timer is not None:
@@ -137,78 +126,15 @@ class ClientProtocol(asyncio.BufferedProtocol):
             self.slicer.kick()  # the session decided a batch (or resumed): the rest on the next turn
         elif self.eof:
             self._finish_input()
-        if s.paused and not self.waiting and not self.closed:
-            self.waiting = True
-            self.pause_reading("session")
-            self._carry_out(s.effect)
+        if s.paused and not self.waits.waiting and not self.closed:
+            self.waits.start(s.effect)
         self.flush()
-
-    def _carry_out(self, effect: Effect | None) -> None:
-        """What the paused session waits for (session/effects.py)."""
-        loop = asyncio.get_running_loop()
-        if isinstance(effect, Offload):
-            job = loop.run_in_executor(self.ctx.executor, self.session.decide_offloaded, effect.argv)
-            job.add_done_callback(self._offload_done)
-        elif isinstance(effect, Sleep):
-            self.wake = loop.call_later(effect.seconds, self._resume)
-        elif isinstance(effect, ChangeUsers):  # the reply once the change is in force everywhere
-            sequencer = self.ctx.shared.sequencer
-            if sequencer is None:  # (a process without a reloader: in force here, at once)
-                self._acknowledge(apply_users_change(self.ctx.shared, effect)[0])
-                return
-            answer = sequencer.submit(effect.command, effect.args, effect.computed)
-            if isinstance(answer, bytes):
-                self._acknowledge(answer)
-                return
-            task = asyncio.ensure_future(answer)
-            self.acl_change = task  # (held: a task nobody references may be collected before it is done)
-            task.add_done_callback(self._awaited)
-        # else (None): held until an upstream reply (an EXEC's outcome): upstream_received() resumes it
 
     def _continue(self) -> None:
         """A new turn: let the session decide its next batch of requests."""
         if self.session.backlog and not self.closed:
             self.session.resume()
-            self._after_session()
-
-    def _resume(self) -> None:
-        self.wake = None
-        self.waiting = False
-        if self.closed:
-            return
-        self.resume_reading("session")
-        self.session.resume()
-        self._after_session()
-
-    def _offload_done(self, job: asyncio.Future[Any]) -> None:
-        if self._settled(job, "deciding a large request failed"):
-            self.session.offloaded(*job.result())
-            self._after_session()
-
-    def _awaited(self, task: asyncio.Future[bytes]) -> None:
-        self.acl_change = None
-        if self._settled(task, "applying an ACL change failed"):
-            self.session.acknowledged(task.result())
-            self._after_session()
-
-    def _acknowledge(self, reply: bytes) -> None:
-        """The ACL change is in force at once (no wait): the session answers it and goes on."""
-        self.waiting = False
-        self.resume_reading("session")
-        self.session.acknowledged(reply)
-        self._after_session()
-
-    def _settled(self, job: asyncio.Future[Any], failure: str) -> bool:
-        """A wait off the loop ended: True if it succeeded and the connection goes on (read again)."""
-        self.waiting = False
-        if self.closed or job.cancelled():
-            return False
-        if job.exception() is not None:
-            log.error("internal_error", message=failure, error=repr(job.exception()))
-            self.close()
-            return False
-        self.resume_reading("session")
-        return True
+            self.after_session()
 
     def flush(self) -> None:
         s = self.session
@@ -221,9 +147,8 @@ class ClientProtocol(asyncio.BufferedProtocol):
 
     def upstream_received(self) -> None:
         """Redis's bytes were handled: a session held for one of its replies may go on now."""
-        s = self.session
-        if self.waiting and self.wake is None and not s.paused and s.effect is None and not self.closed:
-            self._resume()
+        if self.waits.held_for_upstream():
+            self.waits.resume()
         else:
             self.flush()
 
@@ -288,8 +213,7 @@ class ClientProtocol(asyncio.BufferedProtocol):
         self.slicer.clear()
         self.session.kill()  # what it holds goes now, not when the GC finds this protocol's cycles
         self.endings.stop()
-        if self.wake is not None:
-            self.wake.cancel()
+        self.waits.stop()
         self.link.close()
         if self.counted:
             self.ctx.active[self.listener.name] -= 1

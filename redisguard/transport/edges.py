@@ -88,7 +88,7 @@ class Admission:
 
 
 class Connection(Protocol):
-    """What the endings see of their connection (connection.py's ClientProtocol)."""
+    """What the endings see of their connection (connection.py's ClientProtocol); waits.Waiter adds to it."""
 
     @property
     def ctx(self) -> ConnectionContext: ...
