@@ -1,27 +1,24 @@
-"""The proxy's lifecycle: start-up, listeners, readiness, housekeeping, signals, shutdown.
+"""The proxy's lifecycle: start-up, listeners, readiness, signals, the drain.
 
-The other jobs live in their own modules: :mod:`.listeners` (TLS accept and handshakes),
-:mod:`.connection` and :mod:`.upstream_link` (client/upstream pumps), :mod:`.context` (the narrow
-state connections share), :mod:`.reload` (SIGHUP and ACL changes), :mod:`.upstream` (the one-off
-RESP client), :mod:`.observe` (metrics and audit adapter).
+The other jobs live in their own modules: :mod:`.housekeeping` (the loop-lag and memory-trim timer,
+the policy digest, the descriptor limit), :mod:`.reload` (SIGHUP and ACL changes), and below runtime/,
+``transport/`` (listeners, connections, the state they share), ``upstream/`` (the one-off RESP client,
+mirror users, the health check), ``observe/`` (metrics and audit).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import gc
 import os
-import resource
 import signal
 import ssl
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from redisguard.acl import ACLReplies, load_users
+from redisguard.acl import ACLReplies, User, load_users
 from redisguard.acl.users_file import missing_default_message
 from redisguard.commands.table import CommandTable
 from redisguard.config.model import Config, ListenerConfig
@@ -32,7 +29,9 @@ from redisguard.observe.profile import TrafficProfile
 from redisguard.observe.profile_store import ProfileStore
 from redisguard.policy.decide import Policy, Shared
 from redisguard.policy.guards import AuthThrottle
-from redisguard.runtime.reload import Reloader, export_expiry
+from redisguard.runtime.housekeeping import Housekeeping, open_fds, raise_fd_limit
+from redisguard.runtime.loading import export_expiry
+from redisguard.runtime.reload import Reloader
 from redisguard.runtime.watch import FileWatch
 from redisguard.transport.connection import ClientProtocol
 from redisguard.transport.context import Client, ConnectionContext, share
@@ -51,14 +50,6 @@ log = get_logger("redisguard")
 audit = get_logger("redisguard.audit")
 
 
-# The housekeeping timer: event-loop lag is how late it fires; it also decides when to trim memory.
-TICK = 0.25
-# malloc_trim(0) only after at least this many TLS handshakes or closed connections since the last
-# trim: a handshake's transient buffers (tens of KiB) stay in glibc's free lists otherwise, and a burst of
-# handshakes would leave the resident size far above what the connections hold.
-TRIM_AFTER_CHURN = 64
-
-
 class Proxy:
     """One event loop serving every listener: the whole proxy, or one of ``[server] workers`` processes
     (``worker``: its channel to the supervisor, see :mod:`.supervisor`)."""
@@ -68,19 +59,15 @@ class Proxy:
         self.worker = worker
         self.metrics = Metrics(node=config.metrics.node)
         self.servers: list[asyncio.Server | TLSServer] = []
-        # set by load_policy (shared, table, ctx) and start (reloader), before anything reads them
+        # set by load_policy, before anything reads them
         self.shared: Shared
         self.ctx: ConnectionContext
         self.table: CommandTable
         self.reloader: Reloader
-        self.trim = _malloc_trim()
-        self.next_trim = 0.0
-        self.tick_due = 0.0
-        self.tick_handle: asyncio.TimerHandle | None = None
+        self.housekeeping: Housekeeping
         self.monitor = UpstreamMonitor(config, self.metrics)  # redisguard_upstream_up on a quiet host
         self.profile_store: ProfileStore | None = None  # the traffic profile's file ([profile])
         self.watch: FileWatch | None = None  # [server] reload_interval
-        self.policy_key: tuple[bytes, frozenset[str], bool] | None = None  # what the policy digest was made of
         self.unix_inodes: dict[Path, int] = {}  # the unix sockets this process made (its drain removes only those)
 
     @property
@@ -90,22 +77,6 @@ class Proxy:
     @property
     def clients(self) -> set[Client]:
         return self.ctx.clients
-
-    def _tick(self) -> None:
-        """Every TICK seconds: observe how late this timer fired (event-loop lag); now and then, give
-        memory freed by closed connections back to the OS (glibc keeps it otherwise)."""
-        now = time.monotonic()
-        self.metrics.event_loop_lag.observe(max(0.0, now - self.tick_due))
-        self.tick_due = now + TICK
-        self.tick_handle = asyncio.get_running_loop().call_later(TICK, self._tick)
-        interval = self.config.limits.memory_trim_interval
-        ctx = self.ctx
-        if interval and self.trim is not None and now >= self.next_trim and ctx.churn_since_trim >= TRIM_AFTER_CHURN:
-            self.next_trim = now + interval
-            churn, ctx.churn_since_trim = ctx.churn_since_trim, 0
-            self.trim()
-            self.metrics.malloc_trims.inc()
-            log.debug("malloc_trim", churn=churn, seconds=round(time.monotonic() - now, 4))
 
     async def load_policy(self) -> None:
         cfg = self.config
@@ -120,18 +91,7 @@ class Proxy:
         users = load_users(cfg.acl.users_file, self.table)
         if users["default"].implicit:  # Redis's open default; a reload would refuse this file
             log.warning("users_file_implicit_default", detail=missing_default_message(str(cfg.acl.users_file)))
-        protected = {"enable_debug_command": cfg.acl.enable_debug_command,
-                     "enable_module_command": cfg.acl.enable_module_command}
-        if "upstream" in protected.values():
-            # Redis sees every proxied client as local, so "local" there means local to redisguard here
-            upstream = await protected_settings(cfg) if cfg.upstream.fetch_command_table else {}
-            protected = {k: upstream.get(k, "no") if v == "upstream" else v for k, v in protected.items()}
-        policy = Policy(self.table, users, frozenset(cfg.acl.disabled_commands), cfg.upstream.username,
-                        cfg.upstream.password, cfg.limits.max_request_bytes, users_file=str(cfg.acl.users_file),
-                        audit_all=cfg.acl.mode == "audit",
-                        audit_users=tuple(u.encode("utf-8", "surrogateescape") for u in cfg.acl.audit_users),
-                        enable_debug_command=protected["enable_debug_command"],
-                        enable_module_command=protected["enable_module_command"])  # fmt: skip
+        policy = await _policy(cfg, self.table, users)
         observer = Observer(self.metrics, users, cfg.metrics.enabled, cfg.log.audit_keys, cfg.log.audit_denied_per_second)
         lim, n = cfg.limits, cfg.server.workers  # with workers, each has its share of the proxy's limits
         self.shared = Shared(policy, observer, AuthThrottle(lim.auth_failures_per_minute / n), ACLReplies(users).prepare())
@@ -146,13 +106,12 @@ class Proxy:
         self.reloader = Reloader(cfg, self.table, self.shared, self.ctx, self._set_config)
         self.metrics.fd_accounted.set_function(lambda: self.ctx.fd_limit - self.ctx.fds_left())
         self.metrics.set_build_info(self.table.redis_version)
-        self.metrics.before_render.append(self._policy_info)
-        self._policy_info()
+        self.housekeeping = Housekeeping(self.ctx)
         if self.worker is not None:
             self.worker.attach(self)
 
     async def start(self) -> None:
-        fd_limit = _raise_fd_limit()
+        fd_limit = raise_fd_limit()
         self.metrics.fd_limit.set(fd_limit)
         # (its baseline now: a change while starting is not missed); with workers only the first watches, and
         # the supervisor hands every worker the bytes it found stable
@@ -188,9 +147,8 @@ class Proxy:
         if self.config.metrics.enabled and self.worker is None:  # with workers, the supervisor serves it
             m = self.config.metrics
             self.servers.append(await serve_http(self.metrics, m.host, m.port, self.ready, reuse_port=REUSE_PORT))
-        self.ctx.fd_base = _open_fds()
-        self.tick_due = time.monotonic() + TICK
-        self.tick_handle = loop.call_later(TICK, self._tick)
+        self.ctx.fd_base = open_fds()
+        self.housekeeping.start()
         self.monitor.start()
         if self.watch is not None:
             self.watch.start()
@@ -206,7 +164,7 @@ class Proxy:
             users=len(self.policy.users),
             metrics="off" if not self.config.metrics.enabled else "the supervisor's" if self.worker is not None
             else f"http://{self.config.metrics.host}:{self.metrics_port()}/metrics",
-            fd_limit=fd_limit, malloc_trim=self.trim is not None,
+            fd_limit=fd_limit, malloc_trim=self.housekeeping.trim is not None,
         )  # fmt: skip
 
     def bound(self, index: int) -> str:
@@ -226,17 +184,6 @@ class Proxy:
         cls = ProxiedClientProtocol if lst.proxy_protocol else ClientProtocol  # tcp/unix; TLS reads it in listeners.py
         return lambda: cls(self.ctx, lst)
 
-    def _policy_info(self) -> None:
-        """Before a scrape: the digest of the policy in force, once its ACL LIST reply is built (off the
-        loop after every change; until then the previous digest stays, for a moment)."""
-        replies, policy = self.shared.acl_replies, self.policy
-        listed = replies.listed if replies is not None and replies.users is policy.users else None
-        if listed is not None:
-            key = (listed, policy.disabled, policy.audit_all)
-            if key != self.policy_key:  # (hashed once per change, not per scrape)
-                self.policy_key = key
-                self.metrics.set_policy_digest(policy.digest(listed))
-
     def _load_certificates(self, lst: ListenerConfig) -> None:
         """Build the listener's TLS context (new handshakes use it) and export expiry times."""
         files = read_listener_files(lst)  # once: the context and the expiry metric come from the same bytes
@@ -245,7 +192,7 @@ class Proxy:
 
     def _set_config(self, config: Config) -> None:
         """A reload applied settings that may change live (reconfigure.LIVE)."""
-        self.config = self.ctx.config = self.reloader.config = config
+        self.config = self.ctx.config = config  # (the reloader's loader keeps its own)
 
     def reload(self, files: dict[Path, bytes] | None = None) -> None:
         """SIGHUP, or the file watch with the files it found stable (``files``): re-read the users file and
@@ -288,9 +235,7 @@ class Proxy:
         """The drain: unready at once, no new connections, every client answered for what it sent and
         closed once quiet (ClientProtocol.drain), the rest cut after [server] drain_timeout."""
         self.ctx.draining = True  # connections admitted from now on (a PROXY header completing) drain too
-        if self.tick_handle is not None:
-            self.tick_handle.cancel()
-            self.tick_handle = None
+        self.housekeeping.stop()
         await self.monitor.stop()
         if self.watch is not None:
             await self.watch.stop()
@@ -320,36 +265,20 @@ def remove_socket(path: Path, inode: int) -> None:
             os.unlink(path)
 
 
-def _raise_fd_limit() -> int:
-    """Raise the soft RLIMIT_NOFILE to the hard limit (if allowed) and return the soft limit in force."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-    if soft == resource.RLIM_INFINITY or soft >= target:
-        return soft if soft != resource.RLIM_INFINITY else 1 << 20
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    except (ValueError, OSError):
-        return soft
-    return target
-
-
-def _open_fds() -> int:
-    """File descriptors open now (Linux /proc; elsewhere a guess)."""
-    try:
-        return len(os.listdir("/proc/self/fd")) - 1  # minus the one listdir used
-    except OSError:
-        return 32
-
-
-def _malloc_trim() -> Callable[[], int] | None:
-    """glibc's malloc_trim(0), which hands free heap pages back to the OS; None where libc lacks it."""
-    try:
-        fn = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_size_t]
-    fn.restype = ctypes.c_int
-    return lambda: int(fn(0))
+async def _policy(cfg: Config, table: CommandTable, users: dict[str, User]) -> Policy:
+    """The policy the config asks for, over ``users``."""
+    protected = {"enable_debug_command": cfg.acl.enable_debug_command,
+                 "enable_module_command": cfg.acl.enable_module_command}
+    if "upstream" in protected.values():
+        # Redis sees every proxied client as local, so "local" there means local to redisguard here
+        upstream = await protected_settings(cfg) if cfg.upstream.fetch_command_table else {}
+        protected = {k: upstream.get(k, "no") if v == "upstream" else v for k, v in protected.items()}
+    return Policy(table, users, frozenset(cfg.acl.disabled_commands), cfg.upstream.username,
+                  cfg.upstream.password, cfg.limits.max_request_bytes, users_file=str(cfg.acl.users_file),
+                  audit_all=cfg.acl.mode == "audit",
+                  audit_users=tuple(u.encode("utf-8", "surrogateescape") for u in cfg.acl.audit_users),
+                  enable_debug_command=protected["enable_debug_command"],
+                  enable_module_command=protected["enable_module_command"])  # fmt: skip
 
 
 async def run(config: Config, worker: WorkerLink | None = None) -> None:

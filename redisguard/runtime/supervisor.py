@@ -21,24 +21,10 @@ returns into the parent's code). It
 - dies with its workers and they with it: a worker gets SIGTERM when the supervisor dies
   (PR_SET_PDEATHSIG) and also stops when its channel to the supervisor closes.
 
-**Metrics: an aggregating endpoint, not prometheus-client's multiprocess mode.** The supervisor
-serves the one ``/metrics``, ``/healthz`` and ``/readyz`` on ``[metrics] address``; for ``/metrics`` it
-asks every worker for its exposition over the private channel (:mod:`.worker_link`) and merges them
-(:mod:`.metrics_merge`: counters and histograms summed, counting gauges summed, the others by min or
-max). Multiprocess mode was not chosen because it changes the hot path and the metrics we have: every
-increment becomes a write into a memory-mapped file, ``set_function`` gauges (descriptors accounted)
-are not supported, the allowed-command tallies the observer flushes before a render would only be
-flushed in the process that renders, and its files must be managed per pid. Aggregating keeps each
-worker's metrics exactly as in one process (and ``workers = 1`` untouched), at the cost of one
-round trip per worker per scrape. The supervisor adds ``redisguard_workers{state}`` (configured,
-running, ready) and ``redisguard_worker_restarts_total``. ``/readyz`` is ready only when all N workers
-are up and each is ready (its listeners, certificates, the upstream PING).
-
-**ACL administration** (ACL SETUSER / DELUSER / LOAD) is ordered here, with the reloads, into one
-stream every worker applies; the client is answered once every worker has applied its change, and a
-worker that does not within ACK_TIMEOUT (LOAD_ACK_TIMEOUT for an ACL LOAD) is killed and restarted
-rather than left serving the old rights: see :mod:`.worker_link`. A worker forked later catches up
-from the journal of changes since the last reload and the stream, before it listens.
+**Its parts**: the slots and their channels (:mod:`.slots`), the one stream of users changes every
+worker applies, ACL SETUSER / DELUSER / LOAD ordered with the reloads (:mod:`.change_stream`), and
+the one ``/metrics`` and ``/readyz``, every worker's merged (:mod:`.aggregate`). This module is the
+processes: fork, restart policy, stop.
 
 **Per worker** (documented in the README): the AUTH throttle, ACL LOG, the audit-log rate limits
 and the upstream health check. Limits are shared: each worker gets ``ceil(limit / N)`` of a
@@ -51,7 +37,6 @@ per process, as the descriptor limit is.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import ctypes
 import os
@@ -60,23 +45,20 @@ import socket
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics, generate_latest
 
 from redisguard.acl import ACLError, UsersFileError
-from redisguard.acl.users_file import read_users_file
 from redisguard.config.model import Config
-from redisguard.files.versions import FileChanged, FileUnreadable, read_now
-from redisguard.observe import metrics_merge
 from redisguard.observe.audit import get_logger
 from redisguard.observe.metrics import serve_http
+from redisguard.runtime.aggregate import Aggregate
+from redisguard.runtime.change_stream import ChangeStream
 from redisguard.runtime.server import remove_socket, run
-from redisguard.runtime.watch import watched_files
-from redisguard.runtime.worker_link import Endpoint, Journal, WorkerLink, encode_files, read_message
+from redisguard.runtime.slots import Channel, Message, Slot
+from redisguard.runtime.worker_link import WorkerLink
 from redisguard.transport.listeners import REUSE_PORT
 
 log = get_logger("redisguard")
@@ -85,45 +67,7 @@ BACKOFF, BACKOFF_MAX = 0.5, 30.0  # restart delay: doubles while a worker keeps 
 STABLE_AFTER = 10.0  # a worker that ran this long before exiting starts the count again
 MAX_EARLY_EXITS = 5  # this many early exits in a row: give up
 STOP_MARGIN = 10.0  # SIGTERM, then SIGKILL for workers still running this long after their drain_timeout
-ASK_TIMEOUT = 5.0  # a worker's answer to a metrics or readiness request
 PR_SET_PDEATHSIG = 1
-# A worker applies an ACL SETUSER / DELUSER at once (on the loop, well under a second even with 10,000
-# users); an ACL LOAD reads the users file in its turn, after any reload in flight.
-ACK_TIMEOUT = 10.0
-LOAD_ACK_TIMEOUT = 60.0
-
-
-class Channel(Endpoint):
-    """One worker process's end of the channel, seen from the supervisor."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.writer: asyncio.StreamWriter | None = None
-        self.backlog: list[dict[str, Any]] = []  # sent before the stream was open
-        self.waiting: dict[int, asyncio.Future[dict[str, Any] | None]] = {}
-        self.up = False  # the worker said its listeners are up
-        self.synced = False  # the worker applies the stream of changes from here on (it asked to sync)
-
-
-@dataclass(eq=False)
-class Pending:
-    """A change sent to every worker, not yet applied by all of them."""
-
-    msg: dict[str, Any]
-    origin: int
-    generation: int  # reloads before it: its journal lines are stale after another reload
-    waiting: set[int]  # the slots that must say they applied it
-    lines: dict[str, str | None] = field(default_factory=dict)  # the users it made, for the journal
-
-
-@dataclass
-class Slot:
-    index: int
-    pid: int = 0
-    started: float = 0.0
-    early_exits: int = 0
-    channel: Channel | None = None
-    last: metrics_merge.Families = field(default_factory=dict)  # the worker's last scrape
 
 
 class Supervisor:
@@ -131,25 +75,15 @@ class Supervisor:
         self.config = config
         self.n = config.server.workers
         self.slots = [Slot(i) for i in range(self.n)]
-        self.journal: Journal = {}  # ACL SETUSER / DELUSER since the last reload, for new workers
-        self.seq = 0  # the stream of users changes: the last sequence number given
-        self.generation = 0  # reloads so far
-        self.pending: dict[int, Pending] = {}  # changes sent, by sequence number, not yet applied everywhere
-        self.retired: metrics_merge.Families = {}  # counters of workers that exited
+        self.stream = ChangeStream(config, self.slots, self._task)  # users changes and reloads, in one order
+        self.aggregate = Aggregate(self.slots)  # /metrics and /readyz
         self.inherited: dict[str, socket.socket] = {}  # unix listeners, by name
         self.unix_inodes: dict[Path, int] = {}  # their paths (only these are removed at the end)
         self.metrics_sock: socket.socket | None = None
         self.stopping = False
         self.code = 0
         self.done: asyncio.Future[int] | None = None
-        self.next_id = 0
         self.tasks: set[asyncio.Future[Any]] = set()
-        disable_created_metrics()
-        r = self.registry = CollectorRegistry()
-        self.workers_gauge = Gauge("redisguard_workers", "Worker processes: configured ([server] workers), running "
-                                   "(forked, not yet exited), ready (listeners up).", ["state"], registry=r)  # fmt: skip
-        self.restarts = Counter("redisguard_worker_restarts", "Workers forked again after one exited unexpectedly.",
-                                registry=r)  # fmt: skip
 
     # -- before the loop ---------------------------------------------------------------------------
     def bind(self) -> None:
@@ -183,7 +117,7 @@ class Supervisor:
         http = None
         if self.metrics_sock is not None:
             m = self.config.metrics
-            http = await serve_http(self.render, m.host, m.port, self.ready, sock=self.metrics_sock)
+            http = await serve_http(self.aggregate.render, m.host, m.port, self.ready, sock=self.metrics_sock)
         for slot in self.slots:
             self.spawn(slot)
         log.info("redisguard_supervisor_started", workers=self.n, pids=[s.pid for s in self.slots],
@@ -213,9 +147,8 @@ class Supervisor:
         theirs.close()
         slot.pid, slot.started = pid, time.monotonic()
         slot.channel = Channel(ours)
-        for change in self.pending.values():  # (its journal copy has the committed ones)
-            slot.channel.send(change.msg)
-        self._task(self._serve_channel(slot, slot.channel))
+        self.stream.catch_up(slot.channel)
+        self._task(slot.channel.serve(slot, self._message))
 
     def _worker(self, index: int, sock: socket.socket, supervisor: int) -> int:
         """In the forked child: forget the supervisor's loop, signal handlers and sockets, then serve."""
@@ -237,7 +170,7 @@ class Supervisor:
                 other.channel.sock.close()
         structlog.contextvars.bind_contextvars(worker=index)
         try:
-            uvloop.run(run(self.config, WorkerLink(sock, index, self.journal, self.inherited)))
+            uvloop.run(run(self.config, WorkerLink(sock, index, self.stream.journal, self.inherited)))
         except (UsersFileError, ACLError, ValueError, OSError) as e:
             print(f"redisguard: worker {index}: {e}", file=sys.stderr)
             return 2
@@ -253,151 +186,25 @@ class Supervisor:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _serve_channel(self, slot: Slot, ch: Channel) -> None:
-        reader, ch.writer = await asyncio.open_unix_connection(sock=ch.sock)
-        for queued in ch.backlog:
-            ch.send(queued)
-        ch.backlog.clear()
-        try:
-            while (msg := await read_message(reader)) is not None:
-                if "op" not in msg:  # an answer to ask()
-                    fut = ch.waiting.get(msg.get("id", -1))
-                    if fut is not None and not fut.done():
-                        fut.set_result(msg)
-                elif msg.get("op") == "started":
-                    ch.up = True
-                    log.info("worker_started", worker=slot.index, pid=slot.pid)
-                elif msg.get("op") == "sync":
-                    ch.synced = True  # every change from here on waits for its word
-                    ch.send({"op": "synced"})
-                elif msg.get("op") == "change":
-                    self.change(slot, msg)
-                elif msg.get("op") == "applied":
-                    self.applied(slot, msg)
-                elif msg.get("op") == "reload_request":
-                    self.reload_all("worker", msg.get("files"))
-        finally:
-            ch.up = False
-            for fut in ch.waiting.values():
-                if not fut.done():
-                    fut.set_result(None)
-            ch.writer.close()
-
     # -- what the workers ask for ------------------------------------------------------------------
-    def change(self, origin: Slot, msg: dict[str, Any]) -> None:
-        """ACL SETUSER / DELUSER / LOAD on one worker: the next in the stream, sent to every worker."""
-        self.seq += 1
-        out = {"op": "apply", "seq": self.seq, "origin": origin.index, "pid": origin.pid, "id": msg["id"],
-               "change": msg["change"]}  # fmt: skip
-        load = msg["change"][0] == "load"
-        if load:
-            self.journal.clear()  # the file is the truth again
-            self.generation += 1
-            try:  # read once, here, for every worker: they cannot load different versions of it
-                out["data"] = base64.b64encode(read_users_file(self.config.acl.users_file)).decode()
-            except UsersFileError as e:
-                out["error"] = str(e)
-        waiting = {s.index for s in self.slots if s.channel is not None and s.channel.synced}
-        change = self.pending[self.seq] = Pending(out, origin.index, self.generation, waiting)
-        self._broadcast(out)
-        self._task(self._deadline(self.seq, change, LOAD_ACK_TIMEOUT if load else ACK_TIMEOUT))
-
-    def applied(self, slot: Slot, msg: dict[str, Any]) -> None:
-        change = self.pending.get(msg["seq"])
-        if change is None:
-            return
-        if not change.lines:  # (every worker renders the same lines; the origin may be gone)
-            change.lines = {**msg.get("set", {}), **dict.fromkeys(msg.get("deleted", []))}
-        change.waiting.discard(slot.index)
-        self._committed(msg["seq"])
-
-    def _committed(self, seq: int) -> None:
-        """Once every worker has applied change ``seq`` (or is gone): journal it, tell its origin."""
-        change = self.pending[seq]
-        if change.waiting:
-            return
-        del self.pending[seq]
-        if change.generation == self.generation:
-            self.journal.update(change.lines)
-        origin = self.slots[change.origin]
-        if origin.channel is not None and origin.pid == change.msg["pid"]:  # (not a restarted worker in its slot)
-            origin.channel.send({"op": "committed", "id": change.msg["id"]})
-
-    async def _deadline(self, seq: int, change: Pending, timeout: float) -> None:
-        """A worker that has not applied a change in time is killed, never left with the old rights."""
-        await asyncio.sleep(timeout)
-        if seq not in self.pending:
-            return
-        for index in sorted(change.waiting):
-            slot = self.slots[index]
-            log.error("worker_killed", worker=index, detail=f"did not apply an ACL change within {timeout:g} s")
-            if slot.pid:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(slot.pid, signal.SIGKILL)
-        # (its exit is reaped: _exited then commits the change)
+    def _message(self, slot: Slot, msg: Message) -> None:
+        op = msg.get("op")
+        if op == "change":
+            self.stream.change(slot, msg)
+        elif op == "applied":
+            self.stream.applied(slot, msg)
+        elif op == "reload_request":
+            self.reload_all("worker", msg.get("files"))
 
     def reload_all(self, why: str, files: dict[str, str] | None = None) -> None:
-        """SIGHUP, or a worker's SIGHUP or file watch: every worker reloads (users file, certificates,
-        TOML) from the same bytes — ``files`` (encoded), as the file watch found them stable, or read
-        here now, once and re-read (read_now) — so no two workers can load different versions."""
-        if self.stopping:
-            return
-        self.journal.clear()  # the files are the truth again
-        self.generation += 1
-        log.info("reload_workers", reason=why, workers=self.n)
-        msg: dict[str, Any] = {"op": "reload", "files": files}
-        if files is None:
-            try:  # (a few MiB at most, on the supervisor's loop: it carries no client traffic)
-                msg["files"] = encode_files(read_now(watched_files(self.config)))
-            except (FileChanged, FileUnreadable) as e:
-                msg = {"op": "reload", "error": str(e)}
-        self._broadcast(msg)
-
-    def _broadcast(self, msg: dict[str, Any]) -> None:
-        for slot in self.slots:
-            if slot.channel is not None:
-                slot.channel.send(msg)
-
-    async def ask(self, slot: Slot, msg: dict[str, Any]) -> dict[str, Any] | None:
-        """A worker's answer to a request, or None (no worker, it exited, or it did not answer in time)."""
-        ch = slot.channel
-        if ch is None or not ch.up:
-            return None
-        self.next_id += 1
-        rid = self.next_id
-        fut = ch.waiting[rid] = asyncio.get_running_loop().create_future()
-        ch.send({**msg, "id": rid})
-        try:
-            return await asyncio.wait_for(fut, ASK_TIMEOUT)
-        except TimeoutError:
-            return None
-        finally:
-            ch.waiting.pop(rid, None)
-
-    async def render(self) -> bytes:
-        answers = await asyncio.gather(*(self.ask(s, {"op": "metrics"}) for s in self.slots))
-        for slot, answer in zip(self.slots, answers, strict=True):
-            if answer is not None:
-                slot.last = metrics_merge.parse(answer["text"])
-        merged = metrics_merge.merge([s.last for s in self.slots if s.pid], self.retired)
-        self.workers_gauge.labels("configured").set(self.n)
-        self.workers_gauge.labels("running").set(sum(1 for s in self.slots if s.pid))
-        self.workers_gauge.labels("ready").set(sum(1 for s in self.slots if s.channel is not None and s.channel.up))
-        return metrics_merge.render(merged) + generate_latest(self.registry)
+        """SIGHUP, or a worker's SIGHUP or file watch: every worker reloads (see ChangeStream.reload)."""
+        if not self.stopping:
+            self.stream.reload(why, files)
 
     async def ready(self) -> tuple[bool, str]:
         if self.stopping:
             return False, "stopping"
-        up = sum(1 for s in self.slots if s.channel is not None and s.channel.up)
-        if up < self.n:
-            return False, f"{up} of {self.n} workers up"
-        answers = await asyncio.gather(*(self.ask(s, {"op": "ready"}) for s in self.slots))
-        whys = []
-        for slot, answer in zip(self.slots, answers, strict=True):
-            if answer is None or not answer["ok"]:
-                return False, f"worker {slot.index}: {answer['why'] if answer else 'did not answer'}"
-            whys.append(answer["why"])
-        return True, f"{whys[0]}; {self.n} workers"
+        return await self.aggregate.ready()
 
     # -- exits, restarts, stop ---------------------------------------------------------------------
     def reap(self) -> None:
@@ -416,11 +223,9 @@ class Supervisor:
             self.done.set_result(self.code)
 
     def _exited(self, slot: Slot, code: int) -> None:
-        metrics_merge.retire(self.retired, slot.last)
-        slot.pid, slot.last, slot.channel = 0, {}, None
-        for seq, change in list(self.pending.items()):  # a worker that is gone serves no one
-            change.waiting.discard(slot.index)
-            self._committed(seq)
+        self.aggregate.retire(slot)
+        slot.pid, slot.channel = 0, None
+        self.stream.gone(slot)
         if self.stopping:
             log.info("worker_stopped", worker=slot.index, exit=code)
             return
@@ -440,7 +245,7 @@ class Supervisor:
     def _restart(self, slot: Slot) -> None:
         if self.stopping or slot.pid:
             return
-        self.restarts.inc()
+        self.aggregate.restarts.inc()
         self.spawn(slot)
 
     def stop(self, code: int = 0) -> None:

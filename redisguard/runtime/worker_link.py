@@ -54,7 +54,8 @@ from redisguard.observe.audit import get_logger
 from redisguard.observe.metrics import Metrics
 from redisguard.policy.decide import Policy
 from redisguard.protocol.resp import error_format
-from redisguard.runtime.reload import Change, Reloader, mirror_reply
+from redisguard.runtime.changes import Change, mirror_reply
+from redisguard.runtime.reload import Reloader
 
 log = get_logger("redisguard")
 

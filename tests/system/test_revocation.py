@@ -24,7 +24,8 @@ from redisguard.acl import load_users
 from redisguard.commands.table import CommandTable
 from redisguard.observe.metrics import Metrics
 from redisguard.policy.decide import Policy, Shared
-from redisguard.runtime.reload import Change, Reloader
+from redisguard.runtime.changes import Change
+from redisguard.runtime.reload import Reloader
 from tests.helpers import UPSTREAM_PASSWORD, UPSTREAM_USER, ProxyProc, RedisProc, read_until, start_proxy, start_redis
 from tests.system.test_workers import children, http, wait_for
 
