@@ -20,21 +20,42 @@ from redisguard.protocol.resp import encode_command
 from tests.helpers import ProxyProc, RedisProc, raw_exchange, read_until
 
 PROBE = r"""
-import json, socket, sys, time
-port, seconds, request, reply = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3].encode(), sys.argv[4].encode()
+import json, os, socket, sys, time
+port, pid, seconds = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+request, reply = sys.argv[4].encode(), sys.argv[5].encode()
+
+def runnable() -> float:
+    # Seconds the proxy's threads (and its workers', and this probe's) spent ready to run but not
+    # running (schedstat's run-queue wait): the machine's noise, which a stall of the proxy's own is not.
+    total = 0
+    pids = [pid]
+    try:
+        pids += [int(c) for c in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+    except OSError:
+        pass
+    paths = [f"/proc/{p}/task/{t}/schedstat" for p in pids for t in os.listdir(f"/proc/{p}/task")]
+    for path in paths + ["/proc/thread-self/schedstat"]:
+        try:
+            total += int(open(path).read().split()[1])
+        except (OSError, IndexError, ValueError):
+            pass  # (a thread that ended meanwhile)
+    return total / 1e9
+
 s = socket.create_connection(("127.0.0.1", port))
 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 s.sendall(b"AUTH admin admin-pw\r\n"); assert s.recv(100) == b"+OK\r\n"
 print("ready", flush=True)
 times, late, end = [], 0.0, time.monotonic() + seconds
 while time.monotonic() < end:
+    waited = runnable()
     t = time.monotonic()
     s.sendall(request + b"\r\n")
     got = b""
     while len(got) < len(reply):
         got += s.recv(100)
     assert got == reply, got
-    times.append(time.monotonic() - t)
+    took = time.monotonic() - t
+    times.append(max(0.0, took - (runnable() - waited)))  # the round trip, less the machine's noise
     t = time.monotonic()
     time.sleep(0.01)
     late = max(late, time.monotonic() - t - 0.01)  # the machine's own noise: this process woken late
@@ -51,7 +72,8 @@ def probe_stats(proxy: ProxyProc, attack: Callable[[], object], seconds: float =
                 probe: tuple[str, str] = WHOAMI) -> tuple[float, float, float]:  # fmt: skip
     """(p50, worst) round trip of another client's ``probe`` request while ``attack`` ran, and how late
     the probe's own sleeps woke up at worst (the machine's noise, not the proxy's)."""
-    p = subprocess.Popen([sys.executable, "-c", PROBE, str(proxy.plain_port), str(seconds), *probe], stdout=subprocess.PIPE)
+    p = subprocess.Popen([sys.executable, "-c", PROBE, str(proxy.plain_port), str(proxy.proc.pid), str(seconds), *probe],
+                         stdout=subprocess.PIPE)  # fmt: skip
     assert p.stdout is not None
     assert p.stdout.readline().strip() == b"ready"
     attack()
