@@ -44,7 +44,8 @@ def test_old_users_and_policy_are_freed_after_a_reload(tmp_path: Path, table: Co
     del policy, user
 
     async def reloads() -> None:
-        for _ in range(2):
+        for i in range(2):  # every user changed (an unchanged line would be read as the same user)
+            users.write_text(USERS.replace(">pw", f">pw{i}"))
             assert await reloader.acl_load() == b"+OK\r\n"
 
     asyncio.run(reloads())
@@ -53,3 +54,21 @@ def test_old_users_and_policy_are_freed_after_a_reload(tmp_path: Path, table: Co
     assert [r() for r in old] == [None, None, None]
     assert shared.policy.users["app"].describe() == "on #" + shared.policy.users["app"].passwords[0] + \
         " ~app:* resetchannels +@all"  # fmt: skip
+
+
+def test_a_reload_reads_an_unchanged_line_as_the_same_user(tmp_path: Path, table: CommandTable) -> None:
+    """Users never change, so a line read before over the same command table is that user again: a
+    reload allocates only for the lines that changed (and frees only the users they replace)."""
+    users = tmp_path / "users.acl"
+    users.write_text(USERS)
+    first = load_users(users, table)
+    users.write_text(USERS.replace("user app on >pw", "user app on >other"))
+    second = load_users(users, table)
+    assert second["ops"] is first["ops"] and second["default"] is first["default"]
+    assert second["app"] is not first["app"] and second["app"].fingerprint != first["app"].fingerprint
+    other = CommandTable.snapshot()  # another command table: every user read again against it
+    assert load_users(users, other)["ops"] is not first["ops"]
+    ops = weakref.ref(first["ops"])
+    del first, second
+    gc.collect()
+    assert ops() is None  # (remembered only while it lives)
