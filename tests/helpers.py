@@ -1,8 +1,10 @@
-"""Real processes for tests: redis-server and redisguard on free loopback ports."""
+"""Real processes for tests: redis-server and redisguard on free loopback ports; and random ACL rules and
+requests, for the differential tests."""
 
 from __future__ import annotations
 
 import os
+import random
 import resource
 import shutil
 import socket
@@ -20,6 +22,7 @@ from redisguard.cli.procs import free_port as free_port  # (for tests: the demo 
 from redisguard.cli.procs import scrape as scrape
 from redisguard.cli.procs import wait_port as wait_port
 from redisguard.cli.procs import write_config
+from redisguard.commands.table import CommandTable
 
 UPSTREAM_USER = "svc"
 UPSTREAM_PASSWORD = "svc-test-password"
@@ -260,3 +263,71 @@ user admin on >admin-pw ~* &* +@all
 user nopassuser on nopass ~* +@read
 user disabled off >dis-pw ~* +@all
 """
+
+
+# -- random ACL rules and requests: the differential tests' (tests/acl) and the plans' (tests/policy) --------
+KEYS = ["a", "ab", "b", "a:1", "b:2", "x", "abc", "a*", "[a]", "k\\"]
+# "*" and "**" give %R~*, %W~*, %RW~* (ordinary patterns, unlike the ~* flag); "" gives the empty pattern.
+PATTERNS = ["a*", "b*", "a?", "[ab]*", "*1", "x", "a[^b]*", "*:*", "a\\*", "[a-c]?", "k\\\\", "?", "*", "**", "",
+            "\u00e9*", "[a-\u00e9]"]  # fmt: skip
+CHANNELS = ["c1", "c2", "news.*", "n*", "x", "", "**"]
+# Names no ACL pattern can contain but keys and channels can: empty, NUL, CR/LF, bytes >= 0x80.
+EDGE_NAMES = [b"", b"\x00", b"a\x00", b"a\x00b", b"\x00a", b"c1\x00", b"\r\n", b"a\r\n", b"\n", b"\r", b"\xff",
+              b"\x80a", b"a\xe9", b"\xc3\xa9", b"a:1\xff"]  # fmt: skip
+HUGE = b"a:" + b"\x00\r\n\xff" * (1 << 18)  # a 1 MB name
+KEY_NAMES = [k.encode() for k in KEYS] + EDGE_NAMES
+CHANNEL_NAMES = [c.encode() for c in CHANNELS] + EDGE_NAMES
+
+
+def random_rules(rng: random.Random, table: CommandTable, allow_invalid: bool) -> list[str]:
+    cmds = [c.name for c in table.commands.values()]
+    subs = [s.name for c in table.commands.values() for s in c.subcommands.values()]
+    rules: list[str] = ["on"]
+
+    def selector_rule() -> str:
+        k = rng.random()
+        if k < 0.22:
+            return rng.choice(["~", "%R~", "%W~", "%RW~"]) + rng.choice(PATTERNS)
+        if k < 0.30:
+            return "&" + rng.choice(CHANNELS)
+        if k < 0.50:
+            return rng.choice("+-") + "@" + rng.choice(table.categories)
+        if k < 0.72:
+            return rng.choice("+-") + rng.choice(cmds)
+        if k < 0.80:
+            return rng.choice("+-") + rng.choice(subs)
+        if k < 0.83:
+            return "+" + rng.choice(["select|0", "select|1", "get|a", "debug|object"])
+        return rng.choice(["allkeys", "resetkeys", "allchannels", "resetchannels", "+@all", "-@all", "~*", "&*"])
+
+    for _ in range(rng.randint(1, 9)):
+        if rng.random() < 0.12:
+            rules.append("(" + " ".join(selector_rule() for _ in range(rng.randint(1, 4))) + ")")
+        else:
+            rules.append(selector_rule())
+    if allow_invalid and rng.random() < 0.3:
+        rules.insert(rng.randrange(len(rules) + 1), rng.choice([
+            "+@nosuch", "+nosuch", "-select|1", "%X~a", "%R~", "~", "#abc", "<nope", "!" + "0" * 64, "bogus",
+            "+config|nosuch", "+config|get|x", "+get|", "~a b",
+        ]))  # fmt: skip
+    return rules
+
+
+def random_argv(rng: random.Random, table: CommandTable, name: str) -> list[bytes]:
+    cmd = table.get(name)
+    assert cmd is not None
+    argv = [b.encode() for b in name.split("|")]
+    want = abs(cmd.arity) if cmd.arity > 0 else abs(cmd.arity) + rng.randint(0, 4)
+    while len(argv) < want:
+        r = rng.random()
+        if r < 0.0004:
+            argv.append(HUGE)  # rare: matching a 1 MB name costs our matcher ~0.2 s per leading-* pattern
+        elif r < 0.55:
+            argv.append(rng.choice(KEY_NAMES))
+        elif r < 0.75:
+            argv.append(str(rng.randint(0, 3)).encode())
+        elif r < 0.85:
+            argv.append(rng.choice(CHANNEL_NAMES))
+        else:
+            argv.append(rng.choice([b"STORE", b"GET", b"BY", b"STREAMS", b"KEYS", b"LIMIT", b"WITHSCORES"]))
+    return argv

@@ -8,7 +8,7 @@ deep copy of the old one, ``ACLCopyUser``, with the new rules applied), so its `
 ``fingerprint`` are computed anew; untouched users are the same objects, fingerprints unchanged.
 
 Byte-exact with redis-server 7.0.15 (acl.c ``aclCommand``), checked against a real one in
-tests/acl/test_admin.py:
+tests/acl/test_admin_*.py:
 
 - ``ACL SETUSER name [rule ...]``: the name may not contain a blank or NUL (``-ERR Usernames can't
   contain spaces or null characters``) but may be empty or any other bytes; the rules are merged

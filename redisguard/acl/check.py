@@ -66,7 +66,7 @@ def _selector_check(
             ch = argv[idx]
             if is_pattern:
                 # Redis compares with strcmp, so `&a` would let `PSUBSCRIBE a\0*` through; we compare
-                # every byte and refuse it (deliberately stricter; tests/acl/test_differential.py).
+                # every byte and refuse it (deliberately stricter; tests/acl/test_differential_verdicts.py).
                 if ch not in sel.channels:
                     return DENIED_CHANNEL, idx
             elif not any(_channel_match(p, ch) for p in sel.channels):

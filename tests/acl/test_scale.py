@@ -16,7 +16,7 @@ from redisguard.acl import ACLReplies, UsersFileError, load_users, new_user, par
 from redisguard.acl.replies import acl_getuser, acl_list, acl_users
 from redisguard.acl.user import Selector, User
 from redisguard.commands.table import Command, CommandTable
-from tests.acl.test_differential import random_rules
+from tests.helpers import random_rules
 
 
 def reference_describe_commands(sel: Selector) -> str:

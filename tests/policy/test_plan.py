@@ -11,7 +11,7 @@ from redisguard.acl.user import printable_name
 from redisguard.commands.table import CommandTable
 from redisguard.policy.decide import Policy, decide
 from redisguard.session.machine import Session
-from tests.acl.test_differential import random_argv, random_rules
+from tests.helpers import random_argv, random_rules
 
 USERS = int(os.environ.get("REDISGUARD_FASTPATH_USERS", "1500"))
 SPECIAL = Session.special

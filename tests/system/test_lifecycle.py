@@ -107,7 +107,7 @@ def test_a_client_admitted_during_the_drain_is_drained_too(tmp_path: Path, certs
     """A PROXY header that completes after SIGTERM admits its client: it is served, then closed once
     quiet like every other client, so the process does not wait for drain_timeout."""
     from tests.helpers import free_port, wait_port
-    from tests.system.test_proxy_protocol import v1
+    from tests.system.conftest import v1
 
     users = tmp_path / "users.acl"
     users.write_text(USERS)

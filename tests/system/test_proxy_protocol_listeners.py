@@ -1,17 +1,16 @@
-"""PROXY protocol v1/v2 on TLS, tcp and unix listeners, and PROXY v2 sent upstream, end to end.
+"""PROXY protocol v1/v2 on TLS, tcp and unix listeners, end to end: the peer is the header's, and so is
+the source allowed_sources, [acl] user_sources, the AUTH throttle and the handshake budget see; bad,
+slow and unlisted headers are refused and counted, and stall no one.
 
-Real redis-server and redisguard; the PROXY headers are built here byte by byte, as HAProxy, an AWS
-NLB or Envoy would send them. Loopback addresses 127.0.0.x stand for load balancers (127.0.0.1, the
+Real redis-server and redisguard; the PROXY headers are built byte by byte (conftest), as HAProxy, an
+AWS NLB or Envoy would send them. Loopback addresses 127.0.0.x stand for load balancers (127.0.0.1, the
 listed proxy_sources) and strangers (127.0.0.2). Counts come from /metrics, peers from the audit log."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import socket
 import ssl
-import struct
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -21,85 +20,7 @@ import pytest
 
 from redisguard.observe.metrics import parse_samples
 from tests.helpers import USERS_ACL, ProxyProc, RedisProc, free_port, read_until, start_proxy, wait_port
-
-SIG = b"\r\n\r\n\x00\r\nQUIT\n"
-PING = b"*1\r\n$4\r\nPING\r\n"
-
-
-def auth(user: str, pw: str) -> bytes:
-    return b"*3\r\n$4\r\nAUTH\r\n" + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in (user.encode(), pw.encode()))
-
-
-def v1(src: str, sport: int, dst: str = "10.0.0.1", dport: int = 6380) -> bytes:
-    fam = "TCP6" if ":" in src else "TCP4"
-    return f"PROXY {fam} {src} {dst} {sport} {dport}\r\n".encode()
-
-
-def v2(src: str, sport: int, dst: str = "10.0.0.1", dport: int = 6380, local: bool = False) -> bytes:
-    if local:
-        return SIG + b"\x20\x00\x00\x00"
-    if ":" in src:
-        body = socket.inet_pton(socket.AF_INET6, src) + socket.inet_pton(socket.AF_INET6, dst or "::1")
-        fam = 0x21
-    else:
-        body = socket.inet_aton(src) + socket.inet_aton(dst)
-        fam = 0x11
-    body += struct.pack("!HH", sport, dport) + b"\x04\x00\x03abc"  # and a TLV (NOOP), skipped
-    return SIG + bytes((0x21, fam)) + struct.pack("!H", len(body)) + body
-
-
-def connect(port: int, source: str = "127.0.0.1") -> socket.socket:
-    s = socket.socket()
-    s.bind((source, 0))
-    s.settimeout(5)
-    s.connect(("127.0.0.1", port))
-    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return s
-
-
-class TLSOverRaw:
-    """A TLS client over a raw socket through memory BIOs, so the PROXY header goes first in cleartext
-    (in the same segment as the ClientHello when ``together``)."""
-
-    def __init__(self, port: int, cafile: Path, header: bytes, together: bool = True, source: str = "127.0.0.1") -> None:
-        self.sock = connect(port, source)
-        ctx = ssl.create_default_context(cafile=str(cafile))
-        ctx.check_hostname = False
-        self.inc, self.out = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.obj = ctx.wrap_bio(self.inc, self.out)
-        if not together:
-            self.sock.sendall(header)
-            time.sleep(0.05)
-            header = b""
-        while True:
-            try:
-                self.obj.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                self.sock.sendall(header + self.out.read())
-                header = b""
-                self._pull()
-        self.sock.sendall(self.out.read())
-
-    def _pull(self) -> None:
-        chunk = self.sock.recv(65536)
-        if not chunk:
-            raise ConnectionResetError("closed")
-        self.inc.write(chunk)
-
-    def call(self, data: bytes, want: int) -> bytes:
-        self.obj.write(data)
-        self.sock.sendall(self.out.read())
-        got = b""
-        while got.count(b"\r\n") < want:
-            try:
-                got += self.obj.read(65536)
-            except ssl.SSLWantReadError:
-                self._pull()
-        return got
-
-    def close(self) -> None:
-        self.sock.close()
+from tests.system.conftest import PING, SIG, TLSOverRaw, auth, connect, tcp_call, v1, v2
 
 
 def scrape(p: ProxyProc) -> dict[str, float]:
@@ -164,12 +85,6 @@ def pproxy(tmp_path_factory: pytest.TempPathFactory, certs: Path, redis_server: 
     wait_port(Ports.pp, p.proc)
     yield p
     p.stop()
-
-
-def tcp_call(port: int, data: bytes, want: int, source: str = "127.0.0.1") -> bytes:
-    with connect(port, source) as s:
-        s.sendall(data)
-        return read_until(s, lambda b: b.count(b"\r\n") >= want, timeout=5)
 
 
 def test_tls_peer_is_the_headers(pproxy: ProxyProc, certs: Path) -> None:
@@ -327,113 +242,6 @@ def test_bad_headers_are_refused_and_counted_without_stalling_others(pproxy: Pro
     now = scrape(pproxy)
     assert metric(now, "redisguard_tls_handshakes_pending", listener="pp") == 0  # every slot was given back
     assert metric(now, "redisguard_tls_handshakes_pending", listener="tls") == 0
-
-
-# -- [upstream] proxy_protocol: a PROXY v2 header to a proxy in front of Redis ---------------------------------
-
-
-class V2Relay:
-    """A tiny TCP relay that, like HAProxy with accept-proxy, requires and parses a PROXY v2 header,
-    records it, and relays the rest to Redis."""
-
-    def __init__(self, redis_port: int) -> None:
-        self.redis_port = redis_port
-        self.headers: list[tuple[str, str, int, str, int]] = []  # (command, src, sport, dst, dport)
-        self.errors: list[str] = []
-        self.lsock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.lsock.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                c, _ = self.lsock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._one, args=(c,), daemon=True).start()
-
-    def _exact(self, c: socket.socket, n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            chunk = c.recv(n - len(data))
-            if not chunk:
-                raise ConnectionError("closed")
-            data += chunk
-        return data
-
-    def _one(self, c: socket.socket) -> None:
-        c.settimeout(10)
-        try:
-            fixed = self._exact(c, 16)
-            if fixed[:12] != SIG or fixed[12] >> 4 != 2:
-                self.errors.append(f"not a PROXY v2 header: {fixed!r}")
-                c.close()
-                return
-            body = self._exact(c, struct.unpack("!H", fixed[14:16])[0])
-            if fixed[12] & 0xF == 0:
-                self.headers.append(("LOCAL", "", 0, "", 0))
-            elif fixed[13] == 0x11:
-                sport, dport = struct.unpack("!HH", body[8:12])
-                self.headers.append(("PROXY", socket.inet_ntoa(body[:4]), sport, socket.inet_ntoa(body[4:8]), dport))
-            elif fixed[13] == 0x21:
-                sport, dport = struct.unpack("!HH", body[32:36])
-                self.headers.append(("PROXY", socket.inet_ntop(socket.AF_INET6, body[:16]), sport,
-                                     socket.inet_ntop(socket.AF_INET6, body[16:32]), dport))  # fmt: skip
-            else:
-                self.errors.append(f"family {fixed[13]:#x}")
-        except (OSError, ConnectionError) as e:
-            self.errors.append(repr(e))
-            c.close()
-            return
-        up = socket.create_connection(("127.0.0.1", self.redis_port))
-        c.settimeout(None)
-        threading.Thread(target=self._pump, args=(c, up), daemon=True).start()
-        self._pump(up, c)
-
-    @staticmethod
-    def _pump(a: socket.socket, b: socket.socket) -> None:
-        try:
-            while data := a.recv(65536):
-                b.sendall(data)
-        except OSError:
-            pass
-        for s in (a, b):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        self.lsock.close()
-
-
-def test_upstream_proxy_v2_to_an_intermediate_proxy(tmp_path: Path, certs: Path, redis_server: RedisProc) -> None:
-    relay = V2Relay(redis_server.port)
-    users = tmp_path / "users.acl"
-    users.write_text(USERS_ACL)
-    pp_port = free_port()
-    extra = (f'\n[[listener]]\nname = "pp"\ntype = "tcp"\naddress = "127.0.0.1:{pp_port}"\nproxy_protocol = true\n'
-             'proxy_sources = ["127.0.0.0/8"]\n')  # fmt: skip
-    p = start_proxy(tmp_path, certs, users, relay.port, extra=extra, upstream_extra="proxy_protocol = true")
-    try:
-        wait_port(pp_port, p.proc)
-        assert ("LOCAL", "", 0, "", 0) in relay.headers  # redisguard's own connection (the command table)
-        reply = tcp_call(pp_port, v1("203.0.113.30", 47001, "10.1.2.3", 6380) + auth("alice", "alice-pw") +
-                         b"*3\r\n$3\r\nSET\r\n$7\r\ncache:p\r\n$2\r\nhi\r\n*2\r\n$3\r\nGET\r\n$7\r\ncache:p\r\n", 4)  # fmt: skip
-        assert reply == b"+OK\r\n+OK\r\n$2\r\nhi\r\n"
-        assert ("PROXY", "203.0.113.30", 47001, "10.1.2.3", 6380) in relay.headers  # the client behind the balancer
-        with connect(p.plain_port) as s:  # a direct client: its own address and the listener's
-            port = s.getsockname()[1]
-            s.sendall(auth("alice", "alice-pw") + PING)
-            assert read_until(s, b"+OK\r\n+PONG\r\n") == b"+OK\r\n+PONG\r\n"
-        assert ("PROXY", "127.0.0.1", port, "127.0.0.1", p.plain_port) in relay.headers
-        c = TLSOverRaw(p.tls_port, certs / "ca.pem", b"")  # a direct TLS client
-        port = c.sock.getsockname()[1]
-        assert c.call(auth("alice", "alice-pw") + PING, 2) == b"+OK\r\n+PONG\r\n"
-        c.close()
-        assert ("PROXY", "127.0.0.1", port, "127.0.0.1", p.tls_port) in relay.headers
-        assert not relay.errors
-    finally:
-        p.stop()
-        relay.close()
 
 
 def test_client_info_shows_the_headers_addresses(pproxy: ProxyProc) -> None:
