@@ -1,4 +1,4 @@
-"""Memory across reloads of a large users file: `python benchmarks/acl_scale_memory.py [USERS] [RELOADS]`.
+"""Memory across reloads of a large users file: `python benchmarks/acl_scale_memory.py [USERS] [RELOADS] [changed]`.
 
 Writes USERS (default 10,000) users of 20 key patterns and 2 selectors each (~5 MB), starts a
 redis-server and redisguard, prints the start-up time (process start to the TLS port accepting) and
@@ -6,7 +6,9 @@ redisguard's RSS, then RELOADS (default 10) reloads, SIGHUP and ACL LOAD in turn
 RSS once the reload is in force. Bounded memory: the RSS after the last reload is within 10% of the
 RSS after the first (the old users are freed, not kept). Meanwhile another client PINGs without pause:
 the longest PING during each reload, and during an ACL LIST right after each ACL LOAD, is how long
-the reload (or the reply) held the event loop for everyone else."""
+the reload (or the reply) held the event loop for everyone else. The file is reloaded unchanged (a
+reload then reads no line again: an unchanged line is the same user), or with ``changed`` with every
+user's password changed before each reload (every user read again, the old ones freed)."""
 
 from __future__ import annotations
 
@@ -30,10 +32,11 @@ from redisguard.cli.procs import free_port, wait_port  # noqa: E402
 ADMIN, ADMIN_PASSWORD = "admin", "admin-bench-password"  # benchmark-only, in the temp dir's users file
 
 
-def users_text(n: int) -> str:
+def users_text(n: int, version: int = 0) -> str:
+    """``version``: another password for every user (a reload in which every user changed)."""
     lines = ["user default off", f"user {ADMIN} on >{ADMIN_PASSWORD} ~* &* +@all"]
     for i in range(n):
-        h = hashlib.sha256(b"pw%d" % i).hexdigest()
+        h = hashlib.sha256(b"pw%d-%d" % (i, version)).hexdigest()
         keys = " ".join(f"~t{i}:k{j:02}:*" for j in range(20))
         sel = " ".join(f"%R~r{i}:{j:02}:*" for j in range(8))
         lines.append(f"user u{i} on #{h} {keys} +@read +@write -@dangerous ({sel} +@read) (%W~w{i}:* +set +del)")
@@ -75,6 +78,7 @@ def reloads_done(log: Path) -> int:
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 10_000
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 10
+    every = len(sys.argv) > 3 and sys.argv[3] == "changed"  # each reload: every user's password changed
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         ps = Processes(work)
@@ -102,6 +106,8 @@ def main() -> None:
                 before = reloads_done(log)
                 prober.take()
                 how = "SIGHUP" if r % 2 == 0 else "ACL LOAD"
+                if every:
+                    users.write_text(users_text(n, r + 1))
                 if r % 2 == 0:
                     os.kill(p.pid, signal.SIGHUP)
                 else:
