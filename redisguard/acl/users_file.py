@@ -16,6 +16,7 @@ in a worker thread, e.g. ``await asyncio.to_thread(load_users, path, table, requ
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 import weakref
@@ -33,8 +34,9 @@ _SPACES = frozenset(" \t\r\n\v\f\0")
 # session). A User never changes (a change of rights makes a new one), so a reload that finds the same
 # line over the same command table takes the same user: a reload of 10,000 users of which one changed
 # builds one, not 10,000, and the allocator is not left fragmented by a whole table read and freed
-# each time (issue 22: RSS across reloads).
-_read_before: weakref.WeakValueDictionary[tuple[CommandTable, str], User] = weakref.WeakValueDictionary()
+# each time (issue 22: RSS across reloads). Keyed by the line's SHA-256, not the line: a `>password`
+# rule is not kept in memory for as long as its user lives.
+_read_before: weakref.WeakValueDictionary[tuple[CommandTable, bytes], User] = weakref.WeakValueDictionary()
 
 
 class UsersFileError(ValueError):
@@ -73,7 +75,8 @@ def parse_users(text: str, table: CommandTable, filename: str = "users.acl", *, 
         if name in users:
             errors.append(f"WARNING: Duplicate user '{name}' found on line {lineno}.")
             continue
-        before = _read_before.get((table, line))
+        seen = (table, hashlib.sha256(line.encode("utf-8", "surrogatepass")).digest())
+        before = _read_before.get(seen)
         if before is not None:
             users[name] = before
             continue
@@ -95,7 +98,7 @@ def parse_users(text: str, table: CommandTable, filename: str = "users.acl", *, 
         for sel in user.selectors:
             sel.share_commands(command_sets)
         if len(errors) == fine:
-            _read_before[(table, line)] = user
+            _read_before[seen] = user
     if require_default and "default" not in users:
         errors.append(missing_default_message(filename))
     if errors:
