@@ -60,6 +60,7 @@ from redisguard.runtime.server import remove_socket, run
 from redisguard.runtime.slots import Channel, Message, Slot
 from redisguard.runtime.worker_link import WorkerLink
 from redisguard.transport.listeners import REUSE_PORT
+from redisguard.transport.tls import TLSConfigError, server_context
 
 log = get_logger("redisguard")
 
@@ -87,7 +88,13 @@ class Supervisor:
 
     # -- before the loop ---------------------------------------------------------------------------
     def bind(self) -> None:
-        """The sockets the workers share: unix listeners (they accept on them) and the metrics port."""
+        """The sockets the workers share: unix listeners (they accept on them) and the metrics port;
+        and the TLS contexts, built here once so that every worker forked from here inherits the same
+        one (transport/tls.py ``_built``): one session-ticket key for the instance."""
+        for lst in self.config.listeners:
+            if lst.type == "tls":
+                with contextlib.suppress(TLSConfigError):  # (each worker reports it as it starts)
+                    server_context(lst)
         for lst in self.config.listeners:
             if lst.type != "unix":
                 continue

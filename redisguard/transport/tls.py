@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import ssl
 import tempfile
@@ -25,11 +26,32 @@ class TLSConfigError(ValueError):
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
 
+# The context each listener was last built as, and from what (its settings, its files' digests). Built
+# again only when one of those changes: a reload that changes no certificate keeps the context, and with
+# it the session-ticket key (clients resume across the reload); and the workers, forked after the
+# supervisor built it, share it, so one ticket key serves the instance and a session resumes whichever
+# worker accepts the connection (OpenSSL makes the key when the context is made; Python cannot set it).
+_built: dict[str, tuple[tuple[object, ...], ssl.SSLContext]] = {}
+
+
 def server_context(listener: ListenerConfig, files: Mapping[Path, bytes] | None = None) -> ssl.SSLContext:
     """The context for a ``tls`` listener: its TLS policy, certificate, and client certificates
     (CA, CRL) as configured. Called at start and by every reload, so a new CRL is read with the certs.
     Built from ``files`` (path -> bytes, as the reload read and checked them), else from the files as
-    they are now (:func:`read_listener_files`); OpenSSL never re-reads a path on its own.
+    they are now (:func:`read_listener_files`); OpenSSL never re-reads a path on its own. The same
+    context as last time when neither the listener's settings nor its files changed (see ``_built``)."""
+    files = read_listener_files(listener) if files is None else files
+    key = (repr(listener), *(hashlib.sha256(files[path]).digest() for path, _, _ in listener_files(listener)))
+    last = _built.get(listener.name)
+    if last is not None and last[0] == key:
+        return last[1]
+    ctx = _build_server_context(listener, files)
+    _built[listener.name] = (key, ctx)
+    return ctx
+
+
+def _build_server_context(listener: ListenerConfig, files: Mapping[Path, bytes]) -> ssl.SSLContext:
+    """A new context for the listener, from ``files``.
 
     What Python's ssl can set: the minimum version, the TLS 1.2 cipher string, one ECDH group, and
     session tickets (off: ``OP_NO_TICKET`` for TLS 1.2 and no TLS 1.3 tickets). TLS 1.3 suites are
@@ -50,7 +72,6 @@ def server_context(listener: ListenerConfig, files: Mapping[Path, bytes] | None 
     if not pol.session_tickets:
         ctx.options |= ssl.OP_NO_TICKET  # TLS 1.2 (and stateful-only tickets in TLS 1.3) ...
         ctx.num_tickets = 0  # ... and no TLS 1.3 NewSessionTicket at all
-    files = read_listener_files(listener) if files is None else files
     with loadable(files[listener.tls.cert_file], files[listener.tls.key_file]) as (cert, key):
         try:
             ctx.load_cert_chain(cert, key)

@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -181,6 +182,38 @@ def test_many_tls_clients_land_on_both_workers_and_metrics_add_up(two: tuple[Pro
     # The unix listener, bound once by the supervisor, is accepted on by both workers.
     sock = str(Path(p.config.read_text().split('path = "')[1].split('"')[0]))
     on_both_workers(p, lambda: login(p, "alice", "alice-pw", unix=sock), "connection_accepted", listener="sock")
+
+
+def tls_connect(p: ProxyProc, ctx: ssl.SSLContext, session: ssl.SSLSession | None) -> tuple[bool, ssl.SSLSession | None]:
+    """A TLS connection offering ``session`` (made with ``ctx``), one round trip (a TLS 1.3 ticket comes
+    after the handshake): whether it resumed, and the newest session."""
+    with socket.create_connection(("127.0.0.1", p.tls_port), timeout=10) as raw, \
+            ctx.wrap_socket(raw, server_hostname="localhost", session=session) as s:  # fmt: skip
+        s.sendall(b"PING\r\n")
+        assert read_until(s, b"-NOAUTH Authentication required.\r\n").startswith(b"-NOAUTH")
+        return s.session_reused, s.session
+
+
+def test_a_tls_session_resumes_on_either_worker_and_across_a_reload(two: tuple[ProxyProc, Path], certs: Path) -> None:
+    """One session-ticket key for the instance (the workers inherit the supervisor's TLS context), kept
+    by a reload that changes no certificate: a client resumes whichever worker accepts it."""
+    p, _ = two
+    ctx = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+    since = len(log_lines(p))
+    resumed, session = tls_connect(p, ctx, None)
+    assert not resumed
+    for _ in range(200):
+        resumed, session = tls_connect(p, ctx, session)
+        assert resumed
+        if served_by(p, "connection_accepted", since, listener="tls") == {0, 1}:
+            break
+    assert served_by(p, "connection_accepted", since, listener="tls") == {0, 1}
+    since = len(log_lines(p))
+    p.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: served_by(p, "config_reloaded", since) == {0, 1})
+    for _ in range(10):
+        resumed, session = tls_connect(p, ctx, session)
+        assert resumed
 
 
 def test_sighup_and_acl_admin_reach_every_worker(two: tuple[ProxyProc, Path]) -> None:
