@@ -197,6 +197,10 @@ class Shared:
         self.throttle = throttle or AuthThrottle(0)
         self.acl_log = admin.ACLLog()
         self.acl_replies = acl_replies  # ACL USERS/LIST/GETUSER, built once per users load
+        # Policies put in force so far (swap): a decision made under an earlier one may differ now,
+        # even for the very same User (a reload reads an unchanged line as the same user, and a
+        # reload may change disabled_commands or the service user's rights).
+        self.generation = 0
         self.profile: ProfileRecorder | None = None  # what each user used ([profile] file), if kept
         # Set by the transport: moves or disconnects clients when the users change (changed=None:
         # compare every user, as ACL LOAD and a reload do).
@@ -211,6 +215,7 @@ class Shared:
         """Put ``policy`` in force; with new users, tell the transport (which rebinds the sessions and
         says how many clients it disconnected)."""
         old, self.policy = self.policy, policy
+        self.generation += 1
         if acl_replies is not None or policy.users is not old.users:
             self.acl_replies = acl_replies  # else rebuilt at first use (or off the loop by the transport)
         if policy.mirror is not None and (policy.users is not old.users or policy.disabled != old.disabled):

@@ -145,6 +145,7 @@ class Core:
         """The transaction is over (EXEC, DISCARD, an aborted EXEC, RESET): forget what it queued."""
         st = self.state
         st.in_multi = st.multi_dirty = st.watching = False  # (each of these also ends a WATCH)
+        st.multi_user = None
         st.queued = []
         st.refused = {}
         st.multi_subs = []

@@ -7,7 +7,8 @@ Rules
    :class:`Suspension` (the requests it has sent that are not decided yet, and what they wait for).
    Handlers (logins, admin, transactions, pubsub, connection) change it; nothing else does.
 2. A :class:`~redisguard.acl.User` never changes: a change of rights makes a new one, so
-   ``state.user is state.multi_user`` says the rules did not change since MULTI.
+   ``state.user is state.multi_user`` and ``state.multi_generation`` still the policy's generation
+   say the rules did not change since MULTI (the user alone does not: the same User can come back).
 3. ``in_multi`` ⇒ ``queued`` holds the commands queued since MULTI (EXEC checks them again) and
    ``multi_subs`` the subscription changes they make, applied only when EXEC's reply says it ran
    (``exec_changes``, one list per EXEC still owed).
@@ -52,6 +53,7 @@ class ClientState:
     multi_dirty: bool = False  # a command was refused while queueing: EXEC answers EXECABORT
     watching: bool = False  # a WATCH is in force (it can make EXEC abort)
     multi_user: User | None = None
+    multi_generation: int = 0  # Shared.generation at MULTI: the policy in force then
     queued: list[list[bytes]] = field(default_factory=list)
     refused: dict[int, bytes] = field(default_factory=dict)  # of those, by position: what EXEC answers instead
     multi_subs: list[tuple[str, bytes, bool]] = field(default_factory=list)  # (kind, channel, unsubscribe)

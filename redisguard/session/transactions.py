@@ -33,6 +33,7 @@ def multi(c: Core, cmd: Command, argv: list[bytes]) -> None:
     c.forward(argv)
     c.state.in_multi = True
     c.state.multi_user = c.state.user  # (a User never changes: ACL changes make a new one)
+    c.state.multi_generation = c.shared.generation
 
 
 def _rules_changed_since_multi(c: Core) -> bool:
@@ -41,7 +42,9 @@ def _rules_changed_since_multi(c: Core) -> bool:
     refused at run time stays as it is if it would be refused the same way; if it would now run, the
     proxy (which forwarded its stand-in) cannot run it: that too discards."""
     st = c.state
-    if st.user is st.multi_user:
+    # The same user under the same policy: nothing could decide otherwise. (The same user alone is not
+    # enough: rights granted and revoked again, then a reload, give back the very User of MULTI.)
+    if st.user is st.multi_user and st.multi_generation == c.shared.generation:
         return False
     audit = c.policy.audits(st.user)  # audit mode: ACL verdicts on forwarded commands stop nothing
     refused = st.refused

@@ -191,7 +191,7 @@ def tls_connect(p: ProxyProc, ctx: ssl.SSLContext, session: ssl.SSLSession | Non
             ctx.wrap_socket(raw, server_hostname="localhost", session=session) as s:  # fmt: skip
         s.sendall(b"PING\r\n")
         assert read_until(s, b"-NOAUTH Authentication required.\r\n").startswith(b"-NOAUTH")
-        return s.session_reused, s.session
+        return bool(s.session_reused), s.session
 
 
 def test_a_tls_session_resumes_on_either_worker_and_across_a_reload(two: tuple[ProxyProc, Path], certs: Path) -> None:
