@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import platform
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,6 +22,34 @@ from redisguard import __version__, fast
 UPSTREAM_ERROR_REASONS = ("auth", "noperm", "timeout", "refused", "tls", "connect", "error")
 # redisguard_mirror_resync_total{reason}: what found mirror users missing from Redis (upstream.mirror_verify).
 MIRROR_RESYNC_REASONS = ("auth", "reconnect", "health", "sighup")
+
+
+class _UpstreamGauge(Gauge):
+    """``redisguard_upstream_up``, which also feeds ``redisguard_upstream_transitions_total{to}`` (each change
+    of value, the first one set aside) and ``redisguard_upstream_down_seconds_total`` (time spent at 0 since
+    the first value), whoever sets it: the health check, a client's upstream connection, /readyz. Both carry
+    what a scrape every 15 s or more misses: an outage or a flap shorter than the scrape interval."""
+
+    transitions: Counter
+    down_seconds: Counter
+    _value_set: float | None = None
+    _down_since = 0.0  # time.monotonic() of the last accounting while at 0
+
+    def set(self, value: float) -> None:
+        now = time.monotonic()
+        if self._value_set == 0:
+            self.down_seconds.inc(now - self._down_since)
+        if self._value_set is not None and value != self._value_set:
+            self.transitions.labels("down" if value == 0 else "up").inc()
+        self._value_set, self._down_since = value, now
+        super().set(value)
+
+    def account(self) -> None:
+        """Before a scrape: an outage still going on counts up to now."""
+        if self._value_set == 0:
+            now = time.monotonic()
+            self.down_seconds.inc(now - self._down_since)
+            self._down_since = now
 
 
 class _WithNode:
@@ -61,8 +90,19 @@ class Metrics:
                                             ["listener", "reason"], registry=r)  # fmt: skip
         self.tls_handshake_failures = Counter("redisguard_tls_handshake_failures", "Failed TLS handshakes.",
                                               ["listener", "reason"], registry=r)  # fmt: skip
-        self.upstream_up = Gauge("redisguard_upstream_up", "1 if the last upstream connection succeeded.",
-                                 registry=r)  # fmt: skip
+        self.upstream_up = _UpstreamGauge("redisguard_upstream_up", "1 if the last upstream connection (or health "
+                                          "check) succeeded.", registry=r)  # fmt: skip
+        self.upstream_up.transitions = Counter("redisguard_upstream_transitions", "Changes of redisguard_upstream_up, "
+                                               "by the value it changed to (to=\"down\": an outage began, \"up\": it "
+                                               "ended); flaps shorter than the scrape interval included.", ["to"],
+                                               registry=r)  # fmt: skip
+        for to in ("down", "up"):
+            self.upstream_up.transitions.labels(to)
+        self.upstream_up.down_seconds = Counter("redisguard_upstream_down_seconds", "Seconds redisguard_upstream_up "
+                                                "has been 0 (as the health check and client connections saw it), an "
+                                                "outage still going on included: increase() over a window is the "
+                                                "downtime in it, whatever the scrape interval.", registry=r)  # fmt: skip
+        self.before_render.append(self.upstream_up.account)
         self.upstream_errors = Counter("redisguard_upstream_errors", "Failed upstream health checks (a PING as the "
                                        "service user every [upstream] health_check_interval), by reason: auth (the "
                                        "service user's AUTH was refused), noperm, timeout, refused, tls, connect, error.",

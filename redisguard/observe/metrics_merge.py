@@ -7,6 +7,9 @@ render). The supervisor asks every worker for its exposition and merges them her
 - counters and histograms are summed (buckets, ``_count`` and ``_sum`` alike); the last values seen
   from a worker that exited are kept in a "retired" set and added too, so a merged counter never goes
   backwards when a worker is restarted (what it counted after its last scrape is lost);
+- counters that every worker counts of the same thing (the upstream's outages, seen by each worker's
+  health check) take the largest, a retired worker's included: :data:`COUNTER_MAX` (monotonic too: what
+  a restarted worker counts shows once it passes the largest seen);
 - gauges that count things (connections, pending handshakes, ...) are summed; the others take the
   value that is right for the whole: :data:`GAUGE_RULES`.
 
@@ -33,6 +36,8 @@ GAUGE_RULES: dict[str, Callable[[Iterable[float]], float]] = {
     "redisguard_file_descriptors_accounted": max,
 }
 SUMMED = ("counter", "histogram", "summary")
+# Counters (family names, without _total) each worker counts of the one upstream: the largest, not the sum.
+COUNTER_MAX = frozenset({"redisguard_upstream_transitions", "redisguard_upstream_down_seconds"})
 
 SampleKey = tuple[str, tuple[tuple[str, str], ...]]  # (sample name, labels in the order written)
 
@@ -65,7 +70,8 @@ def retire(retired: Families, last: Families) -> None:
             continue
         into = retired.setdefault(name, Family(name, fam.documentation, fam.type))
         for key, value in fam.samples.items():
-            into.samples[key] = into.samples.get(key, 0.0) + value
+            before = into.samples.get(key, 0.0)
+            into.samples[key] = max(before, value) if name in COUNTER_MAX else before + value
 
 
 def merge(scrapes: Sequence[Families], retired: Families | None = None) -> Families:
@@ -79,7 +85,7 @@ def merge(scrapes: Sequence[Families], retired: Families | None = None) -> Famil
             for key, value in fam.samples.items():
                 per.setdefault(key, []).append(value)
     for name, fam in meta.items():
-        rule = sum if fam.type in SUMMED else GAUGE_RULES.get(name, sum)
+        rule = max if name in COUNTER_MAX else sum if fam.type in SUMMED else GAUGE_RULES.get(name, sum)
         fam.samples = {key: float(rule(vals)) for key, vals in values[name].items()}
     return meta
 

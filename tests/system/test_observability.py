@@ -118,7 +118,7 @@ def test_promtool_check_metrics_on_a_real_scrape(fresh: tuple[ProxyProc, Path], 
 
 def test_promtool_rules_and_unit_tests() -> None:
     res = subprocess.run([promtool(), "check", "rules", "redisguard-alerts.yml"], cwd=PROM, capture_output=True, text=True)
-    assert res.returncode == 0 and "SUCCESS: 8 rules found" in res.stdout, res.stdout + res.stderr
+    assert res.returncode == 0 and "SUCCESS: 11 rules found" in res.stdout, res.stdout + res.stderr
     res = subprocess.run([promtool(), "test", "rules", "redisguard-alerts.test.yml"], cwd=PROM, capture_output=True,
                          text=True)  # fmt: skip
     assert res.returncode == 0, res.stdout + res.stderr
