@@ -35,7 +35,8 @@ ENV PATH=/opt/redisguard/bin:$PATH \
     PYTHONUNBUFFERED=1
 USER 10001:10001
 EXPOSE 6380 9187
-# SIGTERM: stop accepting, let clients finish (up to 5 s), close.
+# SIGTERM: /readyz 503, stop accepting, let clients finish (up to [server] drain_timeout, 25 s by default),
+# cut the rest, exit. Docker kills after 10 s: stop with `docker stop -t 40` (compose: stop_grace_period: 40s).
 STOPSIGNAL SIGTERM
 # No curl in the image: Python's urllib (an HTTP error or no answer exits non-zero).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=10s --retries=3 \
