@@ -46,7 +46,8 @@ def test_the_examples_give_the_drain_its_time() -> None:
     grace = {
         "systemd": re.search(r"^TimeoutStopSec=(\d+)$", read("config/examples/systemd/redisguard.service"), re.M),
         "compose": re.search(r"^\s+stop_grace_period: (\d+)s\b", read("config/examples/compose.yaml"), re.M),
-        "kubernetes": re.search(r"^\s+terminationGracePeriodSeconds: (\d+)\b", read("config/examples/kubernetes-sidecar.yaml"), re.M),
+        "kubernetes": re.search(r"^\s+terminationGracePeriodSeconds: (\d+)\b",
+                                read("config/examples/kubernetes-sidecar.yaml"), re.M),
         "docker stop": re.search(r"docker stop -t (\d+)", dockerfile),
     }  # fmt: skip
     for where, m in grace.items():
