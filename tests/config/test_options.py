@@ -61,3 +61,29 @@ def test_defaults_are_the_declared_ones(tmp_path: Path, table: str, cls: type) -
     declared = {o.key: o.default for o in TABLES[table]}
     for f in fields(cls):
         assert getattr(cls(), f.name) == declared[f.name], (table, f.name)
+
+
+# Declared options the parsed config holds in another shape (or not at all: secrets are read, not kept).
+DERIVED = {("upstream", "address"), ("upstream", "password_file"), ("upstream", "password_env"), ("acl", "users_file"),
+           ("metrics", "address"), ("listener", "name"), ("listener", "type"), ("listener", "address"),
+           ("listener", "socket_mode")}  # fmt: skip
+
+
+def test_every_other_table_parses_to_its_declared_defaults(tmp_path: Path) -> None:
+    """[upstream], [acl] and [metrics] given nothing but what is required hold the declared defaults (None:
+    not set, also as ""); the derived ones in their own shape."""
+    base = {"listener": [{"type": "tls", "address": "127.0.0.1:1", "cert_file": "c.pem", "key_file": "k.pem"}],
+            "acl": {"users_file": "u.acl"}}  # fmt: skip
+    cfg = parse_config(base, tmp_path)
+    for table, obj in (("upstream", cfg.upstream), ("acl", cfg.acl), ("metrics", cfg.metrics)):
+        names = {f.name for f in fields(obj)}
+        for o in TABLES[table]:
+            if (table, o.key) in DERIVED:
+                continue
+            assert o.key in names, (table, o.key)
+            value = getattr(obj, o.key)
+            value = list(value) if isinstance(value, (tuple, list, frozenset)) and isinstance(o.default, list) else value
+            value = dict(value) if isinstance(o.default, dict) else value
+            assert value == o.default or (o.default is None and value in (None, "")), (table, o.key, value, o.default)
+    assert (cfg.upstream.host, cfg.upstream.port) == ("127.0.0.1", 6379) and (cfg.metrics.host, cfg.metrics.port) == (
+        "127.0.0.1", 9187)  # fmt: skip
