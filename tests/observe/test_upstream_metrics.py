@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-from redisguard.observe import metrics as metrics_module
 from redisguard.observe import metrics_merge
 from redisguard.observe.metrics import Metrics, parse_samples
 
@@ -21,7 +20,7 @@ class Clock:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     c = Clock()
-    monkeypatch.setattr(metrics_module.time, "monotonic", c)
+    monkeypatch.setattr("redisguard.observe.metrics.time.monotonic", c)
     return c
 
 
