@@ -133,7 +133,7 @@ def stringmatchlen(pattern: bytes, string: bytes, nocase: bool = False) -> bool:
 # ValueError (the caller's: decline the chunk, or fail the upstream), in both twins. A negative one is a
 # null, whatever its value; one that no stream could ever reach the end of stays pending forever.
 
-Frame = tuple[int, int, "bytes | None"]  # (end in the scanned buffer, RESP type byte, first element of a pub/sub kind)
+Frame = tuple[int, int, bytes | None]  # (end in the scanned buffer, RESP type byte, first element of a pub/sub kind)
 
 REPLY_HEADER_MAX = PROTO_INLINE_MAX_SIZE * 16  # a reply header line longer than this is a protocol error
 _SIMPLE = frozenset(b"+-:")
