@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypedDict, cast
 
 import redis
+from hypothesis import strategies as st
 
 from redisguard.cli.procs import free_port as free_port  # (for tests: the demo starts processes the same way)
 from redisguard.cli.procs import scrape as scrape
@@ -331,3 +332,19 @@ def random_argv(rng: random.Random, table: CommandTable, name: str) -> list[byte
         else:
             argv.append(rng.choice([b"STORE", b"GET", b"BY", b"STREAMS", b"KEYS", b"LIMIT", b"WITHSCORES"]))
     return argv
+
+
+@st.composite
+def mutated(draw: st.DrawFn, base: st.SearchStrategy[bytes]) -> bytes:
+    """A stream of ``base`` with up to three bytes inserted, deleted or changed (for the fuzz tests)."""
+    data = bytearray(draw(base))
+    for _ in range(draw(st.integers(0, 3))):
+        op = draw(st.integers(0, 2))
+        i = draw(st.integers(0, len(data)))
+        if op == 0:
+            data[i:i] = draw(st.binary(min_size=1, max_size=3))
+        elif op == 1 and i < len(data):
+            del data[i]
+        elif i < len(data):
+            data[i] = draw(st.integers(0, 255))
+    return bytes(data)

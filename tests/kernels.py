@@ -16,3 +16,7 @@ class Kernel(Protocol):
 
 
 TWINS = [pytest.param(_pure.stringmatchlen, id="pure"), pytest.param(_speedups.stringmatchlen, id="compiled")]
+
+# Either twin's reply-frame counting (a test's ``whole_frames`` / ``make_scanner`` parameter).
+WHOLE_FRAMES = [pytest.param(_pure.whole_frames, id="pure"), pytest.param(_speedups.whole_frames, id="compiled")]
+SCANNERS = [pytest.param(_pure.ReplyScanner, id="pure"), pytest.param(_speedups.ReplyScanner, id="compiled")]

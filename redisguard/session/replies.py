@@ -13,7 +13,8 @@ undone if it was aborted; ``SWALLOW_EXEC_SUBS`` the same, silenced by CLIENT REP
 what is behind the proxy — CLIENT LIST/INFO/KILL, CLUSTER SHARDS — held whole and replaced by
 ``fn(frames)``; only these few commands ever pay for decoding).
 
-Upstream bytes are scanned for frame ends (:class:`~redisguard.protocol.resp.ReplyScanner`), never decoded;
+Upstream bytes are scanned for frame ends (the kernel's ``whole_frames`` and ``ReplyScanner``, :mod:`redisguard.fast`),
+never decoded;
 push frames, RESP2 pub/sub messages and the monitor feed are out of band and relayed as they come.
 With no reply made here waiting, bytes stream straight through. The session owns the request side
 and the state both sides read (RESP version, subscriptions); this class owns everything here.
@@ -27,7 +28,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from redisguard.protocol.resp import Frame, ProtocolError, ReplyScanner, whole_frames
+from redisguard.fast import ReplyScanner, whole_frames
+from redisguard.protocol.resp import ProtocolError
 
 RELAY, SYNTH, SWALLOW, AUTHCHECK, CLOSE, PUBSUB, MONITOR, SWALLOW_MONITOR, EXEC_SUBS, SWALLOW_EXEC_SUBS, REWRITE = range(11)
 SPLICE = 11  # an EXEC whose reply gets the run-time refusals of its transaction spliced in: [SPLICE, 1, errors, subs]
@@ -141,18 +143,18 @@ class ReplyQueue:
             return
         self.carry = buf[consumed:]
         cut = 0
-        for fr in frames:
+        for end, fkind, first in frames:
             head = slots[0] if slots else None
-            seg = buf[cut : fr.end]
-            cut = fr.end
-            if fr.kind == _ATTR or head is None or self.is_push(fr, head[0]) or (
-                self.monitoring and fr.kind == 0x2B and _MONITOR_LINE.match(seg) is not None
+            seg = buf[cut:end]
+            cut = end
+            if fkind == _ATTR or head is None or self.is_push(fkind, first, head[0]) or (
+                self.monitoring and fkind == 0x2B and _MONITOR_LINE.match(seg) is not None
             ):
                 self.emit(seg)  # attribute (belongs to the next reply), out-of-band push, monitor feed
                 continue
             kind = head[0]
             if kind == PUBSUB:
-                if fr.kind == ord("-"):
+                if fkind == 0x2D:  # -
                     self.pubsub_owed -= head[1] - 1
                     head[1] = 1  # an error answers the whole command
                 self.pubsub_owed -= 1
@@ -217,18 +219,18 @@ class ReplyQueue:
             self.session.reply_latency(self.clock() - self.sample[1])
             self.sample = None
 
-    def is_push(self, fr: Frame, slot: int) -> bool:
+    def is_push(self, kind: int, first: bytes | None, slot: int) -> bool:
         """Out-of-band: not the answer to a request. Subscribe confirmations answer (P|S)(UN)SUBSCRIBE
         even when RESP3 sends them as push frames; RESP2 messages are arrays told apart by their
         first element."""
-        if fr.kind == _PUSH:
-            return not (slot == PUBSUB and fr.first in CONFIRMATIONS)
-        if fr.kind == 0x2A and fr.first is not None and self.session.resp == 2:
+        if kind == _PUSH:
+            return not (slot == PUBSUB and first in CONFIRMATIONS)
+        if kind == 0x2A and first is not None and self.session.resp == 2:
             # RESP2 messages are plain arrays, and come only while subscribed (or until the pending
             # (un)subscribe confirmations arrive): never mistake a reply that starts with "message".
             if slot == PUBSUB:
-                return fr.first not in CONFIRMATIONS
-            return fr.first in PUBSUB_MESSAGES and (self.session.subscribed or self.pubsub_owed > 0)
+                return first not in CONFIRMATIONS
+            return first in PUBSUB_MESSAGES and (self.session.subscribed or self.pubsub_owed > 0)
         return False
 
     def emit(self, seg: bytes) -> None:
@@ -270,10 +272,10 @@ def splice_exec(frame: bytes, errors: dict[int, bytes]) -> bytes:
     head = frame.index(b"\r\n") + 2
     frames, _ = ReplyScanner().scan(frame[head:])
     parts, start, i = [frame[:head]], head, 0
-    for fr in frames:
-        if fr.kind == _ATTR:
+    for fend, fkind, _ in frames:
+        if fkind == _ATTR:
             continue  # an attribute goes with the element after it
-        end = head + fr.end
+        end = head + fend
         parts.append(errors.get(i, frame[start:end]))
         start, i = end, i + 1
     return b"".join(parts) if i == int(frame[1 : head - 2]) and start == len(frame) else frame

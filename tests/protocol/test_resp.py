@@ -1,4 +1,4 @@
-"""Pure tests of request parsing and reply scanning (no sockets)."""
+"""Pure tests of request parsing and encoding (no sockets; reply scanning: tests/fast/test_replies.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from redisguard.protocol.request import RequestParser, split_args
-from redisguard.protocol.resp import ProtocolError, ReplyScanner, encode_command
+from redisguard.protocol.resp import ProtocolError, encode_command
+from tests.helpers import mutated
 from tests.redis_model import redis_parse
 
 argvs = st.lists(st.lists(st.binary(max_size=40), min_size=1, max_size=6), min_size=1, max_size=8)
@@ -175,54 +176,6 @@ def test_pending_request_is_bounded() -> None:
         feed_all(p, [b"*100000\r\n" + b"$0\r\n\r\n" * 5000])
 
 
-REPLIES = [
-    b"+OK\r\n", b"-ERR x\r\n", b":1\r\n", b"$3\r\nabc\r\n", b"$-1\r\n", b"*-1\r\n", b"*0\r\n",
-    b"*2\r\n$1\r\na\r\n*1\r\n:2\r\n", b"%1\r\n+k\r\n+v\r\n", b"~2\r\n,1.5\r\n(12345\r\n", b"_\r\n", b"#t\r\n",
-    b"=7\r\ntxt:abc\r\n", b">3\r\n$7\r\nmessage\r\n$1\r\nc\r\n$1\r\nm\r\n", b"|1\r\n+ttl\r\n:3\r\n", b"!3\r\nerr\r\n",
-]  # fmt: skip
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.lists(st.sampled_from(REPLIES), min_size=1, max_size=20), st.data())
-def test_reply_scanner_finds_every_frame_end(frames: list[bytes], data: st.DataObject) -> None:
-    stream = b"".join(frames)
-    ends, pos = [], 0
-    for f in frames:
-        pos += len(f)
-        ends.append(pos)
-    cuts = sorted(set(data.draw(st.lists(st.integers(1, len(stream) - 1), max_size=8)))) if len(stream) > 1 else []
-    sc, carry, base, found = ReplyScanner(), b"", 0, []
-    for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True):
-        buf = carry + stream[a:b]
-        fr, consumed = sc.scan(buf)
-        offset = base - len(carry)
-        found += [offset + f.end for f in fr]
-        carry = buf[consumed:]
-        base = b
-    assert found == ends
-    assert sc.idle
-
-
-def test_scanner_reports_kind_and_first_word() -> None:
-    fr, _ = ReplyScanner().scan(b"*3\r\n$7\r\nmessage\r\n$1\r\nc\r\n$1\r\nm\r\n>2\r\n+a\r\n+b\r\n")
-    assert [(f.kind, f.first) for f in fr] == [(ord("*"), b"message"), (ord(">"), None)]
-
-
-def test_scanner_streams_large_bulk_without_holding_it() -> None:
-    sc = ReplyScanner()
-    fr, consumed = sc.scan(b"$10000000\r\n" + b"x" * 65536)
-    assert fr == [] and consumed == 11 + 65536  # everything may be relayed at once
-    total = 11 + 65536
-    while total < 11 + 10_000_002:
-        chunk = b"x" * min(65536, 11 + 10_000_000 - total) or b"\r\n"
-        if total + len(chunk) == 11 + 10_000_000:
-            chunk += b"\r\n"
-        fr, consumed = sc.scan(chunk)
-        assert consumed == len(chunk)
-        total += len(chunk)
-    assert len(fr) == 1 and sc.idle
-
-
 # -- fuzz: random RESP2/RESP3/inline/garbage streams, split anywhere, against the model -------------
 TOKENS = [
     b"*1\r\n", b"*2\r\n", b"*3\r\n", b"*0\r\n", b"*-1\r\n", b"~2\r\n", b"%1\r\n", b"|1\r\n", b">2\r\n", b"*200\r\n",
@@ -235,27 +188,12 @@ TOKENS = [
 streams = st.lists(st.sampled_from(TOKENS), max_size=14).map(b"".join)
 
 
-@st.composite
-def mutated(draw: st.DrawFn) -> bytes:
-    data = bytearray(draw(streams))
-    for _ in range(draw(st.integers(0, 3))):
-        op = draw(st.integers(0, 2))
-        i = draw(st.integers(0, len(data)))
-        if op == 0:
-            data[i:i] = draw(st.binary(min_size=1, max_size=3))
-        elif op == 1 and i < len(data):
-            del data[i]
-        elif i < len(data):
-            data[i] = draw(st.integers(0, 255))
-    return bytes(data)
-
-
 # CI runs a bounded budget; a longer run: REDISGUARD_FUZZ_EXAMPLES=200000 pytest tests/protocol/test_resp.py -k fuzz
 FUZZ_EXAMPLES = int(os.environ.get("REDISGUARD_FUZZ_EXAMPLES", "1500"))
 
 
 @settings(max_examples=FUZZ_EXAMPLES, deadline=None)
-@given(st.one_of(streams, mutated()), st.lists(st.integers(0, 200), max_size=6), st.booleans())
+@given(st.one_of(streams, mutated(streams)), st.lists(st.integers(0, 200), max_size=6), st.booleans())
 def test_fuzz_parser_reads_as_redis_does(stream: bytes, cuts: list[int], authenticated: bool) -> None:
     want_reqs, want_err = redis_parse(stream, authenticated)
     p = RequestParser()
@@ -287,35 +225,3 @@ def test_encode_requests_is_what_redis_reads(requests: list[list[bytes]]) -> Non
     assert redis_parse(data) == (requests, None)
     assert data == b"".join(b"*%d\r\n" % len(r) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in r)
                             for r in requests)  # fmt: skip
-
-
-_element = st.one_of(
-    st.binary(max_size=40).map(lambda b: b"$%d\r\n%s\r\n" % (len(b), b)),
-    st.just(b"$-1\r\n"), st.just(b"+OK\r\n"), st.just(b":42\r\n"), st.just(b"-ERR x\r\n"),
-)  # fmt: skip
-_simple_reply = st.one_of(_element, st.just(b"*-1\r\n"))
-_reply = st.one_of(  # (bytes, nested deeper than whole_frames reads)
-    _simple_reply.map(lambda r: (r, False)),
-    st.lists(_element, max_size=5).map(lambda xs: (b"*%d\r\n" % len(xs) + b"".join(xs), False)),
-    st.lists(st.lists(_element, max_size=2), min_size=1, max_size=3).map(
-        lambda xss: (b"*%d\r\n" % len(xss) + b"".join(b"*%d\r\n" % len(xs) + b"".join(xs) for xs in xss), True)),
-)
-
-
-@settings(max_examples=500, deadline=None)
-@given(st.lists(_reply, max_size=8), st.integers(0, 400), st.integers(0, 9))
-def test_whole_frames_agrees_with_the_scanner(replies: list[tuple[bytes, bool]], cut: int, limit: int) -> None:
-    """whole_frames says n only when the scanner finds exactly n frames ending at the chunk's end; it
-    declines only nesting, a partial reply or more than ``limit`` replies."""
-    from redisguard.protocol.resp import whole_frames
-
-    full = b"".join(r for r, _ in replies)
-    buf = full[:cut]
-    n = whole_frames(buf, limit)
-    scanner = ReplyScanner()
-    frames, consumed = scanner.scan(buf)
-    whole = consumed == len(buf) and scanner.idle
-    if n >= 0:
-        assert whole and n == len(frames) <= limit
-    elif whole and len(frames) <= limit:
-        assert any(nested for _, nested in replies), (buf, frames)

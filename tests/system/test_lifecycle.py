@@ -16,7 +16,8 @@ from pathlib import Path
 
 import redis
 
-from redisguard.protocol.resp import ReplyScanner, encode_command
+from redisguard.fast import ReplyScanner
+from redisguard.protocol.resp import encode_command
 from tests.helpers import UPSTREAM_PASSWORD, UPSTREAM_USER, ProxyProc, RedisProc, read_until, start_proxy
 
 USERS = "user default off\nuser app on >app-pw ~* &* +@all\n"
