@@ -320,6 +320,6 @@ def acl_load(path: str | os.PathLike[str] | None, table: CommandTable, *, requir
     try:
         data = read_users_file(path) if data is None else data
         users = parse_users_bytes(data, table, str(path), require_default=require_default)
-    except UsersFileError as e:
-        return None, error_format(_bytes(str(e)))
+    except UsersFileError as e:  # in Redis's words where redisguard's differ (a duplicate user)
+        return None, error_format(_bytes(e.redis if e.redis is not None else str(e)))
     return users, OK

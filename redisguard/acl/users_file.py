@@ -39,8 +39,18 @@ _SPACES = frozenset(" \t\r\n\v\f\0")
 _read_before: weakref.WeakValueDictionary[tuple[CommandTable, bytes], User] = weakref.WeakValueDictionary()
 
 
+# What Redis 7.0 (acl.c ACLLoadFromFile) appends to the errors of a users file ACL LOAD refused.
+REDIS_LOAD_REFUSED = "WARNING: ACL errors detected, no change to the previously active ACL rules was performed"
+
+
 class UsersFileError(ValueError):
-    pass
+    """A users file refused: ``str(e)`` names every problem as ``path:line: ...`` (for operators:
+    check-config, serve, acl); ``redis`` is the same problems in Redis's own words, where they differ
+    (ACL LOAD's reply, byte for byte as Redis's), or None when it could not be read at all."""
+
+    def __init__(self, message: str, redis: str | None = None) -> None:
+        super().__init__(message)
+        self.redis = redis
 
 
 def missing_default_message(filename: str) -> str:
@@ -58,7 +68,9 @@ def parse_users(text: str, table: CommandTable, filename: str = "users.acl", *, 
     Without a ``user default`` line, ``default`` is Redis's built-in open user (marked
     ``implicit``), or, with ``require_default``, the file is an error."""
     users: dict[str, User] = {}
+    first: dict[str, int] = {}  # the line each user was first defined on
     errors: list[str] = []
+    redis: dict[int, str] = {}  # errors[i] in Redis's words, where they differ (Redis says WARNING, no file)
     command_sets: dict[CommandsKey, Selector] = {}  # each distinct command set once (Selector.share_commands)
     for lineno, line in enumerate(text.split("\n"), 1):
         line = line.strip(" \t\r\n")
@@ -66,15 +78,17 @@ def parse_users(text: str, table: CommandTable, filename: str = "users.acl", *, 
             continue
         argv = line.split(" ")
         if argv[0] != "user" or len(argv) < 2:
-            errors.append(f"{filename}:{lineno} should start with user keyword.")
+            errors.append(f"{filename}:{lineno} should start with user keyword followed by the username.")
             continue
         name = argv[1]
         if any(c in _SPACES for c in name):  # "" is a valid name (ACL SETUSER "" makes one)
             errors.append(f"{filename}:{lineno}: username '{name}' contains invalid characters.")
             continue
-        if name in users:
-            errors.append(f"WARNING: Duplicate user '{name}' found on line {lineno}.")
+        if name in first:
+            redis[len(errors)] = f"WARNING: Duplicate user '{name}' found on line {lineno}."
+            errors.append(f"{filename}:{lineno}: duplicate user '{name}' (first defined on line {first[name]}).")
             continue
+        first[name] = lineno
         seen = (table, hashlib.sha256(line.encode("utf-8", "surrogatepass")).digest())
         before = _read_before.get(seen)
         if before is not None:
@@ -102,7 +116,8 @@ def parse_users(text: str, table: CommandTable, filename: str = "users.acl", *, 
     if require_default and "default" not in users:
         errors.append(missing_default_message(filename))
     if errors:
-        raise UsersFileError(" ".join(errors))
+        said = " ".join(redis.get(i, e) for i, e in enumerate(errors))
+        raise UsersFileError(" ".join(errors), f"{said} {REDIS_LOAD_REFUSED}")
     if "default" not in users:
         users["default"] = default_user(table, implicit=True)
     return users

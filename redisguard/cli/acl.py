@@ -92,12 +92,12 @@ def add_commands(asub: argparse._SubParsersAction[argparse.ArgumentParser],
     a.set_defaults(func=cmd_suggest)
     a = command(asub, "diff", "compare two users files; with --against, list the observed traffic the new one "
                 "would deny (exit 1 if any)")  # fmt: skip
-    a.add_argument("old")
-    a.add_argument("new")
+    a.add_argument("old", help="the users file in force")
+    a.add_argument("new", help="the users file you mean to put in force")
     a.add_argument("--against", default="", help="a traffic profile to check the new users file against")
     a.set_defaults(func=cmd_diff)
     a = command(asub, "test", "run policy expectations (a TOML file of [[case]] user/command/expect) against a "
                 "users file (exit 1 on any failure)")  # fmt: skip
-    a.add_argument("file")
+    a.add_argument("file", help="the TOML file of [[case]] tables")
     a.add_argument("--users", default="", help="the users file (default: users_file in the test file)")
     a.set_defaults(func=cmd_test)

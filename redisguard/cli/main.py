@@ -14,6 +14,7 @@ from redisguard import __version__, fast
 from redisguard.acl import ACLError, UsersFileError, hash_password, load_users, missing_default_message
 from redisguard.cli import acl as cli_acl
 from redisguard.cli.preflight import preflight, proxy_protocol_warnings, root_warning
+from redisguard.cli.usage import manual
 from redisguard.commands.table import CommandTable
 from redisguard.config.load import load_config
 from redisguard.config.model import Config, ConfigError
@@ -263,11 +264,12 @@ def cmd_acl_check(args: argparse.Namespace) -> int:
         policy = replace(policy, disabled=frozenset(acl.disabled_commands), enable_debug_command=acl.enable_debug_command,
                          enable_module_command=acl.enable_module_command)  # fmt: skip
     verdict = decide(policy, user, argv, auth_required=False, local=args.local)
+    off = "" if user.enabled else f"; but user {user.name!r} is off: it cannot log in (AUTH fails) until its rules say on"
     if verdict.error is None:
-        print(f"allowed: user {user.name!r} may run {verdict.name}")
+        print(f"allowed: user {user.name!r} may run {verdict.name}{off}")
         return 0
     reason = {"unknown_command": "unknown"}.get(verdict.reason, verdict.reason)
-    print(f"denied ({reason}): {verdict.error.decode('utf-8', 'replace').strip()[1:]}")
+    print(f"denied ({reason}): {verdict.error.decode('utf-8', 'replace').strip()[1:]}{off}")
     return 1
 
 
@@ -312,13 +314,16 @@ def _config_option(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="redisguard", description="TLS + ACL proxy in front of Redis")
+    p = argparse.ArgumentParser(prog="redisguard")
+    manual(p, "a TLS + ACL proxy in front of Redis")
     p.add_argument("--version", action="version", version=f"redisguard {__version__}, fast path: {fast.KERNEL}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(parent: argparse._SubParsersAction[argparse.ArgumentParser], name: str, text: str) -> argparse.ArgumentParser:
-        """A subcommand whose one-line help is also the first line of its --help description."""
-        return parent.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        """A subcommand whose one-line help is also the first line of its --help, its manual (usage.py) after."""
+        s = parent.add_parser(name, help=text)
+        manual(s, text)
+        return s
 
     s = command(sub, "serve", "run the proxy (SIGHUP reloads users and certificates, SIGTERM drains and stops)")
     _config_option(s)
@@ -349,28 +354,30 @@ def main(argv: list[str] | None = None) -> int:
     s = command(sub, "certs", "development certificates")
     csub = s.add_subparsers(dest="certs_command", required=True, metavar="COMMAND")
     c = command(csub, "init", "create a dev CA, a server and a client certificate (keys mode 0600)")
-    c.add_argument("--dir", default="certs")
+    c.add_argument("--dir", default="certs", help="where to write them, made if missing (default: %(default)s)")
     c.add_argument("--san", action="append", default=[], help="extra server name or IP (repeatable)")
-    c.add_argument("--client-name", default="alice")
-    c.add_argument("--force", action="store_true")
+    c.add_argument("--client-name", default="alice", help="the client certificate's CN, and its SPIFFE ID "
+                   "spiffe://redisguard.dev/NAME (default: %(default)s)")  # fmt: skip
+    c.add_argument("--force", action="store_true", help="replace certificates and keys that already exist")
     c.set_defaults(func=cmd_certs_init)
 
-    s = command(sub, "acl", "policy tools: check a command against the users file, hash a password")
+    s = command(sub, "acl", "users-file tools: check a command, hash a password, suggest, diff and test rules")
     asub = s.add_subparsers(dest="acl_command", required=True, metavar="COMMAND")
     a = command(asub, "check", "would this user be allowed this command? (exit 0 allowed, 1 denied)")
     a.add_argument("--users", default="", help="the users file (default: the config's, else config/users.acl)")
     a.add_argument("--config", "-c", default="", help="take disabled and protected commands from this config, "
                    "to print exactly the proxy's verdict")  # fmt: skip
     a.add_argument("--local", action="store_true", help="as a loopback/unix-socket client (protected commands)")
-    a.add_argument("--user", required=True)
-    a.add_argument("argv", nargs=argparse.REMAINDER)
+    a.add_argument("--user", required=True, help="the user (as in AUTH user password) whose rules decide")
+    a.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG ...]", help="the command, after --")
     a.set_defaults(func=cmd_acl_check)
     a = command(asub, "hash", "read a password on stdin, print its #<sha256> rule for the users file")
     a.set_defaults(func=cmd_acl_hash)
     cli_acl.add_commands(asub, command)
 
     s = command(sub, "demo", "start redis-server and redisguard on free loopback ports and run a scripted session")
-    s.add_argument("--dir", default="run/demo")
+    s.add_argument("--dir", default="run/demo", help="where the demo writes its config, certificates and logs "
+                   "(default: %(default)s)")  # fmt: skip
     s.set_defaults(func=cmd_demo)
 
     args = p.parse_args(argv)

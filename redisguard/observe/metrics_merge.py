@@ -11,14 +11,17 @@ render). The supervisor asks every worker for its exposition and merges them her
   health check) take the largest, a retired worker's included: :data:`COUNTER_MAX` (monotonic too: what
   a restarted worker counts shows once it passes the largest seen);
 - gauges that count things (connections, pending handshakes, ...) are summed; the others take the
-  value that is right for the whole: :data:`GAUGE_RULES`.
+  value that is right for the whole: :data:`GAUGE_RULES`;
+- counters of events of the whole instance that every worker sees, and counts, once each (one SIGHUP
+  is one reload of every worker) are not summed: :data:`PER_INSTANCE` names them, the supervisor
+  counts each event once and :func:`counted_once` puts its counts in their place.
 
 Pure: no I/O, text in, text out.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -38,6 +41,12 @@ GAUGE_RULES: dict[str, Callable[[Iterable[float]], float]] = {
 SUMMED = ("counter", "histogram", "summary")
 # Counters (family names, without _total) each worker counts of the one upstream: the largest, not the sum.
 COUNTER_MAX = frozenset({"redisguard_upstream_transitions", "redisguard_upstream_down_seconds"})
+
+# Counters of instance events, by family: the label, and its values the supervisor counts (others, such
+# as a reload's result="unsettled" that only the first worker's file watch counts, are summed as usual).
+PER_INSTANCE: dict[str, tuple[str, tuple[str, ...]]] = {
+    "redisguard_config_reload": ("result", ("success", "failure")),
+}
 
 SampleKey = tuple[str, tuple[tuple[str, str], ...]]  # (sample name, labels in the order written)
 
@@ -109,3 +118,13 @@ class _Fixed:
 
     def collect(self) -> list[Metric]:
         return self.metrics
+
+
+def counted_once(families: Families, name: str, counts: Mapping[str, float], documentation: str = "") -> None:
+    """The samples of :data:`PER_INSTANCE` family ``name`` the workers counted each (summed by
+    :func:`merge`) replaced by ``counts``, the supervisor's, by label value."""
+    label, values = PER_INSTANCE[name]
+    fam = families.setdefault(name, Family(name, documentation, "counter"))
+    for value in values:
+        fam.samples[(f"{name}_total", ((label, value),))] = float(counts.get(value, 0))
+

@@ -10,7 +10,9 @@ allowed-command tallies the observer flushes before a render would only be flush
 renders, and its files must be managed per pid. Aggregating keeps each worker's metrics exactly as in one
 process (and ``workers = 1`` untouched), at the cost of one round trip per worker per scrape. The
 supervisor adds ``redisguard_workers{state}`` (configured, running, ready) and
-``redisguard_worker_restarts_total``. ``/readyz`` is ready only when all N workers are up and each is
+``redisguard_worker_restarts_total``, and counts the events of the whole instance that every worker
+sees (a reload: ``redisguard_config_reload_total``, once per SIGHUP however many workers reloaded).
+``/readyz`` is ready only when all N workers are up and each is
 ready (its listeners, certificates, the upstream PING).
 """
 
@@ -38,6 +40,19 @@ class Aggregate:
                                    "(forked, not yet exited), ready (listeners up).", ["state"], registry=r)  # fmt: skip
         self.restarts = Counter("redisguard_worker_restarts", "Workers forked again after one exited unexpectedly.",
                                 registry=r)  # fmt: skip
+        self.reloads: dict[str, int] = {"success": 0, "failure": 0}  # each reload of the instance once
+        self.outcomes: dict[int, bool] = {}  # the recent reloads' outcomes so far, by generation
+
+    def reloaded(self, generation: int, ok: bool) -> None:
+        """A worker's outcome of reload ``generation`` (ChangeStream.reload's number): each reload counted
+        once, as the first worker to finish it says; a worker that then fails it counts it failed too,
+        so a failure is never hidden by another worker's success."""
+        before = self.outcomes.get(generation)
+        if before is None or (before and not ok):
+            self.reloads["success" if ok else "failure"] += 1
+            self.outcomes[generation] = ok
+            for old in [g for g in self.outcomes if g < generation - 64]:  # bounded: late answers only
+                del self.outcomes[old]
 
     def retire(self, slot: Slot) -> None:
         """The worker in ``slot`` exited: its counters stay in the totals."""
@@ -50,6 +65,8 @@ class Aggregate:
             if answer is not None:
                 slot.last = metrics_merge.parse(answer["text"])
         merged = metrics_merge.merge([s.last for s in self.slots if s.pid], self.retired)
+        metrics_merge.counted_once(merged, "redisguard_config_reload", self.reloads,
+                                   "Reloads of users and certificates (SIGHUP).")  # fmt: skip
         self.workers_gauge.labels("configured").set(self.n)
         self.workers_gauge.labels("running").set(sum(1 for s in self.slots if s.pid))
         self.workers_gauge.labels("ready").set(sum(1 for s in self.slots if s.up))

@@ -129,12 +129,12 @@ class ChangeStream:
         self.journal.clear()  # the files are the truth again
         self.generation += 1
         log.info("reload_workers", reason=why, workers=len(self.slots))
-        msg: Message = {"op": "reload", "files": files}
+        msg: Message = {"op": "reload", "files": files, "generation": self.generation}
         if files is None:
             try:  # (a few MiB at most, on the supervisor's loop: it carries no client traffic)
                 msg["files"] = encode_files(read_now(watched_files(self.config)))
             except (FileChanged, FileUnreadable) as e:
-                msg = {"op": "reload", "error": str(e)}
+                msg = {"op": "reload", "error": str(e), "generation": self.generation}
         self._broadcast(msg)
 
     def _broadcast(self, msg: Message) -> None:

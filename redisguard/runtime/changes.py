@@ -44,6 +44,7 @@ class Load:
     replay: list[Change] = field(default_factory=list)
     files: dict[Path, bytes] | None = None
     error: str = ""  # the files could not be read (by the supervisor, for every worker): refused
+    generation: int = 0  # with workers: the supervisor's number of the reload (its outcome is reported with it)
 
     def replayed(self, users: dict[str, User], table: CommandTable) -> dict[str, User]:
         """``users`` just loaded, with the changes made since the load was asked for applied, in order."""

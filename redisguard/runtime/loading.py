@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import heapq
 import ssl
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -105,6 +106,9 @@ class Loader:
         self.ctx = ctx
         self.metrics = ctx.metrics
         self.background: set[asyncio.Future[None]] = set()
+        self.in_force = shared.policy.users  # the users of the last change seen (what the next one changes)
+        # With workers: told each reload's outcome, with the supervisor's number of it (worker_link)
+        self.on_reload: Callable[[int, bool], None] | None = None
         shared.on_users_changed = self.users_changed
 
     @property
@@ -151,7 +155,7 @@ class Loader:
         `on nopass +@all`, silently opening the proxy to anyone."""
         cfg = self.config
         if asked.error:
-            self.metrics.reload_result(False)
+            self._reload_result(asked, False)
             audit.error("config_reload_failed", error=asked.error, detail="kept the previous users and certificates")
             return
         # A full garbage collection over 10,000 users' command sets holds the GIL for ~60 ms,
@@ -165,7 +169,7 @@ class Loader:
                                                                                    asked.files)  # fmt: skip
         except (UsersFileError, ACLError, TLSConfigError, OSError, ValueError) as e:
             gc.enable()
-            self.metrics.reload_result(False)
+            self._reload_result(asked, False)
             audit.error("config_reload_failed", error=str(e), detail="kept the previous users and certificates")
             return
         for lst in cfg.listeners:
@@ -181,10 +185,15 @@ class Loader:
         dropped = await self._put_in_force(users, acl_replies, asked,
                                            lambda u: replace(self.policy, users=u, disabled=disabled))  # fmt: skip
         users = self.policy.users
-        self.metrics.reload_result(True)
+        self._reload_result(asked, True)
         changes.log()
         audit.info("config_reloaded", users=len(users), listeners=sorted(contexts), disconnected=dropped,
                    applied=changes.applied, restart_required=changes.restart)  # fmt: skip
+
+    def _reload_result(self, asked: Load, ok: bool) -> None:
+        self.metrics.reload_result(ok)
+        if self.on_reload is not None:
+            self.on_reload(asked.generation, ok)
 
     def users_changed(self, policy: Policy, changed: set[str] | None, deleted: Sequence[str]) -> int:
         """A reload or ACL SETUSER / DELUSER / LOAD changed the users: move or disconnect the other
@@ -197,8 +206,12 @@ class Loader:
         if self.shared.profile is not None:  # the profile of users that are gone goes with them (file too)
             self.shared.profile.forget([name for name in before if name not in users])
         dropped = self._rebind_sessions(users, changed, deleted)
-        audit.info("users_changed", users=len(users), changed=sorted(changed) if changed is not None else "all",
-                   deleted=list(deleted), disconnected=dropped)  # fmt: skip
+        old, self.in_force = self.in_force, users
+        if changed is None:  # a load: an unchanged line is read as the very same User (users_file._read_before)
+            changed = {n for n, u in users.items() if old.get(n) is not u}
+            deleted = [n for n in old if n not in users]
+        audit.info("users_changed", users=len(users), changed=_some(changed), changed_count=len(changed),
+                   deleted=_some(deleted), deleted_count=len(deleted), disconnected=dropped)  # fmt: skip
         if self.shared.acl_replies is None:
 
             async def rebuild() -> None:
@@ -229,3 +242,8 @@ class Loader:
                                 user=session.user.name, reason=why)  # fmt: skip
                 client.close()
         return dropped
+
+
+def _some(names: Iterable[str], most: int = 20) -> list[str]:
+    """The first ``most`` of ``names`` in order, for a log line that stays short with 10,000 users."""
+    return heapq.nsmallest(most, names)

@@ -131,7 +131,7 @@ class Reloader:
         if parsed or gone:
             self.shared.swap(self.policy.with_users(users), set(parsed) | set(gone), gone)
 
-    def reload(self, files: dict[Path, bytes] | None = None, error: str = "") -> None:
+    def reload(self, files: dict[Path, bytes] | None = None, error: str = "", generation: int = 0) -> None:
         """Re-read the users file and every listener's certificates, off the event loop.
 
         ``files``: the watched files' bytes, as the file watcher found them stable (parsed as they are);
@@ -139,13 +139,14 @@ class Reloader:
         two reads differ. A SIGHUP during a reload runs one more reload after it (the files may have
         changed again); one while that one is still waiting is that one, asked for again (its record of
         changes starts over, and it parses the newest files). With workers the supervisor read the
-        files once for all of them: ``files`` their bytes, or ``error`` why they could not be read."""
+        files once for all of them: ``files`` their bytes, or ``error`` why they could not be read;
+        ``generation`` its number of the reload, which the outcome is reported with."""
         queued = next((load for load in self.loads if load.full), None)
         if queued is not None:
             queued.replay.clear()
-            queued.files, queued.error = files, error
+            queued.files, queued.error, queued.generation = files, error, generation
             return
-        self.loads.append(Load(True, files=files, error=error))
+        self.loads.append(Load(True, files=files, error=error, generation=generation))
         self._start()
 
     def _start(self) -> None:

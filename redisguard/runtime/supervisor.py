@@ -202,6 +202,8 @@ class Supervisor:
             self.stream.applied(slot, msg)
         elif op == "reload_request":
             self.reload_all("worker", msg.get("files"))
+        elif op == "reloaded":
+            self.aggregate.reloaded(msg["generation"], msg["ok"])
 
     def reload_all(self, why: str, files: dict[str, str] | None = None) -> None:
         """SIGHUP, or a worker's SIGHUP or file watch: every worker reloads (see ChangeStream.reload)."""

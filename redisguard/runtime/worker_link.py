@@ -9,7 +9,8 @@ A socketpair made before the fork carries length-prefixed JSON messages both way
 | worker → supervisor | ``{"op": "sync"}`` → ``{"op": "synced"}`` | caught up: the worker may listen now |
 | worker → supervisor | ``{"op": "started"}`` | listeners up |
 | worker → supervisor | ``{"op": "reload_request"}`` | SIGHUP to a worker, its file watch: reload them all |
-| supervisor → every worker | ``{"op": "reload"}`` | SIGHUP: every worker reloads |
+| supervisor → every worker | ``{"op": "reload", "generation": g}`` | SIGHUP: every worker reloads |
+| worker → supervisor | ``{"op": "reloaded", "generation": g, "ok": bool}`` | its outcome: each reload counted once |
 | worker → supervisor | ``{"op": "change", "id": n, "change": [cmd, arg...]}`` | ACL SETUSER / DELUSER / LOAD here |
 | supervisor → every worker | ``{"op": "apply", "seq": s, "origin": i, "pid": p, "id": n, "change": [...]}`` | in the one order |
 | worker → supervisor | ``{"op": "applied", "seq": s, "set": {name: line}, "deleted": [...]}`` | in force here |
@@ -165,6 +166,7 @@ class WorkerLink(Endpoint):
         """The policy is loaded: catch up with the changes made since the last reload."""
         self.proxy = proxy
         proxy.reloader.link = self
+        proxy.reloader.loader.on_reload = self._reloaded
         if self.journal:
             proxy.reloader.put_lines({n: line for n, line in self.journal.items() if line is not None},
                                      [n for n, line in self.journal.items() if line is None])  # fmt: skip
@@ -176,6 +178,10 @@ class WorkerLink(Endpoint):
         self.reader = asyncio.ensure_future(self._read(reader))
         self.send({"op": "sync"})
         await self.synced
+
+    def _reloaded(self, generation: int, ok: bool) -> None:
+        """A reload's outcome: the supervisor counts each reload of the instance once (aggregate.py)."""
+        self.send({"op": "reloaded", "generation": generation, "ok": ok})
 
     def started(self) -> None:
         self.send({"op": "started"})
@@ -206,7 +212,7 @@ class WorkerLink(Endpoint):
         elif op == "synced" and self.synced is not None and not self.synced.done():
             self.synced.set_result(None)
         elif op == "reload" and self.proxy is not None:  # (the files as the supervisor read them, once)
-            self.proxy.reloader.reload(decode_files(msg.get("files")), msg.get("error", ""))
+            self.proxy.reloader.reload(decode_files(msg.get("files")), msg.get("error", ""), msg.get("generation", 0))
         elif op in ("metrics", "ready"):
             self._spawn(self._answer(msg))
 

@@ -81,3 +81,28 @@ def test_save_keeps_owner_as_root(tmp_path: Path, table: CommandTable) -> None:
     save_users_file(p, initial_users(table))
     st = os.stat(p)
     assert (st.st_uid, st.st_gid) == (1234, 1235)
+
+
+def test_load_refusing_a_duplicate_user_replies_as_redis(tmp_path: Path, table: CommandTable) -> None:
+    """ACL LOAD's reply is Redis's, byte for byte; the operators' message (check-config, serve, acl)
+    names ``path:line`` as every other users-file error does, and says neither WARNING nor Redis's suffix."""
+    from redisguard.acl import UsersFileError, load_users
+
+    acl = tmp_path / "users.acl"
+    acl.write_text(INITIAL)
+    r = start_redis_aclfile(acl)
+    try:
+        c = Raw(r.port)
+        for text in ("user default on nopass ~* &* +@all\nuser app on >x ~* +@all\nuser app on >y ~* +@all\n",
+                     "user default on nopass ~* &* +@all\nuser app on\nusr x\nuser app off\nuser app on\n"):
+            acl.write_text(text)
+            theirs = c("ACL", "LOAD")
+            assert theirs.startswith(b"-ERR WARNING: Duplicate user 'app' found on line 3. ") or b"line 4" in theirs
+            assert acl_load(acl, table)[1] == theirs
+            with pytest.raises(UsersFileError) as e:
+                load_users(acl, table)
+            assert "WARNING" not in str(e.value) and f"{acl}:" in str(e.value)
+            assert f"{acl}:{3 if 'usr' not in text else 4}: duplicate user 'app' (first defined on line 2)." in str(e.value)
+        c.close()
+    finally:
+        r.stop()

@@ -173,7 +173,7 @@ def test_users_file_errors_carry_file_and_line(tmp_path: Path, table: CommandTab
 
     with pytest.raises(UsersFileError, match=r"u.acl:3: Syntax error"):
         parse_users("user a on\n# comment\nuser b bogus\n", table, "u.acl")
-    with pytest.raises(UsersFileError, match="Duplicate user 'a' found on line 2"):
+    with pytest.raises(UsersFileError, match=r"^u.acl:2: duplicate user 'a' \(first defined on line 1\)\.$"):
         parse_users("user a on\nuser a off\n", table, "u.acl")
     with pytest.raises(UsersFileError, match="u.acl:1 should start with user keyword"):
         parse_users("usr a on\n", table, "u.acl")
