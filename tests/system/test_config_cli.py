@@ -123,7 +123,8 @@ def test_check_config_warns_about_scripts_and_open_default(tmp_path: Path) -> No
     res = run_cli("check-config", "-c", str(p))
     assert res.returncode == 1
     assert f"error: upstream 127.0.0.1:{port}: connection refused — is Redis running?" in res.stderr
-    assert f"note: upstream identity: service (auto; Redis at 127.0.0.1:{port} could not be asked (Connect call failed" in res.stderr
+    note = f"note: upstream identity: service (auto; Redis at 127.0.0.1:{port} could not be asked (Connect call failed"
+    assert note in res.stderr
     (line,) = [w for w in res.stderr.splitlines() if "are refused for" in w]
     assert "refused for 'alice': in service identity they would run with the rights of the service user" in line
     assert "'bob'" not in line and 'identity = "mirror"' in line

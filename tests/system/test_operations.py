@@ -163,7 +163,8 @@ def test_busy_ports_unix_paths_and_duplicates(dev: Path) -> None:
                              extra=f'[[listener]]\nname = "sock"\ntype = "unix"\npath = "{dev}/file.sock"\n'))  # fmt: skip
     assert err == (f"listener 'sock': {dev}/file.sock: exists and is not a socket (redisguard would replace it): remove it "
                    "or choose another path")
-    ok = cli("check-config", "-c", str(tls_config(dev, "certs/server.pem", "certs/server.key", metrics=f"127.0.0.1:{dup}")), "--offline")
+    ok = cli("check-config", "--offline", "-c",
+             str(tls_config(dev, "certs/server.pem", "certs/server.key", metrics=f"127.0.0.1:{dup}")))
     assert ok.returncode == 0 and ok.stdout.endswith(": OK\n"), ok.stderr
 
 
