@@ -66,6 +66,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from redisguard.observe.audit import get_logger
 
         get_logger("redisguard").warning("proxy_sources_too_wide", detail=warning)
+    from redisguard.cli.reach import warn_at_start
+
+    warn_at_start(config)  # what check-config says of its Redis, as warnings: Redis may come later
     resolution = _resolve_identity(config)
     if resolution.problems:
         for problem in resolution.problems:
@@ -102,16 +105,21 @@ def _resolve_identity(config: Config) -> Resolution:
     return resolution
 
 
-def config_warnings(config_path: str, bind: bool = True, notes: list[str] | None = None) -> tuple[list[str], list[str]]:
+def config_warnings(config_path: str, bind: bool = True, notes: list[str] | None = None, offline: bool = False
+                    ) -> tuple[list[str], list[str]]:  # fmt: skip
     """(errors, warnings) for a config, its users file and certificates, and (``bind``) its addresses and
-    its Redis; ``notes`` gets what is worth knowing besides (the upstream identity it resolves to)."""
+    (unless ``offline``) its Redis; ``notes`` gets what is worth knowing besides (the upstream identity)."""
     warnings: list[str] = []
     try:
         config = _load(config_path)
     except ConfigError as e:
         return [str(e)], []
     errors = preflight(config, bind=bind)
-    if bind:  # a config for this host: is its Redis a cluster node announcing this sidecar?
+    bind = bind and not offline  # (from here on: whether to ask Redis)
+    if bind:  # a config for this host: can it reach its Redis? is that a cluster node announcing this sidecar?
+        from redisguard.cli.reach import reach_upstream
+
+        errors += reach_upstream(config)
         from redisguard.upstream.cluster import config_check
 
         cluster_errors, cluster_warnings = config_check(config)
@@ -161,7 +169,7 @@ def identity_findings(config: Config, users: dict[str, Any], table: CommandTable
         r = asyncio.run(resolve(config, table))
     else:
         r = Resolution(config, "configured" if up.identity != "auto" else
-                       "auto: decided at start-up by asking Redis (not asked: --skip-bind)")  # fmt: skip
+                       "auto: decided at start-up by asking Redis (not asked: --offline or --skip-bind)")  # fmt: skip
     note = f"upstream identity: {r.identity if up.identity != 'auto' or ask_redis else 'auto'} ({r.why})"
     if r.identity == "mirror":  # (configured "mirror" was checked when parsed; "auto" may resolve to it)
         conflict = mirror_prefix_conflict(up)
@@ -207,7 +215,7 @@ def login_warnings(config: Config, users: dict[str, Any]) -> list[str]:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     notes: list[str] = []
-    errors, warnings = config_warnings(args.config, bind=not args.skip_bind, notes=notes)
+    errors, warnings = config_warnings(args.config, bind=not args.skip_bind, notes=notes, offline=args.offline)
     if args.peer and not errors:
         from redisguard.cli.peers import compare, config_digest
 
@@ -221,6 +229,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(f"warning: {w}", file=sys.stderr)
     for e in errors:
         print(f"error: {e}", file=sys.stderr)
+    if any(e.startswith("upstream") for e in errors):
+        from redisguard.cli.reach import AUDIT_HINT
+
+        print(f"note: {AUDIT_HINT}; --offline skips reaching Redis", file=sys.stderr)
     if errors:
         return 1
     print(f"{args.config}: OK")
@@ -332,9 +344,12 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(func=cmd_serve)
 
     s = command(sub, "check-config", "validate a config without starting: its users file, certificates and keys, "
-                "and that every listener and the metrics port can be bound")  # fmt: skip
+                "that every listener and the metrics port can be bound, and that Redis answers as the service user "
+                "(connect, TLS, AUTH, COMMAND INFO, in mirror identity the ACL rights it needs)")  # fmt: skip
     _config_option(s)
-    s.add_argument("--skip-bind", action="store_true", help="do not test-bind addresses (a config for another host)")
+    s.add_argument("--skip-bind", action="store_true", help="do not test-bind addresses nor ask Redis (a config for "
+                   "another host)")  # fmt: skip
+    s.add_argument("--offline", action="store_true", help="do not reach Redis (it is not up yet)")
     s.add_argument("--peer", action="append", default=[], metavar="HOST:PORT",
                    help="a peer sidecar's metrics address: fail unless it enforces this config's policy (repeatable)")
     s.set_defaults(func=cmd_check_config)

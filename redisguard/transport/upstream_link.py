@@ -31,6 +31,10 @@ HIGH_WATER = 1024 * 1024
 RESYNC_WAIT = 10.0
 # The longest AUTH reply line accepted while logging in (Redis's are under 100 bytes).
 LOGIN_REPLY_MAX = 4096
+# A service AUTH that Redis closed before answering (it was shutting down) is tried again after this
+# delay (seconds), doubling up to RETRY_DELAY_MAX, within [upstream] connect_timeout.
+RETRY_DELAY = 0.05
+RETRY_DELAY_MAX = 0.5
 AUTH_FAILED = "redisguard: upstream authentication failed; Redis refused this user's mirror user"
 
 
@@ -161,10 +165,14 @@ class UpstreamLink:
         m = ctx.metrics
         proto: UpstreamProtocol | None = None
         refused = b""
+        auth_reply = b""
         try:
             proto = await self._open()
             login = self.client.session.upstream_login  # mirror mode: the first AUTH, ours to send and check
-            if login and not self.client.closed:
+            service_auth = self._service_auth()
+            if service_auth and not self.client.closed:
+                proto, auth_reply = await self._service_login(proto, service_auth)
+            elif login and not self.client.closed:
                 refused = await self._login(proto, login)
                 if refused and await self._resynced():  # Redis may have lost the mirror: it is back now
                     proto.abandon()
@@ -196,6 +204,10 @@ class UpstreamLink:
             state = self.client.session.state
             state.upstream_addr = redis_addr(sockname)
             ctx.upstream_clients[state.upstream_addr] = state
+        if auth_reply:  # the service AUTH's reply, to the session (its reply queue expects it first)
+            if not auth_reply.startswith(b"+"):
+                self.pending.clear()  # refused: nothing of the client's runs on Redis (as its default user)
+            proto.slicer.feed(auth_reply + b"\r\n")
         if self.pending:
             assert proto.transport is not None  # (connected: _open returned it)
             proto.transport.write(b"".join(self.pending))
@@ -230,11 +242,44 @@ class UpstreamLink:
 
     async def _login(self, proto: UpstreamProtocol, login: bytes) -> bytes:
         """Send ``login`` (an AUTH) alone and wait for its reply: b"" if accepted, else Redis's error."""
+        line = await self._raw_login(proto, login)
+        return b"" if line.startswith(b"+") else line or b"-"
+
+    def _service_auth(self) -> bytes:
+        """The service user's AUTH, if it heads what the session sends first (service identity): the link
+        sends it alone, so that a Redis that accepts and then closes (one shutting down: the connections
+        in its accept queue are reset) has run nothing of the client's, and is tried again."""
+        policy = self.client.session.policy
+        auth = policy.upstream_auth() if policy.mirror is None else b""
+        return auth if auth and b"".join(self.pending[:1]).startswith(auth) else b""
+
+    async def _service_login(self, proto: UpstreamProtocol | None, auth: bytes) -> tuple[UpstreamProtocol, bytes]:
+        """Send the service AUTH alone; its reply line. If Redis closes before answering (restarting),
+        connect again (refused meanwhile too: the new Redis is not listening yet), for up to connect_timeout."""
+        up = self.ctx.config.upstream
+        deadline, delay = time.monotonic() + up.connect_timeout, RETRY_DELAY
+        joined = b"".join(self.pending)
+        self.pending = [joined[len(auth):]] if len(joined) > len(auth) else []
+        while True:
+            try:
+                if proto is None:
+                    proto = await self._open()
+                line = await self._raw_login(proto, auth)
+                return proto, line
+            except (ConnectionError, FileNotFoundError):  # (not a timeout: a Redis that hangs is not retried)
+                if proto is not None:
+                    proto.abandon()
+                    proto = None
+                if self.client.closed or time.monotonic() + delay > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_DELAY_MAX)
+
+    async def _raw_login(self, proto: UpstreamProtocol, login: bytes) -> bytes:
         proto.login = fut = asyncio.get_running_loop().create_future()
         assert proto.transport is not None  # (connected: _open returned it)
         proto.transport.write(login)
-        line = await asyncio.wait_for(fut, self.ctx.config.upstream.connect_timeout)
-        return b"" if line.startswith(b"+") else line or b"-"
+        return await asyncio.wait_for(fut, self.ctx.config.upstream.connect_timeout)
 
     async def _resynced(self) -> bool:
         """Have the mirror users verified against Redis (shared with every client refused meanwhile);

@@ -14,6 +14,7 @@ from redisguard.cli.certs import init_dev_certs
 from redisguard.commands.table import CommandTable
 from redisguard.config.load import load_config
 from redisguard.config.model import ConfigError
+from tests.helpers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -99,7 +100,7 @@ def test_check_config_cli(tmp_path: Path) -> None:
     # the shipped config points at certs/ which a fresh clone has only after `certs init`
     assert ok.returncode in (0, 1), ok.stderr
     good = write(tmp_path, BASE)
-    res = run_cli("check-config", "-c", str(good))
+    res = run_cli("check-config", "-c", str(good), "--offline")  # (its Redis: tests/system/test_check_config_upstream.py)
     assert res.returncode == 0 and "OK" in res.stdout
     bad = write(tmp_path, BASE, users="user alice on +nosuchcommand\n")
     res = run_cli("check-config", "-c", str(bad))
@@ -111,12 +112,19 @@ def test_check_config_cli(tmp_path: Path) -> None:
 
 def test_check_config_warns_about_scripts_and_open_default(tmp_path: Path) -> None:
     p = write(tmp_path, BASE, users="user alice on >x ~cache:* +@all\nuser bob on >y ~* &* +@all\n")
-    res = run_cli("check-config", "-c", str(p))
+    res = run_cli("check-config", "-c", str(p), "--offline")
     assert res.returncode == 0
     assert "the 'default' user is on with nopass" in res.stderr  # no default line → Redis's open default
     assert "no 'user default' line" in res.stderr and "add `user default off`" in res.stderr
-    # no Redis to ask here: service identity, the service user counted as having every right
-    assert "note: upstream identity: service (auto; Redis at 127.0.0.1:6379 could not be asked (Connect call failed" in res.stderr
+    assert "note: upstream identity: auto (auto: decided at start-up by asking Redis (not asked: --offline" in res.stderr
+    # no Redis to ask: an error, and service identity, the service user counted as having every right
+    port = free_port()
+    p.write_text(p.read_text() + f'[upstream]\naddress = "127.0.0.1:{port}"\n')
+    res = run_cli("check-config", "-c", str(p))
+    assert res.returncode == 1
+    assert f"error: upstream 127.0.0.1:{port}: connection refused — is Redis running?" in res.stderr
+    note = f"note: upstream identity: service (auto; Redis at 127.0.0.1:{port} could not be asked (Connect call failed"
+    assert note in res.stderr
     (line,) = [w for w in res.stderr.splitlines() if "are refused for" in w]
     assert "refused for 'alice': in service identity they would run with the rights of the service user" in line
     assert "'bob'" not in line and 'identity = "mirror"' in line
