@@ -109,6 +109,17 @@ def test_health_endpoints(fresh: tuple[ProxyProc, Path]) -> None:
     assert e.value.code == 404
 
 
+def test_every_alert_names_its_runbook_section() -> None:
+    """Each rule's runbook_url is a section of docs/alerts.md (GitHub's anchor of its heading)."""
+    rules = (PROM / "redisguard-alerts.yml").read_text()
+    alerts = re.findall(r"- alert: (\w+)", rules)
+    urls = re.findall(r'runbook_url: "docs/alerts.md#([\w-]+)"', rules)
+    headings = re.findall(r"^## (.+)$", (REPO / "docs" / "alerts.md").read_text(), re.M)
+    anchors = {re.sub(r"[^\w -]", "", h).strip().lower().replace(" ", "-") for h in headings}
+    assert len(urls) == len(alerts) == 11 and set(urls) <= anchors, (urls, anchors)
+    assert all(url.startswith(a.lower()) for a, url in zip(alerts, urls, strict=True))
+
+
 def test_promtool_check_metrics_on_a_real_scrape(fresh: tuple[ProxyProc, Path], tls_client: TLSClient) -> None:
     p, _ = fresh
     raw_exchange(p.plain_port, b"AUTH alice alice-pw\r\nGET cache:1\r\nGET x\r\n")
