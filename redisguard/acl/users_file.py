@@ -25,7 +25,7 @@ from pathlib import Path
 from redisguard.commands.table import CommandTable
 from redisguard.files.versions import FileChanged, FileUnreadable, read_now
 
-from .selector import CommandsKey, Selector
+from .selector import E_ENOENT, CommandsKey, Selector
 from .user import ACLError, User, default_user, merge_selector_args
 
 _SPACES = frozenset(" \t\r\n\v\f\0")
@@ -101,6 +101,7 @@ def parse_users(text: str, table: CommandTable, filename: str = "users.acl", *, 
         except ACLError as e:
             errors.append(f"{filename}:{lineno}: {e}")
             continue
+        syntax_error = False
         for rule in rules:
             rule = rule.strip("\t\r\n")
             if not rule:
@@ -108,7 +109,14 @@ def parse_users(text: str, table: CommandTable, filename: str = "users.acl", *, 
             try:
                 user.apply(rule)
             except ACLError as e:
+                if str(e) == E_ENOENT:
+                    errors.append(f"{filename}:{lineno}: Error in applying operation '{rule}': {e}.")
+                    continue
+                # Redis's ACLLoadFromFile names the rule only of an unknown command or category, and says
+                # only a line's first other error (it may be what makes the later ones fail).
+                redis[len(errors)] = "" if syntax_error else f"{filename}:{lineno}: {e}."
                 errors.append(f"{filename}:{lineno}: {e}. (rule '{rule}')")
+                syntax_error = True
         for sel in user.selectors:
             sel.share_commands(command_sets)
         if len(errors) == fine:
@@ -116,7 +124,7 @@ def parse_users(text: str, table: CommandTable, filename: str = "users.acl", *, 
     if require_default and "default" not in users:
         errors.append(missing_default_message(filename))
     if errors:
-        said = " ".join(redis.get(i, e) for i, e in enumerate(errors))
+        said = " ".join(filter(None, (redis.get(i, e) for i, e in enumerate(errors))))
         raise UsersFileError(" ".join(errors), f"{said} {REDIS_LOAD_REFUSED}")
     if "default" not in users:
         users["default"] = default_user(table, implicit=True)

@@ -70,7 +70,7 @@ def test_save_errors_and_new_file(tmp_path: Path, table: CommandTable, raw: Raw)
     bad = tmp_path / "bad.acl"
     bad.write_text("user default on\nuser x bogus\n")
     loaded, reply = acl_load(bad, table)
-    assert loaded is None and reply.startswith(b"-ERR ") and reply.count(b"\r\n") == 1 and b"bogus" in reply
+    assert loaded is None and reply.startswith(b"-ERR ") and reply.count(b"\r\n") == 1 and b"bad.acl:2: Syntax error." in reply
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
@@ -103,6 +103,26 @@ def test_load_refusing_a_duplicate_user_replies_as_redis(tmp_path: Path, table: 
                 load_users(acl, table)
             assert "WARNING" not in str(e.value) and f"{acl}:" in str(e.value)
             assert f"{acl}:{3 if 'usr' not in text else 4}: duplicate user 'app' (first defined on line 2)." in str(e.value)
+        c.close()
+    finally:
+        r.stop()
+
+
+def test_load_refusing_bad_rules_replies_as_redis(tmp_path: Path, table: CommandTable) -> None:
+    """Every bad rule of every line, in Redis's words ("Error in applying operation '<rule>': ..."), and
+    the file refused as a whole: ACL LOAD's reply byte for byte."""
+    acl = tmp_path / "users.acl"
+    acl.write_text(INITIAL)
+    r = start_redis_aclfile(acl)
+    try:
+        c = Raw(r.port)
+        for text in ("user default on nopass ~* &* +@all\nuser bob on >x +nosuchcmd ~k -alsono\nuser carol on +nono\n",
+                     "user default on nopass ~* &* +@all\nuser bob on %Q~k +get\nuser carol on resetpass <nohash\n"
+                     "user dan on ~a allkeys ~b bogus +nosuch\n"):
+            acl.write_text(text)
+            theirs = c("ACL", "LOAD")
+            assert theirs.startswith(b"-ERR /")
+            assert acl_load(acl, table)[1] == theirs
         c.close()
     finally:
         r.stop()

@@ -278,7 +278,7 @@ def test_require_default_accepts_an_explicit_default(table: CommandTable, tmp_pa
 def test_require_default_reports_other_errors_too(table: CommandTable) -> None:
     with pytest.raises(UsersFileError) as e:
         parse_users("user alice on +nosuch\n", table, "u.acl", require_default=True)
-    assert "u.acl:1: Unknown command or category name in ACL" in str(e.value)
+    assert "u.acl:1: Error in applying operation '+nosuch': Unknown command or category name in ACL" in str(e.value)
     assert "u.acl: no 'user default' line" in str(e.value)
 
 

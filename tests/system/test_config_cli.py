@@ -105,7 +105,7 @@ def test_check_config_cli(tmp_path: Path) -> None:
     bad = write(tmp_path, BASE, users="user alice on +nosuchcommand\n")
     res = run_cli("check-config", "-c", str(bad))
     assert res.returncode == 1
-    assert "users.acl:1: Unknown command or category name in ACL" in res.stderr
+    assert "users.acl:1: Error in applying operation '+nosuchcommand': Unknown command or category name in ACL." in res.stderr
     res = run_cli("check-config", "-c", str(write(tmp_path, BASE + "[bogus]\n")))
     assert res.returncode == 1 and "bogus: unknown option" in res.stderr and "Traceback" not in res.stderr
 
