@@ -145,8 +145,9 @@ def redisguard_tickets(cfg: Path) -> str:
     ctx = server_context(next(lst for lst in load_config(cfg).listeners if lst.type == "tls"))
     tickets = "off (OP_NO_TICKET)" if ctx.options & ssl.OP_NO_TICKET else f"on, {ctx.num_tickets} per handshake"
     return (f"redisguard's TLS server context (redisguard/transport/tls.py): OpenSSL's defaults for resumption: session tickets "
-            f"{tickets}; the ticket key is per context, so tickets do not survive a restart, a certificate reload, "
-            f"or (with workers) a connection that lands on another worker process.")  # fmt: skip
+            f"{tickets}; the ticket key is per context, kept until the listener's settings or certificates change, "
+            f"and built by the supervisor before it forks: every worker has the same key, so a session resumes "
+            f"whichever worker accepts it, and across a reload that changes no certificate (not across a restart).")  # fmt: skip
 
 
 def run(a: argparse.Namespace, work: Path, ps: Processes, report: Report) -> None:
