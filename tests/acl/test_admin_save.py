@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -83,46 +84,44 @@ def test_save_keeps_owner_as_root(tmp_path: Path, table: CommandTable) -> None:
     assert (st.st_uid, st.st_gid) == (1234, 1235)
 
 
+def redis_loads(path: Path, texts: tuple[str, ...]) -> Iterator[tuple[str, bytes]]:
+    """Each text, written to ``path`` (a real redis-server's aclfile), with Redis's reply to ACL LOAD."""
+    path.write_text(INITIAL)
+    r = start_redis_aclfile(path)
+    try:
+        c = Raw(r.port)
+        for text in texts:
+            path.write_text(text)
+            yield text, c("ACL", "LOAD")
+        c.close()
+    finally:
+        r.stop()
+
+
 def test_load_refusing_a_duplicate_user_replies_as_redis(tmp_path: Path, table: CommandTable) -> None:
     """ACL LOAD's reply is Redis's, byte for byte; the operators' message (check-config, serve, acl)
     names ``path:line`` as every other users-file error does, and says neither WARNING nor Redis's suffix."""
     from redisguard.acl import UsersFileError, load_users
 
     acl = tmp_path / "users.acl"
-    acl.write_text(INITIAL)
-    r = start_redis_aclfile(acl)
-    try:
-        c = Raw(r.port)
-        for text in ("user default on nopass ~* &* +@all\nuser app on >x ~* +@all\nuser app on >y ~* +@all\n",
-                     "user default on nopass ~* &* +@all\nuser app on\nusr x\nuser app off\nuser app on\n"):
-            acl.write_text(text)
-            theirs = c("ACL", "LOAD")
-            assert theirs.startswith(b"-ERR WARNING: Duplicate user 'app' found on line 3. ") or b"line 4" in theirs
-            assert acl_load(acl, table)[1] == theirs
-            with pytest.raises(UsersFileError) as e:
-                load_users(acl, table)
-            assert "WARNING" not in str(e.value) and f"{acl}:" in str(e.value)
-            assert f"{acl}:{3 if 'usr' not in text else 4}: duplicate user 'app' (first defined on line 2)." in str(e.value)
-        c.close()
-    finally:
-        r.stop()
+    for text, theirs in redis_loads(acl, (
+            "user default on nopass ~* &* +@all\nuser app on >x ~* +@all\nuser app on >y ~* +@all\n",
+            "user default on nopass ~* &* +@all\nuser app on\nusr x\nuser app off\nuser app on\n")):  # fmt: skip
+        assert theirs.startswith(b"-ERR WARNING: Duplicate user 'app' found on line 3. ") or b"line 4" in theirs
+        assert acl_load(acl, table)[1] == theirs
+        with pytest.raises(UsersFileError) as e:
+            load_users(acl, table)
+        assert "WARNING" not in str(e.value) and f"{acl}:" in str(e.value)
+        assert f"{acl}:{3 if 'usr' not in text else 4}: duplicate user 'app' (first defined on line 2)." in str(e.value)
 
 
 def test_load_refusing_bad_rules_replies_as_redis(tmp_path: Path, table: CommandTable) -> None:
-    """Every bad rule of every line, in Redis's words ("Error in applying operation '<rule>': ..."), and
-    the file refused as a whole: ACL LOAD's reply byte for byte."""
+    """An unknown command or category named with its rule each time, of a line's other errors only the
+    first, the file refused as a whole: ACL LOAD's reply byte for byte (Redis's ACLLoadFromFile)."""
     acl = tmp_path / "users.acl"
-    acl.write_text(INITIAL)
-    r = start_redis_aclfile(acl)
-    try:
-        c = Raw(r.port)
-        for text in ("user default on nopass ~* &* +@all\nuser bob on >x +nosuchcmd ~k -alsono\nuser carol on +nono\n",
-                     "user default on nopass ~* &* +@all\nuser bob on %Q~k +get\nuser carol on resetpass <nohash\n"
-                     "user dan on ~a allkeys ~b bogus +nosuch\n"):
-            acl.write_text(text)
-            theirs = c("ACL", "LOAD")
-            assert theirs.startswith(b"-ERR /")
-            assert acl_load(acl, table)[1] == theirs
-        c.close()
-    finally:
-        r.stop()
+    for _, theirs in redis_loads(acl, (
+            "user default on nopass ~* &* +@all\nuser bob on >x +nosuchcmd ~k -alsono\nuser carol on +nono\n",
+            "user default on nopass ~* &* +@all\nuser bob on %Q~k +get\nuser carol on resetpass <nohash\n"
+            "user dan on ~a allkeys ~b bogus +nosuch\n")):  # fmt: skip
+        assert theirs.startswith(b"-ERR /")
+        assert acl_load(acl, table)[1] == theirs
