@@ -26,7 +26,6 @@ from redisguard.session import admin
 from redisguard.session.core import SPECIAL, Core
 from redisguard.session.effects import Offload
 from redisguard.session.replies import RELAY
-from redisguard.session.state import NO_REQUEST
 
 # Requests decided per call before the session yields to the event loop (the transport calls
 # resume() on the next turn): a write of 100,000 tiny requests must not hold the loop.
@@ -232,8 +231,10 @@ class Pipeline:
         # else: the users changed meanwhile: run() decides this request again (off the loop again)
         s.paused = False
         s.spent = 0.0  # a new turn
-        self.run()
-        s.decided = s.admin_done = None
+        try:
+            self.run()
+        finally:  # (the decision and its encoding, used or not, are not kept)
+            s.decided = s.admin_done = None
 
     def _plain(self, requests: list[list[bytes]]) -> int | None:
         """How many of the requests (from the first) this turn forwards, all allowed and simply
@@ -293,6 +294,4 @@ class Pipeline:
         s.pending.clear()
         s.unparsed.clear()
         s.plain_rest = []
-        s.decided = None
-        self.c.state.last = NO_REQUEST
         self.parser.discard()  # (a disconnected client's half-read request is let go at once)
